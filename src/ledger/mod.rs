@@ -1,0 +1,416 @@
+//! The activation ledger: the durable store that decides, exactly once,
+//! whether a device may connect, and answers every operator query.
+//!
+//! It knows nothing of MQTT. One writer thread owns every mutation and does
+//! group commit (drain pending requests → one atomic sled batch → one flush →
+//! answer every waiter). Reads of the connect fast path go to a concurrent
+//! view that is only ever updated after a flush, so they never wait for the
+//! writer and never see anything that is not durable. Operator queries read
+//! the in-memory state and its indexes under a read lock; the writer holds
+//! the write lock until its batch is flushed, so queries never see
+//! non-durable data either.
+
+mod fast;
+mod model;
+mod query;
+mod state;
+mod store;
+mod writer;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+pub use model::{
+    Allowance, Assignment, AuthMode, CodeKind, CodeRecord, Device, Lot, Order, Product,
+};
+pub use query::{
+    AssignmentFilter, CodeFilter, DeviceFilter, OrderFilter, Page, PageRequest, ProductFilter,
+    Summary, UnassignedGroup,
+};
+
+use crate::clock::{Clock, Millis};
+use crate::events::EventBus;
+use fast::FastView;
+use state::State;
+use writer::{Request, WriterHandle};
+
+/// Tunables of the ledger.
+#[derive(Debug, Clone)]
+pub struct LedgerOptions {
+    /// Most requests applied in one atomic batch with one flush. `1` is the
+    /// flush-per-request baseline.
+    pub max_batch: usize,
+    /// `pool/low` is published when a product's available codes fall below this.
+    pub pool_low_threshold: u64,
+    /// Pending requests the writer queue holds before callers wait.
+    pub queue_depth: usize,
+}
+
+impl Default for LedgerOptions {
+    fn default() -> Self {
+        LedgerOptions {
+            max_batch: 4096,
+            pool_low_threshold: 10,
+            queue_depth: 65_536,
+        }
+    }
+}
+
+/// Errors of ledger operations; `code()` is the admin API error code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+pub enum LedgerError {
+    #[error("{0}")]
+    InvalidParameter(String),
+    #[error("product {0} does not exist")]
+    ProductNotFound(String),
+    #[error("device {1} of product {0} does not exist")]
+    DeviceNotFound(String, String),
+    #[error("order {0} does not exist")]
+    OrderNotFound(String),
+    #[error("requested {requested} codes but only {available} unassigned codes match the allowance")]
+    InsufficientCodes { requested: u64, available: u64 },
+    #[error("product {product_key} has allowance of {product_validity_secs} s; codes of {requested_validity_secs} s cannot be assigned to it")]
+    AllowanceMismatch {
+        product_key: String,
+        product_validity_secs: u64,
+        requested_validity_secs: u64,
+    },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl LedgerError {
+    /// The SPEC §4 error code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            LedgerError::InvalidParameter(_) => "InvalidParameter",
+            LedgerError::ProductNotFound(_) => "NotFound.Product",
+            LedgerError::DeviceNotFound(..) => "NotFound.Device",
+            LedgerError::OrderNotFound(_) => "NotFound.Order",
+            LedgerError::InsufficientCodes { .. } => "InsufficientActivationCodes",
+            LedgerError::AllowanceMismatch { .. } => "AllowanceMismatch",
+            LedgerError::Conflict(_) => "Conflict",
+            LedgerError::Unavailable(_) => "ServiceUnavailable",
+        }
+    }
+}
+
+impl From<sled::Error> for LedgerError {
+    fn from(e: sled::Error) -> Self {
+        LedgerError::Unavailable(e.to_string())
+    }
+}
+
+/// Every mutation an operator (or the broker itself) can make.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    CreateProduct {
+        product_key: String,
+        name: String,
+        auth_mode: AuthMode,
+    },
+    RegisterDevices {
+        product_key: String,
+        device_keys: Vec<String>,
+    },
+    CreateOrder {
+        order_id: Option<String>,
+        quantity: u64,
+        validity_secs: u64,
+        product_key: Option<String>,
+    },
+    AssignCodes {
+        product_key: String,
+        quantity: u64,
+        validity_secs: Option<u64>,
+    },
+    SetAutoRenewal {
+        product_key: String,
+        enabled: bool,
+    },
+    AddBlacklist {
+        product_key: String,
+        device_keys: Vec<String>,
+    },
+    RemoveBlacklist {
+        product_key: String,
+        device_keys: Vec<String>,
+    },
+    DeleteDevice {
+        product_key: String,
+        device_key: String,
+    },
+    DeleteProduct {
+        product_key: String,
+    },
+}
+
+/// What a successful [`Command`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    ProductCreated(Product),
+    /// `(DeviceKey, DeviceSecret)`; the secret is `None` for product-secret products.
+    DevicesRegistered {
+        product_key: String,
+        devices: Vec<(String, Option<String>)>,
+    },
+    OrderCreated {
+        order: Order,
+        assignment: Option<Assignment>,
+    },
+    CodesAssigned(Assignment),
+    AutoRenewalSet {
+        product_key: String,
+        enabled: bool,
+    },
+    /// DeviceKeys whose membership actually changed.
+    BlacklistChanged {
+        product_key: String,
+        changed: Vec<String>,
+    },
+    DeviceDeleted {
+        product_key: String,
+        device_key: String,
+    },
+    ProductDeleted {
+        product_key: String,
+        forfeited: u64,
+        devices: Vec<String>,
+    },
+}
+
+/// What an assignment would do, without doing it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AssignPreview {
+    pub product_key: String,
+    pub allowance: Option<Allowance>,
+    pub max_assignable: u64,
+    pub quantity: u64,
+    pub orders: Vec<Lot>,
+    pub error: Option<LedgerError>,
+}
+
+/// Where the gate finds the secret to check a device's signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretLookup {
+    UnknownProduct,
+    /// The product is in device-secret mode and this device is not registered.
+    UnknownDevice,
+    Secret(Arc<str>),
+}
+
+/// An admitted device: valid until `expire_at`. `consumed` is set when the
+/// connect consumed a code (and carries its record), unset for a reconnect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admitted {
+    pub expire_at: Millis,
+    pub consumed: Option<CodeRecord>,
+}
+
+/// Why a device may not connect.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("product {0} does not exist")]
+    UnknownProduct(String),
+    #[error("device {1} is not registered in product {0}")]
+    UnknownDevice(String, String),
+    #[error("no activation code available for product {0}")]
+    NoCodeAvailable(String),
+    #[error("activation code expired and automatic renewal is off for product {0}")]
+    RenewalDisabled(String),
+    #[error("activation code expired and device {1} is on the auto-renewal blacklist of product {0}")]
+    Blacklisted(String, String),
+    #[error("store unavailable: {0}")]
+    StoreUnavailable(String),
+}
+
+/// A handle to the ledger; cheap to clone.
+#[derive(Clone)]
+pub struct Ledger {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    state: Arc<RwLock<State>>,
+    fast: Arc<FastView>,
+    writer: WriterHandle,
+    clock: Clock,
+    events: EventBus,
+    db: sled::Db,
+}
+
+impl Ledger {
+    /// Opens (or creates) the ledger stored in directory `path`.
+    pub fn open(
+        path: &Path,
+        options: LedgerOptions,
+        clock: Clock,
+        events: EventBus,
+    ) -> Result<Ledger, LedgerError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(256 * 1024 * 1024)
+            .open()?;
+        let tree = db.open_tree(store::TREE)?;
+        let state = State::load(&tree)?;
+        let fast = Arc::new(FastView::build(&state));
+        let state = Arc::new(RwLock::new(state));
+        let writer = writer::spawn(writer::WriterContext {
+            db: db.clone(),
+            tree,
+            state: state.clone(),
+            fast: fast.clone(),
+            clock: clock.clone(),
+            events: events.clone(),
+            options,
+        })?;
+        Ok(Ledger {
+            inner: Arc::new(Inner {
+                state,
+                fast,
+                writer,
+                clock,
+                events,
+                db,
+            }),
+        })
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.inner.clock
+    }
+
+    pub fn events(&self) -> &EventBus {
+        &self.inner.events
+    }
+
+    /// The secret that signs this device's credentials. Never waits for the writer.
+    pub fn secret_for(&self, product_key: &str, device_key: &str) -> SecretLookup {
+        self.inner.fast.secret_for(product_key, device_key)
+    }
+
+    /// The connect decision: valid → admitted with no write (fast path,
+    /// never waits for the writer); never activated → consume; expired →
+    /// renew if allowed; otherwise the precise refusal. A consumption is
+    /// answered only after it is flushed.
+    pub async fn connect(&self, product_key: &str, device_key: &str) -> Result<Admitted, Refusal> {
+        let now = self.inner.clock.now();
+        if let Some(expire_at) = self.inner.fast.valid_until(product_key, device_key, now) {
+            return Ok(Admitted {
+                expire_at,
+                consumed: None,
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .writer
+            .send(Request::Connect {
+                product_key: product_key.to_owned(),
+                device_key: device_key.to_owned(),
+                reply: tx,
+            })
+            .await
+            .map_err(|e| Refusal::StoreUnavailable(e.to_string()))?;
+        rx.await
+            .map_err(|_| Refusal::StoreUnavailable("ledger writer stopped".into()))?
+    }
+
+    /// The connect decision for a caller that is not async (tests, tools).
+    pub fn connect_blocking(&self, product_key: &str, device_key: &str) -> Result<Admitted, Refusal> {
+        let now = self.inner.clock.now();
+        if let Some(expire_at) = self.inner.fast.valid_until(product_key, device_key, now) {
+            return Ok(Admitted {
+                expire_at,
+                consumed: None,
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .writer
+            .send_blocking(Request::Connect {
+                product_key: product_key.to_owned(),
+                device_key: device_key.to_owned(),
+                reply: tx,
+            })
+            .map_err(|e| Refusal::StoreUnavailable(e.to_string()))?;
+        rx.blocking_recv()
+            .map_err(|_| Refusal::StoreUnavailable("ledger writer stopped".into()))?
+    }
+
+    /// Only the fast-path check: `Some(expire_at)` if the device holds a
+    /// valid code now. Never waits for the writer.
+    pub fn valid_until(&self, product_key: &str, device_key: &str) -> Option<Millis> {
+        self.inner
+            .fast
+            .valid_until(product_key, device_key, self.inner.clock.now())
+    }
+
+    /// Applies a mutation. With a `client_token`, a retry with the same
+    /// command returns the first outcome without a second effect, and a
+    /// retry with another command is a `Conflict`.
+    pub async fn execute(
+        &self,
+        command: Command,
+        client_token: Option<String>,
+    ) -> Result<Outcome, LedgerError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .writer
+            .send(Request::Command {
+                command,
+                client_token,
+                reply: tx,
+            })
+            .await?;
+        rx.await
+            .map_err(|_| LedgerError::Unavailable("ledger writer stopped".into()))?
+    }
+
+    /// [`Ledger::execute`] for callers that are not async.
+    pub fn execute_blocking(
+        &self,
+        command: Command,
+        client_token: Option<String>,
+    ) -> Result<Outcome, LedgerError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.writer.send_blocking(Request::Command {
+            command,
+            client_token,
+            reply: tx,
+        })?;
+        rx.blocking_recv()
+            .map_err(|_| LedgerError::Unavailable("ledger writer stopped".into()))?
+    }
+
+    /// Marks, durably, every current code that expires within `window_ms`
+    /// of now and has not been announced yet; returns them (oldest expiry
+    /// first) so the caller announces each exactly once.
+    pub async fn take_expiring(&self, window_ms: Millis) -> Result<Vec<CodeRecord>, LedgerError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .writer
+            .send(Request::TakeExpiring {
+                window_ms,
+                reply: tx,
+            })
+            .await?;
+        rx.await
+            .map_err(|_| LedgerError::Unavailable("ledger writer stopped".into()))?
+    }
+
+    /// Flushes and stops accepting writes once every pending request is answered.
+    pub fn flush(&self) -> Result<(), LedgerError> {
+        self.inner.db.flush()?;
+        Ok(())
+    }
+
+    pub(crate) fn read(&self) -> parking_lot::RwLockReadGuard<'_, State> {
+        self.inner.state.read()
+    }
+}
