@@ -71,7 +71,9 @@ pub enum LedgerError {
     DeviceNotFound(String, String),
     #[error("order {0} does not exist")]
     OrderNotFound(String),
-    #[error("requested {requested} codes but only {available} unassigned codes match the allowance")]
+    #[error(
+        "requested {requested} codes but only {available} unassigned codes match the allowance"
+    )]
     InsufficientCodes { requested: u64, available: u64 },
     #[error("product {product_key} has allowance of {product_validity_secs} s; codes of {requested_validity_secs} s cannot be assigned to it")]
     AllowanceMismatch {
@@ -224,7 +226,9 @@ pub enum Refusal {
     NoCodeAvailable(String),
     #[error("activation code expired and automatic renewal is off for product {0}")]
     RenewalDisabled(String),
-    #[error("activation code expired and device {1} is on the auto-renewal blacklist of product {0}")]
+    #[error(
+        "activation code expired and device {1} is on the auto-renewal blacklist of product {0}"
+    )]
     Blacklisted(String, String),
     #[error("store unavailable: {0}")]
     StoreUnavailable(String),
@@ -322,7 +326,11 @@ impl Ledger {
     }
 
     /// The connect decision for a caller that is not async (tests, tools).
-    pub fn connect_blocking(&self, product_key: &str, device_key: &str) -> Result<Admitted, Refusal> {
+    pub fn connect_blocking(
+        &self,
+        product_key: &str,
+        device_key: &str,
+    ) -> Result<Admitted, Refusal> {
         let now = self.inner.clock.now();
         if let Some(expire_at) = self.inner.fast.valid_until(product_key, device_key, now) {
             return Ok(Admitted {
@@ -404,7 +412,7 @@ impl Ledger {
             .map_err(|_| LedgerError::Unavailable("ledger writer stopped".into()))?
     }
 
-    /// Flushes and stops accepting writes once every pending request is answered.
+    /// Flushes the store to disk.
     pub fn flush(&self) -> Result<(), LedgerError> {
         self.inner.db.flush()?;
         Ok(())

@@ -1,0 +1,324 @@
+//! The single writer: group commit. It drains every pending request, applies
+//! them in order to the in-memory state, puts every touched record into one
+//! atomic sled `Batch`, flushes once, and only then updates the fast view,
+//! answers every waiter and publishes the events. If the store fails, the
+//! state is reloaded from what sled holds and every waiter of the batch gets
+//! a typed error.
+
+use std::sync::Arc;
+use std::thread;
+
+use parking_lot::RwLock;
+use tokio::sync::{mpsc, oneshot};
+
+use super::fast::FastView;
+use super::model::{CodeRecord, TokenRecord};
+use super::state::State;
+use super::store::{decode, encode};
+use super::{Admitted, Command, LedgerError, LedgerOptions, Outcome, Refusal};
+use crate::clock::{Clock, Millis};
+use crate::events::{Event, EventBus};
+
+pub enum Request {
+    Connect {
+        product_key: String,
+        device_key: String,
+        reply: oneshot::Sender<Result<Admitted, Refusal>>,
+    },
+    Command {
+        command: Command,
+        client_token: Option<String>,
+        reply: oneshot::Sender<Result<Outcome, LedgerError>>,
+    },
+    TakeExpiring {
+        window_ms: Millis,
+        reply: oneshot::Sender<Result<Vec<CodeRecord>, LedgerError>>,
+    },
+}
+
+pub struct WriterContext {
+    pub db: sled::Db,
+    pub tree: sled::Tree,
+    pub state: Arc<RwLock<State>>,
+    pub fast: Arc<FastView>,
+    pub clock: Clock,
+    pub events: EventBus,
+    pub options: LedgerOptions,
+}
+
+/// The sending side of the writer queue. Dropping the last handle stops
+/// the writer once it has answered every pending request, and waits for it,
+/// so the store is closed (and its file lock released) when drop returns.
+pub struct WriterHandle {
+    tx: Option<mpsc::Sender<Request>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(t) = self.thread.take() {
+            if t.thread().id() != thread::current().id() {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+impl WriterHandle {
+    fn sender(&self) -> Result<&mpsc::Sender<Request>, LedgerError> {
+        self.tx
+            .as_ref()
+            .ok_or_else(|| LedgerError::Unavailable("ledger writer stopped".into()))
+    }
+
+    pub async fn send(&self, r: Request) -> Result<(), LedgerError> {
+        self.sender()?
+            .send(r)
+            .await
+            .map_err(|_| LedgerError::Unavailable("ledger writer stopped".into()))
+    }
+
+    pub fn send_blocking(&self, r: Request) -> Result<(), LedgerError> {
+        self.sender()?
+            .blocking_send(r)
+            .map_err(|_| LedgerError::Unavailable("ledger writer stopped".into()))
+    }
+}
+
+pub fn spawn(ctx: WriterContext) -> Result<WriterHandle, LedgerError> {
+    let (tx, rx) = mpsc::channel(ctx.options.queue_depth.max(1));
+    let thread = thread::Builder::new()
+        .name("ledger-writer".into())
+        .spawn(move || run(ctx, rx))
+        .map_err(|e| LedgerError::Unavailable(format!("starting the ledger writer: {e}")))?;
+    Ok(WriterHandle {
+        tx: Some(tx),
+        thread: Some(thread),
+    })
+}
+
+/// An answer held back until the batch is durable.
+enum Reply {
+    Connect(
+        oneshot::Sender<Result<Admitted, Refusal>>,
+        Result<Admitted, Refusal>,
+    ),
+    Command(
+        oneshot::Sender<Result<Outcome, LedgerError>>,
+        Result<Outcome, LedgerError>,
+    ),
+    Expiring(
+        oneshot::Sender<Result<Vec<CodeRecord>, LedgerError>>,
+        Result<Vec<CodeRecord>, LedgerError>,
+    ),
+}
+
+impl Reply {
+    fn fail(self, e: &LedgerError) {
+        match self {
+            Reply::Connect(tx, r) => {
+                let _ = tx.send(match r {
+                    // A refusal wrote nothing; it stays true.
+                    Err(refusal) => Err(refusal),
+                    Ok(_) => Err(Refusal::StoreUnavailable(e.to_string())),
+                });
+            }
+            Reply::Command(tx, r) => {
+                let _ = tx.send(r.and(Err(e.clone())));
+            }
+            Reply::Expiring(tx, _) => {
+                let _ = tx.send(Err(e.clone()));
+            }
+        }
+    }
+
+    fn send(self) {
+        match self {
+            Reply::Connect(tx, r) => {
+                let _ = tx.send(r);
+            }
+            Reply::Command(tx, r) => {
+                let _ = tx.send(r);
+            }
+            Reply::Expiring(tx, r) => {
+                let _ = tx.send(r);
+            }
+        }
+    }
+}
+
+fn run(ctx: WriterContext, mut rx: mpsc::Receiver<Request>) {
+    let max_batch = ctx.options.max_batch.max(1);
+    let mut pending = Vec::with_capacity(max_batch.min(65_536));
+    let mut poisoned: Option<LedgerError> = None;
+    while let Some(first) = rx.blocking_recv() {
+        pending.push(first);
+        while pending.len() < max_batch {
+            match rx.try_recv() {
+                Ok(r) => pending.push(r),
+                Err(_) => break,
+            }
+        }
+        if let Some(e) = &poisoned {
+            for r in pending.drain(..) {
+                answer_unavailable(r, e);
+            }
+            continue;
+        }
+        if let Err(e) = commit_batch(&ctx, &mut pending) {
+            tracing::error!(error = %e, "ledger store failed; reloading state from disk");
+            let reloaded = State::load(&ctx.tree);
+            let mut st = ctx.state.write();
+            match reloaded {
+                Ok(fresh) => {
+                    *st = fresh;
+                    ctx.fast.refresh_all(&st);
+                }
+                Err(e2) => {
+                    tracing::error!(error = %e2, "ledger cannot reload; refusing all writes");
+                    poisoned = Some(e2);
+                }
+            }
+        }
+    }
+}
+
+fn answer_unavailable(r: Request, e: &LedgerError) {
+    match r {
+        Request::Connect { reply, .. } => {
+            let _ = reply.send(Err(Refusal::StoreUnavailable(e.to_string())));
+        }
+        Request::Command { reply, .. } => {
+            let _ = reply.send(Err(e.clone()));
+        }
+        Request::TakeExpiring { reply, .. } => {
+            let _ = reply.send(Err(e.clone()));
+        }
+    }
+}
+
+/// Applies, commits and answers one batch. Waiters are answered in every
+/// case; an `Err` means the in-memory state must be reloaded.
+fn commit_batch(ctx: &WriterContext, pending: &mut Vec<Request>) -> Result<(), LedgerError> {
+    let now = ctx.clock.now();
+    let mut replies = Vec::with_capacity(pending.len());
+    let mut events: Vec<Event> = Vec::new();
+    let mut st = ctx.state.write();
+    for req in pending.drain(..) {
+        match req {
+            Request::Connect {
+                product_key,
+                device_key,
+                reply,
+            } => {
+                let r = st
+                    .connect(
+                        &product_key,
+                        &device_key,
+                        now,
+                        &mut events,
+                        ctx.options.pool_low_threshold,
+                    )
+                    .map(|(expire_at, consumed)| Admitted {
+                        expire_at,
+                        consumed,
+                    });
+                replies.push(Reply::Connect(reply, r));
+            }
+            Request::Command {
+                command,
+                client_token,
+                reply,
+            } => {
+                let r = apply_command(&mut st, &command, client_token, now, &mut events);
+                replies.push(Reply::Command(reply, r));
+            }
+            Request::TakeExpiring { window_ms, reply } => {
+                let r = st.take_expiring(now, window_ms, &mut events);
+                replies.push(Reply::Expiring(reply, Ok(r)));
+            }
+        }
+    }
+    if st.dirty.is_empty() {
+        drop(st);
+        finish(ctx, replies, events);
+        return Ok(());
+    }
+    let mut batch = sled::Batch::default();
+    let written = st.drain_dirty(&mut batch).and_then(|dirty| {
+        ctx.tree.apply_batch(batch)?;
+        ctx.db.flush()?;
+        Ok(dirty)
+    });
+    match written {
+        Ok(dirty) => {
+            for pk in &dirty.products {
+                if let Some(p) = st.products.get(pk) {
+                    ctx.fast.put_product(p);
+                }
+            }
+            for id in &dirty.devices {
+                if let Some(d) = st.devices.get(id) {
+                    ctx.fast.put_device(d);
+                }
+            }
+            drop(st);
+            finish(ctx, replies, events);
+            Ok(())
+        }
+        Err(e) => {
+            for r in replies {
+                r.fail(&e);
+            }
+            Err(e)
+        }
+    }
+}
+
+fn finish(ctx: &WriterContext, replies: Vec<Reply>, events: Vec<Event>) {
+    for r in replies {
+        r.send();
+    }
+    for e in events {
+        ctx.events.publish(e);
+    }
+}
+
+/// Applies one command with `ClientToken` idempotency.
+fn apply_command(
+    st: &mut State,
+    command: &Command,
+    client_token: Option<String>,
+    now: Millis,
+    events: &mut Vec<Event>,
+) -> Result<Outcome, LedgerError> {
+    let Some(token) = client_token else {
+        return st.apply(command, now, events);
+    };
+    if token.is_empty() || token.len() > 128 {
+        return Err(LedgerError::InvalidParameter(
+            "ClientToken must be 1 to 128 characters".into(),
+        ));
+    }
+    let encoded = encode(command)?;
+    if let Some(rec) = st.tokens.get(&token) {
+        if rec.command != encoded {
+            return Err(LedgerError::Conflict(format!(
+                "ClientToken {token} was used for a different request"
+            )));
+        }
+        return decode(&rec.outcome);
+    }
+    let outcome = st.apply(command, now, events)?;
+    st.tokens.insert(
+        token.clone(),
+        TokenRecord {
+            command: encoded,
+            outcome: encode(&outcome)?,
+            at: now,
+        },
+    );
+    st.dirty.tokens.insert(token);
+    Ok(outcome)
+}
