@@ -76,6 +76,8 @@ pub struct Event {
     pub kind: EventKind,
     pub at: Millis,
     pub fields: serde_json::Map<String, serde_json::Value>,
+    /// Times, rendered as `YYYY-MM-DD HH:MM:SS` only when the event is.
+    pub times: Vec<(&'static str, Millis)>,
 }
 
 impl Event {
@@ -84,11 +86,18 @@ impl Event {
             kind,
             at,
             fields: serde_json::Map::new(),
+            times: Vec::new(),
         }
     }
 
     pub fn with(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
         self.fields.insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// A time field, formatted when the event is rendered.
+    pub fn with_time(mut self, key: &'static str, at: Millis) -> Self {
+        self.times.push((key, at));
         self
     }
 
@@ -103,6 +112,9 @@ impl Event {
         m.insert("At".into(), format_time(self.at).into());
         for (k, v) in &self.fields {
             m.insert(k.clone(), v.clone());
+        }
+        for (k, t) in &self.times {
+            m.insert((*k).to_owned(), format_time(*t).into());
         }
         serde_json::Value::Object(m)
     }

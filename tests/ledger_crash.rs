@@ -18,7 +18,13 @@ const CHILD_DIR: &str = "LEDGER_CRASH_CHILD_DIR";
 const CODES: u64 = 1_000_000;
 
 fn open(dir: &Path) -> Ledger {
-    Ledger::open(dir, LedgerOptions::default(), Clock::system(), Default::default()).expect("open")
+    Ledger::open(
+        dir,
+        LedgerOptions::default(),
+        Clock::system(),
+        Default::default(),
+    )
+    .expect("open")
 }
 
 /// The child: activates new devices from 64 concurrent requesters and
@@ -26,24 +32,39 @@ fn open(dir: &Path) -> Ledger {
 #[test]
 #[ignore = "run by crash_kill9_keeps_every_acknowledged_activation as a child process"]
 fn crash_child_process() {
-    let Ok(dir) = std::env::var(CHILD_DIR) else { return };
+    let Ok(dir) = std::env::var(CHILD_DIR) else {
+        return;
+    };
     let ledger = open(Path::new(&dir));
     if ledger.product("crash").is_err() {
         ledger
             .execute_blocking(
-                Command::CreateProduct { product_key: "crash".into(), name: "Crash".into(), auth_mode: AuthMode::ProductSecret },
+                Command::CreateProduct {
+                    product_key: "crash".into(),
+                    name: "Crash".into(),
+                    auth_mode: AuthMode::ProductSecret,
+                },
                 Some("setup-product".into()),
             )
             .expect("product");
         ledger
             .execute_blocking(
-                Command::CreateOrder { order_id: Some("crash-order".into()), quantity: CODES, validity_secs: 86_400, product_key: Some("crash".into()) },
+                Command::CreateOrder {
+                    order_id: Some("crash-order".into()),
+                    quantity: CODES,
+                    validity_secs: 86_400,
+                    product_key: Some("crash".into()),
+                },
                 Some("setup-order".into()),
             )
             .expect("order");
     }
     let run_id: u64 = rand::thread_rng().gen();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("rt");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("rt");
     println!("READY");
     rt.block_on(async move {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
@@ -91,14 +112,24 @@ fn complete_line(r: &mut impl BufRead) -> Option<String> {
 
 #[test]
 fn crash_kill9_keeps_every_acknowledged_activation() {
-    let cycles: usize = std::env::var("LEDGER_CRASH_CYCLES").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+    let cycles: usize = std::env::var("LEDGER_CRASH_CYCLES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8);
     let dir = tempfile::tempdir().expect("tempdir");
     let exe = std::env::current_exe().expect("test binary");
     let mut acked: HashSet<String> = HashSet::new();
     let mut rng = rand::thread_rng();
     for cycle in 0..cycles {
         let mut child = Process::new(&exe)
-            .args(["--exact", "crash_child_process", "--include-ignored", "--nocapture", "--test-threads", "1"])
+            .args([
+                "--exact",
+                "crash_child_process",
+                "--include-ignored",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
             .env(CHILD_DIR, dir.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -137,15 +168,23 @@ fn crash_kill9_keeps_every_acknowledged_activation() {
         }
         child.wait().expect("reap");
         let ledger = open(dir.path());
-        ledger.check_invariants().unwrap_or_else(|e| panic!("cycle {cycle}: {e}"));
+        ledger
+            .check_invariants()
+            .unwrap_or_else(|e| panic!("cycle {cycle}: {e}"));
         let c = ledger.counters();
         for dk in &acked {
-            let d = ledger.device("crash", dk).unwrap_or_else(|e| panic!("cycle {cycle}: acknowledged {dk} lost: {e}"));
+            let d = ledger
+                .device("crash", dk)
+                .unwrap_or_else(|e| panic!("cycle {cycle}: acknowledged {dk} lost: {e}"));
             assert_eq!(d.codes.len(), 1, "{dk} holds exactly one code");
         }
         assert!(c.consumed >= acked.len() as u64);
         assert_eq!(c.total, CODES);
-        eprintln!("cycle {cycle}: {} acknowledged so far, {} consumed", acked.len(), c.consumed);
+        eprintln!(
+            "cycle {cycle}: {} acknowledged so far, {} consumed",
+            acked.len(),
+            c.consumed
+        );
     }
     assert!(!acked.is_empty());
 }

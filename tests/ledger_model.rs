@@ -17,16 +17,46 @@ const VALIDITIES: [u64; 2] = [60, 120];
 
 #[derive(Debug, Clone)]
 enum Op {
-    CreateProduct { p: usize },
-    Order { qty: u64, v: usize, p: Option<usize> },
-    Assign { p: usize, qty: u64, v: Option<usize> },
-    Register { p: usize, d: usize },
-    Connect { p: usize, d: usize },
-    Advance { secs: u64 },
-    DeleteDevice { p: usize, d: usize },
-    DeleteProduct { p: usize },
-    AutoRenewal { p: usize, on: bool },
-    Blacklist { p: usize, d: usize, add: bool },
+    CreateProduct {
+        p: usize,
+    },
+    Order {
+        qty: u64,
+        v: usize,
+        p: Option<usize>,
+    },
+    Assign {
+        p: usize,
+        qty: u64,
+        v: Option<usize>,
+    },
+    Register {
+        p: usize,
+        d: usize,
+    },
+    Connect {
+        p: usize,
+        d: usize,
+    },
+    Advance {
+        secs: u64,
+    },
+    DeleteDevice {
+        p: usize,
+        d: usize,
+    },
+    DeleteProduct {
+        p: usize,
+    },
+    AutoRenewal {
+        p: usize,
+        on: bool,
+    },
+    Blacklist {
+        p: usize,
+        d: usize,
+        add: bool,
+    },
     Reopen,
 }
 
@@ -97,7 +127,13 @@ impl Model {
                 if self.products.contains_key(&p) {
                     return Err("Conflict");
                 }
-                self.products.insert(p, MProduct { device_secret: p == 2, ..Default::default() });
+                self.products.insert(
+                    p,
+                    MProduct {
+                        device_secret: p == 2,
+                        ..Default::default()
+                    },
+                );
                 Ok(false)
             }
             Op::Order { qty, v, p } => {
@@ -106,7 +142,9 @@ impl Model {
                     return Err("InvalidParameter");
                 }
                 if let Some(p) = p {
-                    let Some(prod) = self.live(p) else { return Err("NotFound.Product") };
+                    let Some(prod) = self.live(p) else {
+                        return Err("NotFound.Product");
+                    };
                     if prod.allowance.is_some_and(|a| a != validity) {
                         return Err("AllowanceMismatch");
                     }
@@ -121,7 +159,9 @@ impl Model {
                 Ok(false)
             }
             Op::Assign { p, qty, v } => {
-                let Some(prod) = self.live(p) else { return Err("NotFound.Product") };
+                let Some(prod) = self.live(p) else {
+                    return Err("NotFound.Product");
+                };
                 let requested = v.map(|v| VALIDITIES[v]);
                 let allowance = match (prod.allowance, requested) {
                     (Some(a), Some(r)) if a != r => return Err("AllowanceMismatch"),
@@ -160,7 +200,9 @@ impl Model {
                 }
             }
             Op::Connect { p, d } => {
-                let Some(prod) = self.live(p).cloned() else { return Err("UnknownProduct") };
+                let Some(prod) = self.live(p).cloned() else {
+                    return Err("UnknownProduct");
+                };
                 let dev = self.devices.get(&(p, d)).cloned();
                 if prod.device_secret && dev.as_ref().is_none_or(|x| x.deleted) {
                     return Err("UnknownDevice");
@@ -208,7 +250,9 @@ impl Model {
                 }
             }
             Op::DeleteProduct { p } => {
-                let Some(_) = self.live(p) else { return Err("NotFound.Product") };
+                let Some(_) = self.live(p) else {
+                    return Err("NotFound.Product");
+                };
                 let prod = self.products.get_mut(&p).expect("live");
                 prod.forfeited = prod.pool;
                 prod.pool = 0;
@@ -216,12 +260,16 @@ impl Model {
                 Ok(false)
             }
             Op::AutoRenewal { p, on } => {
-                let Some(_) = self.live(p) else { return Err("NotFound.Product") };
+                let Some(_) = self.live(p) else {
+                    return Err("NotFound.Product");
+                };
                 self.products.get_mut(&p).expect("live").renewal_off = !on;
                 Ok(false)
             }
             Op::Blacklist { p, d, add } => {
-                let Some(_) = self.live(p) else { return Err("NotFound.Product") };
+                let Some(_) = self.live(p) else {
+                    return Err("NotFound.Product");
+                };
                 if add {
                     self.blacklist.insert((p, d));
                 } else {
@@ -236,9 +284,20 @@ impl Model {
     fn counters(&self) -> (u64, u64, u64, u64, u64) {
         let unassigned: u64 = self.unassigned.values().sum();
         let consumed: u64 = self.products.values().map(|p| p.consumed).sum();
-        let assigned_avail: u64 = self.products.values().filter(|p| !p.deleted).map(|p| p.pool).sum();
+        let assigned_avail: u64 = self
+            .products
+            .values()
+            .filter(|p| !p.deleted)
+            .map(|p| p.pool)
+            .sum();
         let forfeited: u64 = self.products.values().map(|p| p.forfeited).sum();
-        (self.total, consumed, unassigned + assigned_avail, unassigned, forfeited)
+        (
+            self.total,
+            consumed,
+            unassigned + assigned_avail,
+            unassigned,
+            forfeited,
+        )
     }
 }
 
@@ -247,7 +306,11 @@ fn command(op: &Op) -> Option<Command> {
         Op::CreateProduct { p } => Command::CreateProduct {
             product_key: pk(p),
             name: format!("Product {p}"),
-            auth_mode: if p == 2 { AuthMode::DeviceSecret } else { AuthMode::ProductSecret },
+            auth_mode: if p == 2 {
+                AuthMode::DeviceSecret
+            } else {
+                AuthMode::ProductSecret
+            },
         },
         Op::Order { qty, v, p } => Command::CreateOrder {
             order_id: None,
@@ -260,12 +323,27 @@ fn command(op: &Op) -> Option<Command> {
             quantity: qty,
             validity_secs: v.map(|v| VALIDITIES[v]),
         },
-        Op::Register { p, d } => Command::RegisterDevices { product_key: pk(p), device_keys: vec![dk(d)] },
-        Op::DeleteDevice { p, d } => Command::DeleteDevice { product_key: pk(p), device_key: dk(d) },
+        Op::Register { p, d } => Command::RegisterDevices {
+            product_key: pk(p),
+            device_keys: vec![dk(d)],
+        },
+        Op::DeleteDevice { p, d } => Command::DeleteDevice {
+            product_key: pk(p),
+            device_key: dk(d),
+        },
         Op::DeleteProduct { p } => Command::DeleteProduct { product_key: pk(p) },
-        Op::AutoRenewal { p, on } => Command::SetAutoRenewal { product_key: pk(p), enabled: on },
-        Op::Blacklist { p, d, add: true } => Command::AddBlacklist { product_key: pk(p), device_keys: vec![dk(d)] },
-        Op::Blacklist { p, d, add: false } => Command::RemoveBlacklist { product_key: pk(p), device_keys: vec![dk(d)] },
+        Op::AutoRenewal { p, on } => Command::SetAutoRenewal {
+            product_key: pk(p),
+            enabled: on,
+        },
+        Op::Blacklist { p, d, add: true } => Command::AddBlacklist {
+            product_key: pk(p),
+            device_keys: vec![dk(d)],
+        },
+        Op::Blacklist { p, d, add: false } => Command::RemoveBlacklist {
+            product_key: pk(p),
+            device_keys: vec![dk(d)],
+        },
         _ => return None,
     })
 }
@@ -284,9 +362,20 @@ fn refusal_name(r: &Refusal) -> &'static str {
 fn run_case(ops: &[Op]) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().expect("tempdir");
     let (clock, handle) = Clock::manual(T0);
-    let open = || Ledger::open(dir.path(), LedgerOptions::default(), clock.clone(), Default::default()).expect("open");
+    let open = || {
+        Ledger::open(
+            dir.path(),
+            LedgerOptions::default(),
+            clock.clone(),
+            Default::default(),
+        )
+        .expect("open")
+    };
     let mut ledger = open();
-    let mut model = Model { now: T0, ..Default::default() };
+    let mut model = Model {
+        now: T0,
+        ..Default::default()
+    };
     for (step, op) in ops.iter().enumerate() {
         let expected = model.apply(op);
         let actual: Expect = match op {
@@ -310,7 +399,13 @@ fn run_case(ops: &[Op]) -> Result<(), TestCaseError> {
         };
         prop_assert_eq!(actual, expected, "step {} {:?}", step, op);
         let c = ledger.counters();
-        prop_assert_eq!((c.total, c.consumed, c.available, c.unassigned, c.forfeited), model.counters(), "counters after step {} {:?}", step, op);
+        prop_assert_eq!(
+            (c.total, c.consumed, c.available, c.unassigned, c.forfeited),
+            model.counters(),
+            "counters after step {} {:?}",
+            step,
+            op
+        );
         if let Err(e) = ledger.check_invariants() {
             return Err(TestCaseError::fail(format!("step {step} {op:?}: {e}")));
         }

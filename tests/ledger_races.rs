@@ -24,7 +24,9 @@ fn two_thousand_devices_race_for_five_hundred_codes() {
     let mut tasks = Vec::new();
     for i in 0..2000 {
         let l = t.ledger.clone();
-        tasks.push(tokio::spawn(async move { l.connect("p1", &format!("d{i}")).await }));
+        tasks.push(tokio::spawn(async move {
+            l.connect("p1", &format!("d{i}")).await
+        }));
     }
     let mut accepted = HashSet::new();
     let mut refused = 0;
@@ -57,7 +59,13 @@ fn a_hundred_concurrent_connects_of_one_device_consume_one_code() {
     }
     let mut consumed = 0;
     for task in tasks {
-        if rt.block_on(task).expect("join").expect("admitted").consumed.is_some() {
+        if rt
+            .block_on(task)
+            .expect("join")
+            .expect("admitted")
+            .consumed
+            .is_some()
+        {
             consumed += 1;
         }
     }
@@ -81,7 +89,13 @@ fn renewals_of_one_expired_device_race_to_one_code() {
     }
     let mut renewed = 0;
     for task in tasks {
-        if rt.block_on(task).expect("join").expect("admitted").consumed.is_some() {
+        if rt
+            .block_on(task)
+            .expect("join")
+            .expect("admitted")
+            .consumed
+            .is_some()
+        {
             renewed += 1;
         }
     }

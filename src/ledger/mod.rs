@@ -260,6 +260,9 @@ impl Ledger {
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(256 * 1024 * 1024)
+            .mode(sled::Mode::HighThroughput)
+            // The writer flushes after every batch; no background flusher.
+            .flush_every_ms(None)
             .open()?;
         let tree = db.open_tree(store::TREE)?;
         let state = State::load(&tree)?;

@@ -1128,6 +1128,6 @@ pub fn code_event(kind: EventKind, at: Millis, c: &CodeRecord) -> Event {
         .device(&c.product_key, &c.device_key)
         .with("CodeId", c.id)
         .with("OrderId", c.order_id.as_str())
-        .with("ActivateAt", crate::clock::format_time(c.activate_at))
-        .with("ExpireAt", crate::clock::format_time(c.expire_at))
+        .with_time("ActivateAt", c.activate_at)
+        .with_time("ExpireAt", c.expire_at)
 }
