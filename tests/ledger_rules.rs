@@ -983,3 +983,51 @@ fn events_follow_the_mutations_after_they_are_durable() {
         ]
     );
 }
+
+#[test]
+fn the_audit_log_records_every_mutation_with_its_result() {
+    let t = open_ledger();
+    let rt = tokio::runtime::Runtime::new().expect("rt");
+    let entry = |action: &str| AuditEntry {
+        account: "ops".into(),
+        action: action.into(),
+        parameters: "{\"ProductKey\":\"p1\"}".into(),
+    };
+    rt.block_on(t.ledger.execute_audited(
+        Command::CreateProduct {
+            product_key: "p1".into(),
+            name: "One".into(),
+            auth_mode: AuthMode::ProductSecret,
+        },
+        None,
+        Some(entry("CreateProduct")),
+    ))
+    .expect("created");
+    let err = rt.block_on(t.ledger.execute_audited(
+        Command::DeleteProduct {
+            product_key: "nope".into(),
+        },
+        None,
+        Some(entry("DeleteProduct")),
+    ));
+    assert!(err.is_err());
+    let log = t.ledger.audit_log(&AuditFilter::default(), page());
+    assert_eq!(log.total, 2);
+    assert_eq!(
+        (log.items[0].action.as_str(), log.items[0].code.as_str()),
+        ("DeleteProduct", "NotFound.Product")
+    );
+    assert_eq!(
+        (log.items[1].action.as_str(), log.items[1].code.as_str()),
+        ("CreateProduct", "OK")
+    );
+    assert_eq!(log.items[1].account, "ops");
+    let only = t.ledger.audit_log(
+        &AuditFilter {
+            action: Some("CreateProduct".into()),
+            ..Default::default()
+        },
+        page(),
+    );
+    assert_eq!(only.total, 1);
+}

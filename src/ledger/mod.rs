@@ -25,11 +25,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 pub use model::{
-    Allowance, Assignment, AuthMode, CodeKind, CodeRecord, Device, Lot, Order, Product,
+    Allowance, Assignment, AuditRecord, AuthMode, CodeKind, CodeRecord, Device, Lot, Order, Product,
 };
 pub use query::{
-    AssignmentFilter, CodeFilter, DeviceFilter, OrderFilter, Page, PageRequest, ProductFilter,
-    Summary, UnassignedGroup,
+    AssignmentFilter, AuditFilter, CodeFilter, DeviceFilter, OrderFilter, Page, PageRequest,
+    ProductFilter, Summary, UnassignedGroup,
 };
 
 use crate::clock::{Clock, Millis};
@@ -185,6 +185,15 @@ pub enum Outcome {
         forfeited: u64,
         devices: Vec<String>,
     },
+}
+
+/// Who asked for a mutation, for the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    pub account: String,
+    pub action: String,
+    /// The request's parameters as JSON text.
+    pub parameters: String,
 }
 
 /// What an assignment would do, without doing it.
@@ -370,12 +379,24 @@ impl Ledger {
         command: Command,
         client_token: Option<String>,
     ) -> Result<Outcome, LedgerError> {
+        self.execute_audited(command, client_token, None).await
+    }
+
+    /// [`Ledger::execute`], recording the request and its result in the
+    /// audit log in the same atomic batch as its effect.
+    pub async fn execute_audited(
+        &self,
+        command: Command,
+        client_token: Option<String>,
+        audit: Option<AuditEntry>,
+    ) -> Result<Outcome, LedgerError> {
         let (tx, rx) = oneshot::channel();
         self.inner
             .writer
             .send(Request::Command {
                 command,
                 client_token,
+                audit,
                 reply: tx,
             })
             .await?;
@@ -393,6 +414,7 @@ impl Ledger {
         self.inner.writer.send_blocking(Request::Command {
             command,
             client_token,
+            audit: None,
             reply: tx,
         })?;
         rx.blocking_recv()

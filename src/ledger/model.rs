@@ -157,3 +157,17 @@ pub struct TokenRecord {
     pub outcome: Vec<u8>,
     pub at: Millis,
 }
+
+/// One operator mutation, as the audit log keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub id: u64,
+    pub at: Millis,
+    pub account: String,
+    pub action: String,
+    /// The request's parameters as JSON text.
+    pub parameters: String,
+    /// `OK` or the error code.
+    pub code: String,
+    pub message: String,
+}

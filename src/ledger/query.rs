@@ -166,6 +166,14 @@ pub struct DeviceFilter {
     pub device_key_prefix: Option<String>,
 }
 
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    pub account: Option<String>,
+    pub action: Option<String>,
+    pub from: Option<Millis>,
+    pub to: Option<Millis>,
+}
+
 fn contains_ci(haystack: &str, needle: &str) -> bool {
     haystack.to_lowercase().contains(&needle.to_lowercase())
 }
@@ -495,6 +503,21 @@ impl Ledger {
             .filter(|d| d.deleted_at.is_none())
             .cloned()
             .ok_or_else(|| LedgerError::DeviceNotFound(pk.to_owned(), dk.to_owned()))
+    }
+
+    /// The audit log, newest first.
+    pub fn audit_log(&self, f: &AuditFilter, page: PageRequest) -> Page<AuditRecord> {
+        let st = self.read();
+        paginate(
+            st.audit
+                .iter()
+                .rev()
+                .filter(|a| f.account.as_ref().is_none_or(|x| *x == a.account))
+                .filter(|a| f.action.as_ref().is_none_or(|x| *x == a.action))
+                .filter(|a| within(a.at, f.from, f.to))
+                .cloned(),
+            page,
+        )
     }
 
     /// `(enabled, blacklisted DeviceKeys)` of a product.

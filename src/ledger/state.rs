@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::model::*;
 use super::store::{self, decode, encode};
-use super::{AssignPreview, Command, LedgerError, Outcome, Refusal};
+use super::{AssignPreview, AuditEntry, Command, LedgerError, Outcome, Refusal};
 use crate::clock::Millis;
 use crate::credentials::{generate_secret, valid_device_key, valid_product_key};
 use crate::events::{Event, EventKind};
@@ -34,6 +34,8 @@ pub struct State {
     pub assignments: Vec<Assignment>,
     pub blacklist: BTreeSet<DeviceId>,
     pub tokens: HashMap<String, TokenRecord>,
+    /// The audit log; id `n` at index `n - 1`.
+    pub audit: Vec<AuditRecord>,
 
     // Indexes, rebuilt on load and kept current by every mutation.
     pub codes_by_product: HashMap<String, Vec<u64>>,
@@ -64,6 +66,7 @@ pub struct Dirty {
     pub assignments: BTreeSet<u64>,
     pub blacklist: BTreeSet<DeviceId>,
     pub tokens: BTreeSet<String>,
+    pub audit: BTreeSet<u64>,
 }
 
 impl Dirty {
@@ -75,6 +78,7 @@ impl Dirty {
             && self.assignments.is_empty()
             && self.blacklist.is_empty()
             && self.tokens.is_empty()
+            && self.audit.is_empty()
     }
 }
 
@@ -164,6 +168,7 @@ impl State {
                         .ok_or_else(|| LedgerError::Unavailable("corrupt blacklist key".into()))?;
                     st.blacklist.insert(id);
                 }
+                Some(&store::AUDIT) => st.audit.push(decode(&v)?),
                 Some(&store::TOKEN) => {
                     let token = String::from_utf8_lossy(&k[1..]).into_owned();
                     st.tokens.insert(token, decode(&v)?);
@@ -189,6 +194,13 @@ impl State {
             if a.id != i as u64 + 1 {
                 return Err(LedgerError::Unavailable(
                     "assignment records are not dense".into(),
+                ));
+            }
+        }
+        for (i, a) in st.audit.iter().enumerate() {
+            if a.id != i as u64 + 1 {
+                return Err(LedgerError::Unavailable(
+                    "audit records are not dense".into(),
                 ));
             }
         }
@@ -366,6 +378,30 @@ impl State {
 
     pub fn code(&self, id: u64) -> Option<&CodeRecord> {
         self.codes.get((id as usize).checked_sub(1)?)
+    }
+
+    /// Appends one entry to the audit log.
+    pub fn record_audit(
+        &mut self,
+        entry: AuditEntry,
+        result: &Result<Outcome, LedgerError>,
+        now: Millis,
+    ) {
+        let id = self.audit.len() as u64 + 1;
+        let (code, message) = match result {
+            Ok(_) => ("OK".to_owned(), String::new()),
+            Err(e) => (e.code().to_owned(), e.to_string()),
+        };
+        self.audit.push(AuditRecord {
+            id,
+            at: now,
+            account: entry.account,
+            action: entry.action,
+            parameters: entry.parameters,
+            code,
+            message,
+        });
+        self.dirty.audit.insert(id);
     }
 
     // ----- the connect decision -------------------------------------------
@@ -1103,6 +1139,11 @@ impl State {
                 batch.insert(key, Vec::<u8>::new());
             } else {
                 batch.remove(key);
+            }
+        }
+        for id in &dirty.audit {
+            if let Some(a) = id.checked_sub(1).and_then(|i| self.audit.get(i as usize)) {
+                batch.insert(store::id_key(store::AUDIT, *id), encode(a)?);
             }
         }
         for t in &dirty.tokens {

@@ -16,6 +16,7 @@ pub const CODE: u8 = b'c';
 pub const ASSIGNMENT: u8 = b'a';
 pub const BLACKLIST: u8 = b'b';
 pub const TOKEN: u8 = b't';
+pub const AUDIT: u8 = b'l';
 
 fn config() -> bincode::config::Configuration {
     bincode::config::standard()

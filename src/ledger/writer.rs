@@ -15,7 +15,7 @@ use super::fast::FastView;
 use super::model::{CodeRecord, TokenRecord};
 use super::state::State;
 use super::store::{decode, encode};
-use super::{Admitted, Command, LedgerError, LedgerOptions, Outcome, Refusal};
+use super::{Admitted, AuditEntry, Command, LedgerError, LedgerOptions, Outcome, Refusal};
 use crate::clock::{Clock, Millis};
 use crate::events::{Event, EventBus};
 
@@ -28,6 +28,7 @@ pub enum Request {
     Command {
         command: Command,
         client_token: Option<String>,
+        audit: Option<AuditEntry>,
         reply: oneshot::Sender<Result<Outcome, LedgerError>>,
     },
     TakeExpiring {
@@ -229,9 +230,13 @@ fn commit_batch(ctx: &WriterContext, pending: &mut Vec<Request>) -> Result<(), L
             Request::Command {
                 command,
                 client_token,
+                audit,
                 reply,
             } => {
                 let r = apply_command(&mut st, &command, client_token, now, &mut events);
+                if let Some(entry) = audit {
+                    st.record_audit(entry, &r, now);
+                }
                 replies.push(Reply::Command(reply, r));
             }
             Request::TakeExpiring { window_ms, reply } => {
