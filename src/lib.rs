@@ -4,4 +4,5 @@
 pub mod clock;
 pub mod credentials;
 pub mod events;
+pub mod gate;
 pub mod ledger;

@@ -1,0 +1,409 @@
+//! The activation gate (SPEC §3): the decision a device CONNECT meets before
+//! its CONNACK, cheapest checks first so an unauthenticated client can never
+//! burn a code: identifier syntax → rate limit / ban → timestamp and
+//! signature → product and device lookup → consume or renew (durable).
+//!
+//! Transport-agnostic: it takes the CONNECT's client id, user name,
+//! password and source address, and answers with an admission or a typed
+//! refusal that the connection layer maps to a CONNACK code.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::Deserialize;
+
+use crate::clock::{Clock, Millis};
+use crate::credentials::{self, IdentityError};
+use crate::events::{Event, EventBus, EventKind};
+use crate::ledger::{CodeRecord, Ledger, Refusal, SecretLookup};
+
+/// Gate settings (`[gate]` in the config file).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GateConfig {
+    /// Accepted clock skew of a credential's timestamp, in seconds.
+    pub timestamp_window_secs: u64,
+    /// Sustained CONNECT attempts per second from one source address (0 = unlimited).
+    pub source_rate: f64,
+    /// Burst of CONNECT attempts one source address may make at once.
+    pub source_burst: f64,
+    /// Sustained CONNECT attempts per second of one device (0 = unlimited).
+    pub device_rate: f64,
+    /// Burst of CONNECT attempts of one device.
+    pub device_burst: f64,
+    /// Failed credential checks from one source within `ban_window_secs`
+    /// that ban the source (0 = never ban).
+    pub ban_after_failures: u32,
+    pub ban_window_secs: u64,
+    /// How long a banned source is refused.
+    pub ban_secs: u64,
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        GateConfig {
+            timestamp_window_secs: 300,
+            source_rate: 2_000.0,
+            source_burst: 10_000.0,
+            device_rate: 1.0,
+            device_burst: 10.0,
+            ban_after_failures: 100,
+            ban_window_secs: 60,
+            ban_secs: 300,
+        }
+    }
+}
+
+/// What a refused CONNECT gets; each maps to one row of SPEC §3's table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GateRefusal {
+    /// 0x85 / 0x02
+    ClientIdNotValid(String),
+    /// 0x86 / 0x04
+    BadCredentials(String),
+    /// 0x8A / 0x05
+    Banned(String),
+    /// 0x9F / 0x05
+    RateExceeded(String),
+    /// 0x97 / 0x05
+    QuotaExceeded(String),
+    /// 0x87 / 0x05
+    NotAuthorized(String),
+    /// 0x88 / 0x03
+    Unavailable(String),
+}
+
+impl GateRefusal {
+    /// The reason string (MQTT 5 Reason String, event reason).
+    pub fn reason(&self) -> &str {
+        match self {
+            GateRefusal::ClientIdNotValid(r)
+            | GateRefusal::BadCredentials(r)
+            | GateRefusal::Banned(r)
+            | GateRefusal::RateExceeded(r)
+            | GateRefusal::QuotaExceeded(r)
+            | GateRefusal::NotAuthorized(r)
+            | GateRefusal::Unavailable(r) => r,
+        }
+    }
+
+    /// MQTT 5 CONNACK reason code.
+    pub fn v5_code(&self) -> u8 {
+        match self {
+            GateRefusal::ClientIdNotValid(_) => 0x85,
+            GateRefusal::BadCredentials(_) => 0x86,
+            GateRefusal::Banned(_) => 0x8A,
+            GateRefusal::RateExceeded(_) => 0x9F,
+            GateRefusal::QuotaExceeded(_) => 0x97,
+            GateRefusal::NotAuthorized(_) => 0x87,
+            GateRefusal::Unavailable(_) => 0x88,
+        }
+    }
+
+    /// MQTT 3.1.1 CONNACK return code.
+    pub fn v4_code(&self) -> u8 {
+        match self {
+            GateRefusal::ClientIdNotValid(_) => 0x02,
+            GateRefusal::BadCredentials(_) => 0x04,
+            GateRefusal::Unavailable(_) => 0x03,
+            _ => 0x05,
+        }
+    }
+}
+
+/// An admitted device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    pub product_key: String,
+    pub device_key: String,
+    /// `{ProductKey}.{DeviceKey}`, also when the CONNECT sent an empty id.
+    pub client_id: String,
+    pub expire_at: Millis,
+    /// The code consumed by this connect (activation or renewal), if any.
+    pub consumed: Option<CodeRecord>,
+}
+
+/// A CONNECT as the gate sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectAttempt<'a> {
+    pub client_id: &'a str,
+    pub user_name: Option<&'a str>,
+    pub password: Option<&'a [u8]>,
+    pub source: IpAddr,
+}
+
+/// A token bucket per key, sharded; idle buckets are dropped once full.
+struct Limiter<K> {
+    rate: f64,
+    burst: f64,
+    shards: Vec<Mutex<HashMap<K, (f64, Millis)>>>,
+}
+
+impl<K: Hash + Eq + Clone> Limiter<K> {
+    fn new(rate: f64, burst: f64) -> Self {
+        Limiter {
+            rate,
+            burst: burst.max(1.0),
+            shards: (0..32).map(|_| Mutex::new(HashMap::new())).collect(),
+        }
+    }
+
+    fn shard(&self, key: &K) -> &Mutex<HashMap<K, (f64, Millis)>> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        &self.shards[(h.finish() as usize) % self.shards.len()]
+    }
+
+    /// Takes one token; false when the bucket is empty.
+    fn allow(&self, key: &K, now: Millis) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let mut map = self.shard(key).lock();
+        if map.len() > 100_000 {
+            // Forget buckets that have refilled completely: they carry no state.
+            let full_after = (self.burst / self.rate * 1000.0) as Millis;
+            map.retain(|_, (_, at)| now - *at < full_after);
+        }
+        let (tokens, at) = map.entry(key.clone()).or_insert((self.burst, now));
+        let elapsed = (now - *at).max(0) as f64 / 1000.0;
+        *tokens = (*tokens + elapsed * self.rate).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Failed credential checks per source, and bans.
+struct Bans {
+    after: u32,
+    window_ms: Millis,
+    ban_ms: Millis,
+    state: Mutex<HashMap<IpAddr, BanState>>,
+}
+
+#[derive(Default)]
+struct BanState {
+    failures: u32,
+    window_start: Millis,
+    banned_until: Millis,
+}
+
+impl Bans {
+    fn banned(&self, ip: IpAddr, now: Millis) -> bool {
+        self.after > 0
+            && self
+                .state
+                .lock()
+                .get(&ip)
+                .is_some_and(|s| s.banned_until > now)
+    }
+
+    fn failed(&self, ip: IpAddr, now: Millis) {
+        if self.after == 0 {
+            return;
+        }
+        let mut map = self.state.lock();
+        if map.len() > 100_000 {
+            let window = self.window_ms;
+            map.retain(|_, s| s.banned_until > now || now - s.window_start < window);
+        }
+        let s = map.entry(ip).or_default();
+        if now - s.window_start >= self.window_ms {
+            s.window_start = now;
+            s.failures = 0;
+        }
+        s.failures += 1;
+        if s.failures >= self.after {
+            s.banned_until = now + self.ban_ms;
+            s.failures = 0;
+        }
+    }
+}
+
+pub struct Gate {
+    ledger: Ledger,
+    clock: Clock,
+    events: EventBus,
+    window_ms: Millis,
+    sources: Limiter<IpAddr>,
+    devices: Limiter<(String, String)>,
+    bans: Bans,
+}
+
+fn secs_ms(s: u64) -> Millis {
+    Duration::from_secs(s).as_millis().min(i64::MAX as u128) as Millis
+}
+
+impl Gate {
+    pub fn new(ledger: Ledger, config: &GateConfig) -> Gate {
+        Gate {
+            clock: ledger.clock().clone(),
+            events: ledger.events().clone(),
+            ledger,
+            window_ms: secs_ms(config.timestamp_window_secs),
+            sources: Limiter::new(config.source_rate, config.source_burst),
+            devices: Limiter::new(config.device_rate, config.device_burst),
+            bans: Bans {
+                after: config.ban_after_failures,
+                window_ms: secs_ms(config.ban_window_secs),
+                ban_ms: secs_ms(config.ban_secs),
+                state: Mutex::new(HashMap::new()),
+            },
+        }
+    }
+
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Decides a CONNECT and publishes `device/rejected` on refusal.
+    pub async fn admit(&self, attempt: ConnectAttempt<'_>) -> Result<Admission, GateRefusal> {
+        let r = self.decide(attempt).await;
+        if let Err(refusal) = &r {
+            let mut ev = Event::new(EventKind::DeviceRejected, self.clock.now())
+                .with("Reason", refusal.reason())
+                .with("ReasonCode", format!("0x{:02X}", refusal.v5_code()))
+                .with("Source", attempt.source.to_string());
+            if let Some(user) = attempt
+                .user_name
+                .and_then(|u| credentials::parse_user_name(u).ok())
+            {
+                ev = ev.device(&user.product_key, &user.device_key);
+            }
+            self.events.publish(ev);
+        }
+        r
+    }
+
+    async fn decide(&self, a: ConnectAttempt<'_>) -> Result<Admission, GateRefusal> {
+        let now = self.clock.now();
+        // 1. Identifier syntax.
+        let Some(user_name) = a.user_name else {
+            return Err(GateRefusal::BadCredentials(
+                "user name ProductKey&DeviceKey&timestamp is required".into(),
+            ));
+        };
+        let user = credentials::parse_user_name(user_name).map_err(|e| match e {
+            IdentityError::Timestamp => GateRefusal::BadCredentials(e.to_string()),
+            _ => GateRefusal::ClientIdNotValid(e.to_string()),
+        })?;
+        credentials::check_client_id(a.client_id, &user)
+            .map_err(|e| GateRefusal::ClientIdNotValid(e.to_string()))?;
+        // 2. Bans and rate limits.
+        if self.bans.banned(a.source, now) {
+            return Err(GateRefusal::Banned(format!(
+                "source {} is banned after repeated failed logins",
+                a.source
+            )));
+        }
+        if !self.sources.allow(&a.source, now) {
+            return Err(GateRefusal::RateExceeded(format!(
+                "too many connection attempts from {}",
+                a.source
+            )));
+        }
+        let dev = (user.product_key.clone(), user.device_key.clone());
+        if !self.devices.allow(&dev, now) {
+            return Err(GateRefusal::RateExceeded(format!(
+                "too many connection attempts of device {}",
+                user.device_key
+            )));
+        }
+        // 3. Timestamp and signature, with the secret of 4. product/device.
+        let Some(password) = a.password else {
+            self.bans.failed(a.source, now);
+            return Err(GateRefusal::BadCredentials("password is required".into()));
+        };
+        let secret = match self.ledger.secret_for(&user.product_key, &user.device_key) {
+            SecretLookup::Secret(s) => s,
+            SecretLookup::UnknownProduct => {
+                self.bans.failed(a.source, now);
+                return Err(GateRefusal::BadCredentials(format!(
+                    "unknown product {}",
+                    user.product_key
+                )));
+            }
+            SecretLookup::UnknownDevice => {
+                self.bans.failed(a.source, now);
+                return Err(GateRefusal::BadCredentials(format!(
+                    "device {} is not registered in product {}",
+                    user.device_key, user.product_key
+                )));
+            }
+        };
+        if let Err(e) = credentials::verify(
+            &secret,
+            user_name,
+            user.timestamp_ms,
+            password,
+            now,
+            self.window_ms,
+        ) {
+            self.bans.failed(a.source, now);
+            return Err(GateRefusal::BadCredentials(match e {
+                credentials::SignatureError::Stale => format!(
+                    "credential timestamp is more than {} s away from the broker's clock",
+                    self.window_ms / 1000
+                ),
+                credentials::SignatureError::Mismatch => "signature does not match".into(),
+            }));
+        }
+        // 5. Consume or renew, durably.
+        let admitted = self
+            .ledger
+            .connect(&user.product_key, &user.device_key)
+            .await
+            .map_err(|r| match r {
+                Refusal::UnknownProduct(pk) => {
+                    GateRefusal::BadCredentials(format!("unknown product {pk}"))
+                }
+                Refusal::UnknownDevice(pk, dk) => GateRefusal::BadCredentials(format!(
+                    "device {dk} is not registered in product {pk}"
+                )),
+                r @ Refusal::NoCodeAvailable(_) => GateRefusal::QuotaExceeded(r.to_string()),
+                r @ (Refusal::RenewalDisabled(_) | Refusal::Blacklisted(..)) => {
+                    GateRefusal::NotAuthorized(r.to_string())
+                }
+                r @ Refusal::StoreUnavailable(_) => GateRefusal::Unavailable(r.to_string()),
+            })?;
+        Ok(Admission {
+            client_id: credentials::client_id(&user.product_key, &user.device_key),
+            product_key: user.product_key,
+            device_key: user.device_key,
+            expire_at: admitted.expire_at,
+            consumed: admitted.consumed,
+        })
+    }
+
+    /// Renews an online device whose code expired (or confirms it is still
+    /// valid). The refusal says why it must be disconnected.
+    pub async fn renew_online(&self, pk: &str, dk: &str) -> Result<Admission, GateRefusal> {
+        match self.ledger.connect(pk, dk).await {
+            Ok(a) => Ok(Admission {
+                client_id: credentials::client_id(pk, dk),
+                product_key: pk.to_owned(),
+                device_key: dk.to_owned(),
+                expire_at: a.expire_at,
+                consumed: a.consumed,
+            }),
+            Err(Refusal::NoCodeAvailable(p)) => Err(GateRefusal::QuotaExceeded(format!(
+                "activation code expired and no code is available for product {p}"
+            ))),
+            Err(r @ (Refusal::RenewalDisabled(_) | Refusal::Blacklisted(..))) => {
+                Err(GateRefusal::NotAuthorized(r.to_string()))
+            }
+            Err(r @ (Refusal::UnknownProduct(_) | Refusal::UnknownDevice(..))) => {
+                Err(GateRefusal::NotAuthorized(r.to_string()))
+            }
+            Err(r @ Refusal::StoreUnavailable(_)) => Err(GateRefusal::Unavailable(r.to_string())),
+        }
+    }
+}
