@@ -5,4 +5,5 @@ pub mod clock;
 pub mod credentials;
 pub mod events;
 pub mod gate;
+pub mod gateway;
 pub mod ledger;

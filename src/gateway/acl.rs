@@ -1,0 +1,382 @@
+//! Topic access control: which topics a session may publish to and which
+//! filters it may subscribe to. Implements MQTT topic-name / topic-filter
+//! validation and matching, filter containment (a subscription is allowed
+//! only if every topic it can match is inside an allowed filter), shared
+//! subscriptions (`$share/{group}/{filter}`), and namespace templates such as
+//! `devices/{ProductKey}/{DeviceKey}/#`.
+
+use std::fmt;
+
+/// The default device namespace template (SPEC §3).
+pub const DEFAULT_DEVICE_TEMPLATE: &str = "devices/{ProductKey}/{DeviceKey}/#";
+
+/// What one session may do with topics. Filters are concrete MQTT topic
+/// filters (templates already rendered).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Acl {
+    /// A PUBLISH is allowed if its topic matches one of these filters.
+    pub publish: Vec<String>,
+    /// A SUBSCRIBE filter is allowed if it is contained in one of these.
+    pub subscribe: Vec<String>,
+}
+
+/// The verdict on one subscription filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeVerdict {
+    Allowed,
+    /// Syntactically invalid filter (MQTT 5 SUBACK 0x8F, 3.1.1 0x80).
+    Invalid,
+    /// Valid but outside the session's namespace (0x87 / 0x80).
+    NotAuthorized,
+}
+
+impl Acl {
+    /// Nothing allowed.
+    pub fn deny_all() -> Self {
+        Acl::default()
+    }
+
+    /// The same filters for publish and subscribe.
+    pub fn both(filters: Vec<String>) -> Self {
+        Acl {
+            publish: filters.clone(),
+            subscribe: filters,
+        }
+    }
+
+    /// The default device namespace `devices/{pk}/{dk}/#` for both directions.
+    pub fn device(product_key: &str, device_key: &str) -> Self {
+        let t = AclTemplate::both(&[DEFAULT_DEVICE_TEMPLATE]);
+        t.render(&[("ProductKey", product_key), ("DeviceKey", device_key)])
+            .unwrap_or_default()
+    }
+
+    /// May the session publish to `topic`? Invalid topic names never are.
+    pub fn may_publish(&self, topic: &str) -> bool {
+        valid_topic_name(topic) && self.publish.iter().any(|f| topic_matches(topic, f))
+    }
+
+    /// May the session subscribe to `filter` (possibly `$share/{group}/…`)?
+    pub fn check_subscribe(&self, filter: &str) -> SubscribeVerdict {
+        let inner = match shared_inner(filter) {
+            Some(Some(inner)) => inner,
+            Some(None) => return SubscribeVerdict::Invalid,
+            None => filter,
+        };
+        if !valid_filter(inner) {
+            return SubscribeVerdict::Invalid;
+        }
+        // `$`-topics (e.g. `$SYS/#`) are not served by the router; no
+        // session may subscribe to them, whatever its filters say.
+        if inner.starts_with('$') {
+            return SubscribeVerdict::NotAuthorized;
+        }
+        if self.subscribe.iter().any(|a| filter_within(inner, a)) {
+            SubscribeVerdict::Allowed
+        } else {
+            SubscribeVerdict::NotAuthorized
+        }
+    }
+}
+
+/// `Some(Some(inner))` for a well-formed `$share/{group}/{inner}`,
+/// `Some(None)` for a malformed shared subscription, `None` otherwise.
+fn shared_inner(filter: &str) -> Option<Option<&str>> {
+    let rest = filter.strip_prefix("$share/")?;
+    Some(match rest.split_once('/') {
+        Some((group, inner))
+            if !group.is_empty() && !group.contains(['+', '#']) && !inner.is_empty() =>
+        {
+            Some(inner)
+        }
+        _ => None,
+    })
+}
+
+/// A topic name: non-empty, no wildcards, no NUL (MQTT §4.7.3, §1.5.4).
+pub fn valid_topic_name(topic: &str) -> bool {
+    !topic.is_empty() && !topic.contains(['+', '#', '\0'])
+}
+
+/// A topic filter: non-empty, `#` only as the whole last level, `+` only as
+/// a whole level, no NUL.
+pub fn valid_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.contains('\0') {
+        return false;
+    }
+    let mut levels = filter.split('/').peekable();
+    while let Some(level) = levels.next() {
+        let last = levels.peek().is_none();
+        if level.contains('#') && !(level == "#" && last) {
+            return false;
+        }
+        if level.contains('+') && level != "+" {
+            return false;
+        }
+    }
+    true
+}
+
+/// Does topic name `topic` match filter `filter`? A filter starting with a
+/// wildcard does not match topics starting with `$` (MQTT §4.7.2).
+pub fn topic_matches(topic: &str, filter: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut t = topic.split('/');
+    for f in filter.split('/') {
+        if f == "#" {
+            return true;
+        }
+        match t.next() {
+            Some(level) if f == "+" || f == level => {}
+            _ => return false,
+        }
+    }
+    t.next().is_none()
+}
+
+/// Is every topic matched by filter `f` also matched by filter `a`? Both
+/// must be valid filters.
+pub fn filter_within(f: &str, a: &str) -> bool {
+    if f.starts_with('$') && !a.starts_with('$') {
+        // `a` starts with a wildcard (which never matches `$` topics) or a
+        // literal level that cannot equal a `$` level.
+        return false;
+    }
+    let mut fl = f.split('/');
+    for al in a.split('/') {
+        if al == "#" {
+            // `a/#` matches its parent `a` and everything below.
+            return true;
+        }
+        match fl.next() {
+            // `f` ended: it matches only topics ending here, `a` needs more.
+            None => return false,
+            Some("#") => return false,
+            Some("+") => {
+                if al != "+" {
+                    return false;
+                }
+            }
+            Some(level) => {
+                if al != "+" && al != level {
+                    return false;
+                }
+            }
+        }
+    }
+    fl.next().is_none()
+}
+
+/// Namespace templates with `{Name}` placeholders, rendered per session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AclTemplate {
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+}
+
+/// Why a template could not be rendered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AclError {
+    /// `{Name}` has no value.
+    UnknownPlaceholder(String),
+    /// A value would inject a level separator, wildcard or NUL.
+    UnsafeValue(String),
+    /// `{` without `}`.
+    Unterminated(String),
+    /// The rendered filter is not a valid topic filter.
+    InvalidFilter(String),
+}
+
+impl fmt::Display for AclError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AclError::UnknownPlaceholder(n) => write!(f, "unknown placeholder {{{n}}}"),
+            AclError::UnsafeValue(v) => write!(f, "value {v:?} contains '/', '+', '#' or NUL"),
+            AclError::Unterminated(t) => write!(f, "unterminated placeholder in {t:?}"),
+            AclError::InvalidFilter(t) => write!(f, "{t:?} is not a valid topic filter"),
+        }
+    }
+}
+
+impl std::error::Error for AclError {}
+
+impl Default for AclTemplate {
+    fn default() -> Self {
+        AclTemplate::both(&[DEFAULT_DEVICE_TEMPLATE])
+    }
+}
+
+impl AclTemplate {
+    pub fn both(templates: &[&str]) -> Self {
+        let v: Vec<String> = templates.iter().map(|s| (*s).to_owned()).collect();
+        AclTemplate {
+            publish: v.clone(),
+            subscribe: v,
+        }
+    }
+
+    /// Checks every template renders to a valid filter with placeholder
+    /// values `x` (for config validation at startup).
+    pub fn validate(&self, names: &[&str]) -> Result<(), AclError> {
+        let vars: Vec<(&str, &str)> = names.iter().map(|n| (*n, "x")).collect();
+        self.render(&vars).map(|_| ())
+    }
+
+    /// Substitutes `{Name}` with the value of `Name` in `vars`.
+    pub fn render(&self, vars: &[(&str, &str)]) -> Result<Acl, AclError> {
+        let render_all = |list: &[String]| -> Result<Vec<String>, AclError> {
+            list.iter().map(|t| render_one(t, vars)).collect()
+        };
+        Ok(Acl {
+            publish: render_all(&self.publish)?,
+            subscribe: render_all(&self.subscribe)?,
+        })
+    }
+}
+
+fn render_one(template: &str, vars: &[(&str, &str)]) -> Result<String, AclError> {
+    let mut out = String::with_capacity(template.len() + 32);
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 1..];
+        let Some(end) = after.find('}') else {
+            return Err(AclError::Unterminated(template.to_owned()));
+        };
+        let name = &after[..end];
+        let Some((_, value)) = vars.iter().find(|(n, _)| *n == name) else {
+            return Err(AclError::UnknownPlaceholder(name.to_owned()));
+        };
+        if value.is_empty() || value.contains(['/', '+', '#', '\0']) {
+            return Err(AclError::UnsafeValue((*value).to_owned()));
+        }
+        out.push_str(value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    if valid_filter(&out) {
+        Ok(out)
+    } else {
+        Err(AclError::InvalidFilter(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matching() {
+        assert!(topic_matches("a/b/c", "a/+/c"));
+        assert!(topic_matches("a/b/c", "a/#"));
+        assert!(topic_matches("a", "a/#"));
+        assert!(topic_matches("a/b", "#"));
+        assert!(!topic_matches("a/b", "a"));
+        assert!(!topic_matches("a", "a/b"));
+        assert!(!topic_matches("$SYS/x", "#"));
+        assert!(!topic_matches("$SYS/x", "+/x"));
+        assert!(topic_matches("$SYS/x", "$SYS/#"));
+        assert!(topic_matches("a//b", "a/+/b"));
+    }
+
+    #[test]
+    fn filters_validate() {
+        for ok in ["#", "+", "a/+/b", "a/#", "+/+", "/", "a//b"] {
+            assert!(valid_filter(ok), "{ok}");
+        }
+        for bad in ["", "a/#/b", "a#", "a/b+", "++", "a/\0"] {
+            assert!(!valid_filter(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn containment() {
+        let a = "devices/p/d/#";
+        assert!(filter_within("devices/p/d/#", a));
+        assert!(filter_within("devices/p/d", a));
+        assert!(filter_within("devices/p/d/+/x", a));
+        assert!(filter_within("devices/p/d/+", a));
+        assert!(filter_within("devices/p/d/x/#", a));
+        assert!(!filter_within("devices/+/d/#", a));
+        assert!(!filter_within("devices/p/+/#", a));
+        assert!(!filter_within("devices/p/#", a));
+        assert!(!filter_within("devices/#", a));
+        assert!(!filter_within("#", a));
+        assert!(!filter_within("+/#", a));
+        assert!(!filter_within("devices/p/d2/#", a));
+        assert!(!filter_within("devices/p", a));
+        assert!(filter_within("x/+/y", "x/+/+"));
+        assert!(!filter_within("x/+/y", "x/a/+"));
+        assert!(filter_within("a/b", "+/+"));
+        assert!(!filter_within("a/b/c", "+/+"));
+        assert!(!filter_within("$SYS/#", "+/#"));
+        assert!(!filter_within("$SYS/x", "#"));
+    }
+
+    #[test]
+    fn device_acl() {
+        let acl = Acl::device("p", "d");
+        assert_eq!(acl.publish, vec!["devices/p/d/#".to_owned()]);
+        assert!(acl.may_publish("devices/p/d/telemetry"));
+        assert!(acl.may_publish("devices/p/d"));
+        assert!(!acl.may_publish("devices/p/d2/telemetry"));
+        assert!(!acl.may_publish("admin/v1/x/request"));
+        assert!(!acl.may_publish("devices/p/d/+"));
+        for f in [
+            "#",
+            "+/#",
+            "devices/p/other/#",
+            "admin/#",
+            "$SYS/#",
+            "devices/+/d/#",
+        ] {
+            assert_eq!(
+                acl.check_subscribe(f),
+                SubscribeVerdict::NotAuthorized,
+                "{f}"
+            );
+        }
+        assert_eq!(
+            acl.check_subscribe("devices/p/d/+/x"),
+            SubscribeVerdict::Allowed
+        );
+        assert_eq!(
+            acl.check_subscribe("$share/g/devices/p/d/#"),
+            SubscribeVerdict::Allowed
+        );
+        assert_eq!(
+            acl.check_subscribe("$share/g/#"),
+            SubscribeVerdict::NotAuthorized
+        );
+        assert_eq!(acl.check_subscribe("$share/g"), SubscribeVerdict::Invalid);
+        assert_eq!(acl.check_subscribe("a/#/b"), SubscribeVerdict::Invalid);
+    }
+
+    #[test]
+    fn templates() {
+        let t = AclTemplate {
+            publish: vec!["devices/{ProductKey}/{DeviceKey}/up/#".into()],
+            subscribe: vec!["devices/{ProductKey}/{DeviceKey}/down/#".into()],
+        };
+        let acl = t
+            .render(&[("ProductKey", "p"), ("DeviceKey", "d:1")])
+            .expect("renders");
+        assert_eq!(acl.publish, vec!["devices/p/d:1/up/#".to_owned()]);
+        assert_eq!(acl.subscribe, vec!["devices/p/d:1/down/#".to_owned()]);
+        assert_eq!(
+            t.render(&[("ProductKey", "p"), ("DeviceKey", "#")]),
+            Err(AclError::UnsafeValue("#".into()))
+        );
+        assert_eq!(
+            t.render(&[("ProductKey", "p")]),
+            Err(AclError::UnknownPlaceholder("DeviceKey".into()))
+        );
+        assert!(AclTemplate::both(&["a/{X"]).validate(&["X"]).is_err());
+        assert!(AclTemplate::both(&["a/{X}#"]).validate(&["X"]).is_err());
+        assert!(AclTemplate::default()
+            .validate(&["ProductKey", "DeviceKey"])
+            .is_ok());
+    }
+}

@@ -1,0 +1,1100 @@
+//! One client connection, from the first byte to the close.
+//!
+//! 1. CONNECT: read under the CONNECT timeout; the protocol level byte picks
+//!    MQTT 3.1.1 or 5.0 (other levels get CONNACK 0x01). Anything else
+//!    first closes the socket.
+//! 2. Admission: the listener's [`Authenticator`] decides. A refusal is
+//!    answered with its CONNACK code (MQTT 5: with Reason String) and the
+//!    socket closed; no router link is created, nothing is registered.
+//! 3. Session: registered in the online registry (telling an older
+//!    connection with the same client id to leave with 0x8E) and linked to
+//!    the router under one per-client-id lock, then CONNACK. From then on
+//!    packets flow socket → ACL → router and router → socket. PINGREQ and
+//!    UNSUBACK are answered here. PUBLISH outside the ACL is dropped: MQTT 5
+//!    gets PUBACK/PUBREC 0x87; MQTT 3.1.1 gets a plain PUBACK/PUBREC (and
+//!    PUBCOMP for its PUBREL) so it does not retry — 3.1.1 has no way to say
+//!    "refused" and closing would make misconfigured devices reconnect in
+//!    a loop. SUBSCRIBE filters outside the ACL get 0x87 (MQTT 5) / 0x80
+//!    (3.1.1) in the SUBACK, the others go to the router and the codes are
+//!    merged back in order.
+//! 4. End: client DISCONNECT (no will, unless MQTT 5 reason 0x04), socket
+//!    closed or broken, keepalive expiry (1.5 × keepalive, 0 = none),
+//!    protocol violation, oversized packet, or an order from the online
+//!    registry. The will is published on every end except a normal
+//!    DISCONNECT and a session takeover; the router link is closed with a
+//!    DISCONNECT (so persistent sessions are kept by the router).
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{
+    self, v4::V4, v5::V5, ConnAck, ConnAckProperties, Disconnect, DisconnectReasonCode, LastWill,
+    LastWillProperties, Packet, PingResp, Protocol, PubAck, PubAckProperties, PubAckReason,
+    PubComp, PubCompReason, PubRec, PubRecProperties, PubRecReason, Publish, PublishProperties,
+    SubAck, Subscribe, SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+};
+use rumqttd::Notification;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::time::{timeout, Instant};
+
+use super::acl::{valid_topic_name, Acl, SubscribeVerdict};
+use super::codes::{self, DisconnectReason, RefusalCode};
+use super::online::{Control, SessionInfo};
+use super::{Authenticator, ConnectInfo, Identity, ListenerConfig, ProtocolVersion, Shared};
+use crate::events::{Event, EventKind};
+
+/// What every connection of one listener shares.
+pub(crate) struct ListenerCtx {
+    pub(crate) tls: bool,
+    pub(crate) config: ListenerConfig,
+    pub(crate) auth: Arc<dyn Authenticator>,
+    pub(crate) gw: Arc<Shared>,
+    /// Bounds concurrent link creations (each holds a blocking thread).
+    pub(crate) links: Semaphore,
+}
+
+/// Encoder/decoder of the connection's protocol version.
+enum Codec {
+    V4(V4),
+    V5(V5),
+}
+
+impl Codec {
+    fn version(&self) -> ProtocolVersion {
+        match self {
+            Codec::V4(_) => ProtocolVersion::V4,
+            Codec::V5(_) => ProtocolVersion::V5,
+        }
+    }
+
+    fn read(&mut self, buf: &mut BytesMut, max: usize) -> Result<Packet, protocol::Error> {
+        match self {
+            Codec::V4(p) => p.read_mut(buf, max),
+            Codec::V5(p) => p.read_mut(buf, max),
+        }
+    }
+
+    fn write(&self, packet: Packet, out: &mut BytesMut) {
+        let res = match self {
+            Codec::V4(p) => p.write(for_v4(packet), out),
+            Codec::V5(p) => p.write(packet, out),
+        };
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "cannot encode packet; dropped");
+        }
+    }
+}
+
+/// MQTT 3.1.1 has no properties and fewer SUBACK codes; rumqttd's v4
+/// encoder panics on properties, so strip them.
+fn for_v4(packet: Packet) -> Packet {
+    match packet {
+        Packet::Connect(c, _, w, _, l) => Packet::Connect(c, None, w, None, l),
+        Packet::ConnAck(a, _) => Packet::ConnAck(a, None),
+        Packet::Publish(p, _) => Packet::Publish(p, None),
+        Packet::PubAck(a, _) => Packet::PubAck(a, None),
+        Packet::PubRec(a, _) => Packet::PubRec(a, None),
+        Packet::PubRel(a, _) => Packet::PubRel(a, None),
+        Packet::PubComp(a, _) => Packet::PubComp(a, None),
+        Packet::Subscribe(s, _) => Packet::Subscribe(s, None),
+        Packet::SubAck(mut s, _) => {
+            for c in s.return_codes.iter_mut() {
+                if !matches!(
+                    c,
+                    SubscribeReasonCode::QoS0
+                        | SubscribeReasonCode::QoS1
+                        | SubscribeReasonCode::QoS2
+                        | SubscribeReasonCode::Success(_)
+                ) {
+                    *c = SubscribeReasonCode::Failure;
+                }
+            }
+            Packet::SubAck(s, None)
+        }
+        Packet::Unsubscribe(u, _) => Packet::Unsubscribe(u, None),
+        Packet::UnsubAck(u, _) => Packet::UnsubAck(u, None),
+        Packet::Disconnect(d, _) => Packet::Disconnect(d, None),
+        other => other,
+    }
+}
+
+enum First {
+    Connect(Codec, Box<Packet>),
+    UnsupportedVersion,
+    Invalid,
+}
+
+enum Sniff {
+    NeedMore,
+    NotConnect,
+    Unsupported,
+    Version(ProtocolVersion),
+}
+
+/// Looks at the start of the first packet for the protocol level.
+fn sniff(buf: &[u8]) -> Sniff {
+    let Some(&byte1) = buf.first() else {
+        return Sniff::NeedMore;
+    };
+    if byte1 != 0x10 {
+        return Sniff::NotConnect;
+    }
+    let mut i = None;
+    for k in 1..=4 {
+        let Some(&b) = buf.get(k) else {
+            return Sniff::NeedMore;
+        };
+        if b & 0x80 == 0 {
+            i = Some(k + 1);
+            break;
+        }
+    }
+    let Some(i) = i else {
+        return Sniff::NotConnect;
+    };
+    let (Some(&h), Some(&l)) = (buf.get(i), buf.get(i + 1)) else {
+        return Sniff::NeedMore;
+    };
+    let n = usize::from(u16::from_be_bytes([h, l]));
+    if n > 6 {
+        return Sniff::NotConnect;
+    }
+    let Some(&level) = buf.get(i + 2 + n) else {
+        return Sniff::NeedMore;
+    };
+    match (&buf[i + 2..i + 2 + n], level) {
+        (b"MQTT", 4) => Sniff::Version(ProtocolVersion::V4),
+        (b"MQTT", 5) => Sniff::Version(ProtocolVersion::V5),
+        (b"MQTT", _) | (b"MQIsdp", _) => Sniff::Unsupported,
+        _ => Sniff::NotConnect,
+    }
+}
+
+async fn read_first<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut, max: usize) -> First {
+    loop {
+        match sniff(buf) {
+            Sniff::NeedMore => {}
+            Sniff::NotConnect => return First::Invalid,
+            Sniff::Unsupported => return First::UnsupportedVersion,
+            Sniff::Version(v) => {
+                let mut codec = match v {
+                    ProtocolVersion::V4 => Codec::V4(V4),
+                    ProtocolVersion::V5 => Codec::V5(V5),
+                };
+                match codec.read(buf, max) {
+                    Ok(p @ Packet::Connect(..)) => return First::Connect(codec, Box::new(p)),
+                    Ok(_) => return First::Invalid,
+                    Err(protocol::Error::InsufficientBytes(_)) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "bad CONNECT");
+                        return First::Invalid;
+                    }
+                }
+            }
+        }
+        match stream.read_buf(buf).await {
+            Ok(0) | Err(_) => return First::Invalid,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// QoS and packet id of the PUBLISH at the front of `buf` (rumqttd keeps
+/// them crate-private in its `Publish`).
+fn peek_publish(buf: &[u8]) -> Option<(u8, u16)> {
+    let byte1 = *buf.first()?;
+    if byte1 >> 4 != 3 {
+        return None;
+    }
+    let qos = (byte1 >> 1) & 0b11;
+    let mut i = 1;
+    loop {
+        let b = *buf.get(i)?;
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if i > 4 {
+            return None;
+        }
+    }
+    if qos == 0 {
+        return Some((0, 0));
+    }
+    let topic_len = usize::from(u16::from_be_bytes([*buf.get(i)?, *buf.get(i + 1)?]));
+    let p = i + 2 + topic_len;
+    Some((qos, u16::from_be_bytes([*buf.get(p)?, *buf.get(p + 1)?])))
+}
+
+async fn write_out<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    limit: Duration,
+) -> Result<(), ()> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let res = timeout(limit, async {
+        stream.write_all(buf).await?;
+        stream.flush().await
+    })
+    .await;
+    buf.clear();
+    match res {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+async fn close<S: AsyncWrite + Unpin>(stream: &mut S) {
+    let _ = timeout(Duration::from_secs(1), stream.shutdown()).await;
+}
+
+fn valid_client_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 65_535
+        && !id
+            .chars()
+            .any(|c| matches!(c, '+' | '#' | '/' | '$') || c.is_control())
+}
+
+fn assign_client_id() -> String {
+    use rand::Rng;
+    format!("auto-{:016x}", rand::thread_rng().gen::<u64>())
+}
+
+/// Serves one accepted connection to its end.
+pub(crate) async fn serve<S>(mut stream: S, peer: SocketAddr, ctx: Arc<ListenerCtx>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let cfg = &ctx.config;
+    let mut rbuf = BytesMut::with_capacity(1024);
+    let first = match timeout(
+        cfg.connect_timeout,
+        read_first(&mut stream, &mut rbuf, cfg.max_packet_size),
+    )
+    .await
+    {
+        Ok(f) => f,
+        Err(_) => {
+            tracing::debug!(%peer, "no CONNECT in time");
+            return;
+        }
+    };
+    let (codec, packet) = match first {
+        First::Connect(codec, packet) => (codec, packet),
+        First::UnsupportedVersion => {
+            let mut w = BytesMut::new();
+            Codec::V4(V4).write(codes::unsupported_protocol_connack(), &mut w);
+            let _ = write_out(&mut stream, &mut w, cfg.write_timeout).await;
+            close(&mut stream).await;
+            return;
+        }
+        First::Invalid => return,
+    };
+    let Packet::Connect(connect, _props, will, will_props, login) = *packet else {
+        return;
+    };
+    let version = codec.version();
+    let mut wbuf = BytesMut::with_capacity(256);
+
+    macro_rules! refuse {
+        ($code:expr, $reason:expr) => {{
+            let reason: &str = $reason;
+            tracing::debug!(%peer, client_id = %connect.client_id, code = ?$code, reason, "CONNECT refused");
+            codec.write(codes::refusal_connack(version, $code, reason), &mut wbuf);
+            let _ = write_out(&mut stream, &mut wbuf, cfg.write_timeout).await;
+            close(&mut stream).await;
+            return;
+        }};
+    }
+
+    if connect.client_id.is_empty() && !connect.clean_session {
+        refuse!(
+            RefusalCode::ClientIdNotValid,
+            "an empty client id requires a clean session"
+        );
+    }
+    if let Some(w) = &will {
+        if !std::str::from_utf8(&w.topic).is_ok_and(valid_topic_name) {
+            // A malformed CONNECT: close without CONNACK.
+            return;
+        }
+    }
+
+    let info = ConnectInfo {
+        client_id: connect.client_id.clone(),
+        clean_session: connect.clean_session,
+        username: login.as_ref().map(|l| l.username.clone()),
+        password: login.as_ref().map(|l| Bytes::from(l.password.clone())),
+        peer,
+        protocol: version,
+        keep_alive: connect.keep_alive,
+        listener: cfg.name.clone(),
+        tls: ctx.tls,
+    };
+    let admission = match ctx.auth.authenticate(info).await {
+        Ok(a) => a,
+        Err(rejection) => refuse!(rejection.code, &rejection.reason),
+    };
+
+    let assigned = admission.client_id.is_empty();
+    let client_id = if assigned {
+        assign_client_id()
+    } else {
+        admission.client_id.clone()
+    };
+    if !valid_client_id(&client_id) {
+        refuse!(
+            RefusalCode::ClientIdNotValid,
+            "client id must not contain '+', '#', '/', '$' or control characters"
+        );
+    }
+    if let Some(w) = &will {
+        if !std::str::from_utf8(&w.topic).is_ok_and(|t| admission.acl.may_publish(t)) {
+            refuse!(
+                RefusalCode::NotAuthorized,
+                "the will topic is outside the topics this client may publish to"
+            );
+        }
+    }
+
+    // Register and link, serialised per client id so the registry and the
+    // router see competing connections of one client id in the same order.
+    let gw = ctx.gw.clone();
+    let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
+    let session = SessionInfo {
+        client_id: client_id.clone(),
+        identity: admission.identity.clone(),
+        peer,
+        protocol: version,
+        listener: cfg.name.clone(),
+        clean_session: connect.clean_session,
+        keep_alive: connect.keep_alive,
+        connected_at: gw.clock.now(),
+    };
+    let built = {
+        let Ok(_permit) = ctx.links.acquire().await else {
+            refuse!(RefusalCode::ServerUnavailable, "listener is shutting down");
+        };
+        gw.router.wait_for_room().await;
+        let gw = gw.clone();
+        let cid = client_id.clone();
+        let clean = connect.clean_session;
+        tokio::task::spawn_blocking(move || {
+            let mut h = DefaultHasher::new();
+            cid.hash(&mut h);
+            let stripe = &gw.stripes[(h.finish() as usize) % gw.stripes.len()];
+            let _guard = stripe.lock();
+            let seq = gw.online.register(session, ctrl_tx);
+            match gw.router.link_blocking(&cid, clean) {
+                Ok(link) => Ok((seq, link)),
+                Err(e) => {
+                    gw.online.unregister(&cid, seq);
+                    Err(e)
+                }
+            }
+        })
+        .await
+    };
+    let (seq, (link_tx, link_rx, ack)) = match built {
+        Ok(Ok(v)) => v,
+        Ok(Err(e)) => {
+            tracing::warn!(%client_id, error = %e, "router refused the link");
+            refuse!(RefusalCode::ServerUnavailable, "broker unavailable");
+        }
+        Err(e) => {
+            tracing::warn!(%client_id, error = %e, "link task failed");
+            refuse!(RefusalCode::ServerUnavailable, "broker unavailable");
+        }
+    };
+
+    let session_present = match Option::<Packet>::from(ack) {
+        Some(Packet::ConnAck(a, _)) => a.session_present,
+        _ => false,
+    };
+    let connack_props = match version {
+        ProtocolVersion::V4 => None,
+        ProtocolVersion::V5 => Some(ConnAckProperties {
+            max_packet_size: u32::try_from(cfg.max_packet_size.saturating_add(5)).ok(),
+            topic_alias_max: (cfg.topic_alias_max > 0).then_some(cfg.topic_alias_max),
+            retain_available: Some(1),
+            wildcard_subscription_available: Some(1),
+            shared_subscription_available: Some(1),
+            assigned_client_identifier: (client_id != connect.client_id).then(|| client_id.clone()),
+            ..codes::empty_connack_properties()
+        }),
+    };
+    codec.write(
+        Packet::ConnAck(
+            ConnAck {
+                session_present,
+                code: protocol::ConnectReturnCode::Success,
+            },
+            connack_props,
+        ),
+        &mut wbuf,
+    );
+    let connack_sent = write_out(&mut stream, &mut wbuf, cfg.write_timeout)
+        .await
+        .is_ok();
+
+    tracing::debug!(%peer, %client_id, protocol = version.as_str(), session_present, "connected");
+    if let Identity::Device {
+        product_key,
+        device_key,
+    } = &admission.identity
+    {
+        gw.events.publish(
+            Event::new(EventKind::DeviceConnected, gw.clock.now())
+                .device(product_key, device_key)
+                .with("ClientId", client_id.as_str())
+                .with("Protocol", version.as_str())
+                .with("Ip", peer.ip().to_string()),
+        );
+    }
+
+    let mut conn = Conn {
+        codec,
+        acl: &admission.acl,
+        cfg,
+        gw: &gw,
+        wbuf,
+        to_router: Vec::new(),
+        aliases: HashMap::new(),
+        pending_subacks: HashMap::new(),
+        denied_qos2: HashSet::new(),
+    };
+    let mut link_tx = link_tx;
+    let end = if connack_sent {
+        conn.run(
+            &mut stream,
+            rbuf,
+            &mut link_tx,
+            link_rx,
+            ctrl_rx,
+            connect.keep_alive,
+        )
+        .await
+    } else {
+        End::closed("connection lost before CONNACK")
+    };
+
+    // Tell an MQTT 5 client why, then close.
+    if let Some((reason, message)) = &end.notify {
+        if let Some(p) = codes::disconnect_packet(version, *reason, message) {
+            conn.codec.write(p, &mut conn.wbuf);
+        }
+    }
+    let _ = write_out(&mut stream, &mut conn.wbuf, Duration::from_secs(1)).await;
+    close(&mut stream).await;
+
+    if end.will {
+        if let Some(w) = will {
+            publish_will(&gw, w, will_props).await;
+        }
+    }
+    if !end.link_gone {
+        let mut last = vec![Packet::Disconnect(
+            Disconnect {
+                reason_code: DisconnectReasonCode::NormalDisconnection,
+            },
+            None,
+        )];
+        let _ = push_router(&gw, &mut link_tx, &mut last).await;
+    }
+    gw.online.unregister(&client_id, seq);
+
+    tracing::debug!(%peer, %client_id, reason = %end.reason, "disconnected");
+    if let Identity::Device {
+        product_key,
+        device_key,
+    } = &admission.identity
+    {
+        gw.events.publish(
+            Event::new(EventKind::DeviceDisconnected, gw.clock.now())
+                .device(product_key, device_key)
+                .with("ClientId", client_id.as_str())
+                .with("Reason", end.reason.as_str()),
+        );
+    }
+}
+
+/// Publishes a will through the gateway's own link (QoS 0 into the router;
+/// the router delivers at each subscription's QoS).
+async fn publish_will(gw: &Shared, will: LastWill, props: Option<LastWillProperties>) {
+    let publish = Publish::new(will.topic, will.message, will.retain);
+    let properties = props.map(|p| PublishProperties {
+        payload_format_indicator: p.payload_format_indicator,
+        message_expiry_interval: p.message_expiry_interval,
+        topic_alias: None,
+        response_topic: p.response_topic,
+        correlation_data: p.correlation_data,
+        user_properties: p.user_properties,
+        subscription_identifiers: Vec::new(),
+        content_type: p.content_type,
+    });
+    gw.router.wait_for_room().await;
+    let mut tx = gw.wills.lock().await;
+    if let Err(e) = tx.send(Packet::Publish(publish, properties)).await {
+        tracing::warn!(error = %e, "cannot publish will");
+    }
+}
+
+/// Hands `packets` to the router: all but the last straight into the
+/// link's buffer, the last with the notification.
+async fn push_router(gw: &Shared, link_tx: &mut LinkTx, packets: &mut Vec<Packet>) -> bool {
+    let Some(last) = packets.pop() else {
+        return true;
+    };
+    gw.router.wait_for_room().await;
+    link_tx.buffer().extend(packets.drain(..));
+    link_tx.send(last).await.is_ok()
+}
+
+/// How a session ended.
+struct End {
+    /// For logs and the `device/disconnected` event.
+    reason: String,
+    will: bool,
+    /// The router already dropped the link.
+    link_gone: bool,
+    /// DISCONNECT to send to an MQTT 5 client.
+    notify: Option<(DisconnectReason, String)>,
+}
+
+impl End {
+    fn client(with_will: bool) -> Self {
+        End {
+            reason: String::from("client disconnected"),
+            will: with_will,
+            link_gone: false,
+            notify: None,
+        }
+    }
+
+    fn closed(why: impl std::fmt::Display) -> Self {
+        End {
+            reason: why.to_string(),
+            will: true,
+            link_gone: false,
+            notify: None,
+        }
+    }
+
+    fn violation(reason: DisconnectReason, message: impl Into<String>) -> Self {
+        let message = message.into();
+        End {
+            reason: format!("{}: {message}", reason.as_str()),
+            will: true,
+            link_gone: false,
+            notify: Some((reason, message)),
+        }
+    }
+
+    fn ordered(reason: DisconnectReason, message: String) -> Self {
+        End {
+            reason: if message.is_empty() {
+                reason.as_str().to_owned()
+            } else {
+                format!("{}: {message}", reason.as_str())
+            },
+            will: reason != DisconnectReason::SessionTakenOver,
+            link_gone: false,
+            notify: Some((reason, message)),
+        }
+    }
+
+    fn router(why: &str) -> Self {
+        End {
+            reason: why.to_owned(),
+            will: true,
+            link_gone: true,
+            notify: None,
+        }
+    }
+}
+
+// Lives on the stack for one loop turn; boxing would allocate per packet.
+#[allow(clippy::large_enum_variant)]
+enum Wake {
+    Ctrl(Option<Control>),
+    Read(std::io::Result<usize>),
+    Router(Result<Option<Notification>, ()>),
+    KeepAlive,
+}
+
+/// Per-session state of an admitted connection.
+struct Conn<'a> {
+    codec: Codec,
+    acl: &'a Acl,
+    cfg: &'a ListenerConfig,
+    gw: &'a Shared,
+    wbuf: BytesMut,
+    to_router: Vec<Packet>,
+    /// MQTT 5 topic aliases set by the client (resolved here so the ACL
+    /// sees real topics; the router never sees an alias).
+    aliases: HashMap<u16, Bytes>,
+    /// SUBSCRIBEs partly refused: the codes already decided (`Some`) and
+    /// the slots the router's SUBACK fills (`None`), by packet id.
+    pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
+    /// QoS 2 PUBLISHes dropped by the ACL whose PUBREL we answer ourselves.
+    denied_qos2: HashSet<u16>,
+}
+
+impl Conn<'_> {
+    fn v5(&self) -> bool {
+        self.codec.version() == ProtocolVersion::V5
+    }
+
+    fn write(&mut self, packet: Packet) {
+        self.codec.write(packet, &mut self.wbuf);
+    }
+
+    async fn run<S>(
+        &mut self,
+        stream: &mut S,
+        mut rbuf: BytesMut,
+        link_tx: &mut LinkTx,
+        mut link_rx: LinkRx,
+        mut ctrl_rx: mpsc::UnboundedReceiver<Control>,
+        keep_alive: u16,
+    ) -> End
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let ka = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        let ka_sleep = tokio::time::sleep(ka.unwrap_or(Duration::from_secs(3600)));
+        tokio::pin!(ka_sleep);
+        let max = self.cfg.max_packet_size;
+        let write_timeout = self.cfg.write_timeout;
+
+        // Bytes that arrived right behind the CONNECT.
+        let mut pending_input = !rbuf.is_empty();
+        loop {
+            let wake = if pending_input {
+                pending_input = false;
+                Wake::Read(Ok(rbuf.len()))
+            } else {
+                tokio::select! {
+                    biased;
+                    c = ctrl_rx.recv() => Wake::Ctrl(c),
+                    r = stream.read_buf(&mut rbuf) => Wake::Read(r),
+                    n = link_rx.next() => Wake::Router(n.map_err(drop)),
+                    _ = &mut ka_sleep, if ka.is_some() => Wake::KeepAlive,
+                }
+            };
+            match wake {
+                Wake::Ctrl(Some(Control::Disconnect { reason, message })) => {
+                    return End::ordered(reason, message);
+                }
+                Wake::Ctrl(None) => {
+                    return End::ordered(DisconnectReason::ServerShuttingDown, String::new());
+                }
+                Wake::KeepAlive => {
+                    return End::violation(
+                        DisconnectReason::KeepAliveTimeout,
+                        "no packet within 1.5 times the keepalive",
+                    );
+                }
+                Wake::Read(Ok(0)) => return End::closed("connection closed by client"),
+                Wake::Read(Err(e)) => return End::closed(format!("network error: {e}")),
+                Wake::Read(Ok(_)) => {
+                    if let Some(ka) = ka {
+                        ka_sleep.as_mut().reset(Instant::now() + ka);
+                    }
+                    let mut end = None;
+                    loop {
+                        let peeked = peek_publish(&rbuf);
+                        match self.codec.read(&mut rbuf, max) {
+                            Ok(packet) => {
+                                if let Some(e) = self.on_packet(packet, peeked) {
+                                    end = Some(e);
+                                    break;
+                                }
+                            }
+                            Err(protocol::Error::InsufficientBytes(_)) => break,
+                            Err(protocol::Error::PayloadSizeLimitExceeded(n)) => {
+                                end = Some(End::violation(
+                                    DisconnectReason::PacketTooLarge,
+                                    format!("packet of {n} bytes exceeds the maximum of {max}"),
+                                ));
+                                break;
+                            }
+                            Err(e) => {
+                                end = Some(End::violation(
+                                    DisconnectReason::MalformedPacket,
+                                    e.to_string(),
+                                ));
+                                break;
+                            }
+                        }
+                    }
+                    if !push_router(self.gw, link_tx, &mut self.to_router).await {
+                        end = end.or(Some(End::router("router link closed")));
+                    }
+                    if write_out(stream, &mut self.wbuf, write_timeout)
+                        .await
+                        .is_err()
+                    {
+                        end = end.or(Some(End::closed("write failed or timed out")));
+                    }
+                    if let Some(e) = end {
+                        return e;
+                    }
+                    if rbuf.capacity() > 64 * 1024 && rbuf.is_empty() {
+                        rbuf = BytesMut::with_capacity(1024);
+                    }
+                }
+                Wake::Router(first) => {
+                    let mut unschedule = false;
+                    let mut end = None;
+                    let mut next = Some(first);
+                    let mut budget = 512;
+                    while let Some(n) = next.take() {
+                        match n {
+                            Ok(Some(n)) => end = self.on_notification(n, &mut unschedule),
+                            Ok(None) => {}
+                            Err(_) => {
+                                end = Some(self.router_gone(&mut ctrl_rx));
+                            }
+                        }
+                        budget -= 1;
+                        if end.is_some() || budget == 0 {
+                            break;
+                        }
+                        // Take whatever else is ready without waiting.
+                        next = tokio::select! {
+                            biased;
+                            n = link_rx.next() => Some(n.map_err(drop)),
+                            _ = std::future::ready(()) => None,
+                        };
+                    }
+                    if write_out(stream, &mut self.wbuf, write_timeout)
+                        .await
+                        .is_err()
+                    {
+                        end = end.or(Some(End::closed("write failed or timed out")));
+                    }
+                    if let Some(e) = end {
+                        return e;
+                    }
+                    if unschedule && link_rx.wake().await.is_err() {
+                        return self.router_gone(&mut ctrl_rx);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The router dropped our link: a takeover it saw first, or a router
+    /// decision.
+    fn router_gone(&self, ctrl_rx: &mut mpsc::UnboundedReceiver<Control>) -> End {
+        let mut end = match ctrl_rx.try_recv() {
+            Ok(Control::Disconnect { reason, message }) => End::ordered(reason, message),
+            Err(_) => End::router("router closed the session"),
+        };
+        end.link_gone = true;
+        end
+    }
+
+    fn on_packet(&mut self, packet: Packet, peeked: Option<(u8, u16)>) -> Option<End> {
+        match packet {
+            Packet::Publish(publish, props) => self.on_publish(publish, props, peeked),
+            Packet::PubAck(a, _) => {
+                self.to_router.push(Packet::PubAck(a, None));
+                None
+            }
+            Packet::PubRec(a, _) => {
+                self.to_router.push(Packet::PubRec(a, None));
+                None
+            }
+            Packet::PubRel(r, _) => {
+                if self.denied_qos2.remove(&r.pkid) {
+                    self.write(Packet::PubComp(
+                        PubComp {
+                            pkid: r.pkid,
+                            reason: PubCompReason::Success,
+                        },
+                        None,
+                    ));
+                } else {
+                    // The router only recognises PUBREL without properties.
+                    self.to_router.push(Packet::PubRel(r, None));
+                }
+                None
+            }
+            Packet::PubComp(c, _) => {
+                self.to_router.push(Packet::PubComp(c, None));
+                None
+            }
+            Packet::Subscribe(s, props) => self.on_subscribe(s, props),
+            Packet::Unsubscribe(u, _) => {
+                // Answered here: the router acks only filters it knows,
+                // one UNSUBACK per filter.
+                let reasons = vec![UnsubAckReason::Success; u.filters.len()];
+                self.write(Packet::UnsubAck(
+                    UnsubAck {
+                        pkid: u.pkid,
+                        reasons,
+                    },
+                    None,
+                ));
+                self.to_router.push(Packet::Unsubscribe(u, None));
+                None
+            }
+            Packet::PingReq(_) => {
+                self.write(Packet::PingResp(PingResp));
+                None
+            }
+            Packet::Disconnect(d, _) => Some(End::client(
+                d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
+            )),
+            Packet::Connect(..) => Some(End::violation(
+                DisconnectReason::ProtocolError,
+                "second CONNECT",
+            )),
+            Packet::ConnAck(..)
+            | Packet::SubAck(..)
+            | Packet::UnsubAck(..)
+            | Packet::PingResp(_) => Some(End::violation(
+                DisconnectReason::ProtocolError,
+                "packet type not allowed from a client",
+            )),
+        }
+    }
+
+    fn on_publish(
+        &mut self,
+        mut publish: Publish,
+        mut props: Option<PublishProperties>,
+        peeked: Option<(u8, u16)>,
+    ) -> Option<End> {
+        if let Some(p) = props.as_mut() {
+            if !p.subscription_identifiers.is_empty() {
+                return Some(End::violation(
+                    DisconnectReason::ProtocolError,
+                    "PUBLISH from a client must not carry subscription identifiers",
+                ));
+            }
+            if let Some(alias) = p.topic_alias.take() {
+                if alias == 0 || alias > self.cfg.topic_alias_max {
+                    return Some(End::violation(
+                        DisconnectReason::TopicAliasInvalid,
+                        format!("topic alias {alias} out of range"),
+                    ));
+                }
+                if publish.topic.is_empty() {
+                    match self.aliases.get(&alias) {
+                        Some(t) => publish.topic = t.clone(),
+                        None => {
+                            return Some(End::violation(
+                                DisconnectReason::ProtocolError,
+                                format!("topic alias {alias} is not set"),
+                            ))
+                        }
+                    }
+                } else {
+                    self.aliases.insert(alias, publish.topic.clone());
+                }
+            }
+        }
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            return Some(End::violation(
+                DisconnectReason::MalformedPacket,
+                "topic is not UTF-8",
+            ));
+        };
+        if !valid_topic_name(topic) {
+            return Some(End::violation(
+                DisconnectReason::TopicNameInvalid,
+                "topic name is empty or contains wildcards",
+            ));
+        }
+        if self.acl.may_publish(topic) {
+            self.to_router.push(Packet::Publish(publish, props));
+            return None;
+        }
+        tracing::debug!(topic, "PUBLISH outside the ACL dropped");
+        let (qos, pkid) = peeked.unwrap_or((0, 0));
+        let reason = format!("not authorized to publish to {topic}");
+        let v5 = self.v5();
+        match qos {
+            1 => self.write(Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: if v5 {
+                        PubAckReason::NotAuthorized
+                    } else {
+                        PubAckReason::Success
+                    },
+                },
+                v5.then(|| PubAckProperties {
+                    reason_string: Some(reason),
+                    user_properties: Vec::new(),
+                }),
+            )),
+            2 => {
+                self.denied_qos2.insert(pkid);
+                self.write(Packet::PubRec(
+                    PubRec {
+                        pkid,
+                        reason: if v5 {
+                            PubRecReason::NotAuthorized
+                        } else {
+                            PubRecReason::Success
+                        },
+                    },
+                    v5.then(|| PubRecProperties {
+                        reason_string: Some(reason),
+                        user_properties: Vec::new(),
+                    }),
+                ));
+            }
+            _ => {}
+        }
+        None
+    }
+
+    fn on_subscribe(&mut self, sub: Subscribe, props: Option<SubscribeProperties>) -> Option<End> {
+        if props.as_ref().and_then(|p| p.id) == Some(0) {
+            return Some(End::violation(
+                DisconnectReason::ProtocolError,
+                "subscription identifier 0",
+            ));
+        }
+        let v5 = self.v5();
+        let mut slots = Vec::with_capacity(sub.filters.len());
+        let mut allowed = Vec::with_capacity(sub.filters.len());
+        for f in sub.filters {
+            match self.acl.check_subscribe(&f.path) {
+                SubscribeVerdict::Allowed => {
+                    slots.push(None);
+                    allowed.push(f);
+                }
+                SubscribeVerdict::NotAuthorized => {
+                    tracing::debug!(filter = %f.path, "SUBSCRIBE outside the ACL refused");
+                    slots.push(Some(if v5 {
+                        SubscribeReasonCode::NotAuthorized
+                    } else {
+                        SubscribeReasonCode::Failure
+                    }));
+                }
+                SubscribeVerdict::Invalid => slots.push(Some(if v5 {
+                    SubscribeReasonCode::TopicFilterInvalid
+                } else {
+                    SubscribeReasonCode::Failure
+                })),
+            }
+        }
+        if allowed.is_empty() {
+            self.write(Packet::SubAck(
+                SubAck {
+                    pkid: sub.pkid,
+                    return_codes: slots.into_iter().flatten().collect(),
+                },
+                None,
+            ));
+            return None;
+        }
+        if allowed.len() != slots.len() {
+            self.pending_subacks.insert(sub.pkid, slots);
+        }
+        self.to_router.push(Packet::Subscribe(
+            Subscribe {
+                pkid: sub.pkid,
+                filters: allowed,
+            },
+            props,
+        ));
+        None
+    }
+
+    fn on_notification(&mut self, n: Notification, unschedule: &mut bool) -> Option<End> {
+        if matches!(n, Notification::Unschedule) {
+            *unschedule = true;
+            return None;
+        }
+        match Option::<Packet>::from(n) {
+            None => None,
+            // Answered here already.
+            Some(Packet::ConnAck(..) | Packet::UnsubAck(..) | Packet::PingResp(_)) => None,
+            Some(Packet::SubAck(mut ack, props)) => {
+                if let Some(slots) = self.pending_subacks.remove(&ack.pkid) {
+                    let mut from_router = ack.return_codes.into_iter();
+                    ack.return_codes = slots
+                        .into_iter()
+                        .map(|s| {
+                            s.or_else(|| from_router.next())
+                                .unwrap_or(SubscribeReasonCode::Unspecified)
+                        })
+                        .collect();
+                }
+                self.write(Packet::SubAck(ack, props));
+                None
+            }
+            Some(Packet::Disconnect(d, props)) => {
+                let why = format!("router disconnected the session: {:?}", d.reason_code);
+                if self.v5() {
+                    self.write(Packet::Disconnect(d, props));
+                }
+                Some(End::router(&why))
+            }
+            Some(p) => {
+                self.write(p);
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffs_protocol_level() {
+        // CONNECT, remaining length 12, "MQTT", level 4 / 5 / 3
+        let mut v4 = vec![0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4];
+        assert!(matches!(sniff(&v4), Sniff::Version(ProtocolVersion::V4)));
+        v4[8] = 5;
+        assert!(matches!(sniff(&v4), Sniff::Version(ProtocolVersion::V5)));
+        v4[8] = 3;
+        assert!(matches!(sniff(&v4), Sniff::Unsupported));
+        assert!(matches!(sniff(&v4[..5]), Sniff::NeedMore));
+        assert!(matches!(sniff(&[0x30, 0]), Sniff::NotConnect));
+        assert!(matches!(
+            sniff(&[0x10, 0xff, 0xff, 0xff, 0xff, 0]),
+            Sniff::NotConnect
+        ));
+        assert!(matches!(sniff(b"GET / HTTP/1.1"), Sniff::NotConnect));
+    }
+
+    #[test]
+    fn peeks_publish_qos_and_id() {
+        // PUBLISH QoS 1, topic "a/b", pkid 0x1234, payload "x"
+        let p = [0x32, 8, 0, 3, b'a', b'/', b'b', 0x12, 0x34, b'x'];
+        assert_eq!(peek_publish(&p), Some((1, 0x1234)));
+        let p0 = [0x30, 6, 0, 3, b'a', b'/', b'b', b'x'];
+        assert_eq!(peek_publish(&p0), Some((0, 0)));
+        assert_eq!(peek_publish(&[0x82, 0]), None);
+    }
+
+    #[test]
+    fn client_ids() {
+        assert!(valid_client_id("pk.dev:1"));
+        assert!(!valid_client_id(""));
+        assert!(!valid_client_id("a/b"));
+        assert!(!valid_client_id("a#"));
+        assert!(!valid_client_id("$SYS"));
+        assert!(!valid_client_id("\0gateway-wills"));
+    }
+}

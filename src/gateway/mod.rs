@@ -1,0 +1,436 @@
+//! The device-facing connection layer: our own MQTT listener in front of
+//! rumqttd's router.
+//!
+//! rumqttd's `Server` is not used for clients. Each accepted socket runs one
+//! task ([`connection`]) that detects MQTT 3.1.1 / 5.0 from the CONNECT,
+//! asks an [`Authenticator`] whether to admit it (the activation gate plugs
+//! in here), answers refusals with the exact CONNACK code, and only for
+//! admitted clients creates a router link (`rumqttd::local::LinkBuilder`)
+//! and shuttles packets between socket and router, enforcing the session's
+//! [`Acl`], keepalive, will message, packet size limit and session
+//! takeover. The gateway knows nothing of the ledger.
+//!
+//! Wiring:
+//! ```ignore
+//! let router = RouterHandle::spawn(0, router_config(100_000));
+//! let gateway = Gateway::start(router, events.clone(), clock.clone()).await?;
+//! let devices = gateway.listen(ListenerConfig::new("devices", addr), Arc::new(gate)).await?;
+//! println!("listening on {}", devices.local_addr());
+//! gateway.online().disconnect("pk.dk", DisconnectReason::NotAuthorized, "code expired");
+//! ```
+
+pub mod acl;
+pub mod codes;
+mod connection;
+mod listener;
+pub mod online;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::{Notification, Router, RouterConfig};
+
+pub use acl::{Acl, AclError, AclTemplate, SubscribeVerdict, DEFAULT_DEVICE_TEMPLATE};
+pub use codes::{DisconnectReason, RefusalCode};
+pub use online::{OnlineRegistry, SessionInfo};
+
+use crate::clock::Clock;
+use crate::events::EventBus;
+
+/// MQTT protocol version of a connection, detected from its CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProtocolVersion {
+    /// MQTT 3.1.1 (protocol level 4).
+    V4,
+    /// MQTT 5.0 (protocol level 5).
+    V5,
+}
+
+impl ProtocolVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProtocolVersion::V4 => "3.1.1",
+            ProtocolVersion::V5 => "5.0",
+        }
+    }
+}
+
+/// Everything the authenticator may look at in a CONNECT.
+#[derive(Debug, Clone)]
+pub struct ConnectInfo {
+    /// As sent; may be empty (then `clean_session` is true).
+    pub client_id: String,
+    pub clean_session: bool,
+    pub username: Option<String>,
+    pub password: Option<Bytes>,
+    pub peer: SocketAddr,
+    pub protocol: ProtocolVersion,
+    /// Seconds; 0 means no keepalive.
+    pub keep_alive: u16,
+    /// Name of the listener ([`ListenerConfig::name`]).
+    pub listener: String,
+    /// Whether the connection came over TLS.
+    pub tls: bool,
+}
+
+/// A refusal: the CONNACK code and, for MQTT 5, its Reason String.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub code: RefusalCode,
+    pub reason: String,
+}
+
+impl Rejection {
+    pub fn new(code: RefusalCode, reason: impl Into<String>) -> Self {
+        Rejection {
+            code,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Who an admitted session is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Identity {
+    /// A device: `device/connected` / `device/disconnected` events are
+    /// published for it.
+    Device {
+        product_key: String,
+        device_key: String,
+    },
+    /// An operator or application account.
+    Account { name: String },
+    /// Anything else (no events).
+    Anonymous,
+}
+
+impl Identity {
+    pub fn product_key(&self) -> Option<&str> {
+        match self {
+            Identity::Device { product_key, .. } => Some(product_key),
+            _ => None,
+        }
+    }
+
+    pub fn device_key(&self) -> Option<&str> {
+        match self {
+            Identity::Device { device_key, .. } => Some(device_key),
+            _ => None,
+        }
+    }
+
+    pub fn is_device(&self, product_key: &str, device_key: &str) -> bool {
+        matches!(self, Identity::Device { product_key: p, device_key: d } if p == product_key && d == device_key)
+    }
+}
+
+/// An accepted CONNECT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    /// The session's client id. Empty: the gateway assigns one (and tells
+    /// MQTT 5 clients in the CONNACK's Assigned Client Identifier). If it
+    /// differs from the CONNECT's, MQTT 5 clients are told too.
+    pub client_id: String,
+    pub identity: Identity,
+    pub acl: Acl,
+}
+
+impl Admission {
+    /// A device with client id `{pk}.{dk}` and the given ACL.
+    pub fn device(product_key: &str, device_key: &str, acl: Acl) -> Self {
+        Admission {
+            client_id: crate::credentials::client_id(product_key, device_key),
+            identity: Identity::Device {
+                product_key: product_key.to_owned(),
+                device_key: device_key.to_owned(),
+            },
+            acl,
+        }
+    }
+}
+
+/// The future an [`Authenticator`] returns.
+pub type AuthFuture = Pin<Box<dyn Future<Output = Result<Admission, Rejection>> + Send + 'static>>;
+
+/// Decides on each CONNECT. Called on an async worker: the future must not
+/// block (do blocking work with `spawn_blocking`). No router state exists
+/// for the client until it returns `Ok`.
+pub trait Authenticator: Send + Sync + 'static {
+    fn authenticate(&self, info: ConnectInfo) -> AuthFuture;
+}
+
+/// TLS for a listener: PEM certificate chain and private key files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+}
+
+/// One listening socket.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// Shows in [`ConnectInfo::listener`] and [`SessionInfo::listener`].
+    pub name: String,
+    /// Port 0 picks a free port; see [`Listener::local_addr`].
+    pub bind: SocketAddr,
+    pub tls: Option<TlsConfig>,
+    /// listen(2) backlog (the kernel caps it at net.core.somaxconn).
+    pub backlog: u32,
+    /// Time allowed from accept to a complete CONNECT (TLS handshake
+    /// included).
+    pub connect_timeout: Duration,
+    /// Largest accepted packet, counted as its remaining length (bytes
+    /// after the fixed header). Larger: MQTT 5 DISCONNECT 0x95, close.
+    pub max_packet_size: usize,
+    /// A write that cannot complete in this time closes the connection.
+    pub write_timeout: Duration,
+    /// Topic aliases accepted from MQTT 5 clients (0: none).
+    pub topic_alias_max: u16,
+    /// Most CONNECTs being registered with the router at once.
+    pub max_concurrent_links: usize,
+}
+
+impl ListenerConfig {
+    pub fn new(name: &str, bind: SocketAddr) -> Self {
+        ListenerConfig {
+            name: name.to_owned(),
+            bind,
+            tls: None,
+            backlog: 8192,
+            connect_timeout: Duration::from_secs(10),
+            max_packet_size: 256 * 1024,
+            write_timeout: Duration::from_secs(30),
+            topic_alias_max: 32,
+            max_concurrent_links: 64,
+        }
+    }
+}
+
+/// Errors starting the gateway or a listener.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS configuration: {0}")]
+    Tls(String),
+    #[error("router: {0}")]
+    Router(String),
+}
+
+type BuildFn =
+    dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), GatewayError> + Send + Sync;
+type FreeFn = dyn Fn() -> usize + Send + Sync;
+
+/// A running rumqttd router and the means to open links to it.
+#[derive(Clone)]
+pub struct RouterHandle {
+    build: Arc<BuildFn>,
+    free: Arc<FreeFn>,
+}
+
+impl std::fmt::Debug for RouterHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterHandle")
+            .field("free_slots", &(self.free)())
+            .finish()
+    }
+}
+
+/// Free slots in the router's event channel below which senders wait, so a
+/// send never blocks an async worker (at most `max_concurrent_links` plus
+/// the worker threads can send concurrently).
+const ROUTER_HEADROOM: usize = 256;
+
+impl RouterHandle {
+    /// Starts rumqttd's router on its own thread.
+    pub fn spawn(router_id: usize, config: RouterConfig) -> Self {
+        let tx = Router::new(router_id, config).spawn();
+        let build_tx = tx.clone();
+        let build = move |client_id: &str, clean_session: bool| {
+            LinkBuilder::new(client_id, build_tx.clone())
+                .clean_session(clean_session)
+                // Publishing to a topic nobody subscribes to must not
+                // disconnect the publisher.
+                .dynamic_filters(true)
+                // The router never aliases topics towards our clients.
+                .topic_alias_max(0)
+                .build()
+                .map_err(|e: LinkError| GatewayError::Router(e.to_string()))
+        };
+        let free = move || tx.capacity().unwrap_or(usize::MAX).saturating_sub(tx.len());
+        RouterHandle {
+            build: Arc::new(build),
+            free: Arc::new(free),
+        }
+    }
+
+    /// Opens a local link (e.g. for the admin plane). BLOCKS until the
+    /// router answers: call it from `spawn_blocking` or use [`Self::link`].
+    pub fn link_blocking(
+        &self,
+        client_id: &str,
+        clean_session: bool,
+    ) -> Result<(LinkTx, LinkRx, Notification), GatewayError> {
+        (self.build)(client_id, clean_session)
+    }
+
+    /// [`Self::link_blocking`] on the blocking pool.
+    pub async fn link(
+        &self,
+        client_id: &str,
+        clean_session: bool,
+    ) -> Result<(LinkTx, LinkRx, Notification), GatewayError> {
+        self.wait_for_room().await;
+        let this = self.clone();
+        let id = client_id.to_owned();
+        tokio::task::spawn_blocking(move || this.link_blocking(&id, clean_session))
+            .await
+            .map_err(|e| GatewayError::Router(e.to_string()))?
+    }
+
+    /// Waits until the router's event channel has headroom, so the
+    /// synchronous `LinkTx::send` that follows cannot block the thread.
+    pub async fn wait_for_room(&self) {
+        while (self.free)() < ROUTER_HEADROOM {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
+/// A router configuration suitable for the broker: `max_connections`
+/// links, small in-memory segments per topic (every published topic gets a
+/// commit log, as filters are dynamic).
+pub fn router_config(max_connections: usize) -> RouterConfig {
+    RouterConfig {
+        max_connections,
+        max_outgoing_packet_count: 200,
+        max_segment_size: 1024 * 1024,
+        max_segment_count: 4,
+        custom_segment: None,
+        initialized_filters: None,
+        shared_subscriptions_strategy: Default::default(),
+    }
+}
+
+/// Shared state of every listener of one gateway.
+pub(crate) struct Shared {
+    router: RouterHandle,
+    online: Arc<OnlineRegistry>,
+    events: EventBus,
+    clock: Clock,
+    /// Serialises "register in the online registry + create the router
+    /// link" per client id, so both see takeovers in the same order.
+    stripes: Box<[parking_lot::Mutex<()>]>,
+    /// The link wills are published through (wills outlive their link).
+    wills: tokio::sync::Mutex<LinkTx>,
+}
+
+/// Client id of the gateway's own link. Contains NUL, which no accepted
+/// client id may contain, so it cannot be taken over.
+const WILL_LINK_ID: &str = "\0gateway-wills";
+
+/// The connection layer of one router: any number of listeners sharing one
+/// online registry.
+#[derive(Clone)]
+pub struct Gateway {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("online", &self.shared.online.len())
+            .finish()
+    }
+}
+
+impl Gateway {
+    /// Connects to the router (opening the gateway's own link for will
+    /// messages).
+    pub async fn start(
+        router: RouterHandle,
+        events: EventBus,
+        clock: Clock,
+    ) -> Result<Gateway, GatewayError> {
+        let (tx, mut rx, _ack) = router.link(WILL_LINK_ID, true).await?;
+        tokio::spawn(async move {
+            // Nothing is expected back (wills are QoS 0 towards the router);
+            // drain so the router never stalls on this link.
+            loop {
+                match rx.next().await {
+                    Ok(Some(Notification::Unschedule)) => {
+                        if rx.wake().await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        });
+        let stripes = (0..256).map(|_| parking_lot::Mutex::new(())).collect();
+        Ok(Gateway {
+            shared: Arc::new(Shared {
+                router,
+                online: Arc::new(OnlineRegistry::new()),
+                events,
+                clock,
+                stripes,
+                wills: tokio::sync::Mutex::new(tx),
+            }),
+        })
+    }
+
+    /// Live sessions of every listener; disconnect them from here.
+    pub fn online(&self) -> Arc<OnlineRegistry> {
+        self.shared.online.clone()
+    }
+
+    pub fn router(&self) -> &RouterHandle {
+        &self.shared.router
+    }
+
+    /// Binds `config.bind` and serves it with `auth` until
+    /// [`Listener::shutdown`]. Dropping the [`Listener`] keeps it serving.
+    pub async fn listen(
+        &self,
+        config: ListenerConfig,
+        auth: Arc<dyn Authenticator>,
+    ) -> Result<Listener, GatewayError> {
+        listener::start(self.shared.clone(), config, auth).await
+    }
+}
+
+/// A bound, serving listener.
+#[derive(Debug)]
+pub struct Listener {
+    name: String,
+    local_addr: SocketAddr,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Listener {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The bound address (the real port when configured with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops accepting. Established connections are not affected (end them
+    /// through [`OnlineRegistry`]).
+    pub fn shutdown(&self) {
+        self.accept.abort();
+    }
+}

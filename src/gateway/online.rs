@@ -1,0 +1,249 @@
+//! The online registry: which client ids hold a live session on this broker,
+//! and a handle to end any of them with a reason (MQTT 5 DISCONNECT with a
+//! reason code and Reason String; MQTT 3.1.1 connections are just closed).
+//! Session takeover goes through here too: registering a client id that is
+//! already online tells the older connection to close with 0x8E.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+use super::codes::DisconnectReason;
+use super::{Identity, ProtocolVersion};
+use crate::clock::Millis;
+
+/// What is known about one live session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionInfo {
+    pub client_id: String,
+    pub identity: Identity,
+    pub peer: SocketAddr,
+    pub protocol: ProtocolVersion,
+    /// Name of the listener that accepted it.
+    pub listener: String,
+    pub clean_session: bool,
+    pub keep_alive: u16,
+    /// When its CONNACK was sent (unix ms, from the gateway's clock).
+    pub connected_at: Millis,
+}
+
+/// An order to a live connection.
+#[derive(Debug, Clone)]
+pub(crate) enum Control {
+    /// End the session, sending DISCONNECT with this reason (MQTT 5).
+    Disconnect {
+        reason: DisconnectReason,
+        message: String,
+    },
+}
+
+struct Entry {
+    seq: u64,
+    info: SessionInfo,
+    ctrl: mpsc::UnboundedSender<Control>,
+}
+
+/// Live sessions by client id. Cheap to query; all methods are
+/// non-blocking and safe from any thread or task.
+#[derive(Default)]
+pub struct OnlineRegistry {
+    sessions: Mutex<HashMap<String, Entry>>,
+    seq: AtomicU64,
+}
+
+impl std::fmt::Debug for OnlineRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnlineRegistry")
+            .field("online", &self.len())
+            .finish()
+    }
+}
+
+impl OnlineRegistry {
+    pub fn new() -> Self {
+        OnlineRegistry::default()
+    }
+
+    /// Registers a session and returns its registration number. A session
+    /// already registered under the same client id is told to close with
+    /// 0x8E Session taken over.
+    pub(crate) fn register(&self, info: SessionInfo, ctrl: mpsc::UnboundedSender<Control>) -> u64 {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let client_id = info.client_id.clone();
+        let old = self
+            .sessions
+            .lock()
+            .insert(client_id, Entry { seq, info, ctrl });
+        if let Some(old) = old {
+            let _ = old.ctrl.send(Control::Disconnect {
+                reason: DisconnectReason::SessionTakenOver,
+                message: String::from("another connection took over this session"),
+            });
+        }
+        seq
+    }
+
+    /// Removes the registration `seq` of `client_id`, unless a newer session
+    /// has replaced it. Returns whether it was removed.
+    pub(crate) fn unregister(&self, client_id: &str, seq: u64) -> bool {
+        let mut sessions = self.sessions.lock();
+        match sessions.get(client_id) {
+            Some(e) if e.seq == seq => {
+                sessions.remove(client_id);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether `client_id` has a live session.
+    pub fn is_online(&self, client_id: &str) -> bool {
+        self.sessions.lock().contains_key(client_id)
+    }
+
+    /// The live session of `client_id`.
+    pub fn get(&self, client_id: &str) -> Option<SessionInfo> {
+        self.sessions.lock().get(client_id).map(|e| e.info.clone())
+    }
+
+    /// Every live session (a snapshot).
+    pub fn list(&self) -> Vec<SessionInfo> {
+        self.sessions
+            .lock()
+            .values()
+            .map(|e| e.info.clone())
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Ends the session of `client_id`: MQTT 5 clients get DISCONNECT with
+    /// `reason` and `message` as Reason String, then the socket is closed.
+    /// Returns false if it is not online. The session's end is reported by
+    /// the `device/disconnected` event (for devices).
+    pub fn disconnect(&self, client_id: &str, reason: DisconnectReason, message: &str) -> bool {
+        match self.sessions.lock().get(client_id) {
+            Some(e) => e
+                .ctrl
+                .send(Control::Disconnect {
+                    reason,
+                    message: message.to_owned(),
+                })
+                .is_ok(),
+            None => false,
+        }
+    }
+
+    /// Ends every session for which `select` is true (e.g. all devices of a
+    /// deleted product). Returns how many were told to close.
+    pub fn disconnect_matching(
+        &self,
+        select: impl Fn(&SessionInfo) -> bool,
+        reason: DisconnectReason,
+        message: &str,
+    ) -> usize {
+        let sessions = self.sessions.lock();
+        let mut n = 0;
+        for e in sessions.values().filter(|e| select(&e.info)) {
+            if e.ctrl
+                .send(Control::Disconnect {
+                    reason,
+                    message: message.to_owned(),
+                })
+                .is_ok()
+            {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Ends the session of device `product_key`/`device_key`, whatever its
+    /// client id. Returns whether one was online.
+    pub fn disconnect_device(
+        &self,
+        product_key: &str,
+        device_key: &str,
+        reason: DisconnectReason,
+        message: &str,
+    ) -> bool {
+        self.disconnect_matching(
+            |s| s.identity.is_device(product_key, device_key),
+            reason,
+            message,
+        ) > 0
+    }
+
+    /// Ends every session of devices of `product_key`.
+    pub fn disconnect_product(
+        &self,
+        product_key: &str,
+        reason: DisconnectReason,
+        message: &str,
+    ) -> usize {
+        self.disconnect_matching(
+            |s| s.identity.product_key() == Some(product_key),
+            reason,
+            message,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(id: &str) -> SessionInfo {
+        SessionInfo {
+            client_id: id.to_owned(),
+            identity: Identity::Device {
+                product_key: "p".into(),
+                device_key: id.into(),
+            },
+            peer: "127.0.0.1:1".parse().expect("addr"),
+            protocol: ProtocolVersion::V4,
+            listener: "devices".into(),
+            clean_session: true,
+            keep_alive: 60,
+            connected_at: 0,
+        }
+    }
+
+    #[test]
+    fn takeover_and_unregister() {
+        let reg = OnlineRegistry::new();
+        let (tx1, mut rx1) = mpsc::unbounded_channel();
+        let (tx2, mut rx2) = mpsc::unbounded_channel();
+        let s1 = reg.register(info("a"), tx1);
+        assert!(reg.is_online("a"));
+        let s2 = reg.register(info("a"), tx2);
+        assert!(matches!(
+            rx1.try_recv(),
+            Ok(Control::Disconnect {
+                reason: DisconnectReason::SessionTakenOver,
+                ..
+            })
+        ));
+        assert!(
+            !reg.unregister("a", s1),
+            "old registration cannot remove new"
+        );
+        assert!(reg.is_online("a"));
+        assert!(reg.disconnect("a", DisconnectReason::AdministrativeAction, "bye"));
+        assert!(matches!(rx2.try_recv(), Ok(Control::Disconnect { .. })));
+        assert!(reg.disconnect_device("p", "a", DisconnectReason::NotAuthorized, ""));
+        assert_eq!(reg.list().len(), 1);
+        assert!(reg.unregister("a", s2));
+        assert!(!reg.is_online("a"));
+        assert!(!reg.disconnect("a", DisconnectReason::AdministrativeAction, "bye"));
+    }
+}
