@@ -17,7 +17,6 @@ use serde::Deserialize;
 
 use crate::clock::{Clock, Millis};
 use crate::credentials::{self, IdentityError};
-use crate::events::{Event, EventBus, EventKind};
 use crate::ledger::{CodeRecord, Ledger, Refusal, SecretLookup};
 
 /// Gate settings (`[gate]` in the config file).
@@ -57,22 +56,23 @@ impl Default for GateConfig {
     }
 }
 
-/// What a refused CONNECT gets; each maps to one row of SPEC §3's table.
+/// What a refused CONNECT gets; each is one row of SPEC §3's table (the
+/// connection layer's `RefusalCode` carries the wire codes).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GateRefusal {
-    /// 0x85 / 0x02
+    /// Malformed identifiers.
     ClientIdNotValid(String),
-    /// 0x86 / 0x04
+    /// Bad signature, stale timestamp, unknown product or device.
     BadCredentials(String),
-    /// 0x8A / 0x05
+    /// Source banned after repeated failures.
     Banned(String),
-    /// 0x9F / 0x05
+    /// Too many attempts.
     RateExceeded(String),
-    /// 0x97 / 0x05
+    /// No available code.
     QuotaExceeded(String),
-    /// 0x87 / 0x05
+    /// Expired, and renewal is off or the device is blacklisted.
     NotAuthorized(String),
-    /// 0x88 / 0x03
+    /// Store unavailable.
     Unavailable(String),
 }
 
@@ -87,29 +87,6 @@ impl GateRefusal {
             | GateRefusal::QuotaExceeded(r)
             | GateRefusal::NotAuthorized(r)
             | GateRefusal::Unavailable(r) => r,
-        }
-    }
-
-    /// MQTT 5 CONNACK reason code.
-    pub fn v5_code(&self) -> u8 {
-        match self {
-            GateRefusal::ClientIdNotValid(_) => 0x85,
-            GateRefusal::BadCredentials(_) => 0x86,
-            GateRefusal::Banned(_) => 0x8A,
-            GateRefusal::RateExceeded(_) => 0x9F,
-            GateRefusal::QuotaExceeded(_) => 0x97,
-            GateRefusal::NotAuthorized(_) => 0x87,
-            GateRefusal::Unavailable(_) => 0x88,
-        }
-    }
-
-    /// MQTT 3.1.1 CONNACK return code.
-    pub fn v4_code(&self) -> u8 {
-        match self {
-            GateRefusal::ClientIdNotValid(_) => 0x02,
-            GateRefusal::BadCredentials(_) => 0x04,
-            GateRefusal::Unavailable(_) => 0x03,
-            _ => 0x05,
         }
     }
 }
@@ -231,7 +208,6 @@ impl Bans {
 pub struct Gate {
     ledger: Ledger,
     clock: Clock,
-    events: EventBus,
     window_ms: Millis,
     sources: Limiter<IpAddr>,
     devices: Limiter<(String, String)>,
@@ -246,7 +222,6 @@ impl Gate {
     pub fn new(ledger: Ledger, config: &GateConfig) -> Gate {
         Gate {
             clock: ledger.clock().clone(),
-            events: ledger.events().clone(),
             ledger,
             window_ms: secs_ms(config.timestamp_window_secs),
             sources: Limiter::new(config.source_rate, config.source_burst),
@@ -264,26 +239,8 @@ impl Gate {
         &self.ledger
     }
 
-    /// Decides a CONNECT and publishes `device/rejected` on refusal.
-    pub async fn admit(&self, attempt: ConnectAttempt<'_>) -> Result<Admission, GateRefusal> {
-        let r = self.decide(attempt).await;
-        if let Err(refusal) = &r {
-            let mut ev = Event::new(EventKind::DeviceRejected, self.clock.now())
-                .with("Reason", refusal.reason())
-                .with("ReasonCode", format!("0x{:02X}", refusal.v5_code()))
-                .with("Source", attempt.source.to_string());
-            if let Some(user) = attempt
-                .user_name
-                .and_then(|u| credentials::parse_user_name(u).ok())
-            {
-                ev = ev.device(&user.product_key, &user.device_key);
-            }
-            self.events.publish(ev);
-        }
-        r
-    }
-
-    async fn decide(&self, a: ConnectAttempt<'_>) -> Result<Admission, GateRefusal> {
+    /// Decides a CONNECT, cheapest checks first.
+    pub async fn admit(&self, a: ConnectAttempt<'_>) -> Result<Admission, GateRefusal> {
         let now = self.clock.now();
         // 1. Identifier syntax.
         let Some(user_name) = a.user_name else {

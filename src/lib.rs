@@ -2,8 +2,12 @@
 //! by an activation code. See ARCHITECTURE.md for the codemap.
 
 pub mod clock;
+pub mod config;
 pub mod credentials;
+pub mod device_auth;
+pub mod enforcer;
 pub mod events;
 pub mod gate;
 pub mod gateway;
 pub mod ledger;
+pub mod server;

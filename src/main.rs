@@ -1,1 +1,172 @@
-fn main() {}
+//! `activation-broker`: the broker (`serve`) and its operator tools.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use activation_broker::clock::Clock;
+use activation_broker::config::Config;
+use activation_broker::credentials::{client_id, device_credentials};
+use activation_broker::ledger::{AuthMode, Command, LedgerError};
+use activation_broker::server::Broker;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "activation-broker",
+    version,
+    about = "MQTT broker whose every device connection is gated by an activation code"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the broker.
+    Serve {
+        /// Configuration file (default: the embedded config/activation-broker.toml).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Data directory (overrides `data_dir`).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Create a demo product with codes and print how to connect a device.
+        #[arg(long)]
+        demo: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Cmd::Serve { config, data, demo } => rt.block_on(serve(config, data, demo)),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(
+    config: Option<PathBuf>,
+    data: Option<PathBuf>,
+    demo: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut config = match &config {
+        Some(path) => Config::load(path)?,
+        None => Config::embedded()?,
+    };
+    if let Some(d) = data {
+        config.data_dir = d;
+    }
+    raise_open_file_limit();
+    let broker = Broker::start(config, Clock::system()).await?;
+    let addr = broker.device_addr();
+    tracing::info!(%addr, data = %broker.config.data_dir.display(), "devices listener ready");
+    if demo {
+        print_demo(&broker).await?;
+    }
+    tokio::signal::ctrl_c().await?;
+    tracing::info!("shutting down");
+    broker.shutdown();
+    broker.ledger.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+const DEMO_PRODUCT: &str = "demo";
+
+async fn print_demo(broker: &Broker) -> anyhow::Result<()> {
+    let ledger = &broker.ledger;
+    let secret = match ledger.product(DEMO_PRODUCT) {
+        Ok(p) => p.secret,
+        Err(LedgerError::ProductNotFound(_)) => {
+            ledger
+                .execute(
+                    Command::CreateProduct {
+                        product_key: DEMO_PRODUCT.into(),
+                        name: "Demo product".into(),
+                        auth_mode: AuthMode::ProductSecret,
+                    },
+                    Some("demo-product".into()),
+                )
+                .await?;
+            ledger
+                .execute(
+                    Command::CreateOrder {
+                        order_id: Some("demo-order".into()),
+                        quantity: 10_000,
+                        validity_secs: 365 * 24 * 3600,
+                        product_key: Some(DEMO_PRODUCT.into()),
+                    },
+                    Some("demo-order".into()),
+                )
+                .await?;
+            ledger.product(DEMO_PRODUCT)?.secret
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let p = ledger.product(DEMO_PRODUCT)?;
+    let addr = broker.device_addr();
+    let port = addr.port();
+    let dk = "device-1";
+    let (user, pass) = device_credentials(DEMO_PRODUCT, dk, &secret, broker.clock.now());
+    println!(
+        "demo product {DEMO_PRODUCT}: {} codes available, ProductSecret {secret}",
+        p.available()
+    );
+    println!();
+    println!("connect a device (credentials valid for 300 s):");
+    println!(
+        "  mosquitto_pub -h 127.0.0.1 -p {port} -V mqttv311 -i '{}' -u '{user}' -P '{pass}' -t 'devices/{DEMO_PRODUCT}/{dk}/telemetry' -m '{{\"temp\":21.5}}'",
+        client_id(DEMO_PRODUCT, dk)
+    );
+    println!();
+    println!("or compute fresh credentials in the shell:");
+    println!("  SECRET={secret}; DK={dk}; U=\"{DEMO_PRODUCT}&$DK&$(date +%s%3N)\"");
+    println!("  P=$(printf %s \"$U\" | openssl dgst -sha256 -hmac \"$SECRET\" | cut -d' ' -f2)");
+    println!("  mosquitto_pub -h 127.0.0.1 -p {port} -i \"{DEMO_PRODUCT}.$DK\" -u \"$U\" -P \"$P\" -t \"devices/{DEMO_PRODUCT}/$DK/telemetry\" -m hello");
+    println!();
+    println!("flood it with simulated devices:");
+    println!(
+        "  activation-sim flood --port {port} --product-key {DEMO_PRODUCT} --product-secret {secret} --devices 2000 --rate 1000"
+    );
+    Ok(())
+}
+
+/// Raises the soft open-file limit to the hard limit: every device holds a socket.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!("cannot raise the open-file limit");
+            }
+        }
+    }
+}

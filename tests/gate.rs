@@ -7,6 +7,7 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr};
 
 use activation_broker::credentials::device_credentials;
+use activation_broker::device_auth::refusal_code;
 use activation_broker::gate::{ConnectAttempt, Gate, GateConfig, GateRefusal};
 use activation_broker::ledger::{AuthMode, Command};
 use common::*;
@@ -78,7 +79,7 @@ impl Fixture {
 }
 
 fn code(r: Result<(), GateRefusal>) -> (u8, u8) {
-    let e = r.expect_err("refused");
+    let e = refusal_code(&r.expect_err("refused"));
     (e.v5_code(), e.v4_code())
 }
 

@@ -1,0 +1,298 @@
+//! The broker's configuration file (TOML). Every key has a default; the
+//! embedded `config/activation-broker.toml` documents each one and is what
+//! `serve` runs on without `--config`. Unknown keys and bad values are
+//! errors naming the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::gate::GateConfig;
+use crate::gateway::{AclTemplate, ListenerConfig, TlsConfig};
+
+/// The documented default configuration, embedded in the binary.
+pub const DEFAULT_CONFIG: &str = include_str!("../config/activation-broker.toml");
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Directory of the sled store (and the generated accounts file).
+    pub data_dir: PathBuf,
+    pub devices: ListenerSection,
+    pub accounts_listener: ListenerSection,
+    /// Device topic namespace templates (`{ProductKey}`, `{DeviceKey}`).
+    pub namespace: NamespaceSection,
+    pub gate: GateConfig,
+    pub ledger: LedgerSection,
+    pub router: RouterSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerSection {
+    pub bind: SocketAddr,
+    /// Optional TLS listener beside the plain one.
+    pub tls: Option<TlsSection>,
+    pub backlog: u32,
+    pub connect_timeout_secs: u64,
+    pub max_packet_size: usize,
+    pub write_timeout_secs: u64,
+    pub topic_alias_max: u16,
+    pub max_concurrent_links: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub bind: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NamespaceSection {
+    pub publish: Vec<String>,
+    pub subscribe: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerSection {
+    /// Most requests committed with one flush (1 = flush per request).
+    pub max_batch: usize,
+    /// `pool/low` fires when a product's available codes fall below this.
+    pub pool_low_threshold: u64,
+    /// Near-expiry window in days (DescribeNearExpiryDevices default,
+    /// `device/expiring` events).
+    pub near_expiry_days: u64,
+    /// How often the near-expiry announcer looks for codes entering the window.
+    pub expiring_scan_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouterSection {
+    /// Most sessions (devices and accounts) the router holds.
+    pub max_connections: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./data"),
+            devices: ListenerSection::default(),
+            accounts_listener: ListenerSection {
+                bind: SocketAddr::from(([127, 0, 0, 1], 1884)),
+                ..ListenerSection::default()
+            },
+            namespace: NamespaceSection::default(),
+            gate: GateConfig::default(),
+            ledger: LedgerSection::default(),
+            router: RouterSection::default(),
+        }
+    }
+}
+
+impl Default for ListenerSection {
+    fn default() -> Self {
+        ListenerSection {
+            bind: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            tls: None,
+            backlog: 8192,
+            connect_timeout_secs: 10,
+            max_packet_size: 256 * 1024,
+            write_timeout_secs: 30,
+            topic_alias_max: 32,
+            max_concurrent_links: 64,
+        }
+    }
+}
+
+impl Default for NamespaceSection {
+    fn default() -> Self {
+        let t = vec![crate::gateway::DEFAULT_DEVICE_TEMPLATE.to_owned()];
+        NamespaceSection {
+            publish: t.clone(),
+            subscribe: t,
+        }
+    }
+}
+
+impl Default for LedgerSection {
+    fn default() -> Self {
+        LedgerSection {
+            max_batch: 4096,
+            pool_low_threshold: 10,
+            near_expiry_days: 30,
+            expiring_scan_secs: 60,
+        }
+    }
+}
+
+impl Default for RouterSection {
+    fn default() -> Self {
+        RouterSection {
+            max_connections: 200_000,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{origin}: {message}")]
+    Invalid { origin: String, message: String },
+}
+
+impl Config {
+    /// Parses TOML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        config.validate().map_err(|message| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            message,
+        })?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// The embedded default.
+    pub fn embedded() -> Result<Config, ConfigError> {
+        Config::parse(DEFAULT_CONFIG, "embedded default configuration")
+    }
+
+    /// Checks values serde cannot: ranges and templates. Names the key.
+    fn validate(&self) -> Result<(), String> {
+        for (name, l) in [
+            ("devices", &self.devices),
+            ("accounts_listener", &self.accounts_listener),
+        ] {
+            if l.connect_timeout_secs == 0 {
+                return Err(format!("{name}.connect_timeout_secs must be at least 1"));
+            }
+            if !(64..=268_435_455).contains(&l.max_packet_size) {
+                return Err(format!(
+                    "{name}.max_packet_size must be between 64 and 268435455 bytes"
+                ));
+            }
+            if l.backlog == 0 {
+                return Err(format!("{name}.backlog must be at least 1"));
+            }
+            if l.max_concurrent_links == 0 {
+                return Err(format!("{name}.max_concurrent_links must be at least 1"));
+            }
+            if l.write_timeout_secs == 0 {
+                return Err(format!("{name}.write_timeout_secs must be at least 1"));
+            }
+        }
+        self.device_namespace()
+            .validate(&["ProductKey", "DeviceKey"])
+            .map_err(|e| format!("namespace: {e}"))?;
+        if self.namespace.publish.is_empty() && self.namespace.subscribe.is_empty() {
+            return Err("namespace: at least one publish or subscribe template is needed".into());
+        }
+        let g = &self.gate;
+        if g.timestamp_window_secs == 0 {
+            return Err("gate.timestamp_window_secs must be at least 1".into());
+        }
+        for (k, v) in [
+            ("gate.source_rate", g.source_rate),
+            ("gate.source_burst", g.source_burst),
+            ("gate.device_rate", g.device_rate),
+            ("gate.device_burst", g.device_burst),
+        ] {
+            if !v.is_finite() || v < 0.0 {
+                return Err(format!("{k} must be a number >= 0"));
+            }
+        }
+        if self.ledger.max_batch == 0 {
+            return Err("ledger.max_batch must be at least 1".into());
+        }
+        if self.ledger.near_expiry_days == 0 || self.ledger.near_expiry_days > 3650 {
+            return Err("ledger.near_expiry_days must be between 1 and 3650".into());
+        }
+        if self.ledger.expiring_scan_secs == 0 {
+            return Err("ledger.expiring_scan_secs must be at least 1".into());
+        }
+        if self.router.max_connections == 0 {
+            return Err("router.max_connections must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    pub fn device_namespace(&self) -> AclTemplate {
+        AclTemplate {
+            publish: self.namespace.publish.clone(),
+            subscribe: self.namespace.subscribe.clone(),
+        }
+    }
+}
+
+impl ListenerSection {
+    /// The plain listener and, if configured, the TLS one.
+    pub fn listeners(&self, name: &str) -> Vec<ListenerConfig> {
+        let base = |bind: SocketAddr, tls: Option<TlsConfig>, suffix: &str| {
+            let mut l = ListenerConfig::new(&format!("{name}{suffix}"), bind);
+            l.tls = tls;
+            l.backlog = self.backlog;
+            l.connect_timeout = std::time::Duration::from_secs(self.connect_timeout_secs);
+            l.max_packet_size = self.max_packet_size;
+            l.write_timeout = std::time::Duration::from_secs(self.write_timeout_secs);
+            l.topic_alias_max = self.topic_alias_max;
+            l.max_concurrent_links = self.max_concurrent_links;
+            l
+        };
+        let mut out = vec![base(self.bind, None, "")];
+        if let Some(t) = &self.tls {
+            out.push(base(
+                t.bind,
+                Some(TlsConfig {
+                    cert_path: t.cert.clone(),
+                    key_path: t.key.clone(),
+                }),
+                "-tls",
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_embedded_file_documents_exactly_the_defaults() {
+        assert_eq!(Config::embedded().expect("parses"), Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = Config::parse("[gate]\ntimestamp_windw_secs = 3\n", "test.toml").unwrap_err();
+        assert!(e.to_string().contains("timestamp_windw_secs"), "{e}");
+        let e = Config::parse("[devices]\nbind = \"nonsense\"\n", "test.toml").unwrap_err();
+        assert!(e.to_string().contains("bind"), "{e}");
+        let e = Config::parse("[ledger]\nmax_batch = 0\n", "test.toml").unwrap_err();
+        assert!(e.to_string().contains("ledger.max_batch"), "{e}");
+        let e = Config::parse("[namespace]\npublish = [\"devices/{Nope}/#\"]\n", "t").unwrap_err();
+        assert!(e.to_string().contains("Nope"), "{e}");
+        let e = Config::parse("[gate]\nsource_rate = -1.0\n", "t").unwrap_err();
+        assert!(e.to_string().contains("gate.source_rate"), "{e}");
+    }
+}

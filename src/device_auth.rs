@@ -1,0 +1,103 @@
+//! Glue between the connection layer and the activation gate: an
+//! [`Authenticator`] for the device listener that asks the [`Gate`],
+//! renders the device's topic namespace, maps refusals to CONNACK codes and
+//! publishes `device/rejected`.
+
+use std::sync::Arc;
+
+use crate::events::{Event, EventBus, EventKind};
+use crate::gate::{ConnectAttempt, Gate, GateRefusal};
+use crate::gateway::{
+    AclTemplate, Admission, AuthFuture, Authenticator, ConnectInfo, Identity, RefusalCode,
+    Rejection,
+};
+
+/// The CONNACK row of a gate refusal.
+pub fn refusal_code(r: &GateRefusal) -> RefusalCode {
+    match r {
+        GateRefusal::ClientIdNotValid(_) => RefusalCode::ClientIdNotValid,
+        GateRefusal::BadCredentials(_) => RefusalCode::BadUserNameOrPassword,
+        GateRefusal::Banned(_) => RefusalCode::Banned,
+        GateRefusal::RateExceeded(_) => RefusalCode::ConnectionRateExceeded,
+        GateRefusal::QuotaExceeded(_) => RefusalCode::QuotaExceeded,
+        GateRefusal::NotAuthorized(_) => RefusalCode::NotAuthorized,
+        GateRefusal::Unavailable(_) => RefusalCode::ServerUnavailable,
+    }
+}
+
+pub struct DeviceAuthenticator {
+    gate: Arc<Gate>,
+    namespace: AclTemplate,
+    events: EventBus,
+}
+
+impl DeviceAuthenticator {
+    /// `namespace` templates may use `{ProductKey}` and `{DeviceKey}`.
+    pub fn new(gate: Arc<Gate>, namespace: AclTemplate) -> Self {
+        let events = gate.ledger().events().clone();
+        DeviceAuthenticator {
+            gate,
+            namespace,
+            events,
+        }
+    }
+
+    async fn decide(
+        gate: &Gate,
+        namespace: &AclTemplate,
+        info: &ConnectInfo,
+    ) -> Result<Admission, GateRefusal> {
+        let attempt = ConnectAttempt {
+            client_id: &info.client_id,
+            user_name: info.username.as_deref(),
+            password: info.password.as_deref(),
+            source: info.peer.ip(),
+        };
+        let a = gate.admit(attempt).await?;
+        let acl = namespace
+            .render(&[
+                ("ProductKey", a.product_key.as_str()),
+                ("DeviceKey", a.device_key.as_str()),
+            ])
+            .map_err(|e| GateRefusal::NotAuthorized(format!("device namespace: {e}")))?;
+        Ok(Admission {
+            client_id: a.client_id,
+            identity: Identity::Device {
+                product_key: a.product_key,
+                device_key: a.device_key,
+            },
+            acl,
+        })
+    }
+}
+
+impl Authenticator for DeviceAuthenticator {
+    fn authenticate(&self, info: ConnectInfo) -> AuthFuture {
+        let gate = self.gate.clone();
+        let namespace = self.namespace.clone();
+        let events = self.events.clone();
+        Box::pin(async move {
+            match Self::decide(&gate, &namespace, &info).await {
+                Ok(a) => Ok(a),
+                Err(refusal) => {
+                    let code = refusal_code(&refusal);
+                    let mut ev = Event::new(EventKind::DeviceRejected, gate.ledger().clock().now())
+                        .with("Reason", refusal.reason())
+                        .with("ReasonCode", format!("0x{:02X}", code.v5_code()))
+                        .with("ReturnCode", format!("0x{:02X}", code.v4_code()))
+                        .with("Source", info.peer.ip().to_string())
+                        .with("ClientId", info.client_id.as_str());
+                    if let Some(user) = info
+                        .username
+                        .as_deref()
+                        .and_then(|u| crate::credentials::parse_user_name(u).ok())
+                    {
+                        ev = ev.device(&user.product_key, &user.device_key);
+                    }
+                    events.publish(ev);
+                    Err(Rejection::new(code, refusal.reason()))
+                }
+            }
+        })
+    }
+}

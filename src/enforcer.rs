@@ -1,0 +1,118 @@
+//! Online enforcement (SPEC §3): when the code of an online device expires
+//! it is renewed on the spot if allowed, otherwise the device is
+//! disconnected; deleting a device or its product disconnects it too. Also
+//! announces `device/expired` for every code that expires while the broker
+//! runs.
+//!
+//! It watches the ledger's current-expiry index with the injected clock, and
+//! the event stream for changes (new codes, deletions).
+
+use std::sync::Arc;
+
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::clock::{Clock, Millis};
+use crate::credentials::client_id;
+use crate::events::{Event, EventKind};
+use crate::gate::{Gate, GateRefusal};
+use crate::gateway::{DisconnectReason, OnlineRegistry};
+
+pub struct Enforcer {
+    pub gate: Arc<Gate>,
+    pub online: Arc<OnlineRegistry>,
+    pub clock: Clock,
+}
+
+impl Enforcer {
+    /// Runs until the event stream closes.
+    pub async fn run(self) {
+        let ledger = self.gate.ledger().clone();
+        let events = ledger.events().clone();
+        let mut rx = events.subscribe();
+        let mut swept_until: Millis = self.clock.now();
+        loop {
+            // Index reads take the ledger's read lock, which waits while a
+            // batch is being flushed: keep them off the async workers.
+            let l = ledger.clone();
+            let next = tokio::task::spawn_blocking(move || l.next_expiry_after(swept_until))
+                .await
+                .unwrap_or(None);
+            tokio::select! {
+                _ = async {
+                    match next {
+                        Some(at) => self.clock.sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+                ev = rx.recv() => match ev {
+                    Ok(e) => self.on_event(&e),
+                    Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Closed) => return,
+                },
+            }
+            let now = self.clock.now();
+            if now > swept_until {
+                let l = ledger.clone();
+                let from = swept_until;
+                let expired = tokio::task::spawn_blocking(move || l.expiring_between(from, now))
+                    .await
+                    .unwrap_or_default();
+                for (expire_at, pk, dk) in expired {
+                    events.publish(
+                        Event::new(EventKind::DeviceExpired, now)
+                            .device(&pk, &dk)
+                            .with_time("ExpireAt", expire_at),
+                    );
+                    if self.online.is_online(&client_id(&pk, &dk)) {
+                        self.renew_or_disconnect(&pk, &dk).await;
+                    }
+                }
+                swept_until = now;
+            }
+        }
+    }
+
+    fn on_event(&self, e: &Event) {
+        let pk = e.fields.get("ProductKey").and_then(|v| v.as_str());
+        let dk = e.fields.get("DeviceKey").and_then(|v| v.as_str());
+        match (e.kind, pk, dk) {
+            (EventKind::DeviceDeleted, Some(pk), Some(dk)) => {
+                self.online.disconnect_device(
+                    pk,
+                    dk,
+                    DisconnectReason::AdministrativeAction,
+                    &format!("device {dk} of product {pk} was deleted"),
+                );
+            }
+            (EventKind::ProductDeleted, Some(pk), _) => {
+                self.online.disconnect_product(
+                    pk,
+                    DisconnectReason::AdministrativeAction,
+                    &format!("product {pk} was deleted"),
+                );
+            }
+            _ => {}
+        }
+    }
+
+    async fn renew_or_disconnect(&self, pk: &str, dk: &str) {
+        match self.gate.renew_online(pk, dk).await {
+            Ok(_) => {}
+            Err(refusal) => {
+                let reason = match refusal {
+                    GateRefusal::QuotaExceeded(_) => DisconnectReason::QuotaExceeded,
+                    GateRefusal::Unavailable(_) => DisconnectReason::UnspecifiedError,
+                    _ => DisconnectReason::NotAuthorized,
+                };
+                tracing::info!(
+                    product_key = pk,
+                    device_key = dk,
+                    reason = refusal.reason(),
+                    "disconnecting device whose code expired"
+                );
+                self.online
+                    .disconnect_device(pk, dk, reason, refusal.reason());
+            }
+        }
+    }
+}
