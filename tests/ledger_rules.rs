@@ -1031,3 +1031,37 @@ fn the_audit_log_records_every_mutation_with_its_result() {
     );
     assert_eq!(only.total, 1);
 }
+
+#[test]
+fn a_read_only_ledger_refuses_writes_but_admits_valid_devices() {
+    let t = open_ledger();
+    t.stocked("p1", 5, 3600);
+    t.ledger.connect_blocking("p1", "d1").expect("first");
+    t.ledger.set_read_only(true);
+    assert!(matches!(
+        t.ledger.connect_blocking("p1", "d2"),
+        Err(Refusal::StoreUnavailable(_))
+    ));
+    assert!(t
+        .ledger
+        .connect_blocking("p1", "d1")
+        .expect("fast path")
+        .consumed
+        .is_none());
+    let e = t
+        .ledger
+        .execute_blocking(
+            Command::SetAutoRenewal {
+                product_key: "p1".into(),
+                enabled: false,
+            },
+            None,
+        )
+        .unwrap_err();
+    assert_eq!(e.code(), "ServiceUnavailable");
+    t.ledger.set_read_only(false);
+    t.ledger
+        .connect_blocking("p1", "d2")
+        .expect("writable again");
+    t.invariants();
+}

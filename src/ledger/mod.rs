@@ -250,6 +250,7 @@ pub struct Ledger {
 }
 
 struct Inner {
+    read_only: Arc<std::sync::atomic::AtomicBool>,
     state: Arc<RwLock<State>>,
     fast: Arc<FastView>,
     writer: WriterHandle,
@@ -277,7 +278,9 @@ impl Ledger {
         let state = State::load(&tree)?;
         let fast = Arc::new(FastView::build(&state));
         let state = Arc::new(RwLock::new(state));
+        let read_only = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let writer = writer::spawn(writer::WriterContext {
+            read_only: read_only.clone(),
             db: db.clone(),
             tree,
             state: state.clone(),
@@ -288,6 +291,7 @@ impl Ledger {
         })?;
         Ok(Ledger {
             inner: Arc::new(Inner {
+                read_only,
                 state,
                 fast,
                 writer,
@@ -435,6 +439,16 @@ impl Ledger {
             .await?;
         rx.await
             .map_err(|_| LedgerError::Unavailable("ledger writer stopped".into()))?
+    }
+
+    /// Read-only mode (maintenance, disk trouble drills): every write —
+    /// activations, renewals, operator mutations — is refused as
+    /// unavailable, while devices holding a valid code still reconnect and
+    /// every query still answers.
+    pub fn set_read_only(&self, on: bool) {
+        self.inner
+            .read_only
+            .store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Flushes the store to disk.

@@ -38,6 +38,8 @@ pub enum Request {
 }
 
 pub struct WriterContext {
+    /// While set, every write is refused as unavailable (reads go on).
+    pub read_only: Arc<std::sync::atomic::AtomicBool>,
     pub db: sled::Db,
     pub tree: sled::Tree,
     pub state: Arc<RwLock<State>>,
@@ -164,6 +166,13 @@ fn run(ctx: WriterContext, mut rx: mpsc::Receiver<Request>) {
         if let Some(e) = &poisoned {
             for r in pending.drain(..) {
                 answer_unavailable(r, e);
+            }
+            continue;
+        }
+        if ctx.read_only.load(std::sync::atomic::Ordering::SeqCst) {
+            let e = LedgerError::Unavailable("the ledger is read-only".into());
+            for r in pending.drain(..) {
+                answer_unavailable(r, &e);
             }
             continue;
         }

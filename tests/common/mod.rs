@@ -73,3 +73,4 @@ impl TestLedger {
             .unwrap_or_else(|e| panic!("invariant broken: {e}"));
     }
 }
+pub mod broker;
