@@ -25,8 +25,10 @@ pub struct TestBroker {
 
 pub async fn start_broker(tweak: impl FnOnce(&mut Config)) -> TestBroker {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = Config::default();
-    config.data_dir = dir.path().to_owned();
+    let mut config = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
     config.devices.bind = "127.0.0.1:0".parse().expect("addr");
     config.accounts_listener.bind = "127.0.0.1:0".parse().expect("addr");
     tweak(&mut config);
