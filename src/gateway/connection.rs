@@ -75,10 +75,20 @@ impl Codec {
     }
 
     fn read(&mut self, buf: &mut BytesMut, max: usize) -> Result<Packet, protocol::Error> {
-        match self {
+        // rumqttd's v5 decoder has no arm for CONNACK (2) and UNSUBACK (11)
+        // and panics on them; neither may come from a client anyway.
+        if let (Codec::V5(_), Some(b)) = (&*self, buf.first()) {
+            if matches!(b >> 4, 2 | 11) && buf.len() >= 2 {
+                return Err(protocol::Error::InvalidPacketType(b >> 4));
+            }
+        }
+        // Defence in depth: input is untrusted and the decoder is not ours;
+        // a panic in it must end this connection cleanly, not the task.
+        let res = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match self {
             Codec::V4(p) => p.read_mut(buf, max),
             Codec::V5(p) => p.read_mut(buf, max),
-        }
+        }));
+        res.unwrap_or(Err(protocol::Error::MalformedPacket))
     }
 
     fn write(&self, packet: Packet, out: &mut BytesMut) {
@@ -139,7 +149,7 @@ enum Sniff {
 }
 
 /// Looks at the start of the first packet for the protocol level.
-fn sniff(buf: &[u8]) -> Sniff {
+fn sniff(buf: &[u8], max: usize) -> Sniff {
     let Some(&byte1) = buf.first() else {
         return Sniff::NeedMore;
     };
@@ -147,10 +157,12 @@ fn sniff(buf: &[u8]) -> Sniff {
         return Sniff::NotConnect;
     }
     let mut i = None;
+    let mut remaining = 0usize;
     for k in 1..=4 {
         let Some(&b) = buf.get(k) else {
             return Sniff::NeedMore;
         };
+        remaining |= usize::from(b & 0x7F) << (7 * (k - 1));
         if b & 0x80 == 0 {
             i = Some(k + 1);
             break;
@@ -159,6 +171,9 @@ fn sniff(buf: &[u8]) -> Sniff {
     let Some(i) = i else {
         return Sniff::NotConnect;
     };
+    if remaining > max {
+        return Sniff::NotConnect;
+    }
     let (Some(&h), Some(&l)) = (buf.get(i), buf.get(i + 1)) else {
         return Sniff::NeedMore;
     };
@@ -179,7 +194,7 @@ fn sniff(buf: &[u8]) -> Sniff {
 
 async fn read_first<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut, max: usize) -> First {
     loop {
-        match sniff(buf) {
+        match sniff(buf, max) {
             Sniff::NeedMore => {}
             Sniff::NotConnect => return First::Invalid,
             Sniff::Unsupported => return First::UnsupportedVersion,
@@ -417,6 +432,15 @@ where
         }
     };
 
+    // From here on the session exists in the registry and the router; the
+    // guard undoes both should this task unwind.
+    let mut guard = SessionGuard {
+        gw: gw.clone(),
+        client_id: client_id.clone(),
+        seq,
+        link_tx: Some(link_tx),
+    };
+
     let session_present = match Option::<Packet>::from(ack) {
         Some(Packet::ConnAck(a, _)) => a.session_present,
         _ => false,
@@ -473,12 +497,14 @@ where
         pending_subacks: HashMap::new(),
         denied_qos2: HashSet::new(),
     };
-    let mut link_tx = link_tx;
+    let Some(link_tx) = guard.link_tx.as_mut() else {
+        return;
+    };
     let end = if connack_sent {
         conn.run(
             &mut stream,
             rbuf,
-            &mut link_tx,
+            link_tx,
             link_rx,
             ctrl_rx,
             connect.keep_alive,
@@ -502,16 +528,7 @@ where
             publish_will(&gw, w, will_props).await;
         }
     }
-    if !end.link_gone {
-        let mut last = vec![Packet::Disconnect(
-            Disconnect {
-                reason_code: DisconnectReasonCode::NormalDisconnection,
-            },
-            None,
-        )];
-        let _ = push_router(&gw, &mut link_tx, &mut last).await;
-    }
-    gw.online.unregister(&client_id, seq);
+    guard.finish(end.link_gone).await;
 
     tracing::debug!(%peer, %client_id, reason = %end.reason, "disconnected");
     if let Identity::Device {
@@ -525,6 +542,50 @@ where
                 .with("ClientId", client_id.as_str())
                 .with("Reason", end.reason.as_str()),
         );
+    }
+}
+
+/// Ends a session in the router and the registry: normally through
+/// [`SessionGuard::finish`], or on drop if the task unwinds before that.
+struct SessionGuard {
+    gw: Arc<Shared>,
+    client_id: String,
+    seq: u64,
+    link_tx: Option<LinkTx>,
+}
+
+fn router_disconnect() -> Vec<Packet> {
+    vec![Packet::Disconnect(
+        Disconnect {
+            reason_code: DisconnectReasonCode::NormalDisconnection,
+        },
+        None,
+    )]
+}
+
+impl SessionGuard {
+    async fn finish(&mut self, link_gone: bool) {
+        if let Some(mut tx) = self.link_tx.take() {
+            if !link_gone {
+                let _ = push_router(&self.gw, &mut tx, &mut router_disconnect()).await;
+            }
+        }
+        self.gw.online.unregister(&self.client_id, self.seq);
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let Some(mut tx) = self.link_tx.take() else {
+            return;
+        };
+        self.gw.online.unregister(&self.client_id, self.seq);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let gw = self.gw.clone();
+            rt.spawn(async move {
+                let _ = push_router(&gw, &mut tx, &mut router_disconnect()).await;
+            });
+        }
     }
 }
 
@@ -1064,18 +1125,29 @@ mod tests {
     fn sniffs_protocol_level() {
         // CONNECT, remaining length 12, "MQTT", level 4 / 5 / 3
         let mut v4 = vec![0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4];
-        assert!(matches!(sniff(&v4), Sniff::Version(ProtocolVersion::V4)));
-        v4[8] = 5;
-        assert!(matches!(sniff(&v4), Sniff::Version(ProtocolVersion::V5)));
-        v4[8] = 3;
-        assert!(matches!(sniff(&v4), Sniff::Unsupported));
-        assert!(matches!(sniff(&v4[..5]), Sniff::NeedMore));
-        assert!(matches!(sniff(&[0x30, 0]), Sniff::NotConnect));
         assert!(matches!(
-            sniff(&[0x10, 0xff, 0xff, 0xff, 0xff, 0]),
+            sniff(&v4, 1024),
+            Sniff::Version(ProtocolVersion::V4)
+        ));
+        v4[8] = 5;
+        assert!(matches!(
+            sniff(&v4, 1024),
+            Sniff::Version(ProtocolVersion::V5)
+        ));
+        v4[8] = 3;
+        assert!(matches!(sniff(&v4, 1024), Sniff::Unsupported));
+        assert!(matches!(sniff(&v4[..5], 1024), Sniff::NeedMore));
+        assert!(matches!(sniff(&[0x30, 0], 1024), Sniff::NotConnect));
+        assert!(matches!(
+            sniff(&[0x10, 0xff, 0xff, 0xff, 0xff, 0], 1024),
             Sniff::NotConnect
         ));
-        assert!(matches!(sniff(b"GET / HTTP/1.1"), Sniff::NotConnect));
+        assert!(matches!(sniff(b"GET / HTTP/1.1", 1024), Sniff::NotConnect));
+        // Announces 1 MiB: refused before it arrives.
+        assert!(matches!(
+            sniff(&[0x10, 0x80, 0x80, 0x40], 1024),
+            Sniff::NotConnect
+        ));
     }
 
     #[test]

@@ -1,0 +1,1216 @@
+//! End-to-end tests of the device-facing connection layer: real sockets on
+//! port 0, rumqttc 3.1.1 and 5.0 clients, raw bytes for malformed input. A
+//! small allow-list authenticator stands in for the activation gate. No
+//! sleeps: every wait is for an event or packet, bounded by a timeout.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use activation_broker::clock::Clock;
+use activation_broker::events::{Event as BusEvent, EventBus, EventKind};
+use activation_broker::gateway::{
+    router_config, Acl, Admission, AuthFuture, Authenticator, ConnectInfo, DisconnectReason,
+    Gateway, Identity, ListenerConfig, RefusalCode, Rejection, RouterHandle,
+};
+use bytes::{BufMut, BytesMut};
+use rumqttd::protocol::{self as wire, Protocol};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{broadcast, mpsc};
+
+const WAIT: Duration = Duration::from_secs(10);
+const PASSWORD: &str = "secret";
+
+// ---------------------------------------------------------------- harness
+
+/// Admits devices by user name `{pk}&{dk}` with password `secret`, accounts
+/// by name with their own ACL; user names listed in `refusals` are refused
+/// with that code.
+struct AllowList {
+    devices: Vec<(String, String)>,
+    accounts: HashMap<String, Acl>,
+    refusals: HashMap<String, RefusalCode>,
+}
+
+impl AllowList {
+    fn decide(&self, info: &ConnectInfo) -> Result<Admission, Rejection> {
+        let user = info.username.clone().unwrap_or_default();
+        if let Some(code) = self.refusals.get(&user) {
+            return Err(Rejection::new(*code, format!("refused: {}", code.as_str())));
+        }
+        let password_ok = info.password.as_deref() == Some(PASSWORD.as_bytes());
+        if let Some(acl) = self.accounts.get(&user) {
+            if password_ok {
+                return Ok(Admission {
+                    client_id: info.client_id.clone(),
+                    identity: Identity::Account { name: user },
+                    acl: acl.clone(),
+                });
+            }
+        }
+        if let Some((pk, dk)) = user.split_once('&') {
+            if password_ok && self.devices.iter().any(|(p, d)| p == pk && d == dk) {
+                let expected = format!("{pk}.{dk}");
+                if !info.client_id.is_empty() && info.client_id != expected {
+                    return Err(Rejection::new(
+                        RefusalCode::ClientIdNotValid,
+                        "client id must be ProductKey.DeviceKey",
+                    ));
+                }
+                return Ok(Admission::device(pk, dk, Acl::device(pk, dk)));
+            }
+        }
+        Err(Rejection::new(
+            RefusalCode::BadUserNameOrPassword,
+            "unknown user or wrong password",
+        ))
+    }
+}
+
+impl Authenticator for AllowList {
+    fn authenticate(&self, info: ConnectInfo) -> AuthFuture {
+        let decision = self.decide(&info);
+        Box::pin(async move { decision })
+    }
+}
+
+const REFUSALS: [(RefusalCode, &str, u8, u8); 7] = [
+    (RefusalCode::ClientIdNotValid, "r-clientid", 0x85, 0x02),
+    (RefusalCode::BadUserNameOrPassword, "r-badpass", 0x86, 0x04),
+    (RefusalCode::Banned, "r-banned", 0x8A, 0x05),
+    (RefusalCode::ConnectionRateExceeded, "r-rate", 0x9F, 0x05),
+    (RefusalCode::QuotaExceeded, "r-quota", 0x97, 0x05),
+    (RefusalCode::NotAuthorized, "r-notauth", 0x87, 0x05),
+    (RefusalCode::ServerUnavailable, "r-unavailable", 0x88, 0x03),
+];
+
+struct Broker {
+    addr: SocketAddr,
+    gateway: Gateway,
+    events: broadcast::Receiver<BusEvent>,
+}
+
+async fn broker() -> Broker {
+    broker_with(|_| {}).await
+}
+
+async fn broker_with(tune: impl FnOnce(&mut ListenerConfig)) -> Broker {
+    let events = EventBus::new(4096);
+    let rx = events.subscribe();
+    let router = RouterHandle::spawn(0, router_config(1000));
+    let gateway = Gateway::start(router, events, Clock::system())
+        .await
+        .expect("gateway starts");
+    let mut cfg = ListenerConfig::new("devices", "127.0.0.1:0".parse().expect("addr"));
+    tune(&mut cfg);
+    let mut accounts = HashMap::new();
+    accounts.insert(
+        "observer".to_owned(),
+        Acl {
+            publish: vec!["devices/#".into()],
+            subscribe: vec!["devices/#".into()],
+        },
+    );
+    let auth = AllowList {
+        devices: ["a", "b", "c", "w"]
+            .iter()
+            .map(|d| ("p".to_owned(), (*d).to_owned()))
+            .collect(),
+        accounts,
+        refusals: REFUSALS
+            .iter()
+            .map(|(c, u, _, _)| ((*u).to_owned(), *c))
+            .collect(),
+    };
+    let listener = gateway
+        .listen(cfg, Arc::new(auth))
+        .await
+        .expect("listener binds");
+    Broker {
+        addr: listener.local_addr(),
+        gateway,
+        events: rx,
+    }
+}
+
+async fn wait_event(rx: &mut broadcast::Receiver<BusEvent>, kind: EventKind, dk: &str) -> BusEvent {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match rx.recv().await {
+                Ok(e)
+                    if e.kind == kind
+                        && e.fields.get("DeviceKey").and_then(|v| v.as_str()) == Some(dk) =>
+                {
+                    return e
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("event bus closed: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("event in time")
+}
+
+// ------------------------------------------------------------ v4 clients
+
+mod v4 {
+    use super::*;
+    pub use rumqttc::{
+        AsyncClient, ConnectReturnCode, ConnectionError, Event, MqttOptions, Packet, QoS,
+        SubscribeFilter, SubscribeReasonCode,
+    };
+
+    pub struct Client {
+        pub client: AsyncClient,
+        pub rx: mpsc::UnboundedReceiver<Result<Event, ConnectionError>>,
+        pub session_present: bool,
+    }
+
+    pub fn opts(addr: SocketAddr, client_id: &str, user: &str) -> MqttOptions {
+        let mut o = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        o.set_credentials(user, PASSWORD);
+        o.set_keep_alive(Duration::from_secs(30));
+        o
+    }
+
+    pub fn device(addr: SocketAddr, dk: &str) -> MqttOptions {
+        opts(addr, &format!("p.{dk}"), &format!("p&{dk}"))
+    }
+
+    /// Connects; Err is the refusal or error of the first CONNECT.
+    pub async fn connect(o: MqttOptions) -> Result<Client, ConnectionError> {
+        let (client, mut el) = AsyncClient::new(o, 64);
+        let session_present = tokio::time::timeout(WAIT, async {
+            loop {
+                match el.poll().await? {
+                    Event::Incoming(Packet::ConnAck(a)) => {
+                        return Ok::<_, ConnectionError>(a.session_present)
+                    }
+                    _ => continue,
+                }
+            }
+        })
+        .await
+        .expect("CONNACK in time")?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let ev = el.poll().await;
+                let stop = ev.is_err();
+                if tx.send(ev).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Ok(Client {
+            client,
+            rx,
+            session_present,
+        })
+    }
+
+    impl Client {
+        /// Waits for the first incoming packet `pick` accepts.
+        pub async fn expect<T>(&mut self, mut pick: impl FnMut(&Packet) -> Option<T>) -> T {
+            tokio::time::timeout(WAIT, async {
+                loop {
+                    match self.rx.recv().await {
+                        Some(Ok(Event::Incoming(p))) => {
+                            if let Some(t) = pick(&p) {
+                                return t;
+                            }
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => panic!("connection error: {e}"),
+                        None => panic!("event loop ended"),
+                    }
+                }
+            })
+            .await
+            .expect("packet in time")
+        }
+
+        /// The next PUBLISH received.
+        pub async fn publish(&mut self) -> rumqttc::Publish {
+            self.expect(|p| match p {
+                Packet::Publish(p) => Some(p.clone()),
+                _ => None,
+            })
+            .await
+        }
+
+        /// Waits until the connection ends; returns the error.
+        pub async fn closed(&mut self) -> ConnectionError {
+            tokio::time::timeout(WAIT, async {
+                loop {
+                    match self.rx.recv().await {
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return e,
+                        None => panic!("event loop ended without error"),
+                    }
+                }
+            })
+            .await
+            .expect("closed in time")
+        }
+
+        pub async fn subscribe(&mut self, filters: &[&str], qos: QoS) -> Vec<SubscribeReasonCode> {
+            self.client
+                .subscribe_many(
+                    filters
+                        .iter()
+                        .map(|f| SubscribeFilter::new((*f).to_owned(), qos)),
+                )
+                .await
+                .expect("subscribe queued");
+            self.expect(|p| match p {
+                Packet::SubAck(s) => Some(s.return_codes.clone()),
+                _ => None,
+            })
+            .await
+        }
+    }
+}
+
+// ------------------------------------------------------------ v5 clients
+
+mod v5 {
+    use super::*;
+    pub use rumqttc::v5::mqttbytes::v5::{
+        ConnAck, ConnectReturnCode, DisconnectReasonCode, Filter, Packet, PubAckReason,
+        SubscribeReasonCode,
+    };
+    pub use rumqttc::v5::mqttbytes::QoS;
+    pub use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions, StateError};
+
+    pub struct Client {
+        pub client: AsyncClient,
+        pub rx: mpsc::UnboundedReceiver<Result<Event, ConnectionError>>,
+    }
+
+    pub fn opts(addr: SocketAddr, client_id: &str, user: &str) -> MqttOptions {
+        let mut o = MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+        o.set_credentials(user, PASSWORD);
+        o.set_keep_alive(Duration::from_secs(30));
+        o
+    }
+
+    pub fn device(addr: SocketAddr, dk: &str) -> MqttOptions {
+        opts(addr, &format!("p.{dk}"), &format!("p&{dk}"))
+    }
+
+    pub async fn connect(o: MqttOptions) -> Result<Client, ConnectionError> {
+        let (client, mut el) = AsyncClient::new(o, 64);
+        tokio::time::timeout(WAIT, async {
+            loop {
+                if let Event::Incoming(Packet::ConnAck(_)) = el.poll().await? {
+                    return Ok::<_, ConnectionError>(());
+                }
+            }
+        })
+        .await
+        .expect("CONNACK in time")?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let ev = el.poll().await;
+                let stop = ev.is_err();
+                if tx.send(ev).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Ok(Client { client, rx })
+    }
+
+    impl Client {
+        pub async fn expect<T>(&mut self, mut pick: impl FnMut(&Packet) -> Option<T>) -> T {
+            tokio::time::timeout(WAIT, async {
+                loop {
+                    match self.rx.recv().await {
+                        Some(Ok(Event::Incoming(p))) => {
+                            if let Some(t) = pick(&p) {
+                                return t;
+                            }
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => panic!("connection error: {e}"),
+                        None => panic!("event loop ended"),
+                    }
+                }
+            })
+            .await
+            .expect("packet in time")
+        }
+
+        pub async fn publish(&mut self) -> rumqttc::v5::mqttbytes::v5::Publish {
+            self.expect(|p| match p {
+                Packet::Publish(p) => Some(p.clone()),
+                _ => None,
+            })
+            .await
+        }
+
+        pub async fn closed(&mut self) -> ConnectionError {
+            tokio::time::timeout(WAIT, async {
+                loop {
+                    match self.rx.recv().await {
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => return e,
+                        None => panic!("event loop ended without error"),
+                    }
+                }
+            })
+            .await
+            .expect("closed in time")
+        }
+
+        pub async fn subscribe(&mut self, filters: &[&str], qos: QoS) -> Vec<SubscribeReasonCode> {
+            self.client
+                .subscribe_many(filters.iter().map(|f| Filter::new(*f, qos)))
+                .await
+                .expect("subscribe queued");
+            self.expect(|p| match p {
+                Packet::SubAck(s) => Some(s.return_codes.clone()),
+                _ => None,
+            })
+            .await
+        }
+    }
+}
+
+// ------------------------------------------------------------- raw bytes
+
+fn connect_bytes(
+    version: u8,
+    client_id: &str,
+    user: &str,
+    keep_alive: u16,
+    will: Option<(&str, &str)>,
+) -> BytesMut {
+    connect_bytes_clean(version, client_id, user, keep_alive, will, true)
+}
+
+fn connect_bytes_clean(
+    version: u8,
+    client_id: &str,
+    user: &str,
+    keep_alive: u16,
+    will: Option<(&str, &str)>,
+    clean_session: bool,
+) -> BytesMut {
+    let connect = wire::Connect {
+        keep_alive,
+        client_id: client_id.to_owned(),
+        clean_session,
+    };
+    let login = Some(wire::Login {
+        username: user.to_owned(),
+        password: PASSWORD.to_owned(),
+    });
+    let will = will.map(|(t, m)| wire::LastWill {
+        topic: bytes::Bytes::copy_from_slice(t.as_bytes()),
+        message: bytes::Bytes::copy_from_slice(m.as_bytes()),
+        qos: wire::QoS::AtMostOnce,
+        retain: false,
+    });
+    let mut buf = BytesMut::new();
+    let packet = wire::Packet::Connect(connect, None, will, None, login);
+    if version == 5 {
+        wire::v5::V5.write(packet, &mut buf).expect("encode");
+    } else {
+        wire::v4::V4.write(packet, &mut buf).expect("encode");
+    }
+    buf
+}
+
+async fn raw(addr: SocketAddr) -> TcpStream {
+    TcpStream::connect(addr).await.expect("tcp connect")
+}
+
+/// Reads one packet from the server with rumqttc's MQTT 3.1.1 decoder.
+async fn read_v4(s: &mut TcpStream) -> Option<v4::Packet> {
+    read_with(s, |buf| match v4::Packet::read(buf, 1 << 20) {
+        Ok(p) => Ok(Some(p)),
+        Err(rumqttc::Error::InsufficientBytes(_)) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    })
+    .await
+}
+
+/// Reads one packet from the server with rumqttc's MQTT 5 decoder.
+async fn read_v5(s: &mut TcpStream) -> Option<v5::Packet> {
+    read_with(s, |buf| match v5::Packet::read(buf, Some(1 << 20)) {
+        Ok(p) => Ok(Some(p)),
+        Err(rumqttc::v5::mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+        Err(e) => Err(e.to_string()),
+    })
+    .await
+}
+
+async fn read_with<T>(
+    s: &mut TcpStream,
+    mut decode: impl FnMut(&mut BytesMut) -> Result<Option<T>, String>,
+) -> Option<T> {
+    let mut buf = BytesMut::new();
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match decode(&mut buf) {
+                Ok(Some(p)) => return Some(p),
+                Ok(None) => {}
+                Err(e) => panic!("undecodable reply: {e}"),
+            }
+            match s.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .expect("reply or close in time")
+}
+
+/// Waits until the server closes the socket; returns the bytes it sent.
+async fn until_closed(s: &mut TcpStream) -> Vec<u8> {
+    let mut all = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => all.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("server closes in time");
+    all
+}
+
+async fn raw_connected(
+    addr: SocketAddr,
+    version: u8,
+    dk: &str,
+    keep_alive: u16,
+    will: Option<(&str, &str)>,
+) -> TcpStream {
+    let mut s = raw(addr).await;
+    s.write_all(&connect_bytes(
+        version,
+        &format!("p.{dk}"),
+        &format!("p&{dk}"),
+        keep_alive,
+        will,
+    ))
+    .await
+    .expect("send CONNECT");
+    if version == 5 {
+        match read_v5(&mut s).await {
+            Some(v5::Packet::ConnAck(a)) => assert_eq!(a.code, v5::ConnectReturnCode::Success),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    } else {
+        match read_v4(&mut s).await {
+            Some(v4::Packet::ConnAck(a)) => assert_eq!(a.code, v4::ConnectReturnCode::Success),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+    s
+}
+
+/// An observer account subscribed to `filter`.
+async fn observer(addr: SocketAddr, filter: &str) -> v4::Client {
+    let mut o = v4::connect(v4::opts(addr, "observer-1", "observer"))
+        .await
+        .expect("observer connects");
+    let codes = o.subscribe(&[filter], v4::QoS::AtLeastOnce).await;
+    assert_eq!(
+        codes,
+        vec![v4::SubscribeReasonCode::Success(v4::QoS::AtLeastOnce)]
+    );
+    o
+}
+
+// ------------------------------------------------------------------ tests
+
+#[tokio::test]
+async fn admits_v4_and_v5_and_reports_them_online() {
+    let mut b = broker().await;
+    let c4 = v4::connect(v4::device(b.addr, "a"))
+        .await
+        .expect("v4 admitted");
+    assert!(!c4.session_present);
+    let e = wait_event(&mut b.events, EventKind::DeviceConnected, "a").await;
+    assert_eq!(
+        e.fields.get("ProductKey").and_then(|v| v.as_str()),
+        Some("p")
+    );
+    assert_eq!(
+        e.fields.get("Protocol").and_then(|v| v.as_str()),
+        Some("3.1.1")
+    );
+
+    let _c5 = v5::connect(v5::device(b.addr, "b"))
+        .await
+        .expect("v5 admitted");
+    wait_event(&mut b.events, EventKind::DeviceConnected, "b").await;
+
+    let online = b.gateway.online();
+    assert!(online.is_online("p.a"));
+    assert!(online.is_online("p.b"));
+    let info = online.get("p.b").expect("b online");
+    assert_eq!(info.identity.device_key(), Some("b"));
+    assert_eq!(online.list().len(), 2);
+
+    c4.client.disconnect().await.expect("disconnect queued");
+    let e = wait_event(&mut b.events, EventKind::DeviceDisconnected, "a").await;
+    assert!(e.fields.contains_key("Reason"));
+    assert!(!online.is_online("p.a"));
+}
+
+#[tokio::test]
+async fn empty_client_id_gets_the_assigned_one() {
+    let mut b = broker().await;
+    let mut s = raw(b.addr).await;
+    s.write_all(&connect_bytes(5, "", "p&c", 30, None))
+        .await
+        .expect("send");
+    match read_v5(&mut s).await {
+        Some(v5::Packet::ConnAck(a)) => {
+            assert_eq!(a.code, v5::ConnectReturnCode::Success);
+            let props = a.properties.expect("v5 CONNACK properties");
+            assert_eq!(props.assigned_client_identifier.as_deref(), Some("p.c"));
+        }
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    wait_event(&mut b.events, EventKind::DeviceConnected, "c").await;
+    assert!(b.gateway.online().is_online("p.c"));
+}
+
+#[tokio::test]
+async fn refusals_carry_the_exact_connack_code_v4() {
+    let b = broker().await;
+    for (_, user, _, v4_code) in REFUSALS {
+        let err = v4::connect(v4::opts(b.addr, "p.a", user))
+            .await
+            .err()
+            .expect("refused");
+        let want = match v4_code {
+            0x02 => v4::ConnectReturnCode::BadClientId,
+            0x03 => v4::ConnectReturnCode::ServiceUnavailable,
+            0x04 => v4::ConnectReturnCode::BadUserNamePassword,
+            _ => v4::ConnectReturnCode::NotAuthorized,
+        };
+        assert!(
+            matches!(&err, v4::ConnectionError::ConnectionRefused(c) if *c == want),
+            "{user}: {err:?}"
+        );
+
+        // Byte-exact, and the socket is closed right after.
+        let mut s = raw(b.addr).await;
+        s.write_all(&connect_bytes(4, "p.a", user, 30, None))
+            .await
+            .expect("send");
+        let bytes = until_closed(&mut s).await;
+        assert_eq!(bytes, vec![0x20, 0x02, 0x00, v4_code], "{user}");
+    }
+    assert!(
+        b.gateway.online().is_empty(),
+        "no refused client registered"
+    );
+}
+
+#[tokio::test]
+async fn refusals_carry_the_exact_connack_code_and_reason_v5() {
+    let b = broker().await;
+    for (code, user, v5_code, _) in REFUSALS {
+        let err = v5::connect(v5::opts(b.addr, "p.a", user))
+            .await
+            .err()
+            .expect("refused");
+        let want = match v5_code {
+            0x85 => v5::ConnectReturnCode::ClientIdentifierNotValid,
+            0x86 => v5::ConnectReturnCode::BadUserNamePassword,
+            0x8A => v5::ConnectReturnCode::Banned,
+            0x9F => v5::ConnectReturnCode::ConnectionRateExceeded,
+            0x97 => v5::ConnectReturnCode::QuotaExceeded,
+            0x87 => v5::ConnectReturnCode::NotAuthorized,
+            _ => v5::ConnectReturnCode::ServerUnavailable,
+        };
+        assert!(
+            matches!(&err, v5::ConnectionError::ConnectionRefused(c) if *c == want),
+            "{user}: {err:?}"
+        );
+
+        let mut s = raw(b.addr).await;
+        s.write_all(&connect_bytes(5, "p.a", user, 30, None))
+            .await
+            .expect("send");
+        let bytes = until_closed(&mut s).await;
+        assert_eq!(bytes[0], 0x20);
+        assert_eq!(bytes[3], v5_code, "{user}");
+        let mut buf = BytesMut::from(&bytes[..]);
+        match v5::Packet::read(&mut buf, None) {
+            Ok(v5::Packet::ConnAck(v5::ConnAck {
+                properties: Some(props),
+                ..
+            })) => assert_eq!(
+                props.reason_string.as_deref(),
+                Some(format!("refused: {}", code.as_str()).as_str())
+            ),
+            other => panic!("expected CONNACK with properties, got {other:?}"),
+        }
+        assert_eq!(buf.len(), 0, "nothing after the CONNACK");
+    }
+    assert!(
+        b.gateway.online().is_empty(),
+        "no refused client registered"
+    );
+}
+
+#[tokio::test]
+async fn wrong_password_and_foreign_client_id_are_refused() {
+    let b = broker().await;
+    let mut o = v5::device(b.addr, "a");
+    o.set_credentials("p&a", "wrong");
+    let err = v5::connect(o).await.err().expect("refused");
+    assert!(matches!(
+        err,
+        v5::ConnectionError::ConnectionRefused(v5::ConnectReturnCode::BadUserNamePassword)
+    ));
+    let err = v4::connect(v4::opts(b.addr, "p.b", "p&a"))
+        .await
+        .err()
+        .expect("refused");
+    assert!(matches!(
+        err,
+        v4::ConnectionError::ConnectionRefused(v4::ConnectReturnCode::BadClientId)
+    ));
+    // Empty client id with a persistent session is refused before the gate.
+    let mut s = raw(b.addr).await;
+    s.write_all(&connect_bytes_clean(4, "", "p&a", 30, None, false))
+        .await
+        .expect("send");
+    assert_eq!(until_closed(&mut s).await, vec![0x20, 0x02, 0x00, 0x02]);
+}
+
+const FORBIDDEN: [&str; 6] = [
+    "#",
+    "+/#",
+    "devices/p/b/#",
+    "admin/#",
+    "$SYS/#",
+    "devices/+/a/#",
+];
+
+#[tokio::test]
+async fn subscriptions_outside_the_namespace_fail_v4() {
+    let b = broker().await;
+    let mut a = v4::connect(v4::device(b.addr, "a")).await.expect("a");
+    let codes = a.subscribe(&FORBIDDEN, v4::QoS::AtLeastOnce).await;
+    assert_eq!(
+        codes,
+        vec![v4::SubscribeReasonCode::Failure; FORBIDDEN.len()]
+    );
+
+    // Mixed: codes stay in filter order.
+    let codes = a
+        .subscribe(&["admin/#", "devices/p/a/+/x", "#"], v4::QoS::AtLeastOnce)
+        .await;
+    assert_eq!(
+        codes,
+        vec![
+            v4::SubscribeReasonCode::Failure,
+            v4::SubscribeReasonCode::Success(v4::QoS::AtLeastOnce),
+            v4::SubscribeReasonCode::Failure
+        ]
+    );
+    let codes = a.subscribe(&["devices/p/a/#"], v4::QoS::AtLeastOnce).await;
+    assert_eq!(
+        codes,
+        vec![v4::SubscribeReasonCode::Success(v4::QoS::AtLeastOnce)]
+    );
+
+    // b publishes in its namespace; a must see only its own marker.
+    let bc = v4::connect(v4::device(b.addr, "b")).await.expect("b");
+    bc.client
+        .publish("devices/p/b/secret", v4::QoS::AtLeastOnce, false, "x")
+        .await
+        .expect("queued");
+    let mut ob = observer(b.addr, "devices/p/b/#").await;
+    bc.client
+        .publish("devices/p/b/secret", v4::QoS::AtLeastOnce, false, "y")
+        .await
+        .expect("queued");
+    assert_eq!(ob.publish().await.topic, "devices/p/b/secret");
+    a.client
+        .publish("devices/p/a/marker", v4::QoS::AtLeastOnce, false, "m")
+        .await
+        .expect("queued");
+    assert_eq!(a.publish().await.topic, "devices/p/a/marker");
+}
+
+#[tokio::test]
+async fn subscriptions_outside_the_namespace_fail_v5() {
+    let b = broker().await;
+    let mut a = v5::connect(v5::device(b.addr, "a")).await.expect("a");
+    let codes = a.subscribe(&FORBIDDEN, v5::QoS::AtLeastOnce).await;
+    assert_eq!(
+        codes,
+        vec![v5::SubscribeReasonCode::NotAuthorized; FORBIDDEN.len()]
+    );
+    let codes = a
+        .subscribe(&["devices/p/a/#", "devices/p/b/#"], v5::QoS::AtMostOnce)
+        .await;
+    assert_eq!(
+        codes,
+        vec![
+            v5::SubscribeReasonCode::Success(v5::QoS::AtMostOnce),
+            v5::SubscribeReasonCode::NotAuthorized
+        ]
+    );
+}
+
+#[tokio::test]
+async fn publishes_outside_the_namespace_are_dropped() {
+    let b = broker().await;
+    let mut ob = observer(b.addr, "devices/#").await;
+
+    // MQTT 5: PUBACK 0x87.
+    let mut a = v5::connect(v5::device(b.addr, "a")).await.expect("a");
+    a.client
+        .publish("devices/p/b/spoof", v5::QoS::AtLeastOnce, false, "x")
+        .await
+        .expect("queued");
+    let reason = a
+        .expect(|p| match p {
+            v5::Packet::PubAck(ack) => Some(ack.reason),
+            _ => None,
+        })
+        .await;
+    assert_eq!(reason, v5::PubAckReason::NotAuthorized);
+
+    // MQTT 3.1.1: acknowledged (so the device does not retry) but dropped,
+    // at every QoS.
+    let mut c = v4::connect(v4::device(b.addr, "c")).await.expect("c");
+    for qos in [
+        v4::QoS::AtMostOnce,
+        v4::QoS::AtLeastOnce,
+        v4::QoS::ExactlyOnce,
+    ] {
+        c.client
+            .publish("admin/v1/c/request", qos, false, "x")
+            .await
+            .expect("queued");
+    }
+    c.expect(|p| matches!(p, v4::Packet::PubAck(_)).then_some(()))
+        .await;
+    c.expect(|p| matches!(p, v4::Packet::PubComp(_)).then_some(()))
+        .await;
+
+    // Only the in-namespace marker reaches the observer.
+    c.client
+        .publish("devices/p/c/marker", v4::QoS::AtLeastOnce, false, "m")
+        .await
+        .expect("queued");
+    assert_eq!(ob.publish().await.topic, "devices/p/c/marker");
+    // Both devices are still connected.
+    assert!(b.gateway.online().is_online("p.a"));
+    assert!(b.gateway.online().is_online("p.c"));
+}
+
+#[tokio::test]
+async fn qos_0_1_2_reach_a_subscriber_in_the_namespace() {
+    let b = broker().await;
+    let mut ob = observer(b.addr, "devices/p/a/#").await;
+    let mut a = v4::connect(v4::device(b.addr, "a")).await.expect("a");
+    let codes = a
+        .subscribe(&["devices/p/a/down/#"], v4::QoS::ExactlyOnce)
+        .await;
+    assert_eq!(
+        codes,
+        vec![v4::SubscribeReasonCode::Success(v4::QoS::ExactlyOnce)]
+    );
+    for (i, qos) in [
+        v4::QoS::AtMostOnce,
+        v4::QoS::AtLeastOnce,
+        v4::QoS::ExactlyOnce,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        a.client
+            .publish(format!("devices/p/a/up/{i}"), qos, false, format!("m{i}"))
+            .await
+            .expect("queued");
+        let p = ob.publish().await;
+        assert_eq!(p.topic, format!("devices/p/a/up/{i}"));
+        assert_eq!(&p.payload[..], format!("m{i}").as_bytes());
+    }
+    // Commands the other way, at QoS 2.
+    ob.client
+        .publish("devices/p/a/down/cmd", v4::QoS::ExactlyOnce, false, "go")
+        .await
+        .expect("queued");
+    let p = a.publish().await;
+    assert_eq!(p.topic, "devices/p/a/down/cmd");
+    assert_eq!(p.qos, v4::QoS::ExactlyOnce);
+
+    // The same over MQTT 5.
+    let mut bc = v5::connect(v5::device(b.addr, "b")).await.expect("b");
+    bc.subscribe(&["devices/p/b/#"], v5::QoS::ExactlyOnce).await;
+    for qos in [
+        v5::QoS::AtMostOnce,
+        v5::QoS::AtLeastOnce,
+        v5::QoS::ExactlyOnce,
+    ] {
+        bc.client
+            .publish("devices/p/b/echo", qos, false, "e")
+            .await
+            .expect("queued");
+        let p = bc.publish().await;
+        assert_eq!(&p.topic[..], b"devices/p/b/echo");
+    }
+}
+
+#[tokio::test]
+async fn retained_messages_reach_later_subscribers() {
+    let b = broker().await;
+    let a = v5::connect(v5::device(b.addr, "a")).await.expect("a");
+    a.client
+        .publish("devices/p/a/state", v5::QoS::AtLeastOnce, true, "on")
+        .await
+        .expect("queued");
+    // Once the observer sees the live copy the retained one is stored.
+    let mut first = observer(b.addr, "devices/p/a/#").await;
+    a.client
+        .publish("devices/p/a/state", v5::QoS::AtLeastOnce, true, "on")
+        .await
+        .expect("queued");
+    first.publish().await;
+    let mut late = v4::connect(v4::opts(b.addr, "observer-2", "observer"))
+        .await
+        .expect("late observer");
+    late.subscribe(&["devices/p/a/state"], v4::QoS::AtLeastOnce)
+        .await;
+    let p = late.publish().await;
+    assert_eq!(p.topic, "devices/p/a/state");
+    assert_eq!(&p.payload[..], b"on");
+    assert!(p.retain);
+}
+
+#[tokio::test]
+async fn persistent_session_gets_queued_messages_after_reconnect() {
+    let mut b = broker().await;
+    let mut o = v4::device(b.addr, "a");
+    o.set_clean_session(false);
+    let mut a = v4::connect(o.clone()).await.expect("a");
+    a.subscribe(&["devices/p/a/down/#"], v4::QoS::AtLeastOnce)
+        .await;
+    a.client.disconnect().await.expect("disconnect queued");
+    wait_event(&mut b.events, EventKind::DeviceDisconnected, "a").await;
+
+    let ob = v4::connect(v4::opts(b.addr, "observer-1", "observer"))
+        .await
+        .expect("observer");
+    ob.client
+        .publish(
+            "devices/p/a/down/cmd",
+            v4::QoS::AtLeastOnce,
+            false,
+            "while-away",
+        )
+        .await
+        .expect("queued");
+    // The observer's PUBACK proves the router took it.
+    let mut ob = ob;
+    ob.expect(|p| matches!(p, v4::Packet::PubAck(_)).then_some(()))
+        .await;
+
+    let mut a = v4::connect(o).await.expect("a again");
+    assert!(a.session_present, "session resumed");
+    let p = a.publish().await;
+    assert_eq!(p.topic, "devices/p/a/down/cmd");
+    assert_eq!(&p.payload[..], b"while-away");
+}
+
+#[tokio::test]
+async fn will_is_published_on_abrupt_close() {
+    let mut b = broker().await;
+    let mut ob = observer(b.addr, "devices/p/w/#").await;
+    let s = raw_connected(b.addr, 4, "w", 30, Some(("devices/p/w/status", "gone"))).await;
+    wait_event(&mut b.events, EventKind::DeviceConnected, "w").await;
+    drop(s);
+    let p = ob.publish().await;
+    assert_eq!(p.topic, "devices/p/w/status");
+    assert_eq!(&p.payload[..], b"gone");
+}
+
+#[tokio::test]
+async fn will_is_published_on_keepalive_expiry() {
+    let mut b = broker().await;
+    let mut ob = observer(b.addr, "devices/p/w/#").await;
+    let mut s = raw_connected(b.addr, 5, "w", 1, Some(("devices/p/w/status", "expired"))).await;
+    // Silent for 1.5 s: DISCONNECT 0x8D, close, will.
+    let p = ob.publish().await;
+    assert_eq!(&p.payload[..], b"expired");
+    let bytes = until_closed(&mut s).await;
+    assert_eq!(bytes.first(), Some(&0xE0));
+    assert_eq!(bytes.get(2), Some(&0x8D));
+    let e = wait_event(&mut b.events, EventKind::DeviceDisconnected, "w").await;
+    assert!(e.fields["Reason"]
+        .as_str()
+        .unwrap_or("")
+        .contains("KeepAlive"));
+}
+
+#[tokio::test]
+async fn no_will_after_disconnect() {
+    let mut b = broker().await;
+    let mut ob = observer(b.addr, "devices/p/w/#").await;
+    let mut s = raw_connected(b.addr, 4, "w", 30, Some(("devices/p/w/status", "gone"))).await;
+    s.write_all(&[0xE0, 0x00]).await.expect("DISCONNECT");
+    until_closed(&mut s).await;
+    wait_event(&mut b.events, EventKind::DeviceDisconnected, "w").await;
+    // The will would have been published before the event; the first
+    // message the observer gets is this marker.
+    ob.client
+        .publish("devices/p/w/marker", v4::QoS::AtLeastOnce, false, "m")
+        .await
+        .expect("queued");
+    assert_eq!(ob.publish().await.topic, "devices/p/w/marker");
+}
+
+#[tokio::test]
+async fn session_takeover_closes_the_older_connection() {
+    let mut b = broker().await;
+    let mut first = v5::connect(v5::device(b.addr, "a")).await.expect("first");
+    wait_event(&mut b.events, EventKind::DeviceConnected, "a").await;
+    let mut second = v5::connect(v5::device(b.addr, "a")).await.expect("second");
+    match first.closed().await {
+        v5::ConnectionError::MqttState(v5::StateError::ServerDisconnect {
+            reason_code, ..
+        }) => {
+            assert_eq!(reason_code, v5::DisconnectReasonCode::SessionTakenOver)
+        }
+        other => panic!("expected DISCONNECT 0x8E, got {other:?}"),
+    }
+    wait_event(&mut b.events, EventKind::DeviceDisconnected, "a").await;
+    assert!(b.gateway.online().is_online("p.a"), "the new session stays");
+    // The new connection works.
+    second
+        .subscribe(&["devices/p/a/#"], v5::QoS::AtLeastOnce)
+        .await;
+    second
+        .client
+        .publish("devices/p/a/x", v5::QoS::AtLeastOnce, false, "ok")
+        .await
+        .expect("queued");
+    second.publish().await;
+
+    // MQTT 3.1.1: the older socket is just closed.
+    let mut old = v4::connect(v4::device(b.addr, "b")).await.expect("old");
+    let _new = v4::connect(v4::device(b.addr, "b")).await.expect("new");
+    old.closed().await;
+}
+
+#[tokio::test]
+async fn registry_disconnects_with_reason() {
+    let mut b = broker().await;
+    let mut a = v5::connect(v5::device(b.addr, "a")).await.expect("a");
+    wait_event(&mut b.events, EventKind::DeviceConnected, "a").await;
+    assert!(b.gateway.online().disconnect(
+        "p.a",
+        DisconnectReason::NotAuthorized,
+        "activation code expired"
+    ));
+    match a.closed().await {
+        v5::ConnectionError::MqttState(v5::StateError::ServerDisconnect {
+            reason_code,
+            reason_string,
+        }) => {
+            assert_eq!(reason_code, v5::DisconnectReasonCode::NotAuthorized);
+            assert_eq!(reason_string.as_deref(), Some("activation code expired"));
+        }
+        other => panic!("expected DISCONNECT 0x87, got {other:?}"),
+    }
+    let e = wait_event(&mut b.events, EventKind::DeviceDisconnected, "a").await;
+    assert!(e.fields["Reason"]
+        .as_str()
+        .unwrap_or("")
+        .contains("activation code expired"));
+    assert!(!b.gateway.online().is_online("p.a"));
+
+    let mut c = v4::connect(v4::device(b.addr, "c")).await.expect("c");
+    wait_event(&mut b.events, EventKind::DeviceConnected, "c").await;
+    assert_eq!(
+        b.gateway.online().disconnect_product(
+            "p",
+            DisconnectReason::AdministrativeAction,
+            "product deleted"
+        ),
+        1
+    );
+    c.closed().await;
+}
+
+/// After each bad client, a good one still gets in.
+async fn still_serving(addr: SocketAddr) {
+    let c = v4::connect(v4::device(addr, "c"))
+        .await
+        .expect("broker still serves");
+    c.client.disconnect().await.expect("queued");
+}
+
+#[tokio::test]
+async fn garbage_bytes_close_the_connection() {
+    let b = broker().await;
+    let mut s = raw(b.addr).await;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("send");
+    assert!(until_closed(&mut s).await.is_empty());
+    let mut s = raw(b.addr).await;
+    s.write_all(&[0x10, 0xff, 0xff, 0xff, 0xff, 0x01])
+        .await
+        .expect("send");
+    assert!(until_closed(&mut s).await.is_empty());
+    still_serving(b.addr).await;
+}
+
+#[tokio::test]
+async fn publish_before_connect_closes_the_connection() {
+    let b = broker().await;
+    let mut s = raw(b.addr).await;
+    s.write_all(&[0x30, 0x05, 0x00, 0x01, b'a', b'h', b'i'])
+        .await
+        .expect("send");
+    assert!(until_closed(&mut s).await.is_empty());
+    still_serving(b.addr).await;
+}
+
+#[tokio::test]
+async fn second_connect_closes_the_connection() {
+    let b = broker().await;
+    let mut s = raw_connected(b.addr, 5, "a", 30, None).await;
+    s.write_all(&connect_bytes(5, "p.a", "p&a", 30, None))
+        .await
+        .expect("send");
+    let bytes = until_closed(&mut s).await;
+    assert_eq!(bytes.first(), Some(&0xE0), "MQTT 5 DISCONNECT");
+    assert_eq!(bytes.get(2), Some(&0x82), "protocol error");
+    let mut s = raw_connected(b.addr, 4, "b", 30, None).await;
+    s.write_all(&connect_bytes(4, "p.b", "p&b", 30, None))
+        .await
+        .expect("send");
+    assert!(until_closed(&mut s).await.is_empty());
+    still_serving(b.addr).await;
+}
+
+#[tokio::test]
+async fn oversized_packets_close_the_connection() {
+    let b = broker_with(|c| c.max_packet_size = 1024).await;
+    // Before CONNECT: a CONNECT claiming 1 MiB.
+    let mut s = raw(b.addr).await;
+    s.write_all(&[0x10, 0x80, 0x80, 0x40]).await.expect("send");
+    assert!(until_closed(&mut s).await.is_empty());
+
+    // After CONNECT, MQTT 5: DISCONNECT 0x95.
+    let mut s = raw_connected(b.addr, 5, "a", 30, None).await;
+    let mut p = BytesMut::new();
+    p.put_u8(0x30);
+    p.put_slice(&[0x80, 0x10]); // remaining length 2048
+    p.put_u16(13);
+    p.put_slice(b"devices/p/a/x");
+    p.put_slice(&[0u8; 2048 - 15]);
+    s.write_all(&p).await.expect("send");
+    let bytes = until_closed(&mut s).await;
+    assert_eq!(bytes.first(), Some(&0xE0));
+    assert_eq!(bytes.get(2), Some(&0x95));
+
+    // MQTT 3.1.1: closed.
+    let mut s = raw_connected(b.addr, 4, "b", 30, None).await;
+    s.write_all(&p).await.expect("send");
+    assert!(until_closed(&mut s).await.is_empty());
+    still_serving(b.addr).await;
+}
+
+#[tokio::test]
+async fn connect_timeout_closes_silent_sockets() {
+    let b = broker_with(|c| c.connect_timeout = Duration::from_millis(300)).await;
+    let mut silent = raw(b.addr).await;
+    let mut partial = raw(b.addr).await;
+    partial.write_all(&[0x10, 0x20, 0x00]).await.expect("send");
+    assert!(until_closed(&mut silent).await.is_empty());
+    assert!(until_closed(&mut partial).await.is_empty());
+    still_serving(b.addr).await;
+}
+
+#[tokio::test]
+async fn unsupported_protocol_level_gets_connack_0x01() {
+    let b = broker().await;
+    let mut s = raw(b.addr).await;
+    let mut c = connect_bytes(4, "p.a", "p&a", 30, None);
+    c[8] = 3; // protocol level
+    s.write_all(&c).await.expect("send");
+    assert_eq!(until_closed(&mut s).await, vec![0x20, 0x02, 0x00, 0x01]);
+    still_serving(b.addr).await;
+}
+
+#[tokio::test]
+async fn invalid_filters_and_topics() {
+    let b = broker().await;
+    // SUBSCRIBE pkid 1, no properties, filter "a/#/x" QoS 0 → SUBACK 0x8F
+    // (rumqttc refuses to send such a filter, so raw bytes).
+    let mut s = raw_connected(b.addr, 5, "a", 30, None).await;
+    s.write_all(&[
+        0x82, 0x0B, 0x00, 0x01, 0x00, 0x00, 0x05, b'a', b'/', b'#', b'/', b'x', 0x00,
+    ])
+    .await
+    .expect("send");
+    match read_v5(&mut s).await {
+        Some(v5::Packet::SubAck(ack)) => {
+            assert_eq!(ack.pkid, 1);
+            assert_eq!(
+                ack.return_codes,
+                vec![v5::SubscribeReasonCode::TopicFilterInvalid]
+            );
+        }
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+    // A PUBLISH with a wildcard topic ends the session with 0x90.
+    let mut s = raw_connected(b.addr, 5, "b", 30, None).await;
+    s.write_all(&[
+        0x30, 0x0B, 0x00, 0x08, b'd', b'e', b'v', b'/', b'+', b'/', b'x', b'y', 0x00,
+    ])
+    .await
+    .expect("send");
+    let bytes = until_closed(&mut s).await;
+    assert_eq!(bytes.get(2), Some(&0x90));
+    still_serving(b.addr).await;
+}
+
+#[tokio::test]
+async fn server_only_packets_from_a_client_close_the_connection() {
+    let mut b = broker().await;
+    // CONNACK and UNSUBACK from an MQTT 5 client (rumqttd's decoder has no
+    // arm for them), then SUBACK and PINGRESP from 3.1.1 clients.
+    for (version, dk, bytes) in [
+        (5u8, "a", vec![0x20, 0x03, 0x00, 0x00, 0x00]),
+        (5, "b", vec![0xB0, 0x03, 0x00, 0x01, 0x00]),
+        (4, "c", vec![0x90, 0x03, 0x00, 0x01, 0x00]),
+        (4, "w", vec![0xD0, 0x00]),
+    ] {
+        let mut s = raw_connected(b.addr, version, dk, 30, None).await;
+        wait_event(&mut b.events, EventKind::DeviceConnected, dk).await;
+        s.write_all(&bytes).await.expect("send");
+        until_closed(&mut s).await;
+        wait_event(&mut b.events, EventKind::DeviceDisconnected, dk).await;
+        assert!(!b.gateway.online().is_online(&format!("p.{dk}")));
+    }
+    still_serving(b.addr).await;
+}
