@@ -25,22 +25,31 @@ pub struct TokenBucket {
     /// Tokens that may be saved up while idle.
     burst: f64,
     /// Position of the last token handed out on the cumulative refill curve
-    /// (starts at `-burst`: the bucket starts full).
+    /// (starts at -1: one token is there at the start).
     granted: f64,
 }
 
 impl TokenBucket {
     /// `rate` tokens/s (0 or negative = unlimited), rising linearly over
-    /// `ramp_up`, with at most `burst` (at least 1) tokens saved up.
+    /// `ramp_up`, with at most `burst` (at least 1) tokens saved up. The
+    /// bucket starts with one token.
+    ///
+    /// `burst` is also the slack for callers that wake up late: a caller
+    /// that is behind schedule by less than `burst` tokens catches up
+    /// instead of losing them, so timer granularity does not lower the rate.
     pub fn new(rate: f64, ramp_up: Duration, burst: f64) -> Self {
-        let burst = burst.max(1.0);
         TokenBucket {
             rate: (rate > 0.0 && rate.is_finite()).then_some(rate),
             ramp_up: ramp_up.as_secs_f64(),
-            burst,
-            // The bucket starts full.
-            granted: -burst,
+            burst: burst.max(1.0),
+            granted: -1.0,
         }
+    }
+
+    /// The burst `SharedBucket` users get: 20 ms worth of tokens at the
+    /// full rate, at least 1.
+    pub fn default_burst(rate: f64) -> f64 {
+        (rate * 0.02).max(1.0)
     }
 
     /// Tokens refilled from the start to `t` seconds: the integral of the
@@ -168,6 +177,39 @@ mod tests {
         }
         // 200 tokens after the first take 2 s.
         assert!((g[200].as_secs_f64() - 2.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn late_callers_catch_up_within_burst() {
+        // 500/s with 10 tokens of slack: a dispatcher that always wakes
+        // 5 ms (2.5 tokens) late still gets 500 tokens per second.
+        let mut b = TokenBucket::new(500.0, Duration::ZERO, 10.0);
+        let mut now = Duration::ZERO;
+        let mut count = 0;
+        while now < secs(2.0) {
+            let at = b.reserve(now);
+            // Sleeping callers wake 5 ms late; due ones go at once.
+            if at > now {
+                now = at + Duration::from_millis(5);
+            }
+            now += Duration::from_micros(10);
+            count += 1;
+        }
+        assert!((995..=1005).contains(&count), "{count}");
+        // With no slack the same late dispatcher loses tokens.
+        let mut b = TokenBucket::new(500.0, Duration::ZERO, 1.0);
+        let mut now = Duration::ZERO;
+        let mut count = 0;
+        while now < secs(2.0) {
+            let at = b.reserve(now);
+            // Sleeping callers wake 5 ms late; due ones go at once.
+            if at > now {
+                now = at + Duration::from_millis(5);
+            }
+            now += Duration::from_micros(10);
+            count += 1;
+        }
+        assert!(count < 800, "{count}");
     }
 
     #[test]

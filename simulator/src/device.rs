@@ -26,6 +26,8 @@ use crate::report::Stats;
 
 /// Largest packet the simulator reads or writes.
 const MAX_PACKET: usize = 1024 * 1024;
+/// Most unacknowledged QoS 1 publishes per rumqttc client.
+const INFLIGHT: u16 = 100;
 
 /// Where and how devices connect.
 #[derive(Debug, Clone)]
@@ -66,6 +68,16 @@ impl Attempt {
             Outcome::Refused { code, .. } => stats.refused(*code, self.latency),
             Outcome::Error(e) => stats.error(e),
             Outcome::Timeout => stats.timeout(),
+        }
+    }
+}
+
+impl std::fmt::Display for SessionEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SessionEnd::Disconnected => write!(f, "disconnected"),
+            SessionEnd::ClosedByServer(r) => write!(f, "closed by broker: {r}"),
+            SessionEnd::Failed(r) => write!(f, "failed: {r}"),
         }
     }
 }
@@ -129,6 +141,15 @@ impl Session {
     /// How the session ended, if it has.
     pub fn ended(&self) -> Option<&SessionEnd> {
         self.ended.as_ref()
+    }
+
+    /// How the session ended, if its connection is already gone (does not
+    /// wait).
+    pub async fn check_ended(&mut self) -> Option<SessionEnd> {
+        if self.ended.is_none() && self.driver.as_ref().is_some_and(|d| d.is_finished()) {
+            return Some(self.join().await);
+        }
+        self.ended.clone()
     }
 
     async fn join(&mut self) -> SessionEnd {
@@ -315,6 +336,7 @@ mod rumq4 {
         opts.set_keep_alive(Duration::from_secs(u64::from(target.keepalive)));
         opts.set_clean_session(true);
         opts.set_max_packet_size(MAX_PACKET, MAX_PACKET);
+        opts.set_inflight(INFLIGHT);
         let (client, mut eventloop) = AsyncClient::new(opts, 64);
         let mut net = NetworkOptions::new();
         net.set_connection_timeout(network_timeout_secs(target));
@@ -404,6 +426,9 @@ mod rumq5 {
         opts.set_keep_alive(Duration::from_secs(u64::from(target.keepalive)));
         opts.set_clean_start(true);
         opts.set_max_packet_size(Some(MAX_PACKET as u32));
+        // rumqttc preallocates one slot per allowed in-flight publish, and
+        // its v5 default (65535) costs megabytes per client.
+        opts.set_outgoing_inflight_upper_limit(INFLIGHT);
         opts.set_connection_timeout(network_timeout_secs(target));
         let mut net = NetworkOptions::new();
         net.set_connection_timeout(network_timeout_secs(target));

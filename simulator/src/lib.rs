@@ -114,7 +114,11 @@ pub async fn run(cmd: Command) -> Result<Report> {
         target,
         devices: Arc::new(devices),
         source_ips: common.source_ip.clone(),
-        bucket: SharedBucket::new(TokenBucket::new(common.rate, secs(common.ramp_up), 1.0)),
+        bucket: SharedBucket::new(TokenBucket::new(
+            common.rate,
+            secs(common.ramp_up),
+            TokenBucket::default_burst(common.rate),
+        )),
         inflight: Arc::new(Semaphore::new(common.concurrency.max(1))),
         accepted_log,
         progress,

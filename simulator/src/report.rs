@@ -95,6 +95,7 @@ pub struct Stats {
     refused: Mutex<BTreeMap<u8, u64>>,
     latency_us: Mutex<Histogram<u64>>,
     error_kinds: Mutex<BTreeMap<String, u64>>,
+    disconnect_reasons: Mutex<BTreeMap<String, u64>>,
     /// First attempt and last connect result, for the connect rate.
     window: Mutex<(Option<Instant>, Option<Instant>)>,
     msg_window: Mutex<(Option<Instant>, Option<Instant>)>,
@@ -116,6 +117,7 @@ impl Default for Stats {
             refused: Mutex::new(BTreeMap::new()),
             latency_us: Mutex::new(new_histogram()),
             error_kinds: Mutex::new(BTreeMap::new()),
+            disconnect_reasons: Mutex::new(BTreeMap::new()),
             window: Mutex::new((None, None)),
             msg_window: Mutex::new((None, None)),
         }
@@ -185,12 +187,7 @@ impl Stats {
 
     /// Notes an error message without counting a failed connect.
     pub fn error_kind(&self, what: &str) {
-        let mut kinds = lock(&self.error_kinds);
-        if let Some(n) = kinds.get_mut(what) {
-            *n += 1;
-        } else if kinds.len() < MAX_ERROR_KINDS {
-            kinds.insert(what.to_owned(), 1);
-        }
+        count_kind(&self.error_kinds, what);
     }
 
     pub fn timeout(&self) {
@@ -198,8 +195,11 @@ impl Stats {
         self.finished();
     }
 
-    pub fn server_disconnect(&self) {
+    /// An accepted connection ended by the broker (or the network) while
+    /// the simulator still held it.
+    pub fn server_disconnect(&self, reason: &str) {
         self.server_disconnects.fetch_add(1, Ordering::Relaxed);
+        count_kind(&self.disconnect_reasons, reason);
     }
 
     pub fn msg_sent(&self) {
@@ -282,9 +282,19 @@ impl Stats {
             server_disconnects: self.server_disconnects.load(Ordering::Relaxed),
             messages,
             error_kinds: lock(&self.error_kinds).clone(),
+            server_disconnect_reasons: lock(&self.disconnect_reasons).clone(),
             initial_phase: None,
             latency_histogram_us: Some(histogram_to_pairs(&hist)),
         }
+    }
+}
+
+fn count_kind(map: &Mutex<BTreeMap<String, u64>>, what: &str) {
+    let mut kinds = lock(map);
+    if let Some(n) = kinds.get_mut(what) {
+        *n += 1;
+    } else if kinds.len() < MAX_ERROR_KINDS {
+        kinds.insert(what.to_owned(), 1);
     }
 }
 
@@ -358,6 +368,10 @@ pub struct Report {
     /// Error messages and how often they occurred (first few kinds).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub error_kinds: BTreeMap<String, u64>,
+    /// Why held connections ended early (first few kinds), e.g. the MQTT 5
+    /// DISCONNECT reason code and reason string.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub server_disconnect_reasons: BTreeMap<String, u64>,
     /// `storm`: the initial connect phase (the report itself is the
     /// reconnect phase).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -430,6 +444,11 @@ impl Report {
             out.duration_s = out.duration_s.max(r.duration_s);
             for (kind, n) in &r.error_kinds {
                 *out.error_kinds.entry(kind.clone()).or_insert(0) += n;
+            }
+            for (kind, n) in &r.server_disconnect_reasons {
+                *out.server_disconnect_reasons
+                    .entry(kind.clone())
+                    .or_insert(0) += n;
             }
             match &r.latency_histogram_us {
                 Some(pairs) => {
@@ -540,6 +559,12 @@ impl Report {
                 "messages acked/s",
                 format!("{:.1}", m.acked_per_sec),
             );
+        }
+        if !self.server_disconnect_reasons.is_empty() {
+            let _ = writeln!(s, "  closed by broker because:");
+            for (kind, n) in &self.server_disconnect_reasons {
+                let _ = writeln!(s, "    {n:>8}  {kind}");
+            }
         }
         if !self.error_kinds.is_empty() {
             let _ = writeln!(s, "  error kinds:");

@@ -53,8 +53,8 @@ pub async fn run(ctx: Arc<Ctx>, args: &ChurnArgs) -> Result<Report> {
                 };
                 let until = (Instant::now() + around(online)).min(deadline);
                 let stay = until.saturating_duration_since(Instant::now());
-                if session.hold(stay).await.is_some() {
-                    stats.server_disconnect();
+                if let Some(end) = session.hold(stay).await {
+                    stats.server_disconnect(&end.to_string());
                     continue;
                 }
                 if Instant::now() >= deadline {

@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::bucket::SharedBucket;
-use crate::device::{self, Attempt, Outcome, Target};
+use crate::device::{self, Attempt, Outcome, Session, SessionEnd, Target};
 use crate::devices::Device;
 use crate::progress::{Mode, Ticker};
 use crate::report::Stats;
@@ -106,6 +106,16 @@ impl Ctx {
     pub fn ticker(&self, label: &str, total: Option<u64>, stats: &Arc<Stats>) -> Ticker {
         let s = stats.clone();
         Ticker::start(self.progress, label, total, Arc::new(move || s.progress()))
+    }
+}
+
+/// Holds an accepted session for `d` (nothing for zero); the end if the
+/// connection ended meanwhile.
+pub async fn hold_for(session: &mut Session, d: Duration) -> Option<SessionEnd> {
+    if d.is_zero() {
+        session.ended().cloned()
+    } else {
+        session.hold(d).await
     }
 }
 

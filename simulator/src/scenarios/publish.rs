@@ -86,8 +86,8 @@ pub async fn run(ctx: Arc<Ctx>, args: &PublishArgs) -> Result<Report> {
                     stats.msg_failed();
                 }
             }
-            if session.ended().is_some() {
-                stats.server_disconnect();
+            if let Some(end) = session.check_ended().await {
+                stats.server_disconnect(&end.to_string());
                 return;
             }
             if !lost {

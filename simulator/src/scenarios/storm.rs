@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use tokio::task::JoinSet;
 
-use super::{secs, Ctx, DISCONNECT_GRACE};
+use super::{hold_for, secs, Ctx, DISCONNECT_GRACE};
 use crate::cli::StormArgs;
 use crate::device::{Outcome, Session};
 use crate::report::{Report, Stats};
@@ -50,9 +50,9 @@ pub async fn run(ctx: Arc<Ctx>, args: &StormArgs) -> Result<Report> {
 
     // Phase 2: drop all at once, without DISCONNECT.
     let mut survivors = Vec::with_capacity(held.len());
-    for (idx, session) in held {
-        if session.ended().is_some() {
-            initial.server_disconnect();
+    for (idx, mut session) in held {
+        if let Some(end) = session.check_ended().await {
+            initial.server_disconnect(&end.to_string());
         } else {
             survivors.push(idx);
         }
@@ -81,8 +81,8 @@ pub async fn run(ctx: Arc<Ctx>, args: &StormArgs) -> Result<Report> {
             let attempt = ctx.connect(idx, &stats).await;
             drop(permit);
             if let Outcome::Accepted(mut session) = attempt.outcome {
-                if !hold.is_zero() && session.hold(hold).await.is_some() {
-                    stats.server_disconnect();
+                if let Some(end) = hold_for(&mut session, hold).await {
+                    stats.server_disconnect(&end.to_string());
                     return;
                 }
                 session.disconnect(DISCONNECT_GRACE).await;
