@@ -1,1 +1,80 @@
-fn main() {}
+//! `activation-sim`: see the crate docs and SPEC §5.
+
+use std::process::ExitCode;
+
+use activation_simulator::cli::{Cli, Command};
+use activation_simulator::report::check_expectations;
+use activation_simulator::scenarios::setup;
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async_main(cli.command))
+}
+
+async fn async_main(cmd: Command) -> ExitCode {
+    if let Command::Setup(args) = &cmd {
+        return match setup::run(args).await {
+            Ok(r) => {
+                println!("product: {} ({})", r.product_key, r.auth_mode);
+                if let Some(s) = &r.product_secret {
+                    println!("product secret: {s}");
+                }
+                if !r.device_secrets.is_empty() {
+                    println!(
+                        "device secrets: {} devices written to {}",
+                        r.device_secrets.len(),
+                        args.secrets_out.display()
+                    );
+                }
+                println!("order: {}", r.order);
+                println!("run: {}", r.flood_command);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
+    let report = match activation_simulator::run(cmd.clone()).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(1);
+        }
+    };
+    let Some(common) = cmd.common() else {
+        return ExitCode::from(1);
+    };
+    if let Err(e) = activation_simulator::write_json(&report, &cmd) {
+        eprintln!("error: {e:#}");
+        return ExitCode::from(1);
+    }
+    if common.worker_mode {
+        return ExitCode::SUCCESS;
+    }
+    print!("{}", report.table());
+    let failures = check_expectations(&report, &common.expect);
+    if failures.is_empty() {
+        if !common.expect.is_empty() {
+            println!("expectations: all {} met", common.expect.len());
+        }
+        ExitCode::SUCCESS
+    } else {
+        for f in &failures {
+            println!("expectation failed: {f}");
+        }
+        ExitCode::from(2)
+    }
+}
