@@ -290,12 +290,14 @@ fn commit_batch(ctx: &WriterContext, pending: &mut Vec<Request>) -> Result<(), L
     }
 }
 
+/// Publishes the batch's events, then answers: whoever sees an answer can
+/// rely on its events being out.
 fn finish(ctx: &WriterContext, replies: Vec<Reply>, events: Vec<Event>) {
-    for r in replies {
-        r.send();
-    }
     for e in events {
         ctx.events.publish(e);
+    }
+    for r in replies {
+        r.send();
     }
 }
 
