@@ -1214,3 +1214,171 @@ async fn server_only_packets_from_a_client_close_the_connection() {
     }
     still_serving(b.addr).await;
 }
+
+/// Admits every device `p&{dk}` (for the rate measurement).
+struct AcceptAll;
+
+impl Authenticator for AcceptAll {
+    fn authenticate(&self, info: ConnectInfo) -> AuthFuture {
+        let user = info.username.unwrap_or_default();
+        let decision = match user.split_once('&') {
+            Some((pk, dk)) => Ok(Admission::device(pk, dk, Acl::device(pk, dk))),
+            None => Err(Rejection::new(RefusalCode::BadUserNameOrPassword, "")),
+        };
+        Box::pin(async move { decision })
+    }
+}
+
+/// Connection rate: `cargo test --release --test gateway -- --ignored
+/// --nocapture connect_rate`. Holds every connection open until the end.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn connect_rate() {
+    const N: usize = 8000;
+    const CONCURRENCY: usize = 256;
+    let router = RouterHandle::spawn(0, router_config(N + 10));
+    let bus = EventBus::new(65536);
+    let mut events = bus.subscribe();
+    let gateway = Gateway::start(router, bus, Clock::system())
+        .await
+        .expect("gateway");
+    let cfg = ListenerConfig::new("devices", "127.0.0.1:0".parse().expect("addr"));
+    let listener = gateway
+        .listen(cfg, Arc::new(AcceptAll))
+        .await
+        .expect("listen");
+    let addr = listener.local_addr();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= N {
+                    return held;
+                }
+                let dk = format!("d{i}");
+                let mut s = raw(addr).await;
+                s.write_all(&connect_bytes(
+                    4,
+                    &format!("p.{dk}"),
+                    &format!("p&{dk}"),
+                    60,
+                    None,
+                ))
+                .await
+                .expect("send");
+                let mut ack = [0u8; 4];
+                s.read_exact(&mut ack).await.expect("CONNACK");
+                assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+                held.push(s);
+            }
+        }));
+    }
+    let mut held = Vec::new();
+    for t in tasks {
+        held.extend(t.await.expect("task"));
+    }
+    let total = held.len();
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{total} connections in {secs:.2} s: {:.0} CONNACKs/s, {} online",
+        total as f64 / secs,
+        gateway.online().len()
+    );
+    let mut reasons: HashMap<String, usize> = HashMap::new();
+    while let Ok(e) = events.try_recv() {
+        if e.kind == EventKind::DeviceDisconnected {
+            *reasons.entry(e.fields["Reason"].to_string()).or_default() += 1;
+        }
+    }
+    assert!(reasons.is_empty(), "sessions ended early: {reasons:?}");
+    assert_eq!(total, N);
+    assert_eq!(gateway.online().len(), N);
+}
+
+#[tokio::test]
+async fn tls_listener_serves_mqtt() {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let mut b = broker_with(|c| {
+        c.tls = Some(activation_broker::gateway::TlsConfig {
+            cert_path: data.join("server.pem"),
+            key_path: data.join("server.key"),
+        })
+    })
+    .await;
+    let ca = std::fs::read(data.join("ca.pem")).expect("CA");
+    let mut o = v4::device(b.addr, "a");
+    o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Simple {
+        ca,
+        alpn: None,
+        client_auth: None,
+    }));
+    let mut a = v4::connect(o).await.expect("admitted over TLS");
+    wait_event(&mut b.events, EventKind::DeviceConnected, "a").await;
+    a.subscribe(&["devices/p/a/#"], v4::QoS::AtLeastOnce).await;
+    a.client
+        .publish("devices/p/a/x", v4::QoS::AtLeastOnce, false, "tls")
+        .await
+        .expect("queued");
+    assert_eq!(&a.publish().await.payload[..], b"tls");
+
+    // Plain MQTT on the TLS port is dropped by the handshake.
+    let mut s = raw(b.addr).await;
+    s.write_all(&connect_bytes(4, "p.b", "p&b", 30, None))
+        .await
+        .expect("send");
+    let reply = until_closed(&mut s).await;
+    assert!(!reply.starts_with(&[0x20]), "no CONNACK in clear text");
+}
+
+#[tokio::test]
+async fn bad_tls_files_are_a_clear_error() {
+    let router = RouterHandle::spawn(0, router_config(10));
+    let gateway = Gateway::start(router, EventBus::new(16), Clock::system())
+        .await
+        .expect("gateway");
+    let mut cfg = ListenerConfig::new("devices", "127.0.0.1:0".parse().expect("addr"));
+    cfg.tls = Some(activation_broker::gateway::TlsConfig {
+        cert_path: "/nonexistent/cert.pem".into(),
+        key_path: "/nonexistent/key.pem".into(),
+    });
+    let err = gateway
+        .listen(cfg, Arc::new(AcceptAll))
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");
+}
+
+#[tokio::test]
+async fn full_router_refuses_with_server_unavailable() {
+    let router = RouterHandle::spawn(0, router_config(1));
+    let gateway = Gateway::start(router, EventBus::new(16), Clock::system())
+        .await
+        .expect("gateway");
+    let cfg = ListenerConfig::new("devices", "127.0.0.1:0".parse().expect("addr"));
+    let listener = gateway
+        .listen(cfg, Arc::new(AcceptAll))
+        .await
+        .expect("listen");
+    let addr = listener.local_addr();
+    let _first = raw_connected(addr, 5, "a", 30, None).await;
+    let mut s = raw(addr).await;
+    s.write_all(&connect_bytes(5, "p.b", "p&b", 30, None))
+        .await
+        .expect("send");
+    let bytes = until_closed(&mut s).await;
+    assert_eq!(bytes.get(3), Some(&0x88), "{bytes:?}");
+    let mut s = raw(addr).await;
+    s.write_all(&connect_bytes(4, "p.b", "p&b", 30, None))
+        .await
+        .expect("send");
+    assert_eq!(until_closed(&mut s).await, vec![0x20, 0x02, 0x00, 0x03]);
+    assert_eq!(gateway.online().len(), 1);
+    // A takeover of the one session still works at capacity.
+    let _again = raw_connected(addr, 4, "a", 30, None).await;
+}

@@ -306,12 +306,14 @@ impl RouterHandle {
     }
 }
 
-/// A router configuration suitable for the broker: `max_connections`
-/// links, small in-memory segments per topic (every published topic gets a
-/// commit log, as filters are dynamic).
+/// A router configuration suitable for the broker: room for
+/// `max_connections` clients (plus the gateway's own link), small in-memory
+/// segments per topic (every published topic gets a commit log, as filters
+/// are dynamic; 4 × 1 MiB per topic bounds what a persistent session can
+/// have queued).
 pub fn router_config(max_connections: usize) -> RouterConfig {
     RouterConfig {
-        max_connections,
+        max_connections: max_connections.saturating_add(1),
         max_outgoing_packet_count: 200,
         max_segment_size: 1024 * 1024,
         max_segment_count: 4,
