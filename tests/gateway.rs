@@ -1349,8 +1349,7 @@ async fn bad_tls_files_are_a_clear_error() {
     let err = gateway
         .listen(cfg, Arc::new(AcceptAll))
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");
 }
 
