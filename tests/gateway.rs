@@ -1381,3 +1381,26 @@ async fn full_router_refuses_with_server_unavailable() {
     // A takeover of the one session still works at capacity.
     let _again = raw_connected(addr, 4, "a", 30, None).await;
 }
+
+#[tokio::test]
+async fn will_outside_the_namespace_is_refused() {
+    let b = broker().await;
+    let mut s = raw(b.addr).await;
+    s.write_all(&connect_bytes(
+        5,
+        "p.a",
+        "p&a",
+        30,
+        Some(("devices/p/b/status", "x")),
+    ))
+    .await
+    .expect("send");
+    let bytes = until_closed(&mut s).await;
+    assert_eq!(bytes.get(3), Some(&0x87), "{bytes:?}");
+    let mut s = raw(b.addr).await;
+    s.write_all(&connect_bytes(4, "p.a", "p&a", 30, Some(("admin/x", "x"))))
+        .await
+        .expect("send");
+    assert_eq!(until_closed(&mut s).await, vec![0x20, 0x02, 0x00, 0x05]);
+    assert!(b.gateway.online().is_empty());
+}

@@ -73,6 +73,12 @@ pub struct ConnectInfo {
     pub protocol: ProtocolVersion,
     /// Seconds; 0 means no keepalive.
     pub keep_alive: u16,
+    /// Topic of the will message, if any (already checked to be a valid
+    /// topic name). The gateway refuses the CONNECT with NotAuthorized after
+    /// admission if it is outside the admitted publish ACL; an authenticator
+    /// that writes durable state should check it first (`Acl::may_publish`)
+    /// so such a refusal never follows a write.
+    pub will_topic: Option<String>,
     /// Name of the listener ([`ListenerConfig::name`]).
     pub listener: String,
     /// Whether the connection came over TLS.
