@@ -1404,3 +1404,33 @@ async fn will_outside_the_namespace_is_refused() {
     assert_eq!(until_closed(&mut s).await, vec![0x20, 0x02, 0x00, 0x05]);
     assert!(b.gateway.online().is_empty());
 }
+
+#[tokio::test]
+async fn takeover_keeps_a_persistent_session() {
+    let mut b = broker().await;
+    let mut o = v5::device(b.addr, "a");
+    o.set_clean_start(false);
+    let mut first = v5::connect(o.clone()).await.expect("first");
+    first
+        .subscribe(&["devices/p/a/down/#"], v5::QoS::AtLeastOnce)
+        .await;
+    wait_event(&mut b.events, EventKind::DeviceConnected, "a").await;
+
+    let mut second = v5::connect(o).await.expect("second");
+    first.closed().await;
+    wait_event(&mut b.events, EventKind::DeviceDisconnected, "a").await;
+
+    // The subscription moved with the session.
+    let mut ob = v4::connect(v4::opts(b.addr, "observer-1", "observer"))
+        .await
+        .expect("observer");
+    ob.client
+        .publish("devices/p/a/down/cmd", v4::QoS::AtLeastOnce, false, "hi")
+        .await
+        .expect("queued");
+    ob.expect(|p| matches!(p, v4::Packet::PubAck(_)).then_some(()))
+        .await;
+    let p = second.publish().await;
+    assert_eq!(&p.topic[..], b"devices/p/a/down/cmd");
+    assert!(b.gateway.online().is_online("p.a"));
+}

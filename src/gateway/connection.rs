@@ -614,6 +614,9 @@ async fn publish_will(gw: &Shared, will: LastWill, props: Option<LastWillPropert
     }
 }
 
+/// Bytes of router output gathered before they are written out.
+const MAX_WRITE_BATCH: usize = 1024 * 1024;
+
 /// Packets a connection may have waiting for the router before it stops
 /// reading its socket (TCP backpressure for publish floods).
 const MAX_PENDING_TO_ROUTER: usize = 1024;
@@ -844,7 +847,7 @@ impl Conn<'_> {
                             }
                         }
                         budget -= 1;
-                        if end.is_some() || budget == 0 {
+                        if end.is_some() || budget == 0 || self.wbuf.len() > MAX_WRITE_BATCH {
                             break;
                         }
                         // Take whatever else is ready without waiting.
