@@ -1434,3 +1434,53 @@ async fn takeover_keeps_a_persistent_session() {
     assert_eq!(&p.topic[..], b"devices/p/a/down/cmd");
     assert!(b.gateway.online().is_online("p.a"));
 }
+
+#[tokio::test]
+async fn random_bytes_after_connect_never_leak_sessions() {
+    use rand::{Rng, SeedableRng};
+    let bus = EventBus::new(65_536);
+    let mut events = bus.subscribe();
+    let router = RouterHandle::spawn(0, router_config(1000));
+    let gateway = Gateway::start(router, bus, Clock::system())
+        .await
+        .expect("gateway");
+    let cfg = ListenerConfig::new("devices", "127.0.0.1:0".parse().expect("addr"));
+    let listener = gateway
+        .listen(cfg, Arc::new(AcceptAll))
+        .await
+        .expect("listen");
+    let addr = listener.local_addr();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    const N: usize = 300;
+    for i in 0..N {
+        let version = if i % 2 == 0 { 4 } else { 5 };
+        let mut s = raw_connected(addr, version, &format!("f{i}"), 30, None).await;
+        let len = rng.gen_range(1..200);
+        let mut junk: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+        // Often start with a plausible packet type byte.
+        if i % 3 == 0 {
+            junk[0] = [
+                0x30, 0x32, 0x34, 0x82, 0xA2, 0x62, 0x40, 0x50, 0x70, 0x20, 0xB0,
+            ][i % 11];
+        }
+        let _ = s.write_all(&junk).await;
+        drop(s);
+    }
+    let mut ended = 0;
+    tokio::time::timeout(WAIT, async {
+        while ended < N {
+            match events.recv().await {
+                Ok(e) if e.kind == EventKind::DeviceDisconnected => ended += 1,
+                Ok(_) => {}
+                Err(e) => panic!("event bus: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("every session ends");
+    assert!(gateway.online().is_empty());
+    let c = v4::connect(v4::opts(addr, "p.ok", "p&ok"))
+        .await
+        .expect("still serving");
+    c.client.disconnect().await.expect("queued");
+}
