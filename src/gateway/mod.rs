@@ -18,6 +18,25 @@
 //! println!("listening on {}", devices.local_addr());
 //! gateway.online().disconnect("pk.dk", DisconnectReason::NotAuthorized, "code expired");
 //! ```
+//!
+//! Behaviour worth knowing (deliberate choices and rumqttd 0.20 quirks):
+//! - Wills are published by the gateway through its own router link
+//!   (rumqttd only publishes wills on an internal event a local link cannot
+//!   send). Published on every end except a normal DISCONNECT and a session
+//!   takeover, immediately (MQTT 5 Will Delay Interval is not honoured).
+//! - rumqttd disconnects a publisher whose topic no subscription matches
+//!   unless the link has dynamic filters, so every link has them: each
+//!   published topic gets a commit log in the router (see [`router_config`]).
+//! - UNSUBACK and PINGRESP are answered here (the router acks only
+//!   subscribed filters, one UNSUBACK per filter). PUBREL is forwarded
+//!   without properties (the router ignores it otherwise).
+//! - Acks the gateway writes itself (refused PUBLISH, all-refused SUBSCRIBE,
+//!   UNSUBACK) can overtake router acks of earlier packets.
+//! - Not honoured from MQTT 5 CONNECT: Session Expiry Interval (persistent
+//!   sessions live until the router drops them), Receive Maximum and
+//!   Maximum Packet Size of the client, enhanced authentication.
+//! - The authenticator's future has no timeout: a gate that may stall must
+//!   answer `ServerUnavailable` itself.
 
 pub mod acl;
 pub mod codes;
