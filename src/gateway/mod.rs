@@ -2,7 +2,7 @@
 //! rumqttd's router.
 //!
 //! rumqttd's `Server` is not used for clients. Each accepted socket runs one
-//! task ([`connection`]) that detects MQTT 3.1.1 / 5.0 from the CONNECT,
+//! task (`connection.rs`) that detects MQTT 3.1.1 / 5.0 from the CONNECT,
 //! asks an [`Authenticator`] whether to admit it (the activation gate plugs
 //! in here), answers refusals with the exact CONNACK code, and only for
 //! admitted clients creates a router link (`rumqttd::local::LinkBuilder`)
