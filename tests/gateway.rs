@@ -1484,3 +1484,46 @@ async fn random_bytes_after_connect_never_leak_sessions() {
         .expect("still serving");
     c.client.disconnect().await.expect("queued");
 }
+
+#[tokio::test]
+async fn topic_aliases_are_resolved_before_the_acl() {
+    let b = broker().await;
+    let mut ob = observer(b.addr, "devices/p/a/#").await;
+    let mut s = raw_connected(b.addr, 5, "a", 30, None).await;
+    let mut p = BytesMut::new();
+    // PUBLISH "devices/p/a/t", Topic Alias 1, payload "1".
+    p.put_slice(&[0x30, 20, 0x00, 13]);
+    p.put_slice(b"devices/p/a/t");
+    p.put_slice(&[0x03, 0x23, 0x00, 0x01, b'1']);
+    // PUBLISH "" with Topic Alias 1, payload "2".
+    p.put_slice(&[0x30, 7, 0x00, 0x00, 0x03, 0x23, 0x00, 0x01, b'2']);
+    s.write_all(&p).await.expect("send");
+    for payload in [b"1", b"2"] {
+        let m = ob.publish().await;
+        assert_eq!(m.topic, "devices/p/a/t");
+        assert_eq!(&m.payload[..], payload);
+    }
+    // An alias above the advertised maximum (32) ends the session with 0x94.
+    s.write_all(&[0x30, 7, 0x00, 0x00, 0x03, 0x23, 0x00, 99, b'3'])
+        .await
+        .expect("send");
+    let bytes = until_closed(&mut s).await;
+    assert_eq!(bytes.get(2), Some(&0x94), "{bytes:?}");
+
+    // An alias cannot smuggle a topic past the ACL: it resolves to the real
+    // topic, which is checked (PUBACK 0x87 for QoS 1).
+    let mut s = raw_connected(b.addr, 5, "b", 30, None).await;
+    let mut p = BytesMut::new();
+    // PUBLISH QoS 1 "admin/x" pkid 5, alias 1.
+    p.put_slice(&[0x32, 15, 0x00, 7]);
+    p.put_slice(b"admin/x");
+    p.put_slice(&[0x00, 0x05, 0x03, 0x23, 0x00, 0x01, b'x']);
+    s.write_all(&p).await.expect("send");
+    match read_v5(&mut s).await {
+        Some(v5::Packet::PubAck(ack)) => {
+            assert_eq!(ack.pkid, 5);
+            assert_eq!(ack.reason, v5::PubAckReason::NotAuthorized);
+        }
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+}
