@@ -1214,3 +1214,316 @@ async fn server_only_packets_from_a_client_close_the_connection() {
     }
     still_serving(b.addr).await;
 }
+
+/// Admits every device `p&{dk}` (for the rate measurement).
+struct AcceptAll;
+
+impl Authenticator for AcceptAll {
+    fn authenticate(&self, info: ConnectInfo) -> AuthFuture {
+        let user = info.username.unwrap_or_default();
+        let decision = match user.split_once('&') {
+            Some((pk, dk)) => Ok(Admission::device(pk, dk, Acl::device(pk, dk))),
+            None => Err(Rejection::new(RefusalCode::BadUserNameOrPassword, "")),
+        };
+        Box::pin(async move { decision })
+    }
+}
+
+/// Connection rate: `cargo test --release --test gateway -- --ignored
+/// --nocapture connect_rate`. Holds every connection open until the end.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn connect_rate() {
+    const N: usize = 8000;
+    const CONCURRENCY: usize = 256;
+    let router = RouterHandle::spawn(0, router_config(N + 10));
+    let bus = EventBus::new(65536);
+    let mut events = bus.subscribe();
+    let gateway = Gateway::start(router, bus, Clock::system())
+        .await
+        .expect("gateway");
+    let cfg = ListenerConfig::new("devices", "127.0.0.1:0".parse().expect("addr"));
+    let listener = gateway
+        .listen(cfg, Arc::new(AcceptAll))
+        .await
+        .expect("listen");
+    let addr = listener.local_addr();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut held = Vec::new();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= N {
+                    return held;
+                }
+                let dk = format!("d{i}");
+                let mut s = raw(addr).await;
+                s.write_all(&connect_bytes(
+                    4,
+                    &format!("p.{dk}"),
+                    &format!("p&{dk}"),
+                    60,
+                    None,
+                ))
+                .await
+                .expect("send");
+                let mut ack = [0u8; 4];
+                s.read_exact(&mut ack).await.expect("CONNACK");
+                assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
+                held.push(s);
+            }
+        }));
+    }
+    let mut held = Vec::new();
+    for t in tasks {
+        held.extend(t.await.expect("task"));
+    }
+    let total = held.len();
+    let secs = start.elapsed().as_secs_f64();
+    println!(
+        "{total} connections in {secs:.2} s: {:.0} CONNACKs/s, {} online",
+        total as f64 / secs,
+        gateway.online().len()
+    );
+    let mut reasons: HashMap<String, usize> = HashMap::new();
+    while let Ok(e) = events.try_recv() {
+        if e.kind == EventKind::DeviceDisconnected {
+            *reasons.entry(e.fields["Reason"].to_string()).or_default() += 1;
+        }
+    }
+    assert!(reasons.is_empty(), "sessions ended early: {reasons:?}");
+    assert_eq!(total, N);
+    assert_eq!(gateway.online().len(), N);
+}
+
+#[tokio::test]
+async fn tls_listener_serves_mqtt() {
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let mut b = broker_with(|c| {
+        c.tls = Some(activation_broker::gateway::TlsConfig {
+            cert_path: data.join("server.pem"),
+            key_path: data.join("server.key"),
+        })
+    })
+    .await;
+    let ca = std::fs::read(data.join("ca.pem")).expect("CA");
+    let mut o = v4::device(b.addr, "a");
+    o.set_transport(rumqttc::Transport::Tls(rumqttc::TlsConfiguration::Simple {
+        ca,
+        alpn: None,
+        client_auth: None,
+    }));
+    let mut a = v4::connect(o).await.expect("admitted over TLS");
+    wait_event(&mut b.events, EventKind::DeviceConnected, "a").await;
+    a.subscribe(&["devices/p/a/#"], v4::QoS::AtLeastOnce).await;
+    a.client
+        .publish("devices/p/a/x", v4::QoS::AtLeastOnce, false, "tls")
+        .await
+        .expect("queued");
+    assert_eq!(&a.publish().await.payload[..], b"tls");
+
+    // Plain MQTT on the TLS port is dropped by the handshake.
+    let mut s = raw(b.addr).await;
+    s.write_all(&connect_bytes(4, "p.b", "p&b", 30, None))
+        .await
+        .expect("send");
+    let reply = until_closed(&mut s).await;
+    assert!(!reply.starts_with(&[0x20]), "no CONNACK in clear text");
+}
+
+#[tokio::test]
+async fn bad_tls_files_are_a_clear_error() {
+    let router = RouterHandle::spawn(0, router_config(10));
+    let gateway = Gateway::start(router, EventBus::new(16), Clock::system())
+        .await
+        .expect("gateway");
+    let mut cfg = ListenerConfig::new("devices", "127.0.0.1:0".parse().expect("addr"));
+    cfg.tls = Some(activation_broker::gateway::TlsConfig {
+        cert_path: "/nonexistent/cert.pem".into(),
+        key_path: "/nonexistent/key.pem".into(),
+    });
+    let err = gateway
+        .listen(cfg, Arc::new(AcceptAll))
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");
+}
+
+#[tokio::test]
+async fn full_router_refuses_with_server_unavailable() {
+    let router = RouterHandle::spawn(0, router_config(1));
+    let gateway = Gateway::start(router, EventBus::new(16), Clock::system())
+        .await
+        .expect("gateway");
+    let cfg = ListenerConfig::new("devices", "127.0.0.1:0".parse().expect("addr"));
+    let listener = gateway
+        .listen(cfg, Arc::new(AcceptAll))
+        .await
+        .expect("listen");
+    let addr = listener.local_addr();
+    let _first = raw_connected(addr, 5, "a", 30, None).await;
+    let mut s = raw(addr).await;
+    s.write_all(&connect_bytes(5, "p.b", "p&b", 30, None))
+        .await
+        .expect("send");
+    let bytes = until_closed(&mut s).await;
+    assert_eq!(bytes.get(3), Some(&0x88), "{bytes:?}");
+    let mut s = raw(addr).await;
+    s.write_all(&connect_bytes(4, "p.b", "p&b", 30, None))
+        .await
+        .expect("send");
+    assert_eq!(until_closed(&mut s).await, vec![0x20, 0x02, 0x00, 0x03]);
+    assert_eq!(gateway.online().len(), 1);
+    // A takeover of the one session still works at capacity.
+    let _again = raw_connected(addr, 4, "a", 30, None).await;
+}
+
+#[tokio::test]
+async fn will_outside_the_namespace_is_refused() {
+    let b = broker().await;
+    let mut s = raw(b.addr).await;
+    s.write_all(&connect_bytes(
+        5,
+        "p.a",
+        "p&a",
+        30,
+        Some(("devices/p/b/status", "x")),
+    ))
+    .await
+    .expect("send");
+    let bytes = until_closed(&mut s).await;
+    assert_eq!(bytes.get(3), Some(&0x87), "{bytes:?}");
+    let mut s = raw(b.addr).await;
+    s.write_all(&connect_bytes(4, "p.a", "p&a", 30, Some(("admin/x", "x"))))
+        .await
+        .expect("send");
+    assert_eq!(until_closed(&mut s).await, vec![0x20, 0x02, 0x00, 0x05]);
+    assert!(b.gateway.online().is_empty());
+}
+
+#[tokio::test]
+async fn takeover_keeps_a_persistent_session() {
+    let mut b = broker().await;
+    let mut o = v5::device(b.addr, "a");
+    o.set_clean_start(false);
+    let mut first = v5::connect(o.clone()).await.expect("first");
+    first
+        .subscribe(&["devices/p/a/down/#"], v5::QoS::AtLeastOnce)
+        .await;
+    wait_event(&mut b.events, EventKind::DeviceConnected, "a").await;
+
+    let mut second = v5::connect(o).await.expect("second");
+    first.closed().await;
+    wait_event(&mut b.events, EventKind::DeviceDisconnected, "a").await;
+
+    // The subscription moved with the session.
+    let mut ob = v4::connect(v4::opts(b.addr, "observer-1", "observer"))
+        .await
+        .expect("observer");
+    ob.client
+        .publish("devices/p/a/down/cmd", v4::QoS::AtLeastOnce, false, "hi")
+        .await
+        .expect("queued");
+    ob.expect(|p| matches!(p, v4::Packet::PubAck(_)).then_some(()))
+        .await;
+    let p = second.publish().await;
+    assert_eq!(&p.topic[..], b"devices/p/a/down/cmd");
+    assert!(b.gateway.online().is_online("p.a"));
+}
+
+#[tokio::test]
+async fn random_bytes_after_connect_never_leak_sessions() {
+    use rand::{Rng, SeedableRng};
+    let bus = EventBus::new(65_536);
+    let mut events = bus.subscribe();
+    let router = RouterHandle::spawn(0, router_config(1000));
+    let gateway = Gateway::start(router, bus, Clock::system())
+        .await
+        .expect("gateway");
+    let cfg = ListenerConfig::new("devices", "127.0.0.1:0".parse().expect("addr"));
+    let listener = gateway
+        .listen(cfg, Arc::new(AcceptAll))
+        .await
+        .expect("listen");
+    let addr = listener.local_addr();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    const N: usize = 300;
+    for i in 0..N {
+        let version = if i % 2 == 0 { 4 } else { 5 };
+        let mut s = raw_connected(addr, version, &format!("f{i}"), 30, None).await;
+        let len = rng.gen_range(1..200);
+        let mut junk: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+        // Often start with a plausible packet type byte.
+        if i % 3 == 0 {
+            junk[0] = [
+                0x30, 0x32, 0x34, 0x82, 0xA2, 0x62, 0x40, 0x50, 0x70, 0x20, 0xB0,
+            ][i % 11];
+        }
+        let _ = s.write_all(&junk).await;
+        drop(s);
+    }
+    let mut ended = 0;
+    tokio::time::timeout(WAIT, async {
+        while ended < N {
+            match events.recv().await {
+                Ok(e) if e.kind == EventKind::DeviceDisconnected => ended += 1,
+                Ok(_) => {}
+                Err(e) => panic!("event bus: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("every session ends");
+    assert!(gateway.online().is_empty());
+    let c = v4::connect(v4::opts(addr, "p.ok", "p&ok"))
+        .await
+        .expect("still serving");
+    c.client.disconnect().await.expect("queued");
+}
+
+#[tokio::test]
+async fn topic_aliases_are_resolved_before_the_acl() {
+    let b = broker().await;
+    let mut ob = observer(b.addr, "devices/p/a/#").await;
+    let mut s = raw_connected(b.addr, 5, "a", 30, None).await;
+    let mut p = BytesMut::new();
+    // PUBLISH "devices/p/a/t", Topic Alias 1, payload "1".
+    p.put_slice(&[0x30, 20, 0x00, 13]);
+    p.put_slice(b"devices/p/a/t");
+    p.put_slice(&[0x03, 0x23, 0x00, 0x01, b'1']);
+    // PUBLISH "" with Topic Alias 1, payload "2".
+    p.put_slice(&[0x30, 7, 0x00, 0x00, 0x03, 0x23, 0x00, 0x01, b'2']);
+    s.write_all(&p).await.expect("send");
+    for payload in [b"1", b"2"] {
+        let m = ob.publish().await;
+        assert_eq!(m.topic, "devices/p/a/t");
+        assert_eq!(&m.payload[..], payload);
+    }
+    // An alias above the advertised maximum (32) ends the session with 0x94.
+    s.write_all(&[0x30, 7, 0x00, 0x00, 0x03, 0x23, 0x00, 99, b'3'])
+        .await
+        .expect("send");
+    let bytes = until_closed(&mut s).await;
+    assert_eq!(bytes.get(2), Some(&0x94), "{bytes:?}");
+
+    // An alias cannot smuggle a topic past the ACL: it resolves to the real
+    // topic, which is checked (PUBACK 0x87 for QoS 1).
+    let mut s = raw_connected(b.addr, 5, "b", 30, None).await;
+    let mut p = BytesMut::new();
+    // PUBLISH QoS 1 "admin/x" pkid 5, alias 1.
+    p.put_slice(&[0x32, 15, 0x00, 7]);
+    p.put_slice(b"admin/x");
+    p.put_slice(&[0x00, 0x05, 0x03, 0x23, 0x00, 0x01, b'x']);
+    s.write_all(&p).await.expect("send");
+    match read_v5(&mut s).await {
+        Some(v5::Packet::PubAck(ack)) => {
+            assert_eq!(ack.pkid, 5);
+            assert_eq!(ack.reason, v5::PubAckReason::NotAuthorized);
+        }
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+}

@@ -353,6 +353,10 @@ where
         peer,
         protocol: version,
         keep_alive: connect.keep_alive,
+        will_topic: will
+            .as_ref()
+            .and_then(|w| std::str::from_utf8(&w.topic).ok())
+            .map(str::to_owned),
         listener: cfg.name.clone(),
         tls: ctx.tls,
     };
@@ -610,12 +614,26 @@ async fn publish_will(gw: &Shared, will: LastWill, props: Option<LastWillPropert
     }
 }
 
+/// Bytes of router output gathered before they are written out.
+const MAX_WRITE_BATCH: usize = 1024 * 1024;
+
+/// Packets a connection may have waiting for the router before it stops
+/// reading its socket (TCP backpressure for publish floods).
+const MAX_PENDING_TO_ROUTER: usize = 1024;
+
 /// Hands `packets` to the router: all but the last straight into the
 /// link's buffer, the last with the notification.
 async fn push_router(gw: &Shared, link_tx: &mut LinkTx, packets: &mut Vec<Packet>) -> bool {
     let Some(last) = packets.pop() else {
         return true;
     };
+    // Bounded wait: a link the router has dropped never drains.
+    for _ in 0..1000 {
+        if link_tx.buffer().len() < MAX_PENDING_TO_ROUTER {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     gw.router.wait_for_room().await;
     link_tx.buffer().extend(packets.drain(..));
     link_tx.send(last).await.is_ok()
@@ -829,7 +847,7 @@ impl Conn<'_> {
                             }
                         }
                         budget -= 1;
-                        if end.is_some() || budget == 0 {
+                        if end.is_some() || budget == 0 || self.wbuf.len() > MAX_WRITE_BATCH {
                             break;
                         }
                         // Take whatever else is ready without waiting.

@@ -66,6 +66,13 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerCtx>, tls: Option<T
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
+                // Finds peers that vanished without a FIN even when their
+                // MQTT keepalive is 0 (none).
+                let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(
+                    &socket2::TcpKeepalive::new()
+                        .with_time(Duration::from_secs(120))
+                        .with_interval(Duration::from_secs(30)),
+                );
                 let ctx = ctx.clone();
                 match &tls {
                     None => {

@@ -2,7 +2,7 @@
 //! rumqttd's router.
 //!
 //! rumqttd's `Server` is not used for clients. Each accepted socket runs one
-//! task ([`connection`]) that detects MQTT 3.1.1 / 5.0 from the CONNECT,
+//! task (`connection.rs`) that detects MQTT 3.1.1 / 5.0 from the CONNECT,
 //! asks an [`Authenticator`] whether to admit it (the activation gate plugs
 //! in here), answers refusals with the exact CONNACK code, and only for
 //! admitted clients creates a router link (`rumqttd::local::LinkBuilder`)
@@ -18,6 +18,25 @@
 //! println!("listening on {}", devices.local_addr());
 //! gateway.online().disconnect("pk.dk", DisconnectReason::NotAuthorized, "code expired");
 //! ```
+//!
+//! Behaviour worth knowing (deliberate choices and rumqttd 0.20 quirks):
+//! - Wills are published by the gateway through its own router link
+//!   (rumqttd only publishes wills on an internal event a local link cannot
+//!   send). Published on every end except a normal DISCONNECT and a session
+//!   takeover, immediately (MQTT 5 Will Delay Interval is not honoured).
+//! - rumqttd disconnects a publisher whose topic no subscription matches
+//!   unless the link has dynamic filters, so every link has them: each
+//!   published topic gets a commit log in the router (see [`router_config`]).
+//! - UNSUBACK and PINGRESP are answered here (the router acks only
+//!   subscribed filters, one UNSUBACK per filter). PUBREL is forwarded
+//!   without properties (the router ignores it otherwise).
+//! - Acks the gateway writes itself (refused PUBLISH, all-refused SUBSCRIBE,
+//!   UNSUBACK) can overtake router acks of earlier packets.
+//! - Not honoured from MQTT 5 CONNECT: Session Expiry Interval (persistent
+//!   sessions live until the router drops them), Receive Maximum and
+//!   Maximum Packet Size of the client, enhanced authentication.
+//! - The authenticator's future has no timeout: a gate that may stall must
+//!   answer `ServerUnavailable` itself.
 
 pub mod acl;
 pub mod codes;
@@ -73,6 +92,12 @@ pub struct ConnectInfo {
     pub protocol: ProtocolVersion,
     /// Seconds; 0 means no keepalive.
     pub keep_alive: u16,
+    /// Topic of the will message, if any (already checked to be a valid
+    /// topic name). The gateway refuses the CONNECT with NotAuthorized after
+    /// admission if it is outside the admitted publish ACL; an authenticator
+    /// that writes durable state should check it first (`Acl::may_publish`)
+    /// so such a refusal never follows a write.
+    pub will_topic: Option<String>,
     /// Name of the listener ([`ListenerConfig::name`]).
     pub listener: String,
     /// Whether the connection came over TLS.
@@ -306,12 +331,14 @@ impl RouterHandle {
     }
 }
 
-/// A router configuration suitable for the broker: `max_connections`
-/// links, small in-memory segments per topic (every published topic gets a
-/// commit log, as filters are dynamic).
+/// A router configuration suitable for the broker: room for
+/// `max_connections` clients (plus the gateway's own link), small in-memory
+/// segments per topic (every published topic gets a commit log, as filters
+/// are dynamic; 4 × 1 MiB per topic bounds what a persistent session can
+/// have queued).
 pub fn router_config(max_connections: usize) -> RouterConfig {
     RouterConfig {
-        max_connections,
+        max_connections: max_connections.saturating_add(1),
         max_outgoing_packet_count: 200,
         max_segment_size: 1024 * 1024,
         max_segment_count: 4,
