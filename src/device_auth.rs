@@ -47,6 +47,26 @@ impl DeviceAuthenticator {
         namespace: &AclTemplate,
         info: &ConnectInfo,
     ) -> Result<Admission, GateRefusal> {
+        // A will outside the device's namespace is refused before anything
+        // reaches the ledger (a malformed user name is left to the gate).
+        if let (Some(topic), Some(user)) = (
+            info.will_topic.as_deref(),
+            info.username
+                .as_deref()
+                .and_then(|u| crate::credentials::parse_user_name(u).ok()),
+        ) {
+            let allowed = namespace
+                .render(&[
+                    ("ProductKey", user.product_key.as_str()),
+                    ("DeviceKey", user.device_key.as_str()),
+                ])
+                .is_ok_and(|acl| acl.may_publish(topic));
+            if !allowed {
+                return Err(GateRefusal::NotAuthorized(format!(
+                    "will topic {topic} is outside the device's namespace"
+                )));
+            }
+        }
         let attempt = ConnectAttempt {
             client_id: &info.client_id,
             user_name: info.username.as_deref(),

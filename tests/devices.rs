@@ -526,3 +526,49 @@ async fn mosquitto_clients_interoperate_with_openssl_computed_credentials() {
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "on");
     assert_eq!(t.consumed(), 2, "two devices activated");
 }
+
+#[tokio::test]
+async fn a_will_outside_the_namespace_is_refused_before_any_code_is_consumed() {
+    let t = start_broker(|_| {}).await;
+    let secret = t.product(PK, 10, 3600).await;
+    let (u, p) = t.creds(PK, "d1", &secret);
+    let mut o = rumqttc::MqttOptions::new("p1.d1", "127.0.0.1", t.addr().port());
+    o.set_credentials(u.as_str(), p.as_str());
+    o.set_last_will(rumqttc::LastWill::new(
+        "devices/p1/d2/status",
+        "gone",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let (_c, mut el) = rumqttc::AsyncClient::new(o, 8);
+    let refused = tokio::time::timeout(WAIT, el.poll())
+        .await
+        .expect("CONNACK in time");
+    assert!(
+        matches!(
+            refused,
+            Err(rumqttc::ConnectionError::ConnectionRefused(
+                rumqttc::ConnectReturnCode::NotAuthorized
+            ))
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(t.consumed(), 0);
+    let mut o = rumqttc::MqttOptions::new("p1.d1", "127.0.0.1", t.addr().port());
+    o.set_credentials(u.as_str(), p.as_str());
+    o.set_last_will(rumqttc::LastWill::new(
+        "devices/p1/d1/status",
+        "gone",
+        QoS::AtLeastOnce,
+        false,
+    ));
+    let (_c, mut el) = rumqttc::AsyncClient::new(o, 8);
+    let ok = tokio::time::timeout(WAIT, el.poll())
+        .await
+        .expect("CONNACK in time");
+    assert!(
+        matches!(ok, Ok(Event::Incoming(Packet::ConnAck(_)))),
+        "{ok:?}"
+    );
+    assert_eq!(t.consumed(), 1);
+}
