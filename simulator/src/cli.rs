@@ -25,7 +25,7 @@ pub enum Command {
     Flood(FloodArgs),
     /// Connect all devices, drop them all abruptly, and have all reconnect at once.
     Storm(StormArgs),
-    /// Devices connect and disconnect at random for --duration seconds.
+    /// Random devices connect at --rate and disconnect at random for --duration seconds.
     Churn(ChurnArgs),
     /// Connected devices publish telemetry to devices/{ProductKey}/{DeviceKey}/telemetry.
     Publish(PublishArgs),
@@ -107,8 +107,8 @@ pub struct CommonArgs {
     /// Write the summary as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// Append each DeviceKey that got CONNACK 0 to this file, one per line,
-    /// as it arrives.
+    /// Write each DeviceKey that got CONNACK 0 to this file, one per line,
+    /// as it arrives (unbuffered; the file is emptied when the run starts).
     #[arg(long, value_name = "FILE")]
     pub accepted_file: Option<PathBuf>,
     /// Spread the devices over N child processes and merge their reports.
@@ -166,11 +166,13 @@ pub struct ChurnArgs {
     /// Seconds to run.
     #[arg(long, default_value_t = 30.0)]
     pub duration: f64,
-    /// Mean seconds a device stays online (uniform in 0..2x).
+    /// Mean seconds a device stays online (uniform in 0..2x). To sustain
+    /// --rate, have at least rate x (online + offline) devices.
     #[arg(long, default_value_t = 5.0)]
     pub online: f64,
-    /// Mean seconds a device stays offline between connects (uniform in 0..2x).
-    #[arg(long, default_value_t = 2.0)]
+    /// Mean seconds a device rests offline before it may be picked again
+    /// (uniform in 0..2x).
+    #[arg(long, default_value_t = 1.0)]
     pub offline: f64,
     /// Fraction of disconnects that drop the connection without DISCONNECT.
     #[arg(long, default_value_t = 0.5)]
