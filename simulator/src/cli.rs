@@ -45,6 +45,13 @@ pub enum Engine {
     Socket,
 }
 
+/// What devices send as Client Identifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClientIdMode {
+    Full,
+    Empty,
+}
+
 /// Options shared by every load scenario.
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
@@ -120,6 +127,10 @@ pub struct CommonArgs {
     /// --expect refused:0x97=5.
     #[arg(long, value_name = "COUNTER=N")]
     pub expect: Vec<Expectation>,
+    /// Client Identifier to send: `full` = {ProductKey}.{DeviceKey}, `empty` =
+    /// none (clean session; the broker assigns the id, SPEC §3).
+    #[arg(long, value_enum, default_value_t = ClientIdMode::Full)]
+    pub client_id: ClientIdMode,
     /// MQTT client implementation.
     #[arg(long, value_enum, default_value_t = Engine::Auto)]
     pub engine: Engine,
@@ -373,6 +384,12 @@ impl CommonArgs {
             self.keepalive.to_string(),
             "--timeout".into(),
             self.timeout.to_string(),
+            "--client-id".into(),
+            match self.client_id {
+                ClientIdMode::Full => "full",
+                ClientIdMode::Empty => "empty",
+            }
+            .into(),
             "--engine".into(),
             match self.engine {
                 Engine::Auto => "auto",

@@ -42,6 +42,8 @@ pub struct Target {
     pub timeout: Duration,
     /// Use the bound-socket client instead of rumqttc's event loop.
     pub own_socket: bool,
+    /// Send an empty Client Identifier (the broker assigns one).
+    pub empty_client_id: bool,
 }
 
 /// The result of one CONNECT.
@@ -291,7 +293,11 @@ pub async fn connect(
         &device.secret,
         now_ms,
     );
-    let id = client_id(&device.product_key, &device.device_key);
+    let id = if target.empty_client_id {
+        String::new()
+    } else {
+        client_id(&device.product_key, &device.device_key)
+    };
     let creds = Credentials { id, user, password };
     let fut = async {
         if target.own_socket || source_ip.is_some() {

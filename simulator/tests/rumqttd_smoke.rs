@@ -4,9 +4,13 @@
 //! activation gate, so it accepts every correctly signed device; a device
 //! with a wrong signature is dropped without CONNACK (rumqttd's behaviour),
 //! which the simulator counts as an error.
+//!
+//! Each test starts its own broker: rumqttd 0.20 can panic (and poison its
+//! listener) when a client id reconnects right after its previous
+//! connection ended, so the tests that reconnect devices (storm, churn) send
+//! empty client ids, and one test's broker cannot break another's.
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use activation_broker::credentials::{parse_user_name, verify};
@@ -24,12 +28,11 @@ fn free_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
-fn broker() -> &'static Ports {
-    static PORTS: OnceLock<Ports> = OnceLock::new();
-    PORTS.get_or_init(|| {
-        let (v4, v5) = (free_port(), free_port());
-        let text = format!(
-            r#"
+/// Starts a rumqttd broker with MQTT 3.1.1 and 5 listeners on free ports.
+fn broker() -> Ports {
+    let (v4, v5) = (free_port(), free_port());
+    let text = format!(
+        r#"
 id = 0
 [router]
 id = 0
@@ -42,63 +45,60 @@ max_segment_count = 10
 name = "v4-1"
 listen = "127.0.0.1:{v4}"
 next_connection_delay_ms = 0
-    [v4.1.connections]
-    connection_timeout_ms = 60000
-    max_payload_size = 20480
-    max_inflight_count = 100
-    dynamic_filters = true
+[v4.1.connections]
+connection_timeout_ms = 60000
+max_payload_size = 20480
+max_inflight_count = 100
+dynamic_filters = true
 
 [v5.1]
 name = "v5-1"
 listen = "127.0.0.1:{v5}"
 next_connection_delay_ms = 0
-    [v5.1.connections]
-    connection_timeout_ms = 60000
-    max_payload_size = 20480
-    max_inflight_count = 100
+[v5.1.connections]
+connection_timeout_ms = 60000
+max_payload_size = 20480
+max_inflight_count = 100
 "#
-        );
-        let mut config: rumqttd::Config = toml::from_str(&text).expect("rumqttd config");
-        let check = |_client_id: String, user: String, pass: String| async move {
-            let Ok(u) = parse_user_name(&user) else {
-                return false;
-            };
-            let now = chrono::Utc::now().timestamp_millis();
-            verify(SECRET, &user, u.timestamp_ms, pass.as_bytes(), now, 300_000).is_ok()
+    );
+    let mut config: rumqttd::Config = toml::from_str(&text).expect("rumqttd config");
+    let check = |_client_id: String, user: String, pass: String| async move {
+        let Ok(u) = parse_user_name(&user) else {
+            return false;
         };
-        for servers in [config.v4.as_mut(), config.v5.as_mut()]
-            .into_iter()
-            .flatten()
-        {
-            for s in servers.values_mut() {
-                s.set_auth_handler(check);
-            }
+        let now = chrono::Utc::now().timestamp_millis();
+        verify(SECRET, &user, u.timestamp_ms, pass.as_bytes(), now, 300_000).is_ok()
+    };
+    for servers in [config.v4.as_mut(), config.v5.as_mut()]
+        .into_iter()
+        .flatten()
+    {
+        for s in servers.values_mut() {
+            s.set_auth_handler(check);
         }
-        std::thread::spawn(move || {
-            let mut broker = rumqttd::Broker::new(config);
-            let _ = broker.start();
-        });
-        for port in [v4, v5] {
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let mut up = false;
-            for _ in 0..200 {
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
-                    up = true;
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(25));
+    }
+    std::thread::spawn(move || {
+        let mut broker = rumqttd::Broker::new(config);
+        let _ = broker.start();
+    });
+    for port in [v4, v5] {
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let mut up = false;
+        for _ in 0..200 {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                up = true;
+                break;
             }
-            assert!(up, "rumqttd did not start on {port}");
+            std::thread::sleep(Duration::from_millis(25));
         }
-        Ports { v4, v5 }
-    })
+        assert!(up, "rumqttd did not start on {port}");
+    }
+    Ports { v4, v5 }
 }
 
-fn port(protocol: u8) -> u16 {
-    if protocol == 5 {
-        broker().v5
-    } else {
-        broker().v4
+impl Ports {
+    fn port(&self, protocol: u8) -> String {
+        if protocol == 5 { self.v5 } else { self.v4 }.to_string()
     }
 }
 
@@ -111,11 +111,12 @@ async fn sim(args: &[&str]) -> Report {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flood_connects_and_counts() {
+    let ports = broker();
     for protocol in [4u8, 5] {
         for engine in ["rumqttc", "socket"] {
             let dir = tempfile::tempdir().expect("tempdir");
             let accepted = dir.path().join("accepted.txt");
-            let p = port(protocol).to_string();
+            let p = ports.port(protocol);
             let proto = protocol.to_string();
             let prefix = format!("flood-{protocol}-{engine}-");
             let r = sim(&[
@@ -163,7 +164,8 @@ async fn flood_connects_and_counts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_secret_is_not_accepted() {
-    let p = port(4).to_string();
+    let ports = broker();
+    let p = ports.port(4);
     let r = sim(&[
         "flood",
         "--port",
@@ -193,7 +195,8 @@ async fn wrong_secret_is_not_accepted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storm_reconnects_everyone() {
-    let p = port(5).to_string();
+    let ports = broker();
+    let p = ports.port(5);
     let r = sim(&[
         "storm",
         "--port",
@@ -208,6 +211,8 @@ async fn storm_reconnects_everyone() {
         "30",
         "--prefix",
         "storm-",
+        "--client-id",
+        "empty",
         "--settle",
         "0.2",
         "--hold",
@@ -225,8 +230,9 @@ async fn storm_reconnects_everyone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publish_counts_acked_telemetry() {
+    let ports = broker();
     for protocol in [4u8, 5] {
-        let p = port(protocol).to_string();
+        let p = ports.port(protocol);
         let proto = protocol.to_string();
         let prefix = format!("pub-{protocol}-");
         // From a second loopback address through the bound-socket client.
@@ -263,7 +269,7 @@ async fn publish_counts_acked_telemetry() {
         assert!(m.sent_per_sec > 0.0);
     }
     // And through rumqttc's client.
-    let p = port(5).to_string();
+    let p = ports.port(5);
     let r = sim(&[
         "publish",
         "--port",
@@ -289,7 +295,8 @@ async fn publish_counts_acked_telemetry() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn churn_runs_for_its_duration() {
-    let p = port(4).to_string();
+    let ports = broker();
+    let p = ports.port(4);
     let started = std::time::Instant::now();
     let r = sim(&[
         "churn",
@@ -305,6 +312,8 @@ async fn churn_runs_for_its_duration() {
         "10",
         "--prefix",
         "churn-",
+        "--client-id",
+        "empty",
         "--duration",
         "1.5",
         "--online",
@@ -323,7 +332,8 @@ async fn churn_runs_for_its_duration() {
 
 #[test]
 fn workers_merge_their_reports() {
-    let p = port(4).to_string();
+    let ports = broker();
+    let p = ports.port(4);
     let dir = tempfile::tempdir().expect("tempdir");
     let json = dir.path().join("report.json");
     let accepted = dir.path().join("accepted.txt");
