@@ -63,6 +63,10 @@ max_inflight_count = 100
     );
     let mut config: rumqttd::Config = toml::from_str(&text).expect("rumqttd config");
     let check = |_client_id: String, user: String, pass: String| async move {
+        // Accounts for the setup test.
+        if (user == "admin" || user == "responder") && pass == "pw" {
+            return true;
+        }
         let Ok(u) = parse_user_name(&user) else {
             return false;
         };
@@ -407,4 +411,205 @@ fn workers_merge_their_reports() {
         .expect("run activation-sim");
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stdout).contains("expected refused:0x05=3, got 0"));
+}
+
+/// A stand-in for the admin plane's request/response contract (SPEC §4),
+/// which is being built elsewhere: answers CreateProduct, RegisterDevices
+/// and CreateOrder on `admin/v1/{account}/response`, with `Conflict` for a
+/// ProductKey it has seen. Only the wire contract matters to `setup`.
+fn spawn_admin_responder(port: u16) -> tokio::task::JoinHandle<()> {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    use serde_json::{json, Value};
+    let mut opts = MqttOptions::new("admin-responder", "127.0.0.1", port);
+    opts.set_credentials("responder", "pw");
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    tokio::spawn(async move {
+        let mut products = std::collections::HashSet::new();
+        let mut subscribed = false;
+        loop {
+            let event = match eventloop.poll().await {
+                Ok(e) => e,
+                Err(_) => return,
+            };
+            match event {
+                Event::Incoming(Packet::ConnAck(_)) if !subscribed => {
+                    subscribed = true;
+                    let _ = client
+                        .subscribe("admin/v1/+/request", QoS::AtLeastOnce)
+                        .await;
+                }
+                Event::Incoming(Packet::Publish(p)) => {
+                    let account = p.topic.split('/').nth(2).unwrap_or("").to_owned();
+                    let Ok(req) = serde_json::from_slice::<Value>(&p.payload) else {
+                        continue;
+                    };
+                    let rid = req["RequestId"].clone();
+                    let pk = req["ProductKey"].as_str().unwrap_or("").to_owned();
+                    let resp = match req["Action"].as_str() {
+                        Some("CreateProduct") if products.contains(&pk) => json!({
+                            "RequestId": rid, "Code": "Conflict",
+                            "Message": format!("product {pk} exists")}),
+                        Some("CreateProduct") => {
+                            products.insert(pk);
+                            json!({"RequestId": rid, "Code": "OK", "Message": "",
+                                   "ProductSecret": SECRET})
+                        }
+                        Some("RegisterDevices") => {
+                            let secrets: Vec<Value> = req["DeviceKeys"]
+                                .as_array()
+                                .cloned()
+                                .unwrap_or_default()
+                                .into_iter()
+                                .map(|k| json!({"DeviceKey": k, "DeviceSecret": SECRET}))
+                                .collect();
+                            json!({"RequestId": rid, "Code": "OK", "Message": "",
+                                   "DeviceSecrets": secrets})
+                        }
+                        Some("CreateOrder") => json!({
+                            "RequestId": rid, "Code": "OK", "Message": "",
+                            "OrderId": "order-1", "Quantity": req["Quantity"],
+                            "ProductKey": req["ProductKey"]}),
+                        _ => json!({"RequestId": rid, "Code": "InvalidParameter",
+                                    "Message": "unknown action"}),
+                    };
+                    // An unrelated response first: setup must match RequestIds.
+                    let _ = client
+                        .publish(
+                            format!("admin/v1/{account}/response"),
+                            QoS::AtLeastOnce,
+                            false,
+                            json!({"RequestId": "someone-else", "Code": "OK"}).to_string(),
+                        )
+                        .await;
+                    let _ = client
+                        .publish(
+                            format!("admin/v1/{account}/response"),
+                            QoS::AtLeastOnce,
+                            false,
+                            resp.to_string(),
+                        )
+                        .await;
+                }
+                _ => {}
+            }
+        }
+    })
+}
+
+async fn run_setup(port: &str, product_key: &str, extra: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_activation-sim"))
+        .args([
+            "setup",
+            "--port",
+            port,
+            "--account",
+            "admin",
+            "--password",
+            "pw",
+            "--product-key",
+            product_key,
+            "--devices",
+            "12",
+            "--device-port",
+            port,
+            "--timeout",
+            "5",
+        ])
+        .args(extra)
+        .output()
+        .await
+        .expect("run setup")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_creates_product_and_order_and_prints_a_working_flood() {
+    let ports = broker();
+    let responder = spawn_admin_responder(ports.v4);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let exe = env!("CARGO_BIN_EXE_activation-sim");
+    let v4 = ports.port(4);
+    let out = run_setup(&v4, "prodA", &[]).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("product secret: {SECRET}")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("order-1"), "{stdout}");
+    let run_line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("run: "))
+        .expect("flood command line");
+    // The printed command works as printed.
+    let mut argv: Vec<&str> = run_line.split(' ').collect();
+    assert_eq!(argv.remove(0), "activation-sim");
+    argv.extend([
+        "--protocol",
+        "4",
+        "--hold",
+        "0",
+        "--quiet",
+        "--expect",
+        "accepted=12",
+    ]);
+    let flood = std::process::Command::new(exe)
+        .args(&argv)
+        .output()
+        .expect("run flood");
+    assert!(
+        flood.status.success(),
+        "{}",
+        String::from_utf8_lossy(&flood.stdout)
+    );
+
+    // The same ProductKey again: the error code and message come through.
+    let out = run_setup(&v4, "prodA", &[]).await;
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("CreateProduct failed: Conflict"),
+        "{stderr}"
+    );
+
+    // device-secret: RegisterDevices secrets land in a file flood can use.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let secrets = dir.path().join("secrets.json");
+    let secrets_arg = secrets.display().to_string();
+    let out = run_setup(
+        &v4,
+        "prodB",
+        &[
+            "--auth-mode",
+            "device-secret",
+            "--secrets-out",
+            &secrets_arg,
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = sim(&[
+        "flood",
+        "--port",
+        &v4,
+        "--protocol",
+        "4",
+        "--product-key",
+        "prodB",
+        "--secrets",
+        &secrets_arg,
+        "--hold",
+        "0",
+        "--quiet",
+    ])
+    .await;
+    assert_eq!((r.attempted, r.accepted), (12, 12), "{r:?}");
+    responder.abort();
 }
