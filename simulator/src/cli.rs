@@ -23,7 +23,8 @@ pub struct Cli {
 pub enum Command {
     /// New devices connect (at --rate) and hold their connection for --hold seconds.
     Flood(FloodArgs),
-    /// Connect all devices, drop them all abruptly, and have all reconnect at once.
+    /// Connect all devices (at --rate), drop them all abruptly, and have all reconnect at
+    /// once (bounded only by --concurrency). The summary is the reconnect phase.
     Storm(StormArgs),
     /// Random devices connect at --rate and disconnect at random for --duration seconds.
     Churn(ChurnArgs),
@@ -131,7 +132,8 @@ pub struct CommonArgs {
     /// none (clean session; the broker assigns the id, SPEC §3).
     #[arg(long, value_enum, default_value_t = ClientIdMode::Full)]
     pub client_id: ClientIdMode,
-    /// MQTT client implementation.
+    /// MQTT client implementation (only `socket` sees MQTT 5 Reason Strings of
+    /// refusals).
     #[arg(long, value_enum, default_value_t = Engine::Auto)]
     pub engine: Engine,
     /// No live progress on stderr.
