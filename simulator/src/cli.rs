@@ -23,9 +23,10 @@ pub struct Cli {
 pub enum Command {
     /// New devices connect (at --rate) and hold their connection for --hold seconds.
     Flood(FloodArgs),
-    /// Connect all devices, drop them all abruptly, and have all reconnect at once.
+    /// Connect all devices (at --rate), drop them all abruptly, and have all reconnect at
+    /// once (bounded only by --concurrency). The summary is the reconnect phase.
     Storm(StormArgs),
-    /// Devices connect and disconnect at random for --duration seconds.
+    /// Random devices connect at --rate and disconnect at random for --duration seconds.
     Churn(ChurnArgs),
     /// Connected devices publish telemetry to devices/{ProductKey}/{DeviceKey}/telemetry.
     Publish(PublishArgs),
@@ -43,6 +44,13 @@ pub enum Engine {
     /// The simulator's own client on a bound tokio socket, speaking MQTT with
     /// rumqttc's packet codec.
     Socket,
+}
+
+/// What devices send as Client Identifier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClientIdMode {
+    Full,
+    Empty,
 }
 
 /// Options shared by every load scenario.
@@ -107,8 +115,8 @@ pub struct CommonArgs {
     /// Write the summary as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
-    /// Append each DeviceKey that got CONNACK 0 to this file, one per line,
-    /// as it arrives.
+    /// Write each DeviceKey that got CONNACK 0 to this file, one per line,
+    /// as it arrives (unbuffered; the file is emptied when the run starts).
     #[arg(long, value_name = "FILE")]
     pub accepted_file: Option<PathBuf>,
     /// Spread the devices over N child processes and merge their reports.
@@ -120,7 +128,12 @@ pub struct CommonArgs {
     /// --expect refused:0x97=5.
     #[arg(long, value_name = "COUNTER=N")]
     pub expect: Vec<Expectation>,
-    /// MQTT client implementation.
+    /// Client Identifier to send: `full` = {ProductKey}.{DeviceKey}, `empty` =
+    /// none (clean session; the broker assigns the id, SPEC §3).
+    #[arg(long, value_enum, default_value_t = ClientIdMode::Full)]
+    pub client_id: ClientIdMode,
+    /// MQTT client implementation (only `socket` sees MQTT 5 Reason Strings of
+    /// refusals).
     #[arg(long, value_enum, default_value_t = Engine::Auto)]
     pub engine: Engine,
     /// No live progress on stderr.
@@ -166,11 +179,13 @@ pub struct ChurnArgs {
     /// Seconds to run.
     #[arg(long, default_value_t = 30.0)]
     pub duration: f64,
-    /// Mean seconds a device stays online (uniform in 0..2x).
+    /// Mean seconds a device stays online (uniform in 0..2x). To sustain
+    /// --rate, have at least rate x (online + offline) devices.
     #[arg(long, default_value_t = 5.0)]
     pub online: f64,
-    /// Mean seconds a device stays offline between connects (uniform in 0..2x).
-    #[arg(long, default_value_t = 2.0)]
+    /// Mean seconds a device rests offline before it may be picked again
+    /// (uniform in 0..2x).
+    #[arg(long, default_value_t = 1.0)]
     pub offline: f64,
     /// Fraction of disconnects that drop the connection without DISCONNECT.
     #[arg(long, default_value_t = 0.5)]
@@ -371,6 +386,12 @@ impl CommonArgs {
             self.keepalive.to_string(),
             "--timeout".into(),
             self.timeout.to_string(),
+            "--client-id".into(),
+            match self.client_id {
+                ClientIdMode::Full => "full",
+                ClientIdMode::Empty => "empty",
+            }
+            .into(),
             "--engine".into(),
             match self.engine {
                 Engine::Auto => "auto",

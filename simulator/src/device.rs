@@ -42,6 +42,8 @@ pub struct Target {
     pub timeout: Duration,
     /// Use the bound-socket client instead of rumqttc's event loop.
     pub own_socket: bool,
+    /// Send an empty Client Identifier (the broker assigns one).
+    pub empty_client_id: bool,
 }
 
 /// The result of one CONNECT.
@@ -65,7 +67,9 @@ impl Attempt {
     pub fn record(&self, stats: &Stats) {
         match &self.outcome {
             Outcome::Accepted(_) => stats.accepted(self.latency),
-            Outcome::Refused { code, .. } => stats.refused(*code, self.latency),
+            Outcome::Refused { code, reason } => {
+                stats.refused_because(*code, reason.as_deref(), self.latency)
+            }
             Outcome::Error(e) => stats.error(e),
             Outcome::Timeout => stats.timeout(),
         }
@@ -291,7 +295,11 @@ pub async fn connect(
         &device.secret,
         now_ms,
     );
-    let id = client_id(&device.product_key, &device.device_key);
+    let id = if target.empty_client_id {
+        String::new()
+    } else {
+        client_id(&device.product_key, &device.device_key)
+    };
     let creds = Credentials { id, user, password };
     let fut = async {
         if target.own_socket || source_ip.is_some() {
@@ -902,6 +910,44 @@ mod own {
             let mut buf = BytesMut::from(&[0x20u8, 0x03, 0x00, 0x97, 0x00][..]);
             match codec.decode(&mut buf) {
                 Ok(Some(In::ConnAck { code, .. })) => assert_eq!(code, 0x97),
+                other => panic!("{other:?}"),
+            }
+            // With a Reason String, as the activation broker sends them.
+            let ack = v5::ConnAck {
+                session_present: false,
+                code: v5::ConnectReturnCode::QuotaExceeded,
+                properties: Some(v5::ConnAckProperties {
+                    session_expiry_interval: None,
+                    receive_max: None,
+                    max_qos: None,
+                    retain_available: None,
+                    max_packet_size: None,
+                    assigned_client_identifier: None,
+                    topic_alias_max: None,
+                    reason_string: Some("no activation code available for product P".into()),
+                    user_properties: Vec::new(),
+                    wildcard_subscription_available: None,
+                    subscription_identifiers_available: None,
+                    shared_subscription_available: None,
+                    server_keep_alive: None,
+                    response_information: None,
+                    server_reference: None,
+                    authentication_method: None,
+                    authentication_data: None,
+                }),
+            };
+            let mut buf = BytesMut::new();
+            v5::Packet::ConnAck(ack)
+                .write(&mut buf, None)
+                .expect("encode");
+            match codec.decode(&mut buf) {
+                Ok(Some(In::ConnAck { code, reason })) => {
+                    assert_eq!(code, 0x97);
+                    assert_eq!(
+                        reason.as_deref(),
+                        Some("no activation code available for product P")
+                    );
+                }
                 other => panic!("{other:?}"),
             }
             let codec = Codec::new(4);

@@ -32,7 +32,7 @@ use clap::Parser;
 use tokio::sync::Semaphore;
 
 use crate::bucket::{SharedBucket, TokenBucket};
-use crate::cli::{Cli, Command, Engine};
+use crate::cli::{Cli, ClientIdMode, Command, Engine};
 use crate::device::Target;
 use crate::progress::Mode;
 pub use crate::report::Report;
@@ -109,6 +109,7 @@ pub async fn run(cmd: Command) -> Result<Report> {
         keepalive: common.keepalive,
         timeout,
         own_socket: common.engine == Engine::Socket || !common.source_ip.is_empty(),
+        empty_client_id: common.client_id == ClientIdMode::Empty,
     };
     let ctx = Arc::new(Ctx {
         target,

@@ -42,7 +42,9 @@ pub fn ensure_open_files(connections: u64, workers_hint: bool) -> Result<u64> {
         format!(
             "spread the devices over several processes with --workers {} \
              (each process gets its own limit), or raise the hard limit (ulimit -Hn)",
-            needed.div_ceil(hard.saturating_sub(RESERVED_FDS).max(1)) + 1
+            connections
+                .div_ceil(hard.saturating_sub(RESERVED_FDS).max(1))
+                .max(2)
         )
     } else {
         "raise the hard limit (ulimit -Hn) or use more --workers".to_owned()

@@ -64,7 +64,14 @@ async fn async_main(cmd: Command) -> ExitCode {
     if common.worker_mode {
         return ExitCode::SUCCESS;
     }
-    print!("{}", report.table());
+    let show_initial = matches!(&cmd, Command::Storm(a) if a.show_initial);
+    if show_initial {
+        print!("{}", report.table());
+    } else {
+        let mut shown = report.clone();
+        shown.initial_phase = None;
+        print!("{}", shown.table());
+    }
     let failures = check_expectations(&report, &common.expect);
     if failures.is_empty() {
         if !common.expect.is_empty() {

@@ -17,11 +17,9 @@ const MAX_LATENCY_US: u64 = 3_600_000_000;
 const MAX_ERROR_KINDS: usize = 32;
 
 fn new_histogram() -> Histogram<u64> {
-    // Bounds are constants that hdrhistogram accepts; fall back to an
-    // auto-resizing histogram if that ever changes.
-    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
-        .or_else(|_| Histogram::new(3))
-        .unwrap_or_else(|_| Histogram::new_with_max(MAX_LATENCY_US, 2).expect("valid bounds"))
+    // Constant bounds (1 us .. 1 h, 3 significant digits) that hdrhistogram
+    // accepts; nothing here depends on input.
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("constant histogram bounds are valid")
 }
 
 /// The name of a CONNACK code for the protocol in use.
@@ -96,6 +94,7 @@ pub struct Stats {
     latency_us: Mutex<Histogram<u64>>,
     error_kinds: Mutex<BTreeMap<String, u64>>,
     disconnect_reasons: Mutex<BTreeMap<String, u64>>,
+    refusal_reasons: Mutex<BTreeMap<String, u64>>,
     /// First attempt and last connect result, for the connect rate.
     window: Mutex<(Option<Instant>, Option<Instant>)>,
     msg_window: Mutex<(Option<Instant>, Option<Instant>)>,
@@ -118,6 +117,7 @@ impl Default for Stats {
             latency_us: Mutex::new(new_histogram()),
             error_kinds: Mutex::new(BTreeMap::new()),
             disconnect_reasons: Mutex::new(BTreeMap::new()),
+            refusal_reasons: Mutex::new(BTreeMap::new()),
             window: Mutex::new((None, None)),
             msg_window: Mutex::new((None, None)),
         }
@@ -173,6 +173,17 @@ impl Stats {
     }
 
     pub fn refused(&self, code: u8, latency: Duration) {
+        self.refused_because(code, None, latency);
+    }
+
+    /// A refusal with the MQTT 5 Reason String, when the client saw one.
+    pub fn refused_because(&self, code: u8, reason: Option<&str>, latency: Duration) {
+        if let Some(reason) = reason {
+            count_kind(
+                &self.refusal_reasons,
+                &format!("{} {reason}", code_key(code)),
+            );
+        }
         self.record_latency(latency);
         *lock(&self.refused).entry(code).or_insert(0) += 1;
         self.refused_total.fetch_add(1, Ordering::Relaxed);
@@ -283,6 +294,7 @@ impl Stats {
             messages,
             error_kinds: lock(&self.error_kinds).clone(),
             server_disconnect_reasons: lock(&self.disconnect_reasons).clone(),
+            refusal_reasons: lock(&self.refusal_reasons).clone(),
             initial_phase: None,
             latency_histogram_us: Some(histogram_to_pairs(&hist)),
         }
@@ -372,6 +384,10 @@ pub struct Report {
     /// DISCONNECT reason code and reason string.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub server_disconnect_reasons: BTreeMap<String, u64>,
+    /// MQTT 5 refusals by code and Reason String (first few kinds; only the
+    /// bound-socket client sees reason strings).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub refusal_reasons: BTreeMap<String, u64>,
     /// `storm`: the initial connect phase (the report itself is the
     /// reconnect phase).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -444,6 +460,9 @@ impl Report {
             out.duration_s = out.duration_s.max(r.duration_s);
             for (kind, n) in &r.error_kinds {
                 *out.error_kinds.entry(kind.clone()).or_insert(0) += n;
+            }
+            for (kind, n) in &r.refusal_reasons {
+                *out.refusal_reasons.entry(kind.clone()).or_insert(0) += n;
             }
             for (kind, n) in &r.server_disconnect_reasons {
                 *out.server_disconnect_reasons
@@ -524,6 +543,9 @@ impl Report {
                 .map(|c| code_name(self.protocol, c))
                 .unwrap_or("unknown");
             row(&mut s, &format!("  {key} {name}"), n.to_string());
+        }
+        for (reason, n) in &self.refusal_reasons {
+            let _ = writeln!(s, "    {n:>8}  {reason}");
         }
         row(&mut s, "errors", self.errors.to_string());
         row(&mut s, "timeouts", self.timeouts.to_string());
@@ -868,9 +890,27 @@ mod tests {
 
     #[test]
     fn table_names_codes() {
-        let r = sample(1, 1, &[1, 2]);
+        let stats = Stats::new();
+        stats.attempt();
+        stats.refused_because(
+            0x97,
+            Some("no activation code available for product P"),
+            Duration::from_millis(1),
+        );
+        let r = stats.report("flood", 5, false);
+        assert_eq!(
+            r.refusal_reasons
+                .get("0x97 no activation code available for product P"),
+            Some(&1)
+        );
         let t = r.table();
         assert!(t.contains("0x97 Quota exceeded"), "{t}");
+        assert!(
+            t.contains("no activation code available for product P"),
+            "{t}"
+        );
+        let merged = Report::merge(&[r.clone(), r]);
+        assert_eq!(merged.refusal_reasons.values().sum::<u64>(), 2);
         assert_eq!(code_name(4, 5), "not authorized");
         assert_eq!(code_name(5, 0x9F), "Connection rate exceeded");
     }
