@@ -243,6 +243,10 @@ pub enum Refusal {
     StoreUnavailable(String),
 }
 
+fn writer_stopped() -> Refusal {
+    Refusal::StoreUnavailable("ledger writer stopped".into())
+}
+
 /// A handle to the ledger; cheap to clone.
 #[derive(Clone)]
 pub struct Ledger {
@@ -320,25 +324,16 @@ impl Ledger {
     /// renew if allowed; otherwise the precise refusal. A consumption is
     /// answered only after it is flushed.
     pub async fn connect(&self, product_key: &str, device_key: &str) -> Result<Admitted, Refusal> {
-        let now = self.inner.clock.now();
-        if let Some(expire_at) = self.inner.fast.valid_until(product_key, device_key, now) {
-            return Ok(Admitted {
-                expire_at,
-                consumed: None,
-            });
-        }
-        let (tx, rx) = oneshot::channel();
+        let (request, rx) = match self.connect_request(product_key, device_key) {
+            Ok(admitted) => return Ok(admitted),
+            Err(pending) => pending,
+        };
         self.inner
             .writer
-            .send(Request::Connect {
-                product_key: product_key.to_owned(),
-                device_key: device_key.to_owned(),
-                reply: tx,
-            })
+            .send(request)
             .await
             .map_err(|e| Refusal::StoreUnavailable(e.to_string()))?;
-        rx.await
-            .map_err(|_| Refusal::StoreUnavailable("ledger writer stopped".into()))?
+        rx.await.map_err(|_| writer_stopped())?
     }
 
     /// The connect decision for a caller that is not async (tests, tools).
@@ -347,6 +342,25 @@ impl Ledger {
         product_key: &str,
         device_key: &str,
     ) -> Result<Admitted, Refusal> {
+        let (request, rx) = match self.connect_request(product_key, device_key) {
+            Ok(admitted) => return Ok(admitted),
+            Err(pending) => pending,
+        };
+        self.inner
+            .writer
+            .send_blocking(request)
+            .map_err(|e| Refusal::StoreUnavailable(e.to_string()))?;
+        rx.blocking_recv().map_err(|_| writer_stopped())?
+    }
+
+    /// The fast path's admission, or the request for the writer and where
+    /// its answer will come.
+    #[allow(clippy::type_complexity, clippy::result_large_err)]
+    fn connect_request(
+        &self,
+        product_key: &str,
+        device_key: &str,
+    ) -> Result<Admitted, (Request, oneshot::Receiver<Result<Admitted, Refusal>>)> {
         let now = self.inner.clock.now();
         if let Some(expire_at) = self.inner.fast.valid_until(product_key, device_key, now) {
             return Ok(Admitted {
@@ -355,16 +369,14 @@ impl Ledger {
             });
         }
         let (tx, rx) = oneshot::channel();
-        self.inner
-            .writer
-            .send_blocking(Request::Connect {
+        Err((
+            Request::Connect {
                 product_key: product_key.to_owned(),
                 device_key: device_key.to_owned(),
                 reply: tx,
-            })
-            .map_err(|e| Refusal::StoreUnavailable(e.to_string()))?;
-        rx.blocking_recv()
-            .map_err(|_| Refusal::StoreUnavailable("ledger writer stopped".into()))?
+            },
+            rx,
+        ))
     }
 
     /// Only the fast-path check: `Some(expire_at)` if the device holds a
