@@ -122,6 +122,41 @@ pub async fn next_event(rx: &mut broadcast::Receiver<Event>, kind: EventKind) ->
     .unwrap_or_else(|_| panic!("no {kind:?} event"))
 }
 
+/// `connect(addr, id, user, pass)`: `Ok` once CONNACK 0 arrived (the event
+/// loop must then be polled), else the CONNACK code. One body for the v4
+/// and v5 clients, whose types differ.
+macro_rules! connect_fn {
+    () => {
+        pub async fn connect(
+            addr: SocketAddr,
+            id: &str,
+            user: &str,
+            pass: &str,
+        ) -> Result<(AsyncClient, EventLoop), u8> {
+            let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+            o.set_credentials(user, pass);
+            o.set_keep_alive(Duration::from_secs(30));
+            let (c, mut el) = AsyncClient::new(o, 64);
+            let r = tokio::time::timeout(WAIT, async {
+                loop {
+                    match el.poll().await {
+                        Ok(Event::Incoming(Packet::ConnAck(a))) => return Ok(code(a.code)),
+                        Ok(_) => {}
+                        Err(ConnectionError::ConnectionRefused(c)) => return Err(code(c)),
+                        Err(e) => panic!("connection failed: {e}"),
+                    }
+                }
+            })
+            .await
+            .expect("CONNACK in time");
+            match r {
+                Ok(0) => Ok((c, el)),
+                Ok(c) | Err(c) => Err(c),
+            }
+        }
+    };
+}
+
 pub mod v4 {
     use super::*;
     use rumqttc::{
@@ -139,34 +174,7 @@ pub mod v4 {
         }
     }
 
-    /// Connects; `Ok` once CONNACK 0 arrived (the event loop must then be polled).
-    pub async fn connect(
-        addr: SocketAddr,
-        id: &str,
-        user: &str,
-        pass: &str,
-    ) -> Result<(AsyncClient, EventLoop), u8> {
-        let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
-        o.set_credentials(user, pass);
-        o.set_keep_alive(Duration::from_secs(30));
-        let (c, mut el) = AsyncClient::new(o, 64);
-        let r = tokio::time::timeout(WAIT, async {
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(a))) => return Ok(code(a.code)),
-                    Ok(_) => {}
-                    Err(ConnectionError::ConnectionRefused(c)) => return Err(code(c)),
-                    Err(e) => panic!("connection failed: {e}"),
-                }
-            }
-        })
-        .await
-        .expect("CONNACK in time");
-        match r {
-            Ok(0) => Ok((c, el)),
-            Ok(c) | Err(c) => Err(c),
-        }
-    }
+    connect_fn!();
 }
 
 pub mod v5 {
@@ -203,33 +211,7 @@ pub mod v5 {
         }
     }
 
-    pub async fn connect(
-        addr: SocketAddr,
-        id: &str,
-        user: &str,
-        pass: &str,
-    ) -> Result<(AsyncClient, EventLoop), u8> {
-        let mut o = MqttOptions::new(id, addr.ip().to_string(), addr.port());
-        o.set_credentials(user, pass);
-        o.set_keep_alive(Duration::from_secs(30));
-        let (c, mut el) = AsyncClient::new(o, 64);
-        let r = tokio::time::timeout(WAIT, async {
-            loop {
-                match el.poll().await {
-                    Ok(Event::Incoming(Packet::ConnAck(a))) => return Ok(code(a.code)),
-                    Ok(_) => {}
-                    Err(ConnectionError::ConnectionRefused(c)) => return Err(code(c)),
-                    Err(e) => panic!("connection failed: {e}"),
-                }
-            }
-        })
-        .await
-        .expect("CONNACK in time");
-        match r {
-            Ok(0) => Ok((c, el)),
-            Ok(c) | Err(c) => Err(c),
-        }
-    }
+    connect_fn!();
 }
 
 /// Raw MQTT 5 CONNECT; returns the CONNACK's reason code and Reason String.
