@@ -33,8 +33,10 @@ use super::accounts::{response_topic, valid_account_name, Accounts};
 use super::{handle, respond, AdminContext, AdminError};
 use crate::events::Event;
 
-/// Client id of the service's router link.
-pub const ADMIN_CLIENT_ID: &str = "$admin";
+/// Client id of the service's router link. Contains NUL, which no accepted
+/// client id may contain (the gateway refuses it), so no client can take
+/// over the admin session; rumqttd refuses `$`, `+`, `#` and `/` in ids.
+pub const ADMIN_CLIENT_ID: &str = "\0admin-service";
 /// What the service subscribes to.
 pub const REQUEST_FILTER: &str = "admin/v1/+/request";
 /// Prefix of the event topics: `admin/v1/events/{kind}`.
