@@ -237,6 +237,7 @@ fn free_port() -> u16 {
 struct Listener {
     port: u16,
     _service: AdminService,
+    _sink: (rumqttd::local::LinkTx, rumqttd::local::LinkRx),
     t: TestLedger,
 }
 
@@ -293,6 +294,13 @@ async fn listener(password: &str) -> Listener {
     };
     let mut broker = rumqttd::Broker::new(config);
     let (link_tx, link_rx) = broker.link("admin-service").expect("admin link");
+    // `Broker::link` has no dynamic filters: a publish to a topic nobody
+    // subscribes to would drop the admin link. (The broker's own links have
+    // them; here a sink keeps a filter over every event topic.)
+    let (mut sink_tx, sink_rx) = broker.link("events-sink").expect("sink link");
+    sink_tx
+        .subscribe("admin/v1/events/#")
+        .expect("sink subscribes");
     std::thread::spawn(move || {
         let _ = broker.start();
     });
@@ -317,6 +325,7 @@ async fn listener(password: &str) -> Listener {
     Listener {
         port,
         _service: service,
+        _sink: (sink_tx, sink_rx),
         t,
     }
 }
@@ -390,4 +399,34 @@ async fn cli_requests_over_mqtt5() {
         .await
         .expect("runs");
     assert_eq!(code, EXIT_FAILURE, "not an action");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_events_prints_relayed_events() {
+    use activation_broker::events::{Event, EventKind};
+    let l = listener("pw-2").await;
+    let mut watcher = tokio::spawn(cli::run(args(
+        l.port,
+        "pw-2",
+        "events",
+        &["--kind", "pool/low", "--count", "1"],
+    )));
+    // The watcher subscribes at some point; publish until it has seen one.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        l.t.events.publish(
+            Event::new(EventKind::PoolLow, l.t.clock.now())
+                .with("ProductKey", "p1")
+                .with("Available", 1),
+        );
+        match tokio::time::timeout(Duration::from_millis(50), &mut watcher).await {
+            Ok(joined) => break joined.expect("joined").expect("runs"),
+            Err(_) => assert!(tokio::time::Instant::now() < deadline, "no event seen"),
+        }
+    };
+    assert_eq!(code, 0);
+    let code = cli::run(args(l.port, "pw-2", "events", &["--kind", "nope"]))
+        .await
+        .expect("runs");
+    assert_eq!(code, EXIT_FAILURE);
 }

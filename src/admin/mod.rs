@@ -13,6 +13,21 @@
 //! - [`announcer`]: the near-expiry announcer (`device/expiring`).
 //! - [`cli`]: `activation-broker admin ...`, the operator CLI over MQTT.
 //!
+//! Wiring (in `serve`, next to the gateway):
+//! ```ignore
+//! // config: `#[serde(default)] pub accounts: Vec<admin::accounts::AccountConfig>`
+//! let accounts = Arc::new(Accounts::load(&config.accounts, &config.data_dir)?);
+//! let ctx = AdminContext::new(ledger.clone(), config.ledger.near_expiry_days);
+//! let r = router.clone(); // gateway::RouterHandle (its links have dynamic filters)
+//! let admin = AdminService::start(ctx, accounts.clone(), move |id: &str| {
+//!     r.link_blocking(id, true).map(|(tx, rx, _ack)| (tx, rx)).map_err(anyhow::Error::from)
+//! }).await?;
+//! let announcer = Announcer::new(ledger.clone(), config.ledger.near_expiry_days,
+//!                                config.ledger.expiring_scan_secs).spawn();
+//! // accounts listener: log in with `accounts.authenticate(user, password)`,
+//! // enforce `account.topic_rules()` (publish / subscribe filter lists).
+//! ```
+//!
 //! Nothing here touches the ledger's internals: mutations go through
 //! [`Ledger::execute_audited`] and queries through its Describe* reads.
 
