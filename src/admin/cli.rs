@@ -76,7 +76,13 @@ pub struct AdminCliArgs {
 }
 
 /// Runs the CLI; returns the process exit code. Errors are printed here.
-pub async fn run(args: AdminCliArgs) -> anyhow::Result<i32> {
+pub async fn run(mut args: AdminCliArgs) -> anyhow::Result<i32> {
+    if args.action != "hash-password" {
+        if let Err(e) = take_trailing_options(&mut args) {
+            eprintln!("error: {e:#}");
+            return Ok(EXIT_FAILURE);
+        }
+    }
     let result = match args.action.as_str() {
         "hash-password" => hash_password_command(&args.params),
         "actions" => {
@@ -95,6 +101,51 @@ pub async fn run(args: AdminCliArgs) -> anyhow::Result<i32> {
             Ok(EXIT_FAILURE)
         }
     }
+}
+
+/// Connection options given after the action (`--host`, `--port`,
+/// `--account`, `--password`, `--timeout`) are options, not parameters:
+/// parameters are PascalCase.
+fn take_trailing_options(args: &mut AdminCliArgs) -> anyhow::Result<()> {
+    let mut rest = Vec::new();
+    let mut it = std::mem::take(&mut args.params).into_iter();
+    while let Some(arg) = it.next() {
+        let (name, inline) = match arg.strip_prefix("--") {
+            Some(n) => match n.split_once('=') {
+                Some((n, v)) => (n.to_owned(), Some(v.to_owned())),
+                None => (n.to_owned(), None),
+            },
+            None => {
+                rest.push(arg);
+                continue;
+            }
+        };
+        if !["host", "port", "account", "password", "timeout"].contains(&name.as_str()) {
+            rest.push(arg);
+            continue;
+        }
+        let value = match inline {
+            Some(v) => v,
+            None => it.next().ok_or_else(|| anyhow!("--{name} needs a value"))?,
+        };
+        match name.as_str() {
+            "host" => args.host = value,
+            "port" => {
+                args.port = value
+                    .parse()
+                    .map_err(|_| anyhow!("--port {value:?} is not a port"))?
+            }
+            "account" => args.account = value,
+            "password" => args.password = Some(value),
+            _ => {
+                args.timeout = value
+                    .parse()
+                    .map_err(|_| anyhow!("--timeout {value:?} is not a number of seconds"))?
+            }
+        }
+    }
+    args.params = rest;
+    Ok(())
 }
 
 /// `--Param value` pairs → the request's parameters.
@@ -396,6 +447,34 @@ mod tests {
 
     fn strings(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    #[test]
+    fn connection_options_after_the_action_are_options() {
+        let mut args = AdminCliArgs {
+            host: "127.0.0.1".into(),
+            port: 1884,
+            account: "admin".into(),
+            password: None,
+            timeout: 10,
+            action: "DescribeProducts".into(),
+            params: strings(&[
+                "--Name",
+                "x",
+                "--port",
+                "1999",
+                "--password=pw",
+                "--kind",
+                "k",
+            ]),
+        };
+        take_trailing_options(&mut args).expect("options");
+        assert_eq!((args.port, args.password.as_deref()), (1999, Some("pw")));
+        assert_eq!(args.params, strings(&["--Name", "x", "--kind", "k"]));
+        args.params = strings(&["--port", "x"]);
+        assert!(take_trailing_options(&mut args).is_err());
+        args.params = strings(&["--timeout"]);
+        assert!(take_trailing_options(&mut args).is_err());
     }
 
     #[test]

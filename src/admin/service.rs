@@ -6,7 +6,7 @@
 //! never reach `admin/#`). Each request is served by [`super::handle`] on
 //! its own task and answered on `admin/v1/{account}/response`, or on the
 //! MQTT 5 Response Topic of the request when the account may receive there
-//! ([`Account::may_receive_on`]), with the Correlation Data copied. Every
+//! ([`Account::may_receive_on`](super::accounts::Account::may_receive_on)), with the Correlation Data copied. Every
 //! event of the [`EventBus`](crate::events::EventBus) is relayed to
 //! `admin/v1/events/{kind}`.
 //!

@@ -1,4 +1,6 @@
-//! DescribeActivationSummary [get]: the broker's counters.
+//! DescribeActivationSummary [get]: the broker's counters — Total, Consumed,
+//! Available, Unassigned, Forfeited, NearExpiry (within WithinDays, default
+//! the configured window) and Products.
 
 use serde_json::json;
 

@@ -17,7 +17,11 @@ pub struct DescribeUnassignedActivationCodes {
 impl DescribeUnassignedActivationCodes {
     pub fn parse(p: &mut Params) -> Result<Self, AdminError> {
         Ok(DescribeUnassignedActivationCodes {
-            validity_secs: p.opt_u64("ValiditySeconds", 1, u32::MAX as u64 * 1000)?,
+            validity_secs: p.opt_u64(
+                "ValiditySeconds",
+                1,
+                super::create_order::MAX_VALIDITY_SECS,
+            )?,
             page: p.page()?,
         })
     }
