@@ -1,0 +1,40 @@
+//! RemoveAutoRenewalBlacklist [update]: ProductKey, DeviceKeys. Removes devices from the product's
+//! auto-renewal blacklist; `Changed` lists the DeviceKeys actually removed.
+
+use serde_json::json;
+
+use crate::admin::params::Params;
+use crate::admin::render::{object, Data};
+use crate::admin::{AdminContext, AdminError, Call};
+use crate::ledger::{Command, Outcome};
+
+#[derive(Debug)]
+pub struct RemoveAutoRenewalBlacklist {
+    product_key: String,
+    device_keys: Vec<String>,
+}
+
+impl RemoveAutoRenewalBlacklist {
+    pub fn parse(p: &mut Params) -> Result<Self, AdminError> {
+        Ok(RemoveAutoRenewalBlacklist {
+            product_key: p.product_key()?,
+            device_keys: p.device_keys("DeviceKeys")?,
+        })
+    }
+
+    pub async fn apply(self, ctx: &AdminContext, call: &Call) -> Result<Data, AdminError> {
+        let command = Command::RemoveBlacklist {
+            product_key: self.product_key,
+            device_keys: self.device_keys,
+        };
+        match ctx.execute(call, command).await? {
+            Outcome::BlacklistChanged {
+                product_key,
+                changed,
+            } => Ok(object(
+                json!({ "ProductKey": product_key, "Changed": changed }),
+            )),
+            other => Err(super::unexpected(&other)),
+        }
+    }
+}

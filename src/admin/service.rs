@@ -1,0 +1,301 @@
+//! The admin service: an in-process client of rumqttd's router.
+//!
+//! It subscribes to `admin/v1/+/request` over a local link. The `{account}`
+//! segment of a request's topic is the requester (the accounts listener's
+//! ACL lets an account publish only to its own request topic, and devices
+//! never reach `admin/#`). Each request is served by [`super::handle`] on
+//! its own task and answered on `admin/v1/{account}/response`, or on the
+//! MQTT 5 Response Topic of the request when the account may receive there
+//! ([`Account::may_receive_on`](super::accounts::Account::may_receive_on)), with the Correlation Data copied. Every
+//! event of the [`EventBus`](crate::events::EventBus) is relayed to
+//! `admin/v1/events/{kind}`.
+//!
+//! All publishing goes through one link on one dedicated thread, so events
+//! keep their order and no async worker ever waits for the router's channel.
+//! rumqttd lets local links publish only at QoS 0; responses and events are
+//! QoS 0 from the router to subscribers.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context};
+use bytes::Bytes;
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::protocol::{Packet, Publish, PublishProperties};
+use rumqttd::Notification;
+use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio::task::JoinHandle;
+
+use super::accounts::{response_topic, valid_account_name, Accounts};
+use super::{handle, respond, AdminContext, AdminError};
+use crate::events::Event;
+
+/// Client id of the service's router link. Contains NUL, which no accepted
+/// client id may contain (the gateway refuses it), so no client can take
+/// over the admin session; rumqttd refuses `$`, `+`, `#` and `/` in ids.
+pub const ADMIN_CLIENT_ID: &str = "\0admin-service";
+/// What the service subscribes to.
+pub const REQUEST_FILTER: &str = "admin/v1/+/request";
+/// Prefix of the event topics: `admin/v1/events/{kind}`.
+pub const EVENTS_PREFIX: &str = "admin/v1/events/";
+/// Requests served at once; more wait for a slot.
+const MAX_CONCURRENT_REQUESTS: usize = 64;
+/// Publishes queued for the router; events beyond it are dropped (and
+/// counted), responses wait.
+const OUTGOING_QUEUE: usize = 65_536;
+/// How long `start` waits for the router to acknowledge the subscription.
+const SUBACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Opens a local link to the router (e.g. `RouterHandle::link_blocking`).
+/// It BLOCKS until the router answers; the service calls it on the blocking
+/// pool. The link must have dynamic filters on: publishing to a topic
+/// nobody subscribes to would otherwise disconnect it.
+pub type LinkFn = dyn FnOnce(&str) -> anyhow::Result<(LinkTx, LinkRx)> + Send;
+
+/// A publish for the router.
+struct Outgoing {
+    topic: String,
+    payload: Vec<u8>,
+    properties: Option<PublishProperties>,
+}
+
+/// Counters of the service.
+#[derive(Debug, Default)]
+pub struct AdminStats {
+    pub requests: AtomicU64,
+    pub events_relayed: AtomicU64,
+    /// Events lost: the relay fell behind the event bus, or the router queue was full.
+    pub events_dropped: AtomicU64,
+}
+
+/// The running admin service; dropping it stops it.
+pub struct AdminService {
+    tasks: Vec<JoinHandle<()>>,
+    stats: Arc<AdminStats>,
+}
+
+impl AdminService {
+    /// Opens the link (`link(ADMIN_CLIENT_ID)`), subscribes to
+    /// `admin/v1/+/request`, waits for the router's acknowledgement, and
+    /// starts serving requests and relaying `ctx.ledger.events()`.
+    pub async fn start<F>(
+        ctx: AdminContext,
+        accounts: Arc<Accounts>,
+        link: F,
+    ) -> anyhow::Result<AdminService>
+    where
+        F: FnOnce(&str) -> anyhow::Result<(LinkTx, LinkRx)> + Send + 'static,
+    {
+        // Subscribe to the bus first: no event after `start` returns is missed.
+        let events = ctx.ledger.events().subscribe();
+        let (mut tx, rx) = tokio::task::spawn_blocking(move || {
+            let (mut tx, mut rx) = link(ADMIN_CLIENT_ID)?;
+            tx.subscribe(REQUEST_FILTER)
+                .map_err(|e| anyhow!("subscribing to {REQUEST_FILTER}: {e}"))?;
+            let deadline = Instant::now() + SUBACK_TIMEOUT;
+            loop {
+                match rx.recv_deadline(deadline) {
+                    Ok(Some(Notification::DeviceAck(_))) => break,
+                    Ok(Some(Notification::Unschedule)) => {
+                        rx.ready().map_err(|e| anyhow!("router link: {e}"))?
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Err(anyhow!("waiting for the router's SUBACK: {e}")),
+                }
+            }
+            Ok::<_, anyhow::Error>((tx, rx))
+        })
+        .await
+        .context("starting the admin link")??;
+
+        let stats = Arc::new(AdminStats::default());
+        let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(OUTGOING_QUEUE);
+        std::thread::Builder::new()
+            .name("admin-publisher".into())
+            .spawn(move || {
+                while let Some(o) = out_rx.blocking_recv() {
+                    let publish = Publish::new(Bytes::from(o.topic), Bytes::from(o.payload), false);
+                    if let Err(e) = send_now(&mut tx, Packet::Publish(publish, o.properties)) {
+                        tracing::error!(error = %e, "admin service: router link closed");
+                        break;
+                    }
+                }
+            })
+            .context("starting the admin publisher thread")?;
+
+        let reader = tokio::spawn(serve(ctx, accounts, rx, out_tx.clone(), stats.clone()));
+        let relay = tokio::spawn(relay(events, out_tx, stats.clone()));
+        Ok(AdminService {
+            tasks: vec![reader, relay],
+            stats,
+        })
+    }
+
+    pub fn stats(&self) -> &AdminStats {
+        &self.stats
+    }
+
+    /// Stops serving and relaying.
+    pub fn shutdown(&self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for AdminService {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// `LinkTx::send` is async in signature only (it never awaits); run it to
+/// completion here on the publisher thread.
+fn send_now(tx: &mut LinkTx, packet: Packet) -> anyhow::Result<()> {
+    let mut fut = std::pin::pin!(tx.send(packet));
+    let mut cx = TaskContext::from_waker(Waker::noop());
+    match fut.as_mut().poll(&mut cx) {
+        Poll::Ready(r) => r.map(|_| ()).map_err(|e| anyhow!("{e}")),
+        Poll::Pending => Err(anyhow!("router link send did not complete")),
+    }
+}
+
+async fn serve(
+    ctx: AdminContext,
+    accounts: Arc<Accounts>,
+    mut rx: LinkRx,
+    out: mpsc::Sender<Outgoing>,
+    stats: Arc<AdminStats>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS));
+    loop {
+        let notification = match rx.next().await {
+            Ok(Some(n)) => n,
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "admin service: router link closed");
+                return;
+            }
+        };
+        let forward = match notification {
+            Notification::Forward(f) => f,
+            Notification::Unschedule => {
+                if let Err(e) = rx.wake().await {
+                    tracing::error!(error = %e, "admin service: router link closed");
+                    return;
+                }
+                continue;
+            }
+            _ => continue,
+        };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        let (ctx, accounts, out) = (ctx.clone(), accounts.clone(), out.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let props = forward.properties.unwrap_or_default();
+            if let Some(o) = serve_one(
+                &ctx,
+                &accounts,
+                &forward.publish.topic,
+                &forward.publish.payload,
+                props,
+            )
+            .await
+            {
+                // Fails only when the publisher is gone (shutting down).
+                let _ = out.send(o).await;
+            }
+        });
+    }
+}
+
+/// The response to one request, or `None` when there is nobody to answer.
+async fn serve_one(
+    ctx: &AdminContext,
+    accounts: &Accounts,
+    topic: &[u8],
+    payload: &[u8],
+    props: PublishProperties,
+) -> Option<Outgoing> {
+    let topic = std::str::from_utf8(topic).ok()?;
+    let name = match topic.split('/').collect::<Vec<_>>().as_slice() {
+        ["admin", "v1", name, "request"] => (*name).to_owned(),
+        _ => return None,
+    };
+    if !valid_account_name(&name) {
+        tracing::warn!(topic, "admin request on a topic of no possible account");
+        return None;
+    }
+    let (response, reply_topic) = match accounts.get(&name) {
+        Some(account) => {
+            let reply_topic = match &props.response_topic {
+                Some(t) if account.may_receive_on(t) => t.clone(),
+                Some(t) => {
+                    tracing::debug!(account = %name, topic = %t, "Response Topic not allowed; answering on the default topic");
+                    account.response_topic()
+                }
+                None => account.response_topic(),
+            };
+            (handle(ctx, &account, payload).await, reply_topic)
+        }
+        None => (
+            respond(
+                super::new_request_id(),
+                Err(AdminError::forbidden(format!("unknown account {name}"))),
+            ),
+            response_topic(&name),
+        ),
+    };
+    Some(Outgoing {
+        topic: reply_topic,
+        payload: response.to_string().into_bytes(),
+        properties: Some(PublishProperties {
+            payload_format_indicator: Some(1),
+            content_type: Some("application/json".into()),
+            correlation_data: props.correlation_data,
+            ..PublishProperties::default()
+        }),
+    })
+}
+
+async fn relay(
+    mut events: broadcast::Receiver<Event>,
+    out: mpsc::Sender<Outgoing>,
+    stats: Arc<AdminStats>,
+) {
+    loop {
+        let event = match events.recv().await {
+            Ok(e) => e,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                stats.events_dropped.fetch_add(n, Ordering::Relaxed);
+                tracing::warn!(dropped = n, "admin event relay fell behind the event bus");
+                continue;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let o = Outgoing {
+            topic: format!("{EVENTS_PREFIX}{}", event.kind.as_str()),
+            payload: event.to_json().to_string().into_bytes(),
+            properties: Some(PublishProperties {
+                payload_format_indicator: Some(1),
+                content_type: Some("application/json".into()),
+                ..PublishProperties::default()
+            }),
+        };
+        match out.try_send(o) {
+            Ok(()) => {
+                stats.events_relayed.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                stats.events_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        }
+    }
+}
