@@ -36,6 +36,7 @@ use crate::cli::{Cli, ClientIdMode, Command, Engine};
 use crate::device::Target;
 use crate::progress::Mode;
 pub use crate::report::Report;
+pub use crate::scenarios::Stop;
 use crate::scenarios::{secs, AcceptedLog, Ctx};
 
 /// Parses a command line (program name first).
@@ -67,6 +68,12 @@ fn held_at_once(cmd: &Command, devices: u64) -> u64 {
 /// Runs a load scenario (`flood`, `storm`, `churn`, `publish`) and returns
 /// its report. `setup` is [`scenarios::setup::run`].
 pub async fn run(cmd: Command) -> Result<Report> {
+    run_until(cmd, Stop::new()).await
+}
+
+/// [`run`] that ends early, with a report of what happened so far, once
+/// `stop` is triggered (the binary does that on Ctrl-C).
+pub async fn run_until(cmd: Command, stop: Arc<Stop>) -> Result<Report> {
     let Some(common) = cmd.common() else {
         bail!("setup is not a load scenario: call scenarios::setup::run");
     };
@@ -90,7 +97,7 @@ pub async fn run(cmd: Command) -> Result<Report> {
     if common.workers > 1 && !common.worker_mode {
         let per_worker = (devices.len() as u64).div_ceil(common.workers as u64);
         limits::ensure_open_files(held_at_once(&cmd, per_worker), false)?;
-        return workers::run(&cmd, devices.len() as u64, progress).await;
+        return workers::run(&cmd, devices.len() as u64, progress, stop).await;
     }
     limits::ensure_open_files(held_at_once(&cmd, devices.len() as u64), true)?;
 
@@ -123,6 +130,7 @@ pub async fn run(cmd: Command) -> Result<Report> {
         inflight: Arc::new(Semaphore::new(common.concurrency.max(1))),
         accepted_log,
         progress,
+        stop,
     });
     match &cmd {
         Command::Flood(a) => scenarios::flood::run(ctx, a).await,

@@ -56,7 +56,10 @@ pub async fn run(ctx: Arc<Ctx>, args: &PublishArgs) -> Result<Report> {
             let mut tick = tokio::time::interval(interval);
             let mut lost = false;
             for seq in 0..messages {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = ctx.stop.wait() => break,
+                }
                 let payload = telemetry_payload(&device.device_key, seq, size);
                 match session.publish(&topic, payload, qos1).await {
                     Ok(()) => stats.msg_sent(),
