@@ -44,6 +44,8 @@ pub struct Target {
     pub own_socket: bool,
     /// Send an empty Client Identifier (the broker assigns one).
     pub empty_client_id: bool,
+    /// Added to the credential timestamp, in milliseconds.
+    pub clock_skew_ms: i64,
 }
 
 /// The result of one CONNECT.
@@ -288,7 +290,7 @@ pub async fn connect(
     stats: &Arc<Stats>,
 ) -> Attempt {
     let started = Instant::now();
-    let now_ms = Clock::system().now();
+    let now_ms = Clock::system().now().saturating_add(target.clock_skew_ms);
     let (user, password) = device_credentials(
         &device.product_key,
         &device.device_key,

@@ -97,9 +97,20 @@ pub async fn run_until(cmd: Command, stop: Arc<Stop>) -> Result<Report> {
     if common.workers > 1 && !common.worker_mode {
         let per_worker = (devices.len() as u64).div_ceil(common.workers as u64);
         limits::ensure_open_files(held_at_once(&cmd, per_worker), false)?;
+        // Ports are per machine, not per process.
+        let held = held_at_once(&cmd, devices.len() as u64);
+        if let Some(w) = limits::port_warning(held, common.source_ip.len()) {
+            eprintln!("{w}");
+        }
         return workers::run(&cmd, devices.len() as u64, progress, stop).await;
     }
-    limits::ensure_open_files(held_at_once(&cmd, devices.len() as u64), true)?;
+    let held = held_at_once(&cmd, devices.len() as u64);
+    limits::ensure_open_files(held, true)?;
+    if !common.worker_mode {
+        if let Some(w) = limits::port_warning(held, common.source_ip.len()) {
+            eprintln!("{w}");
+        }
+    }
 
     let accepted_log = match &common.accepted_file {
         Some(path) => Some(Arc::new(AcceptedLog::open(path, !common.worker_mode)?)),
@@ -117,6 +128,11 @@ pub async fn run_until(cmd: Command, stop: Arc<Stop>) -> Result<Report> {
         timeout,
         own_socket: common.engine == Engine::Socket || !common.source_ip.is_empty(),
         empty_client_id: common.client_id == ClientIdMode::Empty,
+        clock_skew_ms: if common.clock_skew.is_finite() {
+            (common.clock_skew * 1000.0).round() as i64
+        } else {
+            bail!("--clock-skew must be a number of seconds")
+        },
     };
     let ctx = Arc::new(Ctx {
         target,

@@ -195,6 +195,30 @@ async fn wrong_secret_is_not_accepted() {
     assert_eq!(r.accepted, 0);
     // rumqttd closes the socket instead of sending a refusing CONNACK.
     assert_eq!(r.errors + r.timeouts + r.refused_total(), 5, "{r:?}");
+
+    // A timestamp ten minutes old is outside the 300 s window.
+    let r = sim(&[
+        "flood",
+        "--port",
+        &p,
+        "--protocol",
+        "4",
+        "--product-key",
+        "pk1",
+        "--product-secret",
+        SECRET,
+        "--devices",
+        "3",
+        "--prefix",
+        "stale-",
+        "--clock-skew",
+        "-600",
+        "--hold",
+        "0",
+        "--quiet",
+    ])
+    .await;
+    assert_eq!((r.attempted, r.accepted), (3, 0), "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
