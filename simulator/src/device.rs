@@ -389,7 +389,7 @@ mod rumq4 {
 mod rumq5 {
     use super::*;
     use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAckReason};
-    use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
+    use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError};
     use rumqttc::{NetworkOptions, Outgoing};
 
     pub(super) fn code(c: ConnectReturnCode) -> u8 {
@@ -484,6 +484,16 @@ mod rumq5 {
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => return SessionEnd::Disconnected,
                 Ok(_) => {}
+                // rumqttc reports the broker's DISCONNECT as an error.
+                Err(ConnectionError::MqttState(StateError::ServerDisconnect {
+                    reason_code,
+                    reason_string,
+                })) => {
+                    return SessionEnd::ClosedByServer(format!(
+                        "DISCONNECT {reason_code:?} {}",
+                        reason_string.unwrap_or_default()
+                    ))
+                }
                 Err(e) => return end_from_error(&e.to_string()),
             }
         }
