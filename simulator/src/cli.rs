@@ -136,6 +136,14 @@ pub struct CommonArgs {
     /// refusals).
     #[arg(long, value_enum, default_value_t = Engine::Auto)]
     pub engine: Engine,
+    /// Seconds added to the credential timestamp (negative: in the past), to
+    /// exercise the broker's freshness window.
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    pub clock_skew: f64,
+    /// Do not check ProductKey/DeviceKey syntax locally, to exercise the
+    /// broker's refusal of malformed identifiers.
+    #[arg(long)]
+    pub unchecked_keys: bool,
     /// No live progress on stderr.
     #[arg(long)]
     pub quiet: bool,
@@ -211,6 +219,9 @@ pub struct PublishArgs {
     /// Seconds to wait for outstanding PUBACKs after the last message.
     #[arg(long, default_value_t = 10.0)]
     pub ack_timeout: f64,
+    /// Topic to publish to; {ProductKey} and {DeviceKey} are replaced.
+    #[arg(long, default_value = "devices/{ProductKey}/{DeviceKey}/telemetry")]
+    pub topic: String,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -348,6 +359,8 @@ impl Command {
                 a.payload_size.to_string(),
                 "--ack-timeout".into(),
                 f(a.ack_timeout),
+                "--topic".into(),
+                a.topic.clone(),
             ]),
             Command::Setup(_) => return Vec::new(),
         }
@@ -400,6 +413,10 @@ impl CommonArgs {
             }
             .into(),
         ];
+        v.push(format!("--clock-skew={}", self.clock_skew));
+        if self.unchecked_keys {
+            v.push("--unchecked-keys".into());
+        }
         if let Some(s) = &self.product_secret {
             v.extend(["--product-secret".into(), s.clone()]);
         }
@@ -444,6 +461,8 @@ mod tests {
             "refused:0x97=0",
             "--protocol",
             "4",
+            "--clock-skew",
+            "-600",
         ])
         .expect("parse");
         let Command::Flood(f) = &cli.command else {
@@ -461,6 +480,7 @@ mod tests {
             panic!("not flood");
         };
         assert_eq!(g.common.source_ip, f.common.source_ip);
+        assert_eq!(g.common.clock_skew, -600.0);
         assert_eq!(g.common.devices, Some(10));
         assert_eq!(g.hold, f.hold);
         assert!(g.common.expect.is_empty());

@@ -44,6 +44,8 @@ pub struct Target {
     pub own_socket: bool,
     /// Send an empty Client Identifier (the broker assigns one).
     pub empty_client_id: bool,
+    /// Added to the credential timestamp, in milliseconds.
+    pub clock_skew_ms: i64,
 }
 
 /// The result of one CONNECT.
@@ -288,7 +290,7 @@ pub async fn connect(
     stats: &Arc<Stats>,
 ) -> Attempt {
     let started = Instant::now();
-    let now_ms = Clock::system().now();
+    let now_ms = Clock::system().now().saturating_add(target.clock_skew_ms);
     let (user, password) = device_credentials(
         &device.product_key,
         &device.device_key,
@@ -387,7 +389,7 @@ mod rumq4 {
 mod rumq5 {
     use super::*;
     use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAckReason};
-    use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
+    use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError};
     use rumqttc::{NetworkOptions, Outgoing};
 
     pub(super) fn code(c: ConnectReturnCode) -> u8 {
@@ -482,6 +484,16 @@ mod rumq5 {
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => return SessionEnd::Disconnected,
                 Ok(_) => {}
+                // rumqttc reports the broker's DISCONNECT as an error.
+                Err(ConnectionError::MqttState(StateError::ServerDisconnect {
+                    reason_code,
+                    reason_string,
+                })) => {
+                    return SessionEnd::ClosedByServer(format!(
+                        "DISCONNECT {reason_code:?} {}",
+                        reason_string.unwrap_or_default()
+                    ))
+                }
                 Err(e) => return end_from_error(&e.to_string()),
             }
         }

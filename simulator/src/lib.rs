@@ -36,6 +36,7 @@ use crate::cli::{Cli, ClientIdMode, Command, Engine};
 use crate::device::Target;
 use crate::progress::Mode;
 pub use crate::report::Report;
+pub use crate::scenarios::Stop;
 use crate::scenarios::{secs, AcceptedLog, Ctx};
 
 /// Parses a command line (program name first).
@@ -67,6 +68,12 @@ fn held_at_once(cmd: &Command, devices: u64) -> u64 {
 /// Runs a load scenario (`flood`, `storm`, `churn`, `publish`) and returns
 /// its report. `setup` is [`scenarios::setup::run`].
 pub async fn run(cmd: Command) -> Result<Report> {
+    run_until(cmd, Stop::new()).await
+}
+
+/// [`run`] that ends early, with a report of what happened so far, once
+/// `stop` is triggered (the binary does that on Ctrl-C).
+pub async fn run_until(cmd: Command, stop: Arc<Stop>) -> Result<Report> {
     let Some(common) = cmd.common() else {
         bail!("setup is not a load scenario: call scenarios::setup::run");
     };
@@ -90,9 +97,20 @@ pub async fn run(cmd: Command) -> Result<Report> {
     if common.workers > 1 && !common.worker_mode {
         let per_worker = (devices.len() as u64).div_ceil(common.workers as u64);
         limits::ensure_open_files(held_at_once(&cmd, per_worker), false)?;
-        return workers::run(&cmd, devices.len() as u64, progress).await;
+        // Ports are per machine, not per process.
+        let held = held_at_once(&cmd, devices.len() as u64);
+        if let Some(w) = limits::port_warning(held, common.source_ip.len()) {
+            eprintln!("{w}");
+        }
+        return workers::run(&cmd, devices.len() as u64, progress, stop).await;
     }
-    limits::ensure_open_files(held_at_once(&cmd, devices.len() as u64), true)?;
+    let held = held_at_once(&cmd, devices.len() as u64);
+    limits::ensure_open_files(held, true)?;
+    if !common.worker_mode {
+        if let Some(w) = limits::port_warning(held, common.source_ip.len()) {
+            eprintln!("{w}");
+        }
+    }
 
     let accepted_log = match &common.accepted_file {
         Some(path) => Some(Arc::new(AcceptedLog::open(path, !common.worker_mode)?)),
@@ -110,6 +128,11 @@ pub async fn run(cmd: Command) -> Result<Report> {
         timeout,
         own_socket: common.engine == Engine::Socket || !common.source_ip.is_empty(),
         empty_client_id: common.client_id == ClientIdMode::Empty,
+        clock_skew_ms: if common.clock_skew.is_finite() {
+            (common.clock_skew * 1000.0).round() as i64
+        } else {
+            bail!("--clock-skew must be a number of seconds")
+        },
     };
     let ctx = Arc::new(Ctx {
         target,
@@ -123,6 +146,7 @@ pub async fn run(cmd: Command) -> Result<Report> {
         inflight: Arc::new(Semaphore::new(common.concurrency.max(1))),
         accepted_log,
         progress,
+        stop,
     });
     match &cmd {
         Command::Flood(a) => scenarios::flood::run(ctx, a).await,

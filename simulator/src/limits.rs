@@ -55,9 +55,42 @@ pub fn ensure_open_files(connections: u64, workers_hint: bool) -> Result<u64> {
     )
 }
 
+/// The kernel's ephemeral port range size (Linux), if readable.
+pub fn ephemeral_ports() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = text.split_whitespace().map(|x| x.parse::<u64>().ok());
+    let (Some(Some(lo)), Some(Some(hi))) = (it.next(), it.next()) else {
+        return None;
+    };
+    Some(hi.saturating_sub(lo) + 1)
+}
+
+/// A warning when more connections than ephemeral ports would go from one
+/// source address to the broker at once.
+pub fn port_warning(connections: u64, source_addresses: usize) -> Option<String> {
+    let ports = ephemeral_ports()?;
+    let per_source = connections.div_ceil(source_addresses.max(1) as u64);
+    (per_source > ports).then(|| {
+        format!(
+            "warning: about {per_source} connections per source address but only {ports}              ephemeral ports; add --source-ip addresses (e.g. 127.0.0.2, 127.0.0.3 on              loopback): {} would do",
+            connections.div_ceil(ports)
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn warns_about_ephemeral_ports() {
+        if let Some(ports) = ephemeral_ports() {
+            assert!(port_warning(ports / 2, 1).is_none());
+            let w = port_warning(ports * 3, 1).expect("warning");
+            assert!(w.contains("--source-ip"), "{w}");
+            assert!(port_warning(ports * 3, 3).is_none());
+        }
+    }
 
     #[test]
     fn small_needs_pass_and_huge_needs_fail_with_advice() {

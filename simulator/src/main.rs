@@ -1,11 +1,29 @@
 //! `activation-sim`: see the crate docs and SPEC §5.
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use activation_simulator::cli::{Cli, Command};
 use activation_simulator::report::check_expectations;
 use activation_simulator::scenarios::setup;
+use activation_simulator::Stop;
 use clap::Parser;
+
+/// Waits for SIGINT (Ctrl-C) or SIGTERM; `false` if neither can be watched.
+async fn interrupt_or_terminate() -> bool {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return false;
+    };
+    tokio::select! {
+        _ = int.recv() => true,
+        _ = term.recv() => true,
+    }
+}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -47,7 +65,29 @@ async fn async_main(cmd: Command) -> ExitCode {
             }
         };
     }
-    let report = match activation_simulator::run(cmd.clone()).await {
+    let stop = Stop::new();
+    let interrupted = Arc::new(AtomicBool::new(false));
+    // A worker may get SIGINT twice (terminal and parent): it only stops.
+    let worker = cmd.common().is_some_and(|c| c.worker_mode);
+    {
+        let stop = stop.clone();
+        let interrupted = interrupted.clone();
+        tokio::spawn(async move {
+            if !interrupt_or_terminate().await {
+                return;
+            }
+            interrupted.store(true, Ordering::SeqCst);
+            stop.stop();
+            if worker {
+                return;
+            }
+            eprintln!("interrupted: disconnecting; Ctrl-C again to quit at once");
+            if interrupt_or_terminate().await {
+                std::process::exit(130);
+            }
+        });
+    }
+    let report = match activation_simulator::run_until(cmd.clone(), stop).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -71,6 +111,10 @@ async fn async_main(cmd: Command) -> ExitCode {
         let mut shown = report.clone();
         shown.initial_phase = None;
         print!("{}", shown.table());
+    }
+    if interrupted.load(Ordering::SeqCst) {
+        println!("(interrupted: partial results)");
+        return ExitCode::from(130);
     }
     let failures = check_expectations(&report, &common.expect);
     if failures.is_empty() {

@@ -13,6 +13,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use crate::cli::Command;
 use crate::progress::{Mode, ProgressLine, Ticker};
 use crate::report::{Progress, Report};
+use crate::scenarios::Stop;
 
 /// Contiguous `(offset, count)` slices of `total` devices over `workers`.
 pub fn split(total: u64, workers: usize) -> Vec<(u64, u64)> {
@@ -51,7 +52,7 @@ pub fn worker_exe() -> Result<PathBuf> {
 }
 
 /// Runs `cmd` over `total` devices in worker processes.
-pub async fn run(cmd: &Command, total: u64, progress: Mode) -> Result<Report> {
+pub async fn run(cmd: &Command, total: u64, progress: Mode, stop: Arc<Stop>) -> Result<Report> {
     let Some(common) = cmd.common() else {
         bail!("setup does not run in workers");
     };
@@ -143,6 +144,20 @@ pub async fn run(cmd: &Command, total: u64, progress: Mode) -> Result<Report> {
         children.push((i, child, reader, json));
     }
 
+    // Pass a stop on to the children (they stop on SIGINT and still report).
+    let pids: Vec<u32> = children.iter().filter_map(|c| c.1.id()).collect();
+    let forward = tokio::spawn(async move {
+        stop.wait().await;
+        for pid in pids {
+            if let Ok(pid) = libc::pid_t::try_from(pid) {
+                // SAFETY: kill(2) with a child's pid and a valid signal.
+                unsafe {
+                    libc::kill(pid, libc::SIGINT);
+                }
+            }
+        }
+    });
+
     let mut reports = Vec::new();
     let mut failures = Vec::new();
     for (i, mut child, reader, json) in children {
@@ -157,6 +172,7 @@ pub async fn run(cmd: &Command, total: u64, progress: Mode) -> Result<Report> {
         }
         let _ = std::fs::remove_file(&json);
     }
+    forward.abort();
     let merged = Report::merge(&reports);
     ticker.finish(source());
     if !failures.is_empty() {

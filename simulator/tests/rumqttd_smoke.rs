@@ -195,6 +195,30 @@ async fn wrong_secret_is_not_accepted() {
     assert_eq!(r.accepted, 0);
     // rumqttd closes the socket instead of sending a refusing CONNACK.
     assert_eq!(r.errors + r.timeouts + r.refused_total(), 5, "{r:?}");
+
+    // A timestamp ten minutes old is outside the 300 s window.
+    let r = sim(&[
+        "flood",
+        "--port",
+        &p,
+        "--protocol",
+        "4",
+        "--product-key",
+        "pk1",
+        "--product-secret",
+        SECRET,
+        "--devices",
+        "3",
+        "--prefix",
+        "stale-",
+        "--clock-skew",
+        "-600",
+        "--hold",
+        "0",
+        "--quiet",
+    ])
+    .await;
+    assert_eq!((r.attempted, r.accepted), (3, 0), "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -612,4 +636,44 @@ async fn setup_creates_product_and_order_and_prints_a_working_flood() {
     .await;
     assert_eq!((r.attempted, r.accepted), (12, 12), "{r:?}");
     responder.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_ends_a_run_early_with_a_report() {
+    let ports = broker();
+    let p = ports.port(5);
+    let cmd = parse_args([
+        "activation-sim",
+        "flood",
+        "--port",
+        &p,
+        "--product-key",
+        "pk1",
+        "--product-secret",
+        SECRET,
+        "--devices",
+        "1000",
+        "--rate",
+        "100",
+        "--hold",
+        "60",
+        "--prefix",
+        "stop-",
+        "--quiet",
+    ])
+    .expect("args");
+    let stop = activation_simulator::Stop::new();
+    let trigger = stop.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        trigger.stop();
+    });
+    let started = std::time::Instant::now();
+    let r = activation_simulator::run_until(cmd, stop)
+        .await
+        .expect("run");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // About 50 connects in 0.5 s at 100/s, all then disconnected cleanly.
+    assert!((20..=100).contains(&r.attempted), "{r:?}");
+    assert_eq!(r.accepted, r.attempted, "{r:?}");
 }

@@ -64,7 +64,7 @@ pub async fn run(ctx: Arc<Ctx>, args: &ChurnArgs) -> Result<Report> {
     });
     let ticker = ctx.ticker("churn", None, &stats);
     let mut tasks = JoinSet::new();
-    'dispatch: while Instant::now() < deadline {
+    'dispatch: while Instant::now() < deadline && !ctx.stop.is_stopped() {
         let idx = loop {
             if let Some(idx) = pool.take_random() {
                 break idx;
@@ -74,8 +74,13 @@ pub async fn run(ctx: Arc<Ctx>, args: &ChurnArgs) -> Result<Report> {
             if let Some(idx) = pool.take_random() {
                 break idx;
             }
-            if tokio::time::timeout_at(deadline, wait).await.is_err() {
-                break 'dispatch;
+            tokio::select! {
+                r = tokio::time::timeout_at(deadline, wait) => {
+                    if r.is_err() {
+                        break 'dispatch;
+                    }
+                }
+                _ = ctx.stop.wait() => break 'dispatch,
             }
         };
         let permit = tokio::select! {
@@ -98,9 +103,9 @@ pub async fn run(ctx: Arc<Ctx>, args: &ChurnArgs) -> Result<Report> {
             if let Outcome::Accepted(mut session) = attempt.outcome {
                 let until = (Instant::now() + around(online)).min(deadline);
                 let stay = until.saturating_duration_since(Instant::now());
-                if let Some(end) = session.hold(stay).await {
+                if let Some(end) = ctx.hold(&mut session, stay).await {
                     stats.server_disconnect(&end.to_string());
-                } else if Instant::now() >= deadline {
+                } else if Instant::now() >= deadline || ctx.stop.is_stopped() {
                     session.disconnect(DISCONNECT_GRACE).await;
                     return;
                 } else if rand::thread_rng().gen_bool(abrupt) {
@@ -110,8 +115,7 @@ pub async fn run(ctx: Arc<Ctx>, args: &ChurnArgs) -> Result<Report> {
                 }
             }
             let rest = around(offline);
-            if Instant::now() + rest < deadline {
-                tokio::time::sleep(rest).await;
+            if Instant::now() + rest < deadline && ctx.stop.sleep(rest).await {
                 pool.put_back(idx);
             }
         });

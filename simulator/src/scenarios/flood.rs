@@ -5,7 +5,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use tokio::task::JoinSet;
 
-use super::{hold_for, secs, Ctx, DISCONNECT_GRACE};
+use super::{secs, Ctx, DISCONNECT_GRACE};
 use crate::cli::FloodArgs;
 use crate::device::Outcome;
 use crate::report::{Report, Stats};
@@ -26,7 +26,7 @@ pub async fn run(ctx: Arc<Ctx>, args: &FloodArgs) -> Result<Report> {
             let attempt = ctx.connect(idx, &stats).await;
             drop(permit);
             if let Outcome::Accepted(mut session) = attempt.outcome {
-                if let Some(end) = hold_for(&mut session, hold).await {
+                if let Some(end) = ctx.hold(&mut session, hold).await {
                     stats.server_disconnect(&end.to_string());
                     return;
                 }

@@ -11,11 +11,12 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::bucket::SharedBucket;
 use crate::device::{self, Attempt, Outcome, Session, SessionEnd, Target};
@@ -59,6 +60,48 @@ impl AcceptedLog {
     }
 }
 
+/// Asks a run to stop early (Ctrl-C): no new connects, held connections
+/// end with a clean DISCONNECT, and the report covers what happened.
+#[derive(Debug, Default)]
+pub struct Stop {
+    flag: AtomicBool,
+    notify: Notify,
+}
+
+impl Stop {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Stop::default())
+    }
+
+    pub fn stop(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+        self.notify.notify_waiters();
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+
+    /// Resolves once [`Stop::stop`] has been called.
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.is_stopped() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Sleeps for `d`; `false` if stopped first.
+    pub async fn sleep(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => !self.is_stopped(),
+            _ = self.wait() => false,
+        }
+    }
+}
+
 /// Everything a scenario needs.
 pub struct Ctx {
     pub target: Target,
@@ -68,6 +111,7 @@ pub struct Ctx {
     pub inflight: Arc<Semaphore>,
     pub accepted_log: Option<Arc<AcceptedLog>>,
     pub progress: Mode,
+    pub stop: Arc<Stop>,
 }
 
 impl Ctx {
@@ -81,12 +125,31 @@ impl Ctx {
     }
 
     /// Waits for an in-flight slot and, when `rate_limited`, for a token.
+    /// `None` once the run is stopped.
     pub async fn admit(&self, rate_limited: bool) -> Option<OwnedSemaphorePermit> {
-        let permit = self.inflight.clone().acquire_owned().await.ok()?;
-        if rate_limited {
-            self.bucket.acquire().await;
+        let admitted = async {
+            let permit = self.inflight.clone().acquire_owned().await.ok()?;
+            if rate_limited {
+                self.bucket.acquire().await;
+            }
+            Some(permit)
+        };
+        tokio::select! {
+            p = admitted => p.filter(|_| !self.stop.is_stopped()),
+            _ = self.stop.wait() => None,
         }
-        Some(permit)
+    }
+
+    /// Holds an accepted session for `d` (nothing for zero) or until the run
+    /// is stopped; the end if the connection ended meanwhile.
+    pub async fn hold(&self, session: &mut Session, d: Duration) -> Option<SessionEnd> {
+        if d.is_zero() || self.stop.is_stopped() {
+            return session.check_ended().await;
+        }
+        tokio::select! {
+            end = session.hold(d) => end,
+            _ = self.stop.wait() => None,
+        }
     }
 
     /// One counted connect of device `idx` (admission already done): the
@@ -106,16 +169,6 @@ impl Ctx {
     pub fn ticker(&self, label: &str, total: Option<u64>, stats: &Arc<Stats>) -> Ticker {
         let s = stats.clone();
         Ticker::start(self.progress, label, total, Arc::new(move || s.progress()))
-    }
-}
-
-/// Holds an accepted session for `d` (nothing for zero); the end if the
-/// connection ended meanwhile.
-pub async fn hold_for(session: &mut Session, d: Duration) -> Option<SessionEnd> {
-    if d.is_zero() {
-        session.ended().cloned()
-    } else {
-        session.hold(d).await
     }
 }
 

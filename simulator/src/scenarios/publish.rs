@@ -34,6 +34,7 @@ pub async fn run(ctx: Arc<Ctx>, args: &PublishArgs) -> Result<Report> {
     let qos1 = args.qos == 1;
     let size = args.payload_size;
     let ack_timeout = secs(args.ack_timeout);
+    let topic_template: Arc<str> = Arc::from(args.topic.as_str());
     let ticker = ctx.ticker("publish", Some(n as u64), &stats);
     let mut tasks = JoinSet::new();
     for idx in 0..n {
@@ -42,6 +43,7 @@ pub async fn run(ctx: Arc<Ctx>, args: &PublishArgs) -> Result<Report> {
         };
         let ctx = ctx.clone();
         let stats = stats.clone();
+        let topic_template = topic_template.clone();
         tasks.spawn(async move {
             let attempt = ctx.connect(idx, &stats).await;
             drop(permit);
@@ -49,14 +51,16 @@ pub async fn run(ctx: Arc<Ctx>, args: &PublishArgs) -> Result<Report> {
                 return;
             };
             let device = &ctx.devices[idx];
-            let topic = format!(
-                "devices/{}/{}/telemetry",
-                device.product_key, device.device_key
-            );
+            let topic = topic_template
+                .replace("{ProductKey}", &device.product_key)
+                .replace("{DeviceKey}", &device.device_key);
             let mut tick = tokio::time::interval(interval);
             let mut lost = false;
             for seq in 0..messages {
-                tick.tick().await;
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = ctx.stop.wait() => break,
+                }
                 let payload = telemetry_payload(&device.device_key, seq, size);
                 match session.publish(&topic, payload, qos1).await {
                     Ok(()) => stats.msg_sent(),

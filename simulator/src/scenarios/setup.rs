@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use activation_broker::credentials::valid_product_key;
 use anyhow::{anyhow, bail, Context, Result};
 use rand::Rng;
 use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS, SubscribeReasonCode};
@@ -201,6 +202,12 @@ pub fn flood_command(args: &SetupArgs, secret: Option<&str>) -> String {
 }
 
 pub async fn run(args: &SetupArgs) -> Result<SetupResult> {
+    if !valid_product_key(&args.product_key) {
+        bail!(
+            "ProductKey {:?} does not match [A-Za-z0-9_-]{{1,32}}",
+            args.product_key
+        );
+    }
     let timeout = secs(args.timeout).max(Duration::from_millis(100));
     let mut admin = AdminClient::connect(
         &args.host,

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use tokio::task::JoinSet;
 
-use super::{hold_for, secs, Ctx, DISCONNECT_GRACE};
+use super::{secs, Ctx, DISCONNECT_GRACE};
 use crate::cli::StormArgs;
 use crate::device::{Outcome, Session};
 use crate::report::{Report, Stats};
@@ -46,7 +46,7 @@ pub async fn run(ctx: Arc<Ctx>, args: &StormArgs) -> Result<Report> {
     }
     ticker.finish(initial.progress());
 
-    tokio::time::sleep(secs(args.settle)).await;
+    ctx.stop.sleep(secs(args.settle)).await;
 
     // Phase 2: drop all at once, without DISCONNECT.
     let mut survivors = Vec::with_capacity(held.len());
@@ -63,6 +63,9 @@ pub async fn run(ctx: Arc<Ctx>, args: &StormArgs) -> Result<Report> {
     tokio::task::yield_now().await;
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
 
+    if ctx.stop.is_stopped() {
+        survivors.clear();
+    }
     // Phase 3: everyone who was connected reconnects at once.
     let stats = Arc::new(Stats::new());
     let hold = secs(args.hold);
@@ -81,7 +84,7 @@ pub async fn run(ctx: Arc<Ctx>, args: &StormArgs) -> Result<Report> {
             let attempt = ctx.connect(idx, &stats).await;
             drop(permit);
             if let Outcome::Accepted(mut session) = attempt.outcome {
-                if let Some(end) = hold_for(&mut session, hold).await {
+                if let Some(end) = ctx.hold(&mut session, hold).await {
                     stats.server_disconnect(&end.to_string());
                     return;
                 }
