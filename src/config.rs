@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::admin::accounts::AccountConfig;
 use crate::gate::GateConfig;
 use crate::gateway::{AclTemplate, ListenerConfig, TlsConfig};
 
@@ -26,6 +27,9 @@ pub struct Config {
     pub gate: GateConfig,
     pub ledger: LedgerSection,
     pub router: RouterSection,
+    /// Operator and application accounts (`[[accounts]]`). None: the first
+    /// start creates `admin` with a random password in `data_dir`.
+    pub accounts: Vec<AccountConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -91,6 +95,7 @@ impl Default for Config {
             gate: GateConfig::default(),
             ledger: LedgerSection::default(),
             router: RouterSection::default(),
+            accounts: Vec::new(),
         }
     }
 }

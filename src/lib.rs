@@ -1,6 +1,7 @@
 //! activation-broker: an MQTT broker whose every device connection is gated
 //! by an activation code. See ARCHITECTURE.md for the codemap.
 
+pub mod account_auth;
 pub mod admin;
 pub mod clock;
 pub mod config;

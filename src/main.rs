@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use activation_broker::admin::{self, cli::AdminCliArgs};
 use activation_broker::clock::Clock;
 use activation_broker::config::Config;
 use activation_broker::credentials::{client_id, device_credentials};
@@ -35,6 +36,14 @@ enum Cmd {
         #[arg(long)]
         demo: bool,
     },
+    /// Operator CLI: run an admin action over the admin topics, `events`
+    /// to stream events, or `actions` to list them.
+    Admin(AdminCliArgs),
+    /// Print the argon2 hash of a password (from --password or stdin) for `[[accounts]]`.
+    HashPassword {
+        #[arg(long)]
+        password: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -58,6 +67,14 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Cmd::Serve { config, data, demo } => rt.block_on(serve(config, data, demo)),
+        Cmd::Admin(args) => rt.block_on(admin::cli::run(args)).map(exit_code),
+        Cmd::HashPassword { password } => {
+            let mut params = Vec::new();
+            if let Some(p) = password {
+                params = vec!["--password".to_owned(), p];
+            }
+            admin::cli::hash_password_command(&params).map(exit_code)
+        }
     };
     match result {
         Ok(code) => code,
@@ -66,6 +83,10 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
 async fn serve(

@@ -7,6 +7,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::account_auth::AccountAuthenticator;
+use crate::admin::announcer::Announcer;
+use crate::admin::service::AdminService;
+use crate::admin::{Accounts, AdminContext};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::device_auth::DeviceAuthenticator;
@@ -26,11 +30,32 @@ pub struct Broker {
     pub clock: Clock,
     /// Device listeners: plain first, then TLS if configured.
     pub device_listeners: Vec<Listener>,
+    /// Accounts listeners: plain first, then TLS if configured.
+    pub account_listeners: Vec<Listener>,
+    pub accounts: Arc<Accounts>,
+    admin: AdminService,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Broker {
+    /// Starts the broker. With no account configured, the first start
+    /// creates `admin` and prints `admin password: …` once on stdout.
     pub async fn start(config: Config, clock: Clock) -> anyhow::Result<Broker> {
+        let data_dir = config.data_dir.clone();
+        std::fs::create_dir_all(&data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
+        let configured = config.accounts.clone();
+        let accounts =
+            tokio::task::spawn_blocking(move || Accounts::load(&configured, &data_dir)).await??;
+        Broker::start_with_accounts(config, clock, Arc::new(accounts)).await
+    }
+
+    /// Starts the broker with these accounts.
+    pub async fn start_with_accounts(
+        config: Config,
+        clock: Clock,
+        accounts: Arc<Accounts>,
+    ) -> anyhow::Result<Broker> {
         let events = EventBus::default();
         let options = LedgerOptions {
             max_batch: config.ledger.max_batch,
@@ -53,12 +78,32 @@ impl Broker {
         for l in config.devices.listeners("devices") {
             device_listeners.push(gateway.listen(l, auth.clone()).await?);
         }
+        let account_auth = Arc::new(AccountAuthenticator::new(accounts.clone()));
+        let mut account_listeners = Vec::new();
+        for l in config.accounts_listener.listeners("accounts") {
+            account_listeners.push(gateway.listen(l, account_auth.clone()).await?);
+        }
+        let router = gateway.router().clone();
+        let admin = AdminService::start(
+            AdminContext::new(ledger.clone(), config.ledger.near_expiry_days),
+            accounts.clone(),
+            move |id| {
+                let (tx, rx, _ack) = router.link_blocking(id, true)?;
+                Ok((tx, rx))
+            },
+        )
+        .await?;
         let enforcer = Enforcer {
             gate: gate.clone(),
             online: gateway.online(),
             clock: clock.clone(),
         };
-        let tasks = vec![tokio::spawn(enforcer.run())];
+        let announcer = Announcer::new(
+            ledger.clone(),
+            config.ledger.near_expiry_days,
+            config.ledger.expiring_scan_secs,
+        );
+        let tasks = vec![tokio::spawn(enforcer.run()), announcer.spawn()];
         Ok(Broker {
             config,
             ledger,
@@ -67,6 +112,9 @@ impl Broker {
             events,
             clock,
             device_listeners,
+            account_listeners,
+            accounts,
+            admin,
             tasks,
         })
     }
@@ -76,12 +124,18 @@ impl Broker {
         self.device_listeners[0].local_addr()
     }
 
+    /// The plain accounts listener's address.
+    pub fn accounts_addr(&self) -> SocketAddr {
+        self.account_listeners[0].local_addr()
+    }
+
     /// Stops accepting and ends background tasks. Sessions are closed by
     /// dropping the runtime.
     pub fn shutdown(&self) {
-        for l in &self.device_listeners {
+        for l in self.device_listeners.iter().chain(&self.account_listeners) {
             l.shutdown();
         }
+        self.admin.shutdown();
         for t in &self.tasks {
             t.abort();
         }

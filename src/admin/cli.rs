@@ -216,7 +216,8 @@ fn convert(name: &str, v: &str) -> Value {
     Value::String(v.to_owned())
 }
 
-fn hash_password_command(params: &[String]) -> anyhow::Result<i32> {
+/// Prints the argon2 hash of `--password` or of a line read from stdin.
+pub fn hash_password_command(params: &[String]) -> anyhow::Result<i32> {
     let params = parse_params(params)?;
     let password = match params.get("password") {
         Some(Value::String(p)) => p.clone(),
