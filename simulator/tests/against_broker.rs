@@ -148,7 +148,9 @@ async fn flood_of_2000_at_1500_codes_accepts_1500_and_refuses_500_with_the_quota
         "{r:?}"
     );
 
-    // A storm reconnect of the 1,500 activated devices consumes nothing.
+    // A storm over the same 2,000 devices: which 1,500 got codes was up to
+    // the race, so all of them connect; the 1,500 active ones reconnect at
+    // once and nothing is consumed.
     let before = f.broker.ledger.counters().consumed;
     let r = sim(&[
         "storm",
@@ -161,7 +163,7 @@ async fn flood_of_2000_at_1500_codes_accepts_1500_and_refuses_500_with_the_quota
         "--product-secret",
         &secret,
         "--devices",
-        "1500",
+        "2000",
         "--rate",
         "4000",
         "--concurrency",
@@ -171,6 +173,12 @@ async fn flood_of_2000_at_1500_codes_accepts_1500_and_refuses_500_with_the_quota
         "--quiet",
     ])
     .await;
+    let initial = r.initial_phase.as_deref().expect("initial phase");
+    assert_eq!(
+        (initial.accepted, initial.refused.get("0x97").copied()),
+        (1500, Some(500)),
+        "{initial:?}"
+    );
     assert_eq!((r.attempted, r.accepted), (1500, 1500), "{r:?}");
     assert_eq!(
         f.broker.ledger.counters().consumed,
