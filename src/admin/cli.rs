@@ -84,7 +84,20 @@ pub async fn run(mut args: AdminCliArgs) -> anyhow::Result<i32> {
         }
     }
     let result = match args.action.as_str() {
-        "hash-password" => hash_password_command(&args.params),
+        "hash-password" => {
+            // `admin hash-password --password PW`: clap takes `--password`
+            // as the connection option. Use it when it was given on the
+            // command line, never the account password from the environment.
+            let mut params = args.params.clone();
+            let on_command_line =
+                std::env::args().any(|a| a == "--password" || a.starts_with("--password="));
+            if let (Some(p), true) = (&args.password, on_command_line) {
+                if !params.iter().any(|a| a.starts_with("--password")) {
+                    params = vec!["--password".to_owned(), p.clone()];
+                }
+            }
+            hash_password_command(&params)
+        }
         "actions" => {
             for (name, access) in ACTIONS {
                 println!("{name} [{}]", access.as_str());
@@ -248,8 +261,7 @@ async fn request_command(args: &AdminCliArgs) -> anyhow::Result<i32> {
     let mut params = parse_params(&args.params)?;
     params.insert("Action".into(), Value::String(args.action.clone()));
     let response = request(args, params).await?;
-    let pretty = serde_json::to_string_pretty(&response)?;
-    println!("{pretty}");
+    println!("{}", super::envelope_text(&response, true));
     let ok = response.get("Code").and_then(Value::as_str) == Some("OK");
     Ok(if ok { 0 } else { EXIT_NOT_OK })
 }

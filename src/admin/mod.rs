@@ -222,6 +222,42 @@ pub fn respond(request_id: String, result: Result<Map<String, Value>, AdminError
     Value::Object(m)
 }
 
+/// A response as JSON text with `RequestId`, `Code` and `Message` first
+/// (the rest in key order), pretty or compact.
+pub fn envelope_text(response: &Value, pretty: bool) -> String {
+    #[derive(serde::Serialize)]
+    struct Envelope<'a> {
+        #[serde(rename = "RequestId", skip_serializing_if = "Option::is_none")]
+        request_id: Option<&'a Value>,
+        #[serde(rename = "Code", skip_serializing_if = "Option::is_none")]
+        code: Option<&'a Value>,
+        #[serde(rename = "Message", skip_serializing_if = "Option::is_none")]
+        message: Option<&'a Value>,
+        #[serde(flatten)]
+        rest: std::collections::BTreeMap<&'a str, &'a Value>,
+    }
+    let Value::Object(m) = response else {
+        return response.to_string();
+    };
+    let head = ["RequestId", "Code", "Message"];
+    let e = Envelope {
+        request_id: m.get("RequestId"),
+        code: m.get("Code"),
+        message: m.get("Message"),
+        rest: m
+            .iter()
+            .filter(|(k, _)| !head.contains(&k.as_str()))
+            .map(|(k, v)| (k.as_str(), v))
+            .collect(),
+    };
+    let text = if pretty {
+        serde_json::to_string_pretty(&e)
+    } else {
+        serde_json::to_string(&e)
+    };
+    text.unwrap_or_else(|_| response.to_string())
+}
+
 type EnvelopeError = (Option<String>, AdminError);
 
 fn parse_envelope(

@@ -254,7 +254,7 @@ async fn serve_one(
     };
     Some(Outgoing {
         topic: reply_topic,
-        payload: response.to_string().into_bytes(),
+        payload: super::envelope_text(&response, false).into_bytes(),
         properties: Some(PublishProperties {
             payload_format_indicator: Some(1),
             content_type: Some("application/json".into()),
