@@ -335,6 +335,7 @@ fn parse_envelope(
         )));
     };
     if !account.may(&action_name) {
+        tracing::warn!(account = %account.name, action = %action_name, "admin action refused: role");
         return Err(fail(AdminError::forbidden(format!(
             "account {} may not call {action_name} ({} access)",
             account.name,
@@ -369,4 +370,29 @@ fn audit_parameters(params: &Map<String, Value>) -> String {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     Value::Object(kept).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn envelope_comes_first() {
+        let v = json!({"Zeta": 1, "Code": "OK", "Alpha": 2, "RequestId": "r", "Message": "m"});
+        assert_eq!(
+            envelope_text(&v, false),
+            r#"{"RequestId":"r","Code":"OK","Message":"m","Alpha":2,"Zeta":1}"#
+        );
+        assert_eq!(envelope_text(&json!([1]), false), "[1]");
+    }
+
+    #[test]
+    fn request_ids_are_unique_and_uuid_sized() {
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+    }
 }
