@@ -352,3 +352,57 @@ async fn device_connections_show_on_the_event_topics() {
     assert_eq!(topic, "admin/v1/events/device/rejected");
     assert_eq!(v["DeviceKey"], "d2");
 }
+
+/// Debian's `mosquitto_rr` (MQTT 5 request/response: Response Topic and
+/// Correlation Data) against the accounts listener.
+#[tokio::test(flavor = "multi_thread")]
+async fn mosquitto_rr_interoperates() {
+    let b = broker().await;
+    let port = b.broker.accounts_addr().port().to_string();
+    let run = |request: Value, response_topic: &'static str| {
+        let port = port.clone();
+        async move {
+            let out = tokio::process::Command::new("mosquitto_rr")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &port,
+                    "-i",
+                    "rr-client",
+                    "-u",
+                    "ops",
+                    "-P",
+                    "ops-pw",
+                    "-t",
+                    "admin/v1/ops/request",
+                    "-e",
+                    response_topic,
+                    "-W",
+                    "10",
+                    "-m",
+                    &request.to_string(),
+                ])
+                .output()
+                .await
+                .expect("mosquitto_rr (apt-get install mosquitto-clients)");
+            assert!(out.status.success(), "{out:?}");
+            serde_json::from_slice::<Value>(&out.stdout).expect("a JSON response")
+        }
+    };
+    let r = run(
+        json!({"Action": "CreateProduct", "ProductKey": "rr1", "RequestId": "rr"}),
+        "admin/v1/ops/response",
+    )
+    .await;
+    assert_eq!(
+        (r["RequestId"].clone(), r["Code"].clone()),
+        (json!("rr"), json!("OK"))
+    );
+    let r = run(
+        json!({"Action": "DescribeProducts"}),
+        "admin/v1/ops/response/rr-session",
+    )
+    .await;
+    assert_eq!(r["Items"][0]["ProductKey"], "rr1");
+}

@@ -223,3 +223,96 @@ async fn churn_keeps_the_counters_consistent() {
     assert!(r.refused.keys().all(|k| k == "0x97"), "{:?}", r.refused);
     f.broker.ledger.check_invariants().expect("invariants");
 }
+
+/// `setup` speaks the admin contract through the real accounts listener and
+/// admin service (device-secret product, RegisterDevices in chunks,
+/// CreateOrder assigned at purchase), and the devices it registered then
+/// flood in with their own secrets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setup_over_the_admin_topics_then_flood_with_device_secrets() {
+    use activation_broker::admin::accounts::{hash_password, AccountConfig, RoleConfig};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = Config {
+        data_dir: dir.path().to_owned(),
+        ..Config::default()
+    };
+    config.devices.bind = "127.0.0.1:0".parse().expect("addr");
+    config.accounts_listener.bind = "127.0.0.1:0".parse().expect("addr");
+    config.accounts = vec![AccountConfig {
+        name: "ops".into(),
+        password_hash: hash_password("ops-pw"),
+        role: RoleConfig::Named("admin".into()),
+        publish: Vec::new(),
+        subscribe: Vec::new(),
+        events: false,
+    }];
+    let broker = Broker::start(config, Clock::system())
+        .await
+        .expect("broker");
+    let accounts_port = broker.accounts_addr().port().to_string();
+    let device_port = broker.device_addr().port().to_string();
+    let secrets = dir.path().join("secrets.json");
+    let secrets = secrets.to_str().expect("utf-8 path");
+    let cmd = parse_args([
+        "activation-sim",
+        "setup",
+        "--port",
+        &accounts_port,
+        "--account",
+        "ops",
+        "--password",
+        "ops-pw",
+        "--product-key",
+        "setupdev",
+        "--auth-mode",
+        "device-secret",
+        "--devices",
+        "150",
+        "--codes",
+        "120",
+        "--validity",
+        "3600",
+        "--secrets-out",
+        secrets,
+        "--device-port",
+        &device_port,
+    ])
+    .expect("setup arguments");
+    let activation_simulator::cli::Command::Setup(args) = cmd else {
+        panic!("setup command");
+    };
+    let result = tokio::time::timeout(
+        Duration::from_secs(60),
+        activation_simulator::scenarios::setup::run(&args),
+    )
+    .await
+    .expect("setup finishes")
+    .expect("setup succeeds");
+    assert_eq!(result.device_secrets.len(), 150);
+    assert!(
+        result.product_secret.is_some(),
+        "CreateProduct returns it in both modes"
+    );
+    let p = broker.ledger.product("setupdev").expect("product");
+    assert_eq!((p.total, p.available()), (120, 120));
+
+    let r = sim(&[
+        "flood",
+        "--port",
+        &device_port,
+        "--product-key",
+        "setupdev",
+        "--secrets",
+        secrets,
+        "--devices",
+        "150",
+        "--rate",
+        "2000",
+        "--hold",
+        "0",
+        "--quiet",
+    ])
+    .await;
+    assert_eq!((r.attempted, r.accepted), (150, 120), "{r:?}");
+    assert_eq!(r.refused.get("0x97"), Some(&30), "{:?}", r.refused);
+}

@@ -457,7 +457,10 @@ where
             retain_available: Some(1),
             wildcard_subscription_available: Some(1),
             shared_subscription_available: Some(1),
-            assigned_client_identifier: (client_id != connect.client_id).then(|| client_id.clone()),
+            // MQTT 5 §3.2.2.3.7: only for a zero-length client id. A client
+            // that named itself must not get one (libmosquitto treats it as
+            // a protocol error), even if the session's id differs (accounts).
+            assigned_client_identifier: connect.client_id.is_empty().then(|| client_id.clone()),
             ..codes::empty_connack_properties()
         }),
     };

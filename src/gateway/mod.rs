@@ -158,9 +158,10 @@ impl Identity {
 /// An accepted CONNECT.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Admission {
-    /// The session's client id. Empty: the gateway assigns one (and tells
-    /// MQTT 5 clients in the CONNACK's Assigned Client Identifier). If it
-    /// differs from the CONNECT's, MQTT 5 clients are told too.
+    /// The session's client id. Empty: the gateway assigns one. MQTT 5
+    /// clients that sent an empty client id are told the session's id in the
+    /// CONNACK's Assigned Client Identifier; clients that named themselves
+    /// are not (the spec forbids it), even when the session's id differs.
     pub client_id: String,
     pub identity: Identity,
     pub acl: Acl,
