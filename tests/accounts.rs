@@ -109,7 +109,7 @@ async fn request(c: &AsyncClient, el: &mut EventLoop, name: &str, body: Value) -
     .await
     .expect("queue");
     next(el, |p| match p {
-        Packet::Publish(p) if p.topic == Bytes::from(topic.clone()) => {
+        Packet::Publish(p) if p.topic == topic.as_bytes() => {
             serde_json::from_slice(&p.payload).ok()
         }
         _ => None,
