@@ -996,3 +996,40 @@ async fn lifecycle_events_in_order() {
     announcer.abort();
     h.t.invariants();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn response_topics_per_account_are_bounded() {
+    use activation_broker::admin::service::MAX_REPLY_TOPICS_PER_ACCOUNT;
+    let h = Harness::start().await;
+    let mut ops = h.client("ops", &["admin/v1/ops/response/#"]).await;
+    for i in 0..=MAX_REPLY_TOPICS_PER_ACCOUNT {
+        let asked = format!("admin/v1/ops/response/t{i}");
+        let props = PublishProperties {
+            response_topic: Some(asked.clone()),
+            ..PublishProperties::default()
+        };
+        ops.send_raw(
+            json!({"Action": "DescribeActivationSummary"}).to_string(),
+            Some(props),
+        )
+        .await;
+        let (topic, v, _) = ops.next().await;
+        assert_eq!(v["Code"], "OK");
+        if i < MAX_REPLY_TOPICS_PER_ACCOUNT {
+            assert_eq!(topic, asked);
+        } else {
+            assert_eq!(topic, "admin/v1/ops/response", "beyond the cap");
+        }
+    }
+    // A topic already used stays usable.
+    let props = PublishProperties {
+        response_topic: Some("admin/v1/ops/response/t0".into()),
+        ..PublishProperties::default()
+    };
+    ops.send_raw(
+        json!({"Action": "DescribeProducts"}).to_string(),
+        Some(props),
+    )
+    .await;
+    assert_eq!(ops.next().await.0, "admin/v1/ops/response/t0");
+}

@@ -84,12 +84,26 @@ pub async fn run(mut args: AdminCliArgs) -> anyhow::Result<i32> {
         }
     }
     let result = match args.action.as_str() {
-        "hash-password" => hash_password_command(&args.params),
-        "actions" => {
-            for (name, access) in ACTIONS {
-                println!("{name} [{}]", access.as_str());
+        "hash-password" => {
+            // `admin hash-password --password PW`: clap takes `--password`
+            // as the connection option. Use it when it was given on the
+            // command line, never the account password from the environment.
+            let mut params = args.params.clone();
+            let on_command_line =
+                std::env::args().any(|a| a == "--password" || a.starts_with("--password="));
+            if let (Some(p), true) = (&args.password, on_command_line) {
+                if !params.iter().any(|a| a.starts_with("--password")) {
+                    params = vec!["--password".to_owned(), p.clone()];
+                }
             }
-            Ok(0)
+            hash_password_command(&params)
+        }
+        "actions" => {
+            let text: String = ACTIONS
+                .iter()
+                .map(|(name, access)| format!("{name} [{}]\n", access.as_str()))
+                .collect();
+            print_out(&text).map(|()| 0)
         }
         "events" => events_command(&args).await,
         _ => request_command(&args).await,
@@ -146,6 +160,16 @@ fn take_trailing_options(args: &mut AdminCliArgs) -> anyhow::Result<()> {
     }
     args.params = rest;
     Ok(())
+}
+
+/// Writes to stdout; a closed pipe (`| head`) is not an error worth a panic.
+fn print_out(text: &str) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(anyhow!("writing to stdout: {e}")),
+    }
 }
 
 /// `--Param value` pairs → the request's parameters.
@@ -234,7 +258,7 @@ pub fn hash_password_command(params: &[String]) -> anyhow::Result<i32> {
     if password.is_empty() {
         bail!("empty password");
     }
-    println!("{}", hash_password(&password));
+    print_out(&format!("{}\n", hash_password(&password)))?;
     Ok(0)
 }
 
@@ -248,8 +272,7 @@ async fn request_command(args: &AdminCliArgs) -> anyhow::Result<i32> {
     let mut params = parse_params(&args.params)?;
     params.insert("Action".into(), Value::String(args.action.clone()));
     let response = request(args, params).await?;
-    let pretty = serde_json::to_string_pretty(&response)?;
-    println!("{pretty}");
+    print_out(&format!("{}\n", super::envelope_text(&response, true)))?;
     let ok = response.get("Code").and_then(Value::as_str) == Some("OK");
     Ok(if ok { 0 } else { EXIT_NOT_OK })
 }
@@ -370,8 +393,12 @@ async fn events_command(args: &AdminCliArgs) -> anyhow::Result<i32> {
                 Err(_) => String::from_utf8_lossy(&p.payload).into_owned(),
             };
             let mut out = stdout.lock();
-            writeln!(out, "{line}")?;
-            out.flush()?;
+            match writeln!(out, "{line}").and_then(|()| out.flush()) {
+                Ok(()) => {}
+                // The reader is gone (`| head -n 5`): stop quietly.
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+                Err(e) => return Err(anyhow!("writing to stdout: {e}")),
+            }
             seen += 1;
         }
     }

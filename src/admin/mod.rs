@@ -222,6 +222,42 @@ pub fn respond(request_id: String, result: Result<Map<String, Value>, AdminError
     Value::Object(m)
 }
 
+/// A response as JSON text with `RequestId`, `Code` and `Message` first
+/// (the rest in key order), pretty or compact.
+pub fn envelope_text(response: &Value, pretty: bool) -> String {
+    #[derive(serde::Serialize)]
+    struct Envelope<'a> {
+        #[serde(rename = "RequestId", skip_serializing_if = "Option::is_none")]
+        request_id: Option<&'a Value>,
+        #[serde(rename = "Code", skip_serializing_if = "Option::is_none")]
+        code: Option<&'a Value>,
+        #[serde(rename = "Message", skip_serializing_if = "Option::is_none")]
+        message: Option<&'a Value>,
+        #[serde(flatten)]
+        rest: std::collections::BTreeMap<&'a str, &'a Value>,
+    }
+    let Value::Object(m) = response else {
+        return response.to_string();
+    };
+    let head = ["RequestId", "Code", "Message"];
+    let e = Envelope {
+        request_id: m.get("RequestId"),
+        code: m.get("Code"),
+        message: m.get("Message"),
+        rest: m
+            .iter()
+            .filter(|(k, _)| !head.contains(&k.as_str()))
+            .map(|(k, v)| (k.as_str(), v))
+            .collect(),
+    };
+    let text = if pretty {
+        serde_json::to_string_pretty(&e)
+    } else {
+        serde_json::to_string(&e)
+    };
+    text.unwrap_or_else(|_| response.to_string())
+}
+
 type EnvelopeError = (Option<String>, AdminError);
 
 fn parse_envelope(
@@ -299,6 +335,7 @@ fn parse_envelope(
         )));
     };
     if !account.may(&action_name) {
+        tracing::warn!(account = %account.name, action = %action_name, "admin action refused: role");
         return Err(fail(AdminError::forbidden(format!(
             "account {} may not call {action_name} ({} access)",
             account.name,
@@ -333,4 +370,29 @@ fn audit_parameters(params: &Map<String, Value>) -> String {
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     Value::Object(kept).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn envelope_comes_first() {
+        let v = json!({"Zeta": 1, "Code": "OK", "Alpha": 2, "RequestId": "r", "Message": "m"});
+        assert_eq!(
+            envelope_text(&v, false),
+            r#"{"RequestId":"r","Code":"OK","Message":"m","Alpha":2,"Zeta":1}"#
+        );
+        assert_eq!(envelope_text(&json!([1]), false), "[1]");
+    }
+
+    #[test]
+    fn request_ids_are_unique_and_uuid_sized() {
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+    }
 }

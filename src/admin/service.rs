@@ -171,6 +171,7 @@ async fn serve(
     stats: Arc<AdminStats>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS));
+    let reply_topics = Arc::new(ReplyTopics::default());
     loop {
         let notification = match rx.next().await {
             Ok(Some(n)) => n,
@@ -196,12 +197,14 @@ async fn serve(
         };
         stats.requests.fetch_add(1, Ordering::Relaxed);
         let (ctx, accounts, out) = (ctx.clone(), accounts.clone(), out.clone());
+        let reply_topics = reply_topics.clone();
         tokio::spawn(async move {
             let _permit = permit;
             let props = forward.properties.unwrap_or_default();
             if let Some(o) = serve_one(
                 &ctx,
                 &accounts,
+                &reply_topics,
                 &forward.publish.topic,
                 &forward.publish.payload,
                 props,
@@ -215,10 +218,38 @@ async fn serve(
     }
 }
 
+/// Distinct MQTT 5 Response Topics honoured per account. rumqttd keeps a
+/// filter for every topic published to without a matching subscription,
+/// forever; this bounds what one account can make it keep.
+pub const MAX_REPLY_TOPICS_PER_ACCOUNT: usize = 64;
+
+/// The Response Topics each account has used.
+#[derive(Default)]
+struct ReplyTopics {
+    used: parking_lot::Mutex<std::collections::HashMap<String, std::collections::HashSet<String>>>,
+}
+
+impl ReplyTopics {
+    /// Whether `topic` may be used by `account`: known, or new within the cap.
+    fn admit(&self, account: &str, topic: &str) -> bool {
+        let mut used = self.used.lock();
+        let set = used.entry(account.to_owned()).or_default();
+        if set.contains(topic) {
+            return true;
+        }
+        if set.len() >= MAX_REPLY_TOPICS_PER_ACCOUNT {
+            return false;
+        }
+        set.insert(topic.to_owned());
+        true
+    }
+}
+
 /// The response to one request, or `None` when there is nobody to answer.
 async fn serve_one(
     ctx: &AdminContext,
     accounts: &Accounts,
+    reply_topics: &ReplyTopics,
     topic: &[u8],
     payload: &[u8],
     props: PublishProperties,
@@ -235,7 +266,7 @@ async fn serve_one(
     let (response, reply_topic) = match accounts.get(&name) {
         Some(account) => {
             let reply_topic = match &props.response_topic {
-                Some(t) if account.may_receive_on(t) => t.clone(),
+                Some(t) if account.may_receive_on(t) && reply_topics.admit(&name, t) => t.clone(),
                 Some(t) => {
                     tracing::debug!(account = %name, topic = %t, "Response Topic not allowed; answering on the default topic");
                     account.response_topic()
@@ -254,7 +285,7 @@ async fn serve_one(
     };
     Some(Outgoing {
         topic: reply_topic,
-        payload: response.to_string().into_bytes(),
+        payload: super::envelope_text(&response, false).into_bytes(),
         properties: Some(PublishProperties {
             payload_format_indicator: Some(1),
             content_type: Some("application/json".into()),
