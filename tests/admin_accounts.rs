@@ -1,21 +1,15 @@
 //! Accounts (password hashing, config, first-start bootstrap, topic rules)
-//! and the operator CLI over a real MQTT 5 listener: rumqttd's own server
-//! in front of the router, with the admin service attached by a local link.
+//! and the operator CLI against the whole broker's accounts listener.
 
 mod common;
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use activation_broker::admin::accounts::{
     hash_password, verify_password, AccountConfig, Accounts, RoleConfig, GENERATED_FILE,
 };
 use activation_broker::admin::cli::{self, AdminCliArgs, EXIT_FAILURE, EXIT_NOT_OK};
-use activation_broker::admin::service::AdminService;
-use activation_broker::admin::AdminContext;
-use common::*;
+use common::broker::*;
 use serde_json::{json, Map};
 
 #[test]
@@ -227,6 +221,7 @@ fn first_start_creates_admin_once_and_keeps_only_the_hash() {
 // ---------------------------------------------------------------------------
 // The CLI over a real MQTT 5 listener.
 
+/// A port nothing listens on (bound, then released).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -236,15 +231,12 @@ fn free_port() -> u16 {
 
 struct Listener {
     port: u16,
-    _service: AdminService,
-    _sink: (rumqttd::local::LinkTx, rumqttd::local::LinkRx),
-    t: TestLedger,
+    t: TestBroker,
 }
 
-/// rumqttd's own v5 server (authenticating with our accounts) in front of
-/// a router the admin service is attached to.
+/// The whole broker, with one admin account `ops`; the CLI talks to its
+/// accounts listener.
 async fn listener(password: &str) -> Listener {
-    let mut accounts = Accounts::default();
     let cfg = AccountConfig {
         name: "ops".into(),
         password_hash: hash_password(password),
@@ -253,79 +245,9 @@ async fn listener(password: &str) -> Listener {
         subscribe: Vec::new(),
         events: true,
     };
-    for a in Accounts::from_configs(&[cfg]).expect("accounts").iter() {
-        accounts.insert((**a).clone());
-    }
-    let accounts = Arc::new(accounts);
-    let port = free_port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    let auth_accounts = accounts.clone();
-    let mut server = rumqttd::ServerSettings {
-        name: "accounts".into(),
-        listen: addr,
-        tls: None,
-        next_connection_delay_ms: 0,
-        connections: rumqttd::ConnectionSettings {
-            connection_timeout_ms: 5000,
-            max_payload_size: 1024 * 1024,
-            max_inflight_count: 100,
-            auth: None,
-            external_auth: None,
-            dynamic_filters: true,
-        },
-    };
-    server.set_auth_handler(move |_client, user: String, pass: String| {
-        let ok = auth_accounts.authenticate(&user, &pass).is_some();
-        async move { ok }
-    });
-    let config = rumqttd::Config {
-        id: 0,
-        router: rumqttd::RouterConfig {
-            max_connections: 64,
-            max_outgoing_packet_count: 200,
-            max_segment_size: 1024 * 1024,
-            max_segment_count: 4,
-            custom_segment: None,
-            initialized_filters: None,
-            shared_subscriptions_strategy: Default::default(),
-        },
-        v5: Some(HashMap::from([("accounts".to_owned(), server)])),
-        ..rumqttd::Config::default()
-    };
-    let mut broker = rumqttd::Broker::new(config);
-    let (link_tx, link_rx) = broker.link("admin-service").expect("admin link");
-    // `Broker::link` has no dynamic filters: a publish to a topic nobody
-    // subscribes to would drop the admin link. (The broker's own links have
-    // them; here a sink keeps a filter over every event topic.)
-    let (mut sink_tx, sink_rx) = broker.link("events-sink").expect("sink link");
-    sink_tx
-        .subscribe("admin/v1/events/#")
-        .expect("sink subscribes");
-    std::thread::spawn(move || {
-        let _ = broker.start();
-    });
-    let t = open_ledger();
-    let mut link = Some((link_tx, link_rx));
-    let service = AdminService::start(
-        AdminContext::new(t.ledger.clone(), 30),
-        accounts,
-        move |_id: &str| link.take().ok_or_else(|| anyhow::anyhow!("link used")),
-    )
-    .await
-    .expect("admin service");
-    // Wait until the listener accepts connections.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "listener never came up"
-        );
-        tokio::task::yield_now().await;
-    }
+    let t = start_broker(|c| c.accounts = vec![cfg]).await;
     Listener {
-        port,
-        _service: service,
-        _sink: (sink_tx, sink_rx),
+        port: t.broker.accounts_addr().port(),
         t,
     }
 }
@@ -377,7 +299,7 @@ async fn cli_requests_over_mqtt5() {
     .await
     .expect("runs");
     assert_eq!(code, 0);
-    assert_eq!(l.t.ledger.counters().total, 5);
+    assert_eq!(l.t.broker.ledger.counters().total, 5);
     let code = cli::run(args(
         l.port,
         "pw-1",
@@ -414,7 +336,7 @@ async fn cli_events_prints_relayed_events() {
     // The watcher subscribes at some point; publish until it has seen one.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let code = loop {
-        l.t.events.publish(
+        l.t.broker.events.publish(
             Event::new(EventKind::PoolLow, l.t.clock.now())
                 .with("ProductKey", "p1")
                 .with("Available", 1),
