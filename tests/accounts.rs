@@ -383,8 +383,12 @@ async fn the_lifecycle_produces_its_events_in_order_on_the_event_topics() {
                 let body: Value = serde_json::from_slice(&p.payload).expect("event JSON");
                 assert_eq!(body["Event"], kind.as_str());
                 assert!(body["At"].as_str().is_some());
-                // pool/low fires along the way (3 codes < threshold 10).
-                if kind != "pool/low" {
+                // pool/low fires along the way (3 codes < threshold 10), and
+                // 60 s codes are always within the 30-day near-expiry window:
+                // whether the announcer's scan (every 60 s of the manual
+                // clock) catches the renewed code before it expires again
+                // depends on scheduling, so device/expiring may or may not show.
+                if kind != "pool/low" && kind != "device/expiring" {
                     seen.push(kind);
                 }
             }
