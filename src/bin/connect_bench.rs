@@ -51,6 +51,9 @@ struct Args {
     /// Worker threads of the client runtime.
     #[arg(long, default_value_t = 1)]
     client_threads: usize,
+    /// Skip (c).
+    #[arg(long)]
+    skip_rumqttd: bool,
     /// Skip (d) and Mosquitto anonymous.
     #[arg(long)]
     skip_mosquitto: bool,
@@ -63,6 +66,9 @@ struct Args {
     /// Seconds allowed for one connection to get its CONNACK.
     #[arg(long, default_value_t = 30)]
     timeout_secs: u64,
+    /// Print where each measured process's RSS is (from /proc/PID/smaps).
+    #[arg(long)]
+    smaps: bool,
     /// Internal: run rumqttd's stock v4 `Server` (no auth) on this address
     /// and nothing else; the bench starts itself with it for target (c).
     #[arg(long, hide = true)]
@@ -182,7 +188,11 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     bench.activation_broker(&broker_bin, tmp.path(), &mut report)?;
     check_stop()?;
     // (c): rumqttd's stock listener.
-    bench.stock_rumqttd(tmp.path(), &mut report)?;
+    if args.skip_rumqttd {
+        report.notes.push("(c) skipped: --skip-rumqttd".into());
+    } else {
+        bench.stock_rumqttd(tmp.path(), &mut report)?;
+    }
     check_stop()?;
     // (d) and Mosquitto anonymous.
     if args.skip_mosquitto {
@@ -205,6 +215,15 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
+    /// [`settle`], and with `--smaps` where the RSS is.
+    fn settle(&self, pid: u32) -> anyhow::Result<(u64, usize)> {
+        let r = settle(pid)?;
+        if self.args.smaps {
+            eprintln!("{}", smaps_summary(pid));
+        }
+        Ok(r)
+    }
+
     /// Connects every packet in `packets` with bounded concurrency; holds
     /// the accepted connections in `held` (closing the previous ones first
     /// with DISCONNECT) so RSS can be read with them idle.
@@ -329,7 +348,7 @@ max_connections = {max}
         let mut broker = ChildGuard::spawn("activation-broker", cmd, &dir)?;
         broker.wait_ready(addr)?;
         let pid = broker.pid();
-        let (idle_kb, fds_idle) = settle(pid)?;
+        let (idle_kb, fds_idle) = self.settle(pid)?;
 
         let mut held = Vec::new();
         let now = Clock::system().now();
@@ -343,7 +362,7 @@ max_connections = {max}
             10,
             &mut held,
         )?;
-        let (loaded_a, _) = settle(pid)?;
+        let (loaded_a, _) = self.settle(pid)?;
         report.rss.push(Rss {
             label: "activation broker, after (a)".into(),
             devices: held.len(),
@@ -351,7 +370,17 @@ max_connections = {max}
             loaded_kb: loaded_a,
         });
         broker.check_alive()?;
+        let devices_a = held.len();
         self.release(&mut held, pid, fds_idle);
+        // The same devices, activated but disconnected: what stays is the
+        // ledger's share (and whatever the allocator keeps).
+        let (released_kb, _) = self.settle(pid)?;
+        report.rss.push(Rss {
+            label: "activation broker, (a) devices disconnected again".into(),
+            devices: devices_a,
+            idle_kb,
+            loaded_kb: released_kb,
+        });
 
         let now = Clock::system().now();
         let packets = (0..n)
@@ -364,7 +393,7 @@ max_connections = {max}
             11,
             &mut held,
         )?;
-        let (loaded_b, _) = settle(pid)?;
+        let (loaded_b, _) = self.settle(pid)?;
         report.rss.push(Rss {
             label: "activation broker, after (b)".into(),
             devices: held.len(),
@@ -415,7 +444,7 @@ max_connections = {max}
         let mut child = ChildGuard::spawn("rumqttd-stock", cmd, &dir)?;
         child.wait_ready(addr)?;
         let pid = child.pid();
-        let (idle_kb, _) = settle(pid)?;
+        let (idle_kb, _) = self.settle(pid)?;
         let packets = (0..n)
             .map(|i| plain_connect(&format!("dev-{i}"), None))
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -427,7 +456,7 @@ max_connections = {max}
             12,
             &mut held,
         )?;
-        let (loaded, _) = settle(pid)?;
+        let (loaded, _) = self.settle(pid)?;
         report.rss.push(Rss {
             label: "(c) rumqttd stock Server".into(),
             devices: held.len(),
@@ -516,7 +545,7 @@ max_connections = {max}
             let mut child = ChildGuard::spawn("mosquitto", cmd, &dir)?;
             child.wait_ready(addr)?;
             let pid = child.pid();
-            let (idle_kb, _) = settle(pid)?;
+            let (idle_kb, _) = self.settle(pid)?;
             let packets = (0..n)
                 .map(|i| {
                     let dk = format!("dev-{i}");
@@ -526,7 +555,7 @@ max_connections = {max}
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let mut held = Vec::new();
             let phase = self.phase(label, addr, packets, source_net, &mut held)?;
-            let (loaded, _) = settle(pid)?;
+            let (loaded, _) = self.settle(pid)?;
             let rss = Rss {
                 label: label.to_owned(),
                 devices: held.len(),
@@ -882,13 +911,33 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(l.local_addr()?.port())
 }
 
-/// Waits a moment for the process to settle, then returns its VmRSS in KB
-/// and its open descriptor count.
+/// Waits until the process's RSS is stable (allocators return freed memory
+/// gradually), then returns its VmRSS in KB and its open descriptor count.
+/// Stable: three readings 1 s apart within 0.5 % of the first; at most 30 s.
 fn settle(pid: u32) -> anyhow::Result<(u64, usize)> {
-    std::thread::sleep(Duration::from_millis(1000));
-    let rss = rss_kb(pid).ok_or_else(|| anyhow!("cannot read /proc/{pid}/status"))?;
+    let read = || rss_kb(pid).ok_or_else(|| anyhow!("cannot read /proc/{pid}/status"));
+    let mut window = std::collections::VecDeque::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = read()?;
+    while Instant::now() < deadline && !STOP.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(1000));
+        last = read()?;
+        window.push_back(last);
+        if window.len() > 3 {
+            window.pop_front();
+        }
+        if window.len() == 3 {
+            let (lo, hi) = (
+                window.iter().copied().min().unwrap_or(0),
+                window.iter().copied().max().unwrap_or(0),
+            );
+            if (hi - lo) * 200 <= hi {
+                break;
+            }
+        }
+    }
     let fds = open_fds(pid).unwrap_or(0);
-    Ok((rss, fds))
+    Ok((last, fds))
 }
 
 fn rss_kb(pid: u32) -> Option<u64> {
@@ -897,6 +946,45 @@ fn rss_kb(pid: u32) -> Option<u64> {
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// RSS by mapping kind, and the largest anonymous mappings, of `pid`.
+fn smaps_summary(pid: u32) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut by_kind: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+    let mut anon: Vec<(u64, u64, String)> = Vec::new();
+    let (mut name, mut size, mut range) = (String::new(), 0u64, String::new());
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        let first = f.next().unwrap_or_default();
+        if first.contains('-') && !first.ends_with(':') {
+            range = first.to_owned();
+            name = f.nth(4).unwrap_or("[anon]").to_owned();
+            if name.starts_with('/') {
+                name = "file".into();
+            }
+        } else if first == "Size:" {
+            size = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        } else if first == "Rss:" {
+            let rss: u64 = f.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            let e = by_kind.entry(name.clone()).or_default();
+            e.0 += 1;
+            e.1 += size;
+            e.2 += rss;
+            if name == "[anon]" || name == "[heap]" {
+                anon.push((rss, size, range.clone()));
+            }
+        }
+    }
+    anon.sort_unstable_by(|a, b| b.cmp(a));
+    let mut out = format!("smaps of {pid} (mappings, size KB, RSS KB):");
+    for (k, (n, sz, rss)) in &by_kind {
+        out += &format!("\n  {k}: {n} mappings, {sz} KB, RSS {rss} KB");
+    }
+    for (rss, sz, r) in anon.iter().take(8) {
+        out += &format!("\n  anon {r}: {sz} KB, RSS {rss} KB");
+    }
+    out
 }
 
 /// TcpExt ListenDrops of this network namespace.
