@@ -69,6 +69,9 @@ struct Args {
     /// Print where each measured process's RSS is (from /proc/PID/smaps).
     #[arg(long)]
     smaps: bool,
+    /// Record each phase with `perf record -g -p SERVER` into DIR/<phase>.data.
+    #[arg(long)]
+    perf: Option<PathBuf>,
     /// Internal: run rumqttd's stock v4 `Server` (no auth) on this address
     /// and nothing else; the bench starts itself with it for target (c).
     #[arg(long, hide = true)]
@@ -120,6 +123,9 @@ struct Phase {
     /// because an accept queue was full; the client retries after 1 s).
     /// Counted for the whole network namespace.
     listen_drops: u64,
+    /// CPU seconds (user + system) the server and this client used.
+    server_cpu: f64,
+    client_cpu: f64,
 }
 
 impl Phase {
@@ -230,6 +236,7 @@ impl Bench<'_> {
     fn phase(
         &self,
         label: &str,
+        server: u32,
         addr: SocketAddr,
         packets: Vec<Bytes>,
         source_net: u8,
@@ -237,7 +244,13 @@ impl Bench<'_> {
     ) -> anyhow::Result<Phase> {
         eprintln!("{label}: {} connections to {addr} ...", packets.len());
         let timeout = Duration::from_secs(self.args.timeout_secs);
+        let perf = match &self.args.perf {
+            Some(dir) => Some(PerfGuard::start(dir, label, server)?),
+            None => None,
+        };
         let drops_before = listen_drops();
+        let server_before = cpu_secs(server);
+        let client_before = cpu_secs(std::process::id());
         let (mut phase, streams) = self.rt.block_on(connect_all(
             label,
             addr,
@@ -247,6 +260,9 @@ impl Bench<'_> {
             timeout,
         ))?;
         phase.listen_drops = listen_drops().saturating_sub(drops_before);
+        phase.server_cpu = cpu_secs(server) - server_before;
+        phase.client_cpu = cpu_secs(std::process::id()) - client_before;
+        drop(perf);
         eprintln!(
             "{label}: {} accepted in {:.2} s ({:.0}/s), {} failed",
             phase.accepted,
@@ -357,6 +373,7 @@ max_connections = {max}
             .collect::<anyhow::Result<Vec<_>>>()?;
         let a = self.phase(
             "(a) first activations, durable",
+            pid,
             addr,
             packets,
             10,
@@ -388,6 +405,7 @@ max_connections = {max}
             .collect::<anyhow::Result<Vec<_>>>()?;
         let b = self.phase(
             "(b) reconnects of active devices",
+            pid,
             addr,
             packets,
             11,
@@ -398,6 +416,12 @@ max_connections = {max}
             label: "activation broker, after (b)".into(),
             devices: held.len(),
             idle_kb,
+            loaded_kb: loaded_b,
+        });
+        report.rss.push(Rss {
+            label: "activation broker, connections only: after (b) − disconnected".into(),
+            devices: held.len(),
+            idle_kb: released_kb,
             loaded_kb: loaded_b,
         });
         broker.check_alive()?;
@@ -451,6 +475,7 @@ max_connections = {max}
         let mut held = Vec::new();
         let c = self.phase(
             "(c) rumqttd stock Server, no auth",
+            pid,
             addr,
             packets,
             12,
@@ -554,7 +579,7 @@ max_connections = {max}
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let mut held = Vec::new();
-            let phase = self.phase(label, addr, packets, source_net, &mut held)?;
+            let phase = self.phase(label, pid, addr, packets, source_net, &mut held)?;
             let (loaded, _) = self.settle(pid)?;
             let rss = Rss {
                 label: label.to_owned(),
@@ -642,6 +667,8 @@ async fn connect_all(
             hist: total.hist,
             elapsed,
             listen_drops: 0,
+            server_cpu: 0.0,
+            client_cpu: 0.0,
         },
         total.held,
     ))
@@ -987,6 +1014,60 @@ fn smaps_summary(pid: u32) -> String {
     out
 }
 
+/// User + system CPU seconds of process `pid` (0 if unreadable).
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // Fields 14 and 15 of stat(5); `rest` starts at field 3.
+    (ticks(11) + ticks(12)) as f64 / hz
+}
+
+/// `perf record` attached to a server for one phase; stopped on drop.
+struct PerfGuard(Option<Child>);
+
+impl PerfGuard {
+    fn start(dir: &Path, label: &str, pid: u32) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let tag: String = label
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .take(12)
+            .collect();
+        let child = Command::new("perf")
+            .args(["record", "-F", "999", "-g", "-p", &pid.to_string(), "-o"])
+            .arg(dir.join(format!("{tag}.data")))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting perf")?;
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(PerfGuard(Some(child)))
+    }
+}
+
+impl Drop for PerfGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            if let Ok(pid) = libc::pid_t::try_from(c.id()) {
+                // SAFETY: signals our own child, not yet reaped.
+                unsafe {
+                    libc::kill(pid, libc::SIGINT);
+                }
+            }
+            let _ = c.wait();
+        }
+    }
+}
+
 /// TcpExt ListenDrops of this network namespace.
 fn listen_drops() -> u64 {
     let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
@@ -1044,8 +1125,8 @@ fn print_report(r: &Report) {
     };
     let fmt = |v: Option<f64>, what: &str| v.map_or(String::new(), |v| format!("{v:.2}x {what}"));
     println!();
-    println!("| target | connections | failed | seconds | connects/s | p50 ms | p99 ms | listen drops | vs (c) | vs Mosquitto |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("| target | connections | failed | seconds | connects/s | p50 ms | p99 ms | listen drops | server CPU µs/connect | vs (c) | vs Mosquitto |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for p in &r.phases {
         let vs_c = fmt(ratio(p, c), "");
         let vs_m = if p.label.starts_with("(a)") {
@@ -1056,7 +1137,7 @@ fn print_report(r: &Report) {
             String::new()
         };
         println!(
-            "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {} | {} | {} |",
+            "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.2} | {} | {:.0} | {} | {} |",
             p.label,
             p.accepted,
             p.failures(),
@@ -1065,12 +1146,13 @@ fn print_report(r: &Report) {
             p.ms(0.5),
             p.ms(0.99),
             p.listen_drops,
+            p.server_cpu * 1e6 / p.accepted.max(1) as f64,
             vs_c.trim(),
             vs_m
         );
     }
     println!();
-    println!("| RSS | devices | idle MB | with devices MB | KB per device |");
+    println!("| RSS | devices | before MB | with devices MB | KB per device |");
     println!("|---|---:|---:|---:|---:|");
     for s in &r.rss {
         println!(
@@ -1102,8 +1184,15 @@ fn print_report(r: &Report) {
     }
     if let Some(s) = r.rss.first() {
         let kb = s.per_device_kb();
+        let conn = r
+            .rss
+            .iter()
+            .find(|s| s.label.contains("connections only"))
+            .map_or(String::new(), |c| {
+                format!(" (connections alone: {:.1} KB)", c.per_device_kb())
+            });
         targets.push(format!(
-            "RSS per idle device ≤ 25 KB: {kb:.1} KB, {}",
+            "RSS per idle connected device ≤ 25 KB: {kb:.1} KB with its ledger records{conn}, {}",
             verdict(kb <= 25.0)
         ));
     }
@@ -1125,8 +1214,11 @@ fn print_report(r: &Report) {
     for n in &r.notes {
         println!("- {n}");
     }
+    let client_cpu: f64 = r.phases.iter().map(|p| p.client_cpu).sum();
+    let secs: f64 = r.phases.iter().map(|p| p.elapsed.as_secs_f64()).sum();
+    println!("- server CPU µs/connect: user + system CPU of the server process during the phase / accepted connections (the client used {:.0} % of one core on average).", 100.0 * client_cpu / secs.max(1e-9));
     println!("- listen drops: TcpExt ListenDrops during the phase (connections whose SYN or handshake a full accept queue dropped; the client retransmits after 1 s), counted for the whole machine.");
-    println!("- RSS per device = (VmRSS with the devices connected and idle − VmRSS before the first connect) / devices; for the activation broker it includes the devices' ledger records.");
+    println!("- RSS per device = (VmRSS with the devices connected and idle − VmRSS before the first connect) / devices, read once stable; for the activation broker this includes the devices' ledger records, and \"connections only\" subtracts the RSS with the same devices activated but disconnected.");
 }
 
 /// Target (c): rumqttd's stock v4 `Server` with no auth on the router
