@@ -70,7 +70,7 @@ struct Args {
     #[arg(long)]
     smaps: bool,
     /// Record each phase with `perf record -g -p SERVER` into DIR/<phase>.data.
-    #[arg(long)]
+    #[arg(long, value_name = "DIR")]
     perf: Option<PathBuf>,
     /// Internal: run rumqttd's stock v4 `Server` (no auth) on this address
     /// and nothing else; the bench starts itself with it for target (c).
