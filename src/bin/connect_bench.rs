@@ -242,6 +242,7 @@ impl Bench<'_> {
         source_net: u8,
         held: &mut Vec<TcpStream>,
     ) -> anyhow::Result<Phase> {
+        check_stop()?;
         eprintln!("{label}: {} connections to {addr} ...", packets.len());
         let timeout = Duration::from_secs(self.args.timeout_secs);
         let perf = match &self.args.perf {
