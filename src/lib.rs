@@ -12,4 +12,5 @@ pub mod events;
 pub mod gate;
 pub mod gateway;
 pub mod ledger;
+pub mod limits;
 pub mod server;

@@ -117,7 +117,10 @@ async fn serve(
     if let Some(d) = data {
         config.data_dir = d;
     }
-    raise_open_file_limit();
+    match activation_broker::limits::raise_open_file_limit() {
+        Ok(n) => tracing::info!(open_files = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let broker = Broker::start(config, Clock::system()).await?;
     let addr = broker.device_addr();
     tracing::info!(%addr, data = %broker.config.data_dir.display(), "devices listener ready");
@@ -189,21 +192,4 @@ async fn print_demo(broker: &Broker) -> anyhow::Result<()> {
         "  activation-sim flood --port {port} --product-key {DEMO_PRODUCT} --product-secret {secret} --devices 2000 --rate 1000"
     );
     Ok(())
-}
-
-/// Raises the soft open-file limit to the hard limit: every device holds a socket.
-fn raise_open_file_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                tracing::warn!("cannot raise the open-file limit");
-            }
-        }
-    }
 }

@@ -91,7 +91,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(addr) = args.serve_stock_rumqttd {
         return serve_stock_rumqttd(addr);
     }
-    raise_open_file_limit();
+    if let Err(e) = activation_broker::limits::raise_open_file_limit() {
+        eprintln!("warning: cannot raise the open-file limit: {e}");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.client_threads.max(1))
         .enable_all()
@@ -1099,21 +1101,6 @@ fn nofile_limit() -> u64 {
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
     }
     lim.rlim_cur
-}
-
-/// Raises the soft open-file limit to the hard one; children inherit it.
-fn raise_open_file_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
 }
 
 fn print_report(r: &Report) {

@@ -27,14 +27,24 @@ impl AddAutoRenewalBlacklist {
             product_key: self.product_key,
             device_keys: self.device_keys,
         };
-        match ctx.execute(call, command).await? {
-            Outcome::BlacklistChanged {
-                product_key,
-                changed,
-            } => Ok(object(
-                json!({ "ProductKey": product_key, "Changed": changed }),
-            )),
-            other => Err(super::unexpected(&other)),
-        }
+        apply_blacklist_change(ctx, call, command).await
+    }
+}
+
+/// Applies an Add/RemoveBlacklist command and renders `ProductKey` and
+/// `Changed` (shared with RemoveAutoRenewalBlacklist).
+pub(super) async fn apply_blacklist_change(
+    ctx: &AdminContext,
+    call: &Call,
+    command: Command,
+) -> Result<Data, AdminError> {
+    match ctx.execute(call, command).await? {
+        Outcome::BlacklistChanged {
+            product_key,
+            changed,
+        } => Ok(object(
+            json!({ "ProductKey": product_key, "Changed": changed }),
+        )),
+        other => Err(super::unexpected(&other)),
     }
 }

@@ -1,12 +1,10 @@
 //! RemoveAutoRenewalBlacklist [update]: ProductKey, DeviceKeys. Removes devices from the product's
 //! auto-renewal blacklist; `Changed` lists the DeviceKeys actually removed.
 
-use serde_json::json;
-
 use crate::admin::params::Params;
-use crate::admin::render::{object, Data};
+use crate::admin::render::Data;
 use crate::admin::{AdminContext, AdminError, Call};
-use crate::ledger::{Command, Outcome};
+use crate::ledger::Command;
 
 #[derive(Debug)]
 pub struct RemoveAutoRenewalBlacklist {
@@ -27,14 +25,6 @@ impl RemoveAutoRenewalBlacklist {
             product_key: self.product_key,
             device_keys: self.device_keys,
         };
-        match ctx.execute(call, command).await? {
-            Outcome::BlacklistChanged {
-                product_key,
-                changed,
-            } => Ok(object(
-                json!({ "ProductKey": product_key, "Changed": changed }),
-            )),
-            other => Err(super::unexpected(&other)),
-        }
+        super::add_auto_renewal_blacklist::apply_blacklist_change(ctx, call, command).await
     }
 }
