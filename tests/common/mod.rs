@@ -74,3 +74,4 @@ impl TestLedger {
     }
 }
 pub mod broker;
+pub mod wire;
