@@ -177,3 +177,45 @@ pub async fn still_serving(t: &TestBroker, pk: &str, dk: &str, secret: &str) {
     let _ = c.disconnect().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), el.poll()).await;
 }
+
+/// Reads exactly one MQTT packet (fixed header included); `None` if the
+/// server closed first or nothing complete came within `limit`.
+pub async fn read_packet(s: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    tokio::time::timeout(limit, async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            if buf.len() >= 2 {
+                let mut len = 0usize;
+                let mut i = 1;
+                let mut complete = None;
+                while i < buf.len() && i <= 4 {
+                    len |= usize::from(buf[i] & 0x7F) << (7 * (i - 1));
+                    if buf[i] & 0x80 == 0 {
+                        complete = Some(i + 1 + len);
+                        break;
+                    }
+                    i += 1;
+                }
+                if let Some(total) = complete {
+                    if buf.len() >= total {
+                        buf.truncate(total);
+                        return Some(buf);
+                    }
+                }
+            }
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// The CONNACK code in what a server sent (`None`: no CONNACK).
+pub fn connack_code(bytes: &[u8]) -> Option<u8> {
+    (bytes.first() == Some(&0x20) && bytes.len() >= 4).then(|| bytes[3])
+}
