@@ -74,3 +74,5 @@ impl TestLedger {
     }
 }
 pub mod broker;
+pub mod child;
+pub mod wire;
