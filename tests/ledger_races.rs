@@ -46,30 +46,28 @@ fn two_thousand_devices_race_for_five_hundred_codes() {
     t.invariants();
 }
 
+/// Connects device `p1/same` `n` times at once; how many consumed a code.
+fn consuming_connects(t: &TestLedger, n: usize) -> usize {
+    let rt = runtime();
+    let _guard = rt.enter();
+    let tasks: Vec<_> = (0..n)
+        .map(|_| {
+            let l = t.ledger.clone();
+            tokio::spawn(async move { l.connect("p1", "same").await })
+        })
+        .collect();
+    tasks
+        .into_iter()
+        .map(|task| rt.block_on(task).expect("join").expect("admitted"))
+        .filter(|a| a.consumed.is_some())
+        .count()
+}
+
 #[test]
 fn a_hundred_concurrent_connects_of_one_device_consume_one_code() {
     let t = open_ledger();
     t.stocked("p1", 50, 3600);
-    let rt = runtime();
-    let _guard = rt.enter();
-    let mut tasks = Vec::new();
-    for _ in 0..100 {
-        let l = t.ledger.clone();
-        tasks.push(tokio::spawn(async move { l.connect("p1", "same").await }));
-    }
-    let mut consumed = 0;
-    for task in tasks {
-        if rt
-            .block_on(task)
-            .expect("join")
-            .expect("admitted")
-            .consumed
-            .is_some()
-        {
-            consumed += 1;
-        }
-    }
-    assert_eq!(consumed, 1);
+    assert_eq!(consuming_connects(&t, 100), 1);
     assert_eq!(t.ledger.counters().consumed, 1);
     t.invariants();
 }
@@ -80,26 +78,7 @@ fn renewals_of_one_expired_device_race_to_one_code() {
     t.stocked("p1", 50, 60);
     t.ledger.connect_blocking("p1", "same").expect("first");
     t.advance_secs(61);
-    let rt = runtime();
-    let _guard = rt.enter();
-    let mut tasks = Vec::new();
-    for _ in 0..100 {
-        let l = t.ledger.clone();
-        tasks.push(tokio::spawn(async move { l.connect("p1", "same").await }));
-    }
-    let mut renewed = 0;
-    for task in tasks {
-        if rt
-            .block_on(task)
-            .expect("join")
-            .expect("admitted")
-            .consumed
-            .is_some()
-        {
-            renewed += 1;
-        }
-    }
-    assert_eq!(renewed, 1);
+    assert_eq!(consuming_connects(&t, 100), 1);
     assert_eq!(t.ledger.counters().consumed, 2);
     t.invariants();
 }
