@@ -527,23 +527,33 @@ async fn mosquitto_clients_interoperate_with_openssl_computed_credentials() {
     assert_eq!(t.consumed(), 2, "two devices activated");
 }
 
-#[tokio::test]
-async fn a_will_outside_the_namespace_is_refused_before_any_code_is_consumed() {
-    let t = start_broker(|_| {}).await;
-    let secret = t.product(PK, 10, 3600).await;
-    let (u, p) = t.creds(PK, "d1", &secret);
+/// The first answer to a v4 CONNECT of `p1.d1` carrying a will on `will_topic`.
+async fn connect_with_will(
+    t: &TestBroker,
+    user: &str,
+    pass: &str,
+    will_topic: &str,
+) -> Result<Event, rumqttc::ConnectionError> {
     let mut o = rumqttc::MqttOptions::new("p1.d1", "127.0.0.1", t.addr().port());
-    o.set_credentials(u.as_str(), p.as_str());
+    o.set_credentials(user, pass);
     o.set_last_will(rumqttc::LastWill::new(
-        "devices/p1/d2/status",
+        will_topic,
         "gone",
         QoS::AtLeastOnce,
         false,
     ));
     let (_c, mut el) = rumqttc::AsyncClient::new(o, 8);
-    let refused = tokio::time::timeout(WAIT, el.poll())
+    tokio::time::timeout(WAIT, el.poll())
         .await
-        .expect("CONNACK in time");
+        .expect("CONNACK in time")
+}
+
+#[tokio::test]
+async fn a_will_outside_the_namespace_is_refused_before_any_code_is_consumed() {
+    let t = start_broker(|_| {}).await;
+    let secret = t.product(PK, 10, 3600).await;
+    let (u, p) = t.creds(PK, "d1", &secret);
+    let refused = connect_with_will(&t, &u, &p, "devices/p1/d2/status").await;
     assert!(
         matches!(
             refused,
@@ -554,18 +564,7 @@ async fn a_will_outside_the_namespace_is_refused_before_any_code_is_consumed() {
         "{refused:?}"
     );
     assert_eq!(t.consumed(), 0);
-    let mut o = rumqttc::MqttOptions::new("p1.d1", "127.0.0.1", t.addr().port());
-    o.set_credentials(u.as_str(), p.as_str());
-    o.set_last_will(rumqttc::LastWill::new(
-        "devices/p1/d1/status",
-        "gone",
-        QoS::AtLeastOnce,
-        false,
-    ));
-    let (_c, mut el) = rumqttc::AsyncClient::new(o, 8);
-    let ok = tokio::time::timeout(WAIT, el.poll())
-        .await
-        .expect("CONNACK in time");
+    let ok = connect_with_will(&t, &u, &p, "devices/p1/d1/status").await;
     assert!(
         matches!(ok, Ok(Event::Incoming(Packet::ConnAck(_)))),
         "{ok:?}"
