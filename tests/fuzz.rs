@@ -841,7 +841,20 @@ fn fuzz(target: Target) {
                             Target::Admin => admin_input(),
                         };
                         let mut n = 0u64;
+                        let mut recent: Vec<Vec<u8>> = Vec::new();
+                        let mut panics_seen = 0;
                         while Instant::now() < deadline {
+                            // A panic somewhere in the broker (its router thread included):
+                            // keep the inputs that led to it.
+                            let panics = all_panics().len();
+                            if panics > panics_seen {
+                                panics_seen = panics;
+                                let dir = findings_dir(target).join(format!("panic-{n}-w{w}"));
+                                let _ = std::fs::create_dir_all(&dir);
+                                for (i, r) in recent.iter().enumerate() {
+                                    let _ = std::fs::write(dir.join(format!("{i:02}")), r);
+                                }
+                            }
                             let corpus = shared.corpus.lock().expect("corpus").clone();
                             let input = if !corpus.is_empty() && rng.gen_bool(0.5) {
                                 let base = &corpus[rng.gen_range(0..corpus.len())];
@@ -854,6 +867,10 @@ fn fuzz(target: Target) {
                             };
                             n += 1;
                             shared.cases.fetch_add(1, Ordering::Relaxed);
+                            recent.push(input.clone());
+                            if recent.len() > 32 {
+                                recent.remove(0);
+                            }
                             match handle.block_on(run_case(target, &h, w, &input)) {
                                 Ok(sig) => {
                                     let new = shared.seen.lock().expect("seen").insert(sig);
@@ -988,4 +1005,42 @@ fn corpus_replays_cleanly() {
     let panics = unexpected_panics();
     assert!(panics.is_empty(), "panics: {panics:#?}");
     let _ = WAIT;
+}
+
+/// Replays the files of FUZZ_REPLAY_DIR in name order against one broker
+/// (FUZZ_TARGET picks the target, default `packets`), then checks that it
+/// still serves: for bisecting a finding.
+#[test]
+#[ignore = "FUZZ_REPLAY_DIR=fuzz/findings/packets/panic-... cargo test --test fuzz -- --ignored fuzz_replay_dir"]
+fn fuzz_replay_dir() {
+    let Ok(dir) = std::env::var("FUZZ_REPLAY_DIR") else {
+        return;
+    };
+    let target = match std::env::var("FUZZ_TARGET").as_deref() {
+        Ok("connect") => Target::Connect,
+        Ok("admin") => Target::Admin,
+        _ => Target::Packets,
+    };
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .expect("dir")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let h = harness(1).await;
+        for f in &files {
+            let input = std::fs::read(f).expect("read");
+            let r = run_case(target, &h, 0, &input).await;
+            eprintln!("{}: {r:?}", f.display());
+        }
+        h.check(1).await;
+    });
+    let panics = all_panics();
+    assert!(panics.is_empty(), "panics: {panics:#?}");
 }

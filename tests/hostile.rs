@@ -397,6 +397,7 @@ fn fifteen_thousand_idle_sockets_do_not_stop_the_broker() {
             "past the limit: broker holds {} of {broker_limit} fds",
             broker.open_fds()
         );
+        eprintln!("RELIABILITY: {idle} idle sockets held, a good device admitted beside them; then {extra} more past the broker's {broker_limit}-fd limit: broker stays up and serves the queued device once they go");
         let waiting = tokio::spawn(good("g1"));
         // Wait until the broker reports the failing accepts (it backs off).
         let deadline = Instant::now() + Duration::from_secs(30);

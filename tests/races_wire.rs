@@ -104,6 +104,7 @@ async fn two_thousand_devices_racing_for_500_codes_get_exactly_500() {
         held.extend(h);
     }
     assert!(other.is_empty(), "unexpected outcomes: {other:?}");
+    eprintln!("RELIABILITY: 2000 devices at once for 500 codes: {accepted} CONNACK 0, {quota} CONNACK 0x97, {} other", other.len());
     assert_eq!((accepted, quota), (500, 1_500));
     let s = snapshot(&t.broker.ledger);
     assert_eq!(s.counters.1, 500, "consumed == accepted");
@@ -145,6 +146,11 @@ async fn fifty_connections_of_one_device_consume_one_code() {
     // (later sessions take over earlier ones), and exactly one code is gone.
     assert!(codes.iter().all(|c| *c == Some(0)), "{codes:?}");
     let s = snapshot(&t.broker.ledger);
+    eprintln!(
+        "RELIABILITY: 50 connections of one device at once: {} CONNACK 0, {} code(s) consumed",
+        codes.iter().filter(|c| **c == Some(0)).count(),
+        s.counters.1
+    );
     assert_eq!(s.counters.1, 1, "exactly one consumption");
     let d = t.broker.ledger.device("one", "dev").expect("device");
     assert_eq!(d.codes.len(), 1);
@@ -254,7 +260,10 @@ async fn assignments_racing_with_connects_never_over_assign() {
     }
     let s = snapshot(&t.broker.ledger);
     let product = t.broker.ledger.product("late").expect("product");
-    eprintln!("{attempts} connect attempts, {accepted} accepted");
+    eprintln!(
+        "RELIABILITY: {DEVICES} devices retrying while {UNASSIGNED} codes are assigned in chunks of {CHUNK}: {attempts} connects, {accepted} accepted, {} consumed, product total {}, {refused} over-assignment refused",
+        s.counters.1, product.total
+    );
     assert_eq!(
         accepted as u64, UNASSIGNED,
         "every assigned code is used once"
