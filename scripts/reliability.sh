@@ -4,6 +4,7 @@
 #
 #   scripts/reliability.sh            # everything (about 45 minutes on 2 cores)
 #   FUZZ_SECS=60 CRASH_CYCLES=10 scripts/reliability.sh   # a quicker pass
+#   SKIP_CRASH=1 scripts/reliability.sh   # keep the last tests/crash/run.sh results
 #   scripts/reliability.sh --table    # only rewrite RELIABILITY.md from the last results
 #
 # Results land in target/reliability/ (one file per step); RELIABILITY.md is
@@ -113,7 +114,11 @@ table() {
 if [ $ONLY_TABLE -eq 0 ]; then
     run_tests
     run_fuzz
-    CRASH_CYCLES="$CRASH_CYCLES" tests/crash/run.sh "$CRASH_CYCLES" >/dev/null 2>&1
-    echo "crash: $? $(cat "$OUT/crash.json" 2>/dev/null)"
+    if [ "${SKIP_CRASH:-0}" = 1 ]; then
+        echo "crash: kept the last run's results ($(cat "$OUT/crash.json" 2>/dev/null))"
+    else
+        CRASH_CYCLES="$CRASH_CYCLES" tests/crash/run.sh "$CRASH_CYCLES" >/dev/null 2>&1
+        echo "crash: $? $(cat "$OUT/crash.json" 2>/dev/null)"
+    fi
 fi
 table
