@@ -12,10 +12,11 @@
 //!   activated device, so replays are deterministic with any secret).
 //! - `packets`: after a successful CONNECT of an activated device (byte 0
 //!   picks MQTT 3.1.1 or 5), the rest is sent as packets.
-//! - `admin`: a JSON request. The admin plane (`src/admin/`) has not landed
-//!   on this branch; until it does the target is the JSON entry point that
-//!   exists: `serde_json` → `ledger::Command` → `Ledger::execute`, with the
-//!   invariants checked after every input.
+//! - `admin`: a JSON request through the admin dispatcher
+//!   (`admin::handle`, what serves `admin/v1/{account}/request`) for an
+//!   account allowed every action: SPEC §4 actions with arbitrary
+//!   parameters, any JSON, deep nesting, raw bytes; every request must be
+//!   answered with a `Code` and the ledger's invariants must hold after it.
 //!
 //! `cargo test --test fuzz` replays `fuzz/corpus/<target>/` (the broker
 //! keeps serving, the ledger is unchanged / its invariants hold). A full
@@ -32,8 +33,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, Instant};
 
+use activation_broker::admin::{self, Account, AdminContext, Role};
 use activation_broker::credentials::sign;
-use activation_broker::ledger::{Command, Outcome};
 use common::broker::{start_broker, TestBroker, WAIT};
 use common::wire::{
     packet, raise_nofile, read_packet, remaining_length, snapshot, still_serving, until_closed,
@@ -397,45 +398,29 @@ async fn run_packets(h: &Harness, w: usize, input: &[u8]) -> Result<Signature, S
     Ok(signature(&format!("packets-v{level}"), &reply, closed))
 }
 
-/// The admin target until `src/admin/` lands: JSON → `Command` → execute.
+/// The admin target: one request through the admin dispatcher.
 async fn run_admin(h: &Harness, input: &[u8]) -> Result<Signature, String> {
-    let value: serde_json::Value = match serde_json::from_slice(input) {
-        Ok(v) => v,
-        Err(e) => return Ok(format!("admin:json-error:{:?}", e.classify())),
-    };
-    let command: Command = match serde_json::from_value(value) {
-        Ok(c) => c,
-        Err(_) => return Ok("admin:not-a-command".into()),
-    };
-    let variant = format!("{command:?}")
-        .split([' ', '{', '('])
-        .next()
-        .unwrap_or("")
-        .to_owned();
-    let r = tokio::time::timeout(HANG, h.t.broker.ledger.execute(command, None))
+    // The real admin entry point: the dispatcher that serves
+    // `admin/v1/{account}/request`, for an account allowed every action.
+    let ctx = AdminContext::new(h.t.broker.ledger.clone(), 30);
+    let account = Account::new("fuzz", Role::Admin);
+    let response = tokio::time::timeout(HANG, admin::handle(&ctx, &account, input))
         .await
-        .map_err(|_| format!("hang: {variant} not answered within {HANG:?}"))?;
+        .map_err(|_| format!("hang: request not answered within {HANG:?}"))?;
+    let code = response
+        .get("Code")
+        .and_then(|c| c.as_str())
+        .ok_or_else(|| format!("response without a Code: {response}"))?
+        .to_owned();
+    let action = serde_json::from_slice::<serde_json::Value>(input)
+        .ok()
+        .and_then(|v| v.get("Action").and_then(|a| a.as_str()).map(str::to_owned))
+        .unwrap_or_default();
     h.t.broker
         .ledger
         .check_invariants()
-        .map_err(|e| format!("invariant broken after {variant}: {e}"))?;
-    Ok(match r {
-        Ok(o) => format!("admin:{variant}:ok:{}", outcome_kind(&o)),
-        Err(e) => format!("admin:{variant}:{}", e.code()),
-    })
-}
-
-fn outcome_kind(o: &Outcome) -> &'static str {
-    match o {
-        Outcome::ProductCreated(_) => "ProductCreated",
-        Outcome::DevicesRegistered { .. } => "DevicesRegistered",
-        Outcome::OrderCreated { .. } => "OrderCreated",
-        Outcome::CodesAssigned(_) => "CodesAssigned",
-        Outcome::AutoRenewalSet { .. } => "AutoRenewalSet",
-        Outcome::BlacklistChanged { .. } => "BlacklistChanged",
-        Outcome::DeviceDeleted { .. } => "DeviceDeleted",
-        Outcome::ProductDeleted { .. } => "ProductDeleted",
-    }
+        .map_err(|e| format!("invariant broken after {action}: {e}"))?;
+    Ok(format!("admin:{action}:{code}"))
 }
 
 async fn run_case(
@@ -674,32 +659,44 @@ fn field_name() -> impl Strategy<Value = String> {
         Just("Action"),
         Just("PageSize"),
         Just("RequestId"),
+        Just("ProductKey"),
+        Just("DeviceKey"),
+        Just("DeviceKeys"),
+        Just("Quantity"),
+        Just("ValiditySeconds"),
+        Just("PageNumber"),
+        Just("Confirm"),
+        Just("DryRun"),
+        Just("Enabled"),
+        Just("Name"),
+        Just("AuthMode"),
+        Just("OrderId"),
+        Just("WithinDays"),
+        Just("ClientToken"),
+        Just("ActivateFrom"),
+        Just("ExpireTo"),
     ]
     .prop_map(String::from)
     .boxed()
     .prop_union("[a-zA-Z_]{0,12}".boxed())
 }
 
-/// A `Command` in its JSON shape with arbitrary parameter values, or any JSON.
+/// A SPEC §4 request with arbitrary parameter values, or any JSON.
 fn admin_input() -> BoxedStrategy<Vec<u8>> {
-    let variant = prop_oneof![
-        Just("CreateProduct"),
-        Just("RegisterDevices"),
-        Just("CreateOrder"),
-        Just("AssignCodes"),
-        Just("SetAutoRenewal"),
-        Just("AddBlacklist"),
-        Just("RemoveBlacklist"),
-        Just("DeleteDevice"),
-        Just("DeleteProduct"),
-    ];
+    let variant = proptest::sample::select(
+        activation_broker::admin::ACTIONS
+            .iter()
+            .map(|(name, _)| *name)
+            .collect::<Vec<_>>(),
+    );
     let shaped = (
         variant,
         proptest::collection::vec((field_name(), json_value()), 0..7),
     )
         .prop_map(|(v, kv)| {
-            let body: serde_json::Map<String, serde_json::Value> = kv.into_iter().collect();
-            serde_json::to_vec(&serde_json::json!({ v: body })).unwrap_or_default()
+            let mut body: serde_json::Map<String, serde_json::Value> = kv.into_iter().collect();
+            body.insert("Action".into(), v.into());
+            serde_json::to_vec(&body).unwrap_or_default()
         });
     prop_oneof![
         6 => shaped,
