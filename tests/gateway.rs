@@ -1527,3 +1527,164 @@ async fn topic_aliases_are_resolved_before_the_acl() {
         other => panic!("expected PUBACK, got {other:?}"),
     }
 }
+
+/// QoS 0 PUBLISH of MQTT 3.1.1 as raw bytes.
+fn publish_bytes(topic: &str, payload: &[u8]) -> Vec<u8> {
+    let len = 2 + topic.len() + payload.len();
+    let mut b = vec![0x30, u8::try_from(len).expect("short packet")];
+    b.extend_from_slice(&u16::try_from(topic.len()).expect("short").to_be_bytes());
+    b.extend_from_slice(topic.as_bytes());
+    b.extend_from_slice(payload);
+    b
+}
+
+#[tokio::test]
+async fn idle_clean_sessions_hold_no_router_link() {
+    let mut b = broker().await;
+    let mut a = v4::connect(v4::device(b.addr, "a")).await.expect("a");
+    let mut c = v5::connect(v5::device(b.addr, "c")).await.expect("c");
+    let mut s = raw_connected(b.addr, 4, "w", 30, None).await;
+    s.write_all(&[0xC0, 0x00]).await.expect("PINGREQ");
+    assert!(matches!(read_v4(&mut s).await, Some(v4::Packet::PingResp)));
+    assert_eq!(b.gateway.online().len(), 3);
+    assert_eq!(b.gateway.linked_sessions(), 0, "idle sessions are unlinked");
+
+    // The first SUBSCRIBE links a session, the first PUBLISH another.
+    a.subscribe(&["devices/p/a/#"], v4::QoS::AtLeastOnce).await;
+    assert_eq!(b.gateway.linked_sessions(), 1);
+    // A PUBLISH the ACL drops needs no link.
+    c.client
+        .publish("devices/p/a/x", v5::QoS::AtLeastOnce, false, "no")
+        .await
+        .expect("queued");
+    let reason = c
+        .expect(|p| match p {
+            v5::Packet::PubAck(a) => Some(a.reason),
+            _ => None,
+        })
+        .await;
+    assert_eq!(reason, v5::PubAckReason::NotAuthorized);
+    assert_eq!(b.gateway.linked_sessions(), 1);
+    c.client
+        .publish("devices/p/c/x", v5::QoS::AtLeastOnce, false, "hi")
+        .await
+        .expect("queued");
+    let reason = c
+        .expect(|p| match p {
+            v5::Packet::PubAck(a) => Some(a.reason),
+            _ => None,
+        })
+        .await;
+    assert_eq!(reason, v5::PubAckReason::Success);
+    assert_eq!(b.gateway.linked_sessions(), 2);
+
+    // A persistent session is linked from its CONNECT.
+    let mut o = v4::device(b.addr, "b");
+    o.set_clean_session(false);
+    let _persistent = v4::connect(o).await.expect("b");
+    assert_eq!(b.gateway.linked_sessions(), 3);
+
+    drop(s);
+    wait_event(&mut b.events, EventKind::DeviceDisconnected, "w").await;
+    a.client.disconnect().await.expect("disconnect queued");
+    wait_event(&mut b.events, EventKind::DeviceDisconnected, "a").await;
+    assert_eq!(b.gateway.linked_sessions(), 2);
+}
+
+#[tokio::test]
+async fn publish_and_disconnect_in_one_write_are_both_honoured() {
+    let mut b = broker().await;
+    let mut ob = observer(b.addr, "devices/p/a/#").await;
+    let mut s = raw_connected(b.addr, 4, "a", 30, Some(("devices/p/a/will", "gone"))).await;
+    let mut bytes = publish_bytes("devices/p/a/t", b"last words");
+    bytes.extend_from_slice(&[0xE0, 0x00]);
+    s.write_all(&bytes).await.expect("PUBLISH + DISCONNECT");
+    until_closed(&mut s).await;
+    wait_event(&mut b.events, EventKind::DeviceDisconnected, "a").await;
+    let p = ob.publish().await;
+    assert_eq!(p.topic, "devices/p/a/t");
+    assert_eq!(&p.payload[..], b"last words");
+    // No will after DISCONNECT: the next message is this marker.
+    ob.client
+        .publish("devices/p/a/marker", v4::QoS::AtLeastOnce, false, "m")
+        .await
+        .expect("queued");
+    assert_eq!(ob.publish().await.topic, "devices/p/a/marker");
+}
+
+#[tokio::test]
+async fn takeover_of_a_subscribed_session_by_an_idle_one() {
+    let mut b = broker().await;
+    let mut first = v4::connect(v4::device(b.addr, "a")).await.expect("first");
+    first
+        .subscribe(&["devices/p/a/#"], v4::QoS::AtLeastOnce)
+        .await;
+    let mut second = v4::connect(v4::device(b.addr, "a")).await.expect("second");
+    first.closed().await;
+    wait_event(&mut b.events, EventKind::DeviceDisconnected, "a").await;
+    assert_eq!(b.gateway.linked_sessions(), 0, "the old link is closed");
+
+    // The clean session starts without the old subscription; once it
+    // subscribes it gets each message once.
+    second
+        .subscribe(&["devices/p/a/in"], v4::QoS::AtLeastOnce)
+        .await;
+    let ob = v4::connect(v4::opts(b.addr, "observer-1", "observer"))
+        .await
+        .expect("observer");
+    for topic in ["devices/p/a/other", "devices/p/a/in"] {
+        ob.client
+            .publish(topic, v4::QoS::AtLeastOnce, false, topic)
+            .await
+            .expect("queued");
+    }
+    let p = second.publish().await;
+    assert_eq!(p.topic, "devices/p/a/in");
+    ob.client
+        .publish("devices/p/a/in", v4::QoS::AtLeastOnce, false, "second")
+        .await
+        .expect("queued");
+    assert_eq!(&second.publish().await.payload[..], b"second");
+}
+
+#[tokio::test]
+async fn a_clean_session_discards_the_offline_persistent_one() {
+    let mut b = broker().await;
+    let mut o = v4::device(b.addr, "a");
+    o.set_clean_session(false);
+    let mut a = v4::connect(o.clone()).await.expect("persistent");
+    a.subscribe(&["devices/p/a/down/#"], v4::QoS::AtLeastOnce)
+        .await;
+    a.client.disconnect().await.expect("disconnect queued");
+    wait_event(&mut b.events, EventKind::DeviceDisconnected, "a").await;
+
+    let clean = v4::connect(v4::device(b.addr, "a")).await.expect("clean");
+    assert!(!clean.session_present);
+    clean.client.disconnect().await.expect("disconnect queued");
+    wait_event(&mut b.events, EventKind::DeviceDisconnected, "a").await;
+
+    let again = v4::connect(o).await.expect("persistent again");
+    assert!(
+        !again.session_present,
+        "the clean session discarded the stored one"
+    );
+}
+
+#[tokio::test]
+async fn plain_and_shared_subscription_of_one_filter() {
+    let b = broker().await;
+    let mut a = v5::connect(v5::device(b.addr, "a")).await.expect("a");
+    let codes = a
+        .subscribe(
+            &["devices/p/a/t", "$share/g/devices/p/a/t"],
+            v5::QoS::AtLeastOnce,
+        )
+        .await;
+    assert_eq!(codes.len(), 2);
+    a.client
+        .publish("devices/p/a/t", v5::QoS::AtLeastOnce, false, "x")
+        .await
+        .expect("queued");
+    assert_eq!(&a.publish().await.payload[..], b"x");
+    still_serving(b.addr).await;
+}

@@ -24,9 +24,7 @@
 //!    DISCONNECT and a session takeover; the router link is closed with a
 //!    DISCONNECT (so persistent sessions are kept by the router).
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
-use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,7 +45,10 @@ use tokio::time::{timeout, Instant};
 use super::acl::{valid_topic_name, Acl, SubscribeVerdict};
 use super::codes::{self, DisconnectReason, RefusalCode};
 use super::online::{Control, SessionInfo};
-use super::{Authenticator, ConnectInfo, Identity, ListenerConfig, ProtocolVersion, Shared};
+use super::{
+    Authenticator, ConnectInfo, GatewayError, Identity, ListenerConfig, ProtocolVersion,
+    Registration, Shared,
+};
 use crate::events::{Event, EventKind};
 
 /// What every connection of one listener shares.
@@ -386,8 +387,11 @@ where
         }
     }
 
-    // Register and link, serialised per client id so the registry and the
-    // router see competing connections of one client id in the same order.
+    // Register (and link, for sessions the router must know from the
+    // start), serialised per client id so the registry and the router see
+    // competing connections of one client id in the same order. A clean
+    // session gets its router link when it first needs one (SUBSCRIBE or
+    // PUBLISH): an idle device costs no router state.
     let gw = ctx.gw.clone();
     let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
     let session = SessionInfo {
@@ -400,52 +404,53 @@ where
         keep_alive: connect.keep_alive,
         connected_at: gw.clock.now(),
     };
-    let built = {
-        let Ok(_permit) = ctx.links.acquire().await else {
-            refuse!(RefusalCode::ServerUnavailable, "listener is shutting down");
-        };
-        gw.router.wait_for_room().await;
-        let gw = gw.clone();
-        let cid = client_id.clone();
-        let clean = connect.clean_session;
-        tokio::task::spawn_blocking(move || {
-            let mut h = DefaultHasher::new();
-            cid.hash(&mut h);
-            let stripe = &gw.stripes[(h.finish() as usize) % gw.stripes.len()];
-            let _guard = stripe.lock();
-            let seq = gw.online.register(session, ctrl_tx);
-            match gw.router.link_blocking(&cid, clean) {
-                Ok(link) => Ok((seq, link)),
+    let (seq, link) = match gw.register_unlinked(session, ctrl_tx) {
+        Registration::Registered(seq) => (seq, None),
+        Registration::Full(n) => refuse!(
+            RefusalCode::ServerUnavailable,
+            &format!("the broker holds its maximum of {n} sessions")
+        ),
+        Registration::MustLink(pending) => {
+            let (session, ctrl_tx) = *pending;
+            let built = {
+                let Ok(_permit) = ctx.links.acquire().await else {
+                    refuse!(RefusalCode::ServerUnavailable, "listener is shutting down");
+                };
+                gw.router.wait_for_room().await;
+                let gw = gw.clone();
+                tokio::task::spawn_blocking(move || gw.register_linked(session, ctrl_tx)).await
+            };
+            match built {
+                Ok(Ok((seq, link))) => (seq, Some(link)),
+                Ok(Err(e @ GatewayError::Full(_))) => {
+                    refuse!(RefusalCode::ServerUnavailable, &e.to_string())
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(%client_id, error = %e, "router refused the link");
+                    refuse!(RefusalCode::ServerUnavailable, "broker unavailable");
+                }
                 Err(e) => {
-                    gw.online.unregister(&cid, seq);
-                    Err(e)
+                    tracing::warn!(%client_id, error = %e, "link task failed");
+                    refuse!(RefusalCode::ServerUnavailable, "broker unavailable");
                 }
             }
-        })
-        .await
+        }
     };
-    let (seq, (link_tx, link_rx, ack)) = match built {
-        Ok(Ok(v)) => v,
-        Ok(Err(e)) => {
-            tracing::warn!(%client_id, error = %e, "router refused the link");
-            refuse!(RefusalCode::ServerUnavailable, "broker unavailable");
-        }
-        Err(e) => {
-            tracing::warn!(%client_id, error = %e, "link task failed");
-            refuse!(RefusalCode::ServerUnavailable, "broker unavailable");
-        }
+    let (link_tx, link_rx, ack) = match link {
+        Some((tx, rx, ack)) => (Some(tx), Some(rx), Some(ack)),
+        None => (None, None, None),
     };
 
-    // From here on the session exists in the registry and the router; the
-    // guard undoes both should this task unwind.
+    // From here on the session exists in the registry (and maybe the
+    // router); the guard undoes both should this task unwind.
     let mut guard = SessionGuard {
         gw: gw.clone(),
         client_id: client_id.clone(),
         seq,
-        link_tx: Some(link_tx),
+        link_tx,
     };
 
-    let session_present = match Option::<Packet>::from(ack) {
+    let session_present = match ack.and_then(Option::<Packet>::from) {
         Some(Packet::ConnAck(a, _)) => a.session_present,
         _ => false,
     };
@@ -498,20 +503,19 @@ where
         acl: &admission.acl,
         cfg,
         gw: &gw,
+        links: &ctx.links,
         wbuf,
         to_router: Vec::new(),
         aliases: HashMap::new(),
         pending_subacks: HashMap::new(),
         denied_qos2: HashSet::new(),
-    };
-    let Some(link_tx) = guard.link_tx.as_mut() else {
-        return;
+        linked: link_rx.is_some(),
     };
     let end = if connack_sent {
         conn.run(
             &mut stream,
             rbuf,
-            link_tx,
+            &mut guard,
             link_rx,
             ctrl_rx,
             connect.keep_alive,
@@ -576,6 +580,7 @@ impl SessionGuard {
             if !link_gone {
                 let _ = push_router(&self.gw, &mut tx, &mut router_disconnect()).await;
             }
+            self.gw.unlinked();
         }
         self.gw.online.unregister(&self.client_id, self.seq);
     }
@@ -583,10 +588,11 @@ impl SessionGuard {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
+        self.gw.online.unregister(&self.client_id, self.seq);
         let Some(mut tx) = self.link_tx.take() else {
             return;
         };
-        self.gw.online.unregister(&self.client_id, self.seq);
+        self.gw.unlinked();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let gw = self.gw.clone();
             rt.spawn(async move {
@@ -719,7 +725,7 @@ struct Conn<'a> {
     codec: Codec,
     acl: &'a Acl,
     cfg: &'a ListenerConfig,
-    gw: &'a Shared,
+    gw: &'a Arc<Shared>,
     wbuf: BytesMut,
     to_router: Vec<Packet>,
     /// MQTT 5 topic aliases set by the client (resolved here so the ACL
@@ -730,6 +736,19 @@ struct Conn<'a> {
     pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
     /// QoS 2 PUBLISHes dropped by the ACL whose PUBREL we answer ourselves.
     denied_qos2: HashSet<u16>,
+    /// Bounds concurrent link creations of the listener.
+    links: &'a Semaphore,
+    /// Whether the session has its router link (clean sessions get it on
+    /// their first SUBSCRIBE or PUBLISH).
+    linked: bool,
+}
+
+/// The next notification of the router link, if there is one.
+async fn next_notification(rx: &mut Option<LinkRx>) -> Result<Option<Notification>, ()> {
+    match rx {
+        Some(rx) => rx.next().await.map_err(drop),
+        None => std::future::pending().await,
+    }
 }
 
 impl Conn<'_> {
@@ -745,8 +764,8 @@ impl Conn<'_> {
         &mut self,
         stream: &mut S,
         mut rbuf: BytesMut,
-        link_tx: &mut LinkTx,
-        mut link_rx: LinkRx,
+        session: &mut SessionGuard,
+        mut link_rx: Option<LinkRx>,
         mut ctrl_rx: mpsc::UnboundedReceiver<Control>,
         keep_alive: u16,
     ) -> End
@@ -770,7 +789,7 @@ impl Conn<'_> {
                     biased;
                     c = ctrl_rx.recv() => Wake::Ctrl(c),
                     r = stream.read_buf(&mut rbuf) => Wake::Read(r),
-                    n = link_rx.next() => Wake::Router(n.map_err(drop)),
+                    n = next_notification(&mut link_rx) => Wake::Router(n),
                     _ = &mut ka_sleep, if ka.is_some() => Wake::KeepAlive,
                 }
             };
@@ -820,8 +839,19 @@ impl Conn<'_> {
                             }
                         }
                     }
-                    if !push_router(self.gw, link_tx, &mut self.to_router).await {
-                        end = end.or(Some(End::router("router link closed")));
+                    // Packets read before an end are still delivered.
+                    if !self.to_router.is_empty() && !self.linked {
+                        match self.open_link(session, &mut ctrl_rx).await {
+                            Ok(rx) => link_rx = Some(rx),
+                            Err(e) => end = end.or(Some(e)),
+                        }
+                    }
+                    if let Some(link_tx) = session.link_tx.as_mut() {
+                        if !push_router(self.gw, link_tx, &mut self.to_router).await {
+                            end = end.or(Some(End::router("router link closed")));
+                        }
+                    } else {
+                        self.to_router.clear();
                     }
                     if write_out(stream, &mut self.wbuf, write_timeout)
                         .await
@@ -856,7 +886,7 @@ impl Conn<'_> {
                         // Take whatever else is ready without waiting.
                         next = tokio::select! {
                             biased;
-                            n = link_rx.next() => Some(n.map_err(drop)),
+                            n = next_notification(&mut link_rx) => Some(n),
                             _ = std::future::ready(()) => None,
                         };
                     }
@@ -869,11 +899,57 @@ impl Conn<'_> {
                     if let Some(e) = end {
                         return e;
                     }
-                    if unschedule && link_rx.wake().await.is_err() {
-                        return self.router_gone(&mut ctrl_rx);
+                    if let (true, Some(rx)) = (unschedule, link_rx.as_mut()) {
+                        if rx.wake().await.is_err() {
+                            return self.router_gone(&mut ctrl_rx);
+                        }
                     }
                 }
             }
+        }
+    }
+
+    /// Opens the router link of a clean session that has none yet. The
+    /// socket is not read meanwhile; packets keep their order.
+    async fn open_link(
+        &mut self,
+        session: &mut SessionGuard,
+        ctrl_rx: &mut mpsc::UnboundedReceiver<Control>,
+    ) -> Result<LinkRx, End> {
+        let unavailable = |why: String| {
+            tracing::warn!(client_id = %session.client_id, error = %why, "cannot link to the router");
+            End::violation(DisconnectReason::UnspecifiedError, "broker unavailable")
+        };
+        let built = {
+            let Ok(_permit) = self.links.acquire().await else {
+                return Err(End::ordered(
+                    DisconnectReason::ServerShuttingDown,
+                    String::new(),
+                ));
+            };
+            self.gw.router.wait_for_room().await;
+            let gw = self.gw.clone();
+            let cid = session.client_id.clone();
+            let seq = session.seq;
+            tokio::task::spawn_blocking(move || gw.link_registered(&cid, seq)).await
+        };
+        match built {
+            Ok(Ok(Some((tx, rx, _ack)))) => {
+                session.link_tx = Some(tx);
+                self.linked = true;
+                Ok(rx)
+            }
+            // Another connection took the client id over meanwhile; its
+            // order is on the way (or here).
+            Ok(Ok(None)) => Err(match ctrl_rx.try_recv() {
+                Ok(Control::Disconnect { reason, message }) => End::ordered(reason, message),
+                Err(_) => End::ordered(
+                    DisconnectReason::SessionTakenOver,
+                    String::from("another connection took over this session"),
+                ),
+            }),
+            Ok(Err(e)) => Err(unavailable(e.to_string())),
+            Err(e) => Err(unavailable(e.to_string())),
         }
     }
 
@@ -888,23 +964,38 @@ impl Conn<'_> {
         end
     }
 
+    /// Queues `packet` for the router; without a link (nothing was ever
+    /// sent to the router) acks of router traffic have nothing to ack.
+    fn forward_if_linked(&mut self, packet: Packet) {
+        if self.linked {
+            self.to_router.push(packet);
+        }
+    }
+
     fn on_packet(&mut self, packet: Packet, peeked: Option<(u8, u16)>) -> Option<End> {
         match packet {
             Packet::Publish(publish, props) => self.on_publish(publish, props, peeked),
             Packet::PubAck(a, _) => {
-                self.to_router.push(Packet::PubAck(a, None));
+                self.forward_if_linked(Packet::PubAck(a, None));
                 None
             }
             Packet::PubRec(a, _) => {
-                self.to_router.push(Packet::PubRec(a, None));
+                self.forward_if_linked(Packet::PubRec(a, None));
                 None
             }
             Packet::PubRel(r, _) => {
-                if self.denied_qos2.remove(&r.pkid) {
+                let denied = self.denied_qos2.remove(&r.pkid);
+                if denied || !self.linked {
+                    // Unlinked, the router never saw this packet id.
+                    let reason = if denied || !self.v5() {
+                        PubCompReason::Success
+                    } else {
+                        PubCompReason::PacketIdentifierNotFound
+                    };
                     self.write(Packet::PubComp(
                         PubComp {
                             pkid: r.pkid,
-                            reason: PubCompReason::Success,
+                            reason,
                         },
                         None,
                     ));
@@ -915,7 +1006,7 @@ impl Conn<'_> {
                 None
             }
             Packet::PubComp(c, _) => {
-                self.to_router.push(Packet::PubComp(c, None));
+                self.forward_if_linked(Packet::PubComp(c, None));
                 None
             }
             Packet::Subscribe(s, props) => self.on_subscribe(s, props),
@@ -930,7 +1021,7 @@ impl Conn<'_> {
                     },
                     None,
                 ));
-                self.to_router.push(Packet::Unsubscribe(u, None));
+                self.forward_if_linked(Packet::Unsubscribe(u, None));
                 None
             }
             Packet::PingReq(_) => {

@@ -44,10 +44,14 @@ mod connection;
 mod listener;
 pub mod online;
 
+use std::collections::hash_map::DefaultHasher;
+use std::collections::HashSet;
 use std::future::Future;
+use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,6 +62,9 @@ use rumqttd::{Notification, Router, RouterConfig};
 pub use acl::{Acl, AclError, AclTemplate, SubscribeVerdict, DEFAULT_DEVICE_TEMPLATE};
 pub use codes::{DisconnectReason, RefusalCode};
 pub use online::{OnlineRegistry, SessionInfo};
+
+use online::Control;
+use tokio::sync::mpsc;
 
 use crate::clock::Clock;
 use crate::events::EventBus;
@@ -250,6 +257,8 @@ pub enum GatewayError {
     Tls(String),
     #[error("router: {0}")]
     Router(String),
+    #[error("the broker holds its maximum of {0} sessions")]
+    Full(usize),
 }
 
 type BuildFn =
@@ -261,7 +270,14 @@ type FreeFn = dyn Fn() -> usize + Send + Sync;
 pub struct RouterHandle {
     build: Arc<BuildFn>,
     free: Arc<FreeFn>,
+    /// Client sessions the router has room for (its `max_connections`
+    /// less [`INTERNAL_LINKS`]).
+    sessions: usize,
 }
+
+/// Router slots kept for the broker's own links (the gateway's will link,
+/// the admin plane's links).
+pub const INTERNAL_LINKS: usize = 16;
 
 impl std::fmt::Debug for RouterHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -279,6 +295,7 @@ const ROUTER_HEADROOM: usize = 256;
 impl RouterHandle {
     /// Starts rumqttd's router on its own thread.
     pub fn spawn(router_id: usize, config: RouterConfig) -> Self {
+        let sessions = config.max_connections.saturating_sub(INTERNAL_LINKS).max(1);
         let tx = Router::new(router_id, config).spawn();
         let build_tx = tx.clone();
         let build = move |client_id: &str, clean_session: bool| {
@@ -296,7 +313,13 @@ impl RouterHandle {
         RouterHandle {
             build: Arc::new(build),
             free: Arc::new(free),
+            sessions,
         }
+    }
+
+    /// Client sessions the router has room for.
+    pub fn sessions(&self) -> usize {
+        self.sessions
     }
 
     /// Opens a local link (e.g. for the admin plane). BLOCKS until the
@@ -333,13 +356,13 @@ impl RouterHandle {
 }
 
 /// A router configuration suitable for the broker: room for
-/// `max_connections` clients (plus the gateway's own link), small in-memory
+/// `max_connections` client sessions (plus [`INTERNAL_LINKS`]), small in-memory
 /// segments per topic (every published topic gets a commit log, as filters
 /// are dynamic; 4 × 1 MiB per topic bounds what a persistent session can
 /// have queued).
 pub fn router_config(max_connections: usize) -> RouterConfig {
     RouterConfig {
-        max_connections: max_connections.saturating_add(1),
+        max_connections: max_connections.saturating_add(INTERNAL_LINKS),
         max_outgoing_packet_count: 200,
         max_segment_size: 1024 * 1024,
         max_segment_count: 4,
@@ -355,11 +378,111 @@ pub(crate) struct Shared {
     online: Arc<OnlineRegistry>,
     events: EventBus,
     clock: Clock,
-    /// Serialises "register in the online registry + create the router
+    /// Serialises "register in the online registry" and "create the router
     /// link" per client id, so both see takeovers in the same order.
     stripes: Box<[parking_lot::Mutex<()>]>,
+    /// Client ids whose last router link was a persistent session (clean
+    /// session false), so the router may hold their state: a clean-session
+    /// CONNECT of one of them links at once, so the router discards it.
+    /// Changed only under the client id's stripe lock.
+    persistent: parking_lot::Mutex<HashSet<String>>,
+    /// Client sessions that hold a router link.
+    linked: AtomicUsize,
     /// The link wills are published through (wills outlive their link).
     wills: tokio::sync::Mutex<LinkTx>,
+}
+
+impl Shared {
+    /// The lock serialising registration and linking of `client_id`.
+    fn stripe(&self, client_id: &str) -> &parking_lot::Mutex<()> {
+        let mut h = DefaultHasher::new();
+        client_id.hash(&mut h);
+        &self.stripes[(h.finish() as usize) % self.stripes.len()]
+    }
+
+    /// Registers a clean session that needs no router link yet (the client
+    /// id has no persistent session in the router). A session that must be
+    /// linked at once is handed back.
+    fn register_unlinked(
+        &self,
+        session: SessionInfo,
+        ctrl: mpsc::UnboundedSender<Control>,
+    ) -> Registration {
+        let _guard = self.stripe(&session.client_id).lock();
+        if !session.clean_session || self.persistent.lock().contains(&session.client_id) {
+            return Registration::MustLink(Box::new((session, ctrl)));
+        }
+        match self.online.register(session, ctrl) {
+            Some(seq) => Registration::Registered(seq),
+            None => Registration::Full(self.online.capacity()),
+        }
+    }
+
+    /// Registers `session` and links it to the router. BLOCKS on the router.
+    fn register_linked(
+        &self,
+        session: SessionInfo,
+        ctrl: mpsc::UnboundedSender<Control>,
+    ) -> Result<(u64, (LinkTx, LinkRx, Notification)), GatewayError> {
+        let cid = session.client_id.clone();
+        let clean = session.clean_session;
+        let _guard = self.stripe(&cid).lock();
+        let seq = self
+            .online
+            .register(session, ctrl)
+            .ok_or(GatewayError::Full(self.online.capacity()))?;
+        match self.link_locked(&cid, clean) {
+            Ok(link) => Ok((seq, link)),
+            Err(e) => {
+                self.online.unregister(&cid, seq);
+                Err(e)
+            }
+        }
+    }
+
+    /// Links the registered clean session `seq` of `client_id` to the
+    /// router, unless another connection has taken the client id over
+    /// (then `None`). BLOCKS on the router.
+    fn link_registered(
+        &self,
+        client_id: &str,
+        seq: u64,
+    ) -> Result<Option<(LinkTx, LinkRx, Notification)>, GatewayError> {
+        let _guard = self.stripe(client_id).lock();
+        if !self.online.is_current(client_id, seq) {
+            return Ok(None);
+        }
+        self.link_locked(client_id, true).map(Some)
+    }
+
+    /// A session's link is closed (or dropped by the router).
+    fn unlinked(&self) {
+        self.linked.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Under the stripe lock of `client_id`.
+    fn link_locked(
+        &self,
+        client_id: &str,
+        clean: bool,
+    ) -> Result<(LinkTx, LinkRx, Notification), GatewayError> {
+        let link = self.router.link_blocking(client_id, clean)?;
+        self.linked.fetch_add(1, Ordering::Relaxed);
+        let mut persistent = self.persistent.lock();
+        if clean {
+            persistent.remove(client_id);
+        } else if !persistent.contains(client_id) {
+            persistent.insert(client_id.to_owned());
+        }
+        Ok(link)
+    }
+}
+
+/// The outcome of [`Shared::register_unlinked`].
+enum Registration {
+    Registered(u64),
+    MustLink(Box<(SessionInfo, mpsc::UnboundedSender<Control>)>),
+    Full(usize),
 }
 
 /// Client id of the gateway's own link. Contains NUL, which no accepted
@@ -406,13 +529,16 @@ impl Gateway {
             }
         });
         let stripes = (0..256).map(|_| parking_lot::Mutex::new(())).collect();
+        let online = Arc::new(OnlineRegistry::with_capacity(router.sessions()));
         Ok(Gateway {
             shared: Arc::new(Shared {
                 router,
-                online: Arc::new(OnlineRegistry::new()),
+                online,
                 events,
                 clock,
                 stripes,
+                persistent: parking_lot::Mutex::new(HashSet::new()),
+                linked: AtomicUsize::new(0),
                 wills: tokio::sync::Mutex::new(tx),
             }),
         })
@@ -425,6 +551,13 @@ impl Gateway {
 
     pub fn router(&self) -> &RouterHandle {
         &self.shared.router
+    }
+
+    /// Live sessions holding a router link: persistent sessions and clean
+    /// sessions that have subscribed or published (idle clean sessions have
+    /// none).
+    pub fn linked_sessions(&self) -> usize {
+        self.shared.linked.load(Ordering::Relaxed)
     }
 
     /// Binds `config.bind` and serves it with `auth` until

@@ -48,10 +48,17 @@ struct Entry {
 
 /// Live sessions by client id. Cheap to query; all methods are
 /// non-blocking and safe from any thread or task.
-#[derive(Default)]
 pub struct OnlineRegistry {
     sessions: Mutex<HashMap<String, Entry>>,
     seq: AtomicU64,
+    /// Most sessions at once.
+    capacity: usize,
+}
+
+impl Default for OnlineRegistry {
+    fn default() -> Self {
+        OnlineRegistry::with_capacity(usize::MAX)
+    }
 }
 
 impl std::fmt::Debug for OnlineRegistry {
@@ -67,23 +74,45 @@ impl OnlineRegistry {
         OnlineRegistry::default()
     }
 
-    /// Registers a session and returns its registration number. A session
-    /// already registered under the same client id is told to close with
-    /// 0x8E Session taken over.
-    pub(crate) fn register(&self, info: SessionInfo, ctrl: mpsc::UnboundedSender<Control>) -> u64 {
+    /// A registry holding at most `capacity` sessions.
+    pub fn with_capacity(capacity: usize) -> Self {
+        OnlineRegistry {
+            sessions: Mutex::default(),
+            seq: AtomicU64::new(0),
+            capacity,
+        }
+    }
+
+    /// Most sessions at once.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Registers a session and returns its registration number, or `None`
+    /// if the registry is full. A session already registered under the same
+    /// client id is told to close with 0x8E Session taken over (a takeover
+    /// succeeds even when full).
+    pub(crate) fn register(
+        &self,
+        info: SessionInfo,
+        ctrl: mpsc::UnboundedSender<Control>,
+    ) -> Option<u64> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let client_id = info.client_id.clone();
-        let old = self
-            .sessions
-            .lock()
-            .insert(client_id, Entry { seq, info, ctrl });
+        let old = {
+            let mut sessions = self.sessions.lock();
+            if sessions.len() >= self.capacity && !sessions.contains_key(&client_id) {
+                return None;
+            }
+            sessions.insert(client_id, Entry { seq, info, ctrl })
+        };
         if let Some(old) = old {
             let _ = old.ctrl.send(Control::Disconnect {
                 reason: DisconnectReason::SessionTakenOver,
                 message: String::from("another connection took over this session"),
             });
         }
-        seq
+        Some(seq)
     }
 
     /// Removes the registration `seq` of `client_id`, unless a newer session
@@ -97,6 +126,14 @@ impl OnlineRegistry {
             }
             _ => false,
         }
+    }
+
+    /// Whether registration `seq` is still the live session of `client_id`.
+    pub(crate) fn is_current(&self, client_id: &str, seq: u64) -> bool {
+        self.sessions
+            .lock()
+            .get(client_id)
+            .is_some_and(|e| e.seq == seq)
     }
 
     /// Whether `client_id` has a live session.
@@ -223,9 +260,9 @@ mod tests {
         let reg = OnlineRegistry::new();
         let (tx1, mut rx1) = mpsc::unbounded_channel();
         let (tx2, mut rx2) = mpsc::unbounded_channel();
-        let s1 = reg.register(info("a"), tx1);
+        let s1 = reg.register(info("a"), tx1).expect("room");
         assert!(reg.is_online("a"));
-        let s2 = reg.register(info("a"), tx2);
+        let s2 = reg.register(info("a"), tx2).expect("room");
         assert!(matches!(
             rx1.try_recv(),
             Ok(Control::Disconnect {
@@ -245,5 +282,17 @@ mod tests {
         assert!(reg.unregister("a", s2));
         assert!(!reg.is_online("a"));
         assert!(!reg.disconnect("a", DisconnectReason::AdministrativeAction, "bye"));
+    }
+
+    #[test]
+    fn full_registry_refuses_new_ids_but_allows_takeover() {
+        let reg = OnlineRegistry::with_capacity(1);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let first = reg.register(info("a"), tx.clone()).expect("room");
+        assert_eq!(reg.register(info("b"), tx.clone()), None);
+        let again = reg.register(info("a"), tx.clone()).expect("takeover");
+        assert!(again > first);
+        assert!(reg.unregister("a", again));
+        assert!(reg.register(info("b"), tx).is_some());
     }
 }
