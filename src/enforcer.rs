@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 use crate::clock::{Clock, Millis};
 use crate::credentials::client_id;
@@ -29,14 +29,25 @@ impl Enforcer {
         let ledger = self.gate.ledger().clone();
         let events = ledger.events().clone();
         let mut rx = events.subscribe();
+        // Expiries up to here are handled.
         let mut swept_until: Millis = self.clock.now();
+        // The earliest expiry after `swept_until`, read at device generation
+        // `known` (re-read only when device records change: most events,
+        // connects and disconnects, change nothing here).
+        let mut next: Option<Millis> = None;
+        let mut known: Option<u64> = None;
         loop {
-            // Index reads take the ledger's read lock, which waits while a
-            // batch is being flushed: keep them off the async workers.
-            let l = ledger.clone();
-            let next = tokio::task::spawn_blocking(move || l.next_expiry_after(swept_until))
-                .await
-                .unwrap_or(None);
+            let generation = ledger.device_generation();
+            if known != Some(generation) {
+                known = Some(generation);
+                // Index reads take the ledger's read lock, which waits while
+                // a batch is being flushed: keep them off the async workers.
+                let l = ledger.clone();
+                let after = swept_until;
+                next = tokio::task::spawn_blocking(move || l.next_expiry_after(after))
+                    .await
+                    .unwrap_or(None);
+            }
             tokio::select! {
                 _ = async {
                     match next {
@@ -45,13 +56,24 @@ impl Enforcer {
                     }
                 } => {}
                 ev = rx.recv() => match ev {
-                    Ok(e) => self.on_event(&e),
+                    Ok(e) => {
+                        self.on_event(&e);
+                        // Take whatever else is queued before looking again.
+                        loop {
+                            match rx.try_recv() {
+                                Ok(e) => self.on_event(&e),
+                                Err(TryRecvError::Lagged(_)) => {}
+                                Err(TryRecvError::Empty) => break,
+                                Err(TryRecvError::Closed) => return,
+                            }
+                        }
+                    }
                     Err(RecvError::Lagged(_)) => {}
                     Err(RecvError::Closed) => return,
                 },
             }
             let now = self.clock.now();
-            if now > swept_until {
+            if next.is_some_and(|at| at <= now) {
                 let l = ledger.clone();
                 let from = swept_until;
                 let expired = tokio::task::spawn_blocking(move || l.expiring_between(from, now))
@@ -68,6 +90,7 @@ impl Enforcer {
                     }
                 }
                 swept_until = now;
+                known = None;
             }
         }
     }

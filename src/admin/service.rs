@@ -62,6 +62,16 @@ struct Outgoing {
     properties: Option<PublishProperties>,
 }
 
+impl Outgoing {
+    fn into_packet(self) -> Packet {
+        let publish = Publish::new(Bytes::from(self.topic), Bytes::from(self.payload), false);
+        Packet::Publish(publish, self.properties)
+    }
+}
+
+/// Most publishes handed to the router at once.
+const PUBLISH_BATCH: usize = 256;
+
 /// Counters of the service.
 #[derive(Debug, Default)]
 pub struct AdminStats {
@@ -116,9 +126,18 @@ impl AdminService {
         std::thread::Builder::new()
             .name("admin-publisher".into())
             .spawn(move || {
-                while let Some(o) = out_rx.blocking_recv() {
-                    let publish = Publish::new(Bytes::from(o.topic), Bytes::from(o.payload), false);
-                    if let Err(e) = send_now(&mut tx, Packet::Publish(publish, o.properties)) {
+                // Whatever queued up meanwhile goes to the router in one
+                // batch: one wake-up of the router per batch, not per event.
+                let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+                while let Some(first) = out_rx.blocking_recv() {
+                    batch.push(first.into_packet());
+                    while batch.len() < PUBLISH_BATCH {
+                        match out_rx.try_recv() {
+                            Ok(o) => batch.push(o.into_packet()),
+                            Err(_) => break,
+                        }
+                    }
+                    if let Err(e) = send_batch(&mut tx, &mut batch) {
                         tracing::error!(error = %e, "admin service: router link closed");
                         break;
                     }
@@ -150,6 +169,16 @@ impl Drop for AdminService {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Hands `batch` to the router: all but the last packet straight into the
+/// link's buffer, the last with the notification.
+fn send_batch(tx: &mut LinkTx, batch: &mut Vec<Packet>) -> anyhow::Result<()> {
+    let Some(last) = batch.pop() else {
+        return Ok(());
+    };
+    tx.buffer().extend(batch.drain(..));
+    send_now(tx, last)
 }
 
 /// `LinkTx::send` is async in signature only (it never awaits); run it to

@@ -6,6 +6,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -34,6 +35,8 @@ type DeviceShard = HashMap<Box<str>, HashMap<Box<str>, DeviceEntry>>;
 pub struct FastView {
     products: RwLock<HashMap<Box<str>, ProductEntry>>,
     devices: Box<[RwLock<DeviceShard>]>,
+    /// Bumped after every committed batch that changed a device record.
+    generation: AtomicU64,
 }
 
 fn shard_of(dk: &str) -> usize {
@@ -47,6 +50,7 @@ impl FastView {
         let view = FastView {
             products: RwLock::new(HashMap::new()),
             devices: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            generation: AtomicU64::new(0),
         };
         view.refresh_all(state);
         view
@@ -63,6 +67,17 @@ impl FastView {
         for d in state.devices.values() {
             self.put_device(d);
         }
+        self.devices_changed();
+    }
+
+    /// Marks that device records changed (after they are in the view).
+    pub fn devices_changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Changes whenever device records change.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     pub fn put_product(&self, p: &Product) {

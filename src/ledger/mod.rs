@@ -310,6 +310,14 @@ impl Ledger {
         &self.inner.clock
     }
 
+    /// A number that changes whenever device records (activations,
+    /// renewals, deletions, registrations) change, after the change is
+    /// committed and readable: watchers of the expiry index re-read it only
+    /// when this moved.
+    pub fn device_generation(&self) -> u64 {
+        self.inner.fast.generation()
+    }
+
     pub fn events(&self) -> &EventBus {
         &self.inner.events
     }

@@ -277,6 +277,9 @@ fn commit_batch(ctx: &WriterContext, pending: &mut Vec<Request>) -> Result<(), L
                     ctx.fast.put_device(d);
                 }
             }
+            if !dirty.devices.is_empty() {
+                ctx.fast.devices_changed();
+            }
             drop(st);
             finish(ctx, replies, events);
             Ok(())
