@@ -17,6 +17,10 @@ use crate::events::{Event, EventKind};
 use crate::gate::{Gate, GateRefusal};
 use crate::gateway::{DisconnectReason, OnlineRegistry};
 
+/// How long the enforcer lets events gather after waking for one. A
+/// deletion disconnects its devices at most this much later.
+const EVENT_LINGER: std::time::Duration = std::time::Duration::from_millis(1);
+
 pub struct Enforcer {
     pub gate: Arc<Gate>,
     pub online: Arc<OnlineRegistry>,
@@ -58,7 +62,10 @@ impl Enforcer {
                 ev = rx.recv() => match ev {
                     Ok(e) => {
                         self.on_event(&e);
-                        // Take whatever else is queued before looking again.
+                        // Let events gather (a connection flood brings tens
+                        // of thousands a second, nearly all irrelevant here)
+                        // and take them together.
+                        tokio::time::sleep(EVENT_LINGER).await;
                         loop {
                             match rx.try_recv() {
                                 Ok(e) => self.on_event(&e),

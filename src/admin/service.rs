@@ -43,9 +43,14 @@ pub const REQUEST_FILTER: &str = "admin/v1/+/request";
 pub const EVENTS_PREFIX: &str = "admin/v1/events/";
 /// Requests served at once; more wait for a slot.
 const MAX_CONCURRENT_REQUESTS: usize = 64;
-/// Publishes queued for the router; events beyond it are dropped (and
-/// counted), responses wait.
-const OUTGOING_QUEUE: usize = 65_536;
+/// Batches of publishes queued for the router (a response is a batch of
+/// one, events come in batches of up to [`PUBLISH_BATCH`]); events beyond
+/// it are dropped (and counted), responses wait.
+const OUTGOING_QUEUE: usize = 4096;
+/// How long the relay lets events gather after the first one, so the
+/// publisher thread and the router wake once per batch rather than once per
+/// event under a connection flood. Events are at most this much later.
+const EVENT_LINGER: Duration = Duration::from_millis(1);
 /// How long `start` waits for the router to acknowledge the subscription.
 const SUBACK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -122,7 +127,7 @@ impl AdminService {
         .context("starting the admin link")??;
 
         let stats = Arc::new(AdminStats::default());
-        let (out_tx, mut out_rx) = mpsc::channel::<Outgoing>(OUTGOING_QUEUE);
+        let (out_tx, mut out_rx) = mpsc::channel::<Vec<Outgoing>>(OUTGOING_QUEUE);
         std::thread::Builder::new()
             .name("admin-publisher".into())
             .spawn(move || {
@@ -130,10 +135,10 @@ impl AdminService {
                 // batch: one wake-up of the router per batch, not per event.
                 let mut batch = Vec::with_capacity(PUBLISH_BATCH);
                 while let Some(first) = out_rx.blocking_recv() {
-                    batch.push(first.into_packet());
+                    batch.extend(first.into_iter().map(Outgoing::into_packet));
                     while batch.len() < PUBLISH_BATCH {
                         match out_rx.try_recv() {
-                            Ok(o) => batch.push(o.into_packet()),
+                            Ok(more) => batch.extend(more.into_iter().map(Outgoing::into_packet)),
                             Err(_) => break,
                         }
                     }
@@ -196,7 +201,7 @@ async fn serve(
     ctx: AdminContext,
     accounts: Arc<Accounts>,
     mut rx: LinkRx,
-    out: mpsc::Sender<Outgoing>,
+    out: mpsc::Sender<Vec<Outgoing>>,
     stats: Arc<AdminStats>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONCURRENT_REQUESTS));
@@ -241,7 +246,7 @@ async fn serve(
             .await
             {
                 // Fails only when the publisher is gone (shutting down).
-                let _ = out.send(o).await;
+                let _ = out.send(vec![o]).await;
             }
         });
     }
@@ -326,36 +331,61 @@ async fn serve_one(
 
 async fn relay(
     mut events: broadcast::Receiver<Event>,
-    out: mpsc::Sender<Outgoing>,
+    out: mpsc::Sender<Vec<Outgoing>>,
     stats: Arc<AdminStats>,
 ) {
+    let lagged = |n: u64| {
+        stats.events_dropped.fetch_add(n, Ordering::Relaxed);
+        tracing::warn!(dropped = n, "admin event relay fell behind the event bus");
+    };
     loop {
-        let event = match events.recv().await {
+        let first = match events.recv().await {
             Ok(e) => e,
             Err(broadcast::error::RecvError::Lagged(n)) => {
-                stats.events_dropped.fetch_add(n, Ordering::Relaxed);
-                tracing::warn!(dropped = n, "admin event relay fell behind the event bus");
+                lagged(n);
                 continue;
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        let o = Outgoing {
-            topic: format!("{EVENTS_PREFIX}{}", event.kind.as_str()),
-            payload: event.to_json().to_string().into_bytes(),
-            properties: Some(PublishProperties {
-                payload_format_indicator: Some(1),
-                content_type: Some("application/json".into()),
-                ..PublishProperties::default()
-            }),
-        };
-        match out.try_send(o) {
+        let mut batch = vec![event_publish(&first)];
+        tokio::time::sleep(EVENT_LINGER).await;
+        let mut closed = false;
+        while batch.len() < PUBLISH_BATCH {
+            match events.try_recv() {
+                Ok(e) => batch.push(event_publish(&e)),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => lagged(n),
+                Err(broadcast::error::TryRecvError::Empty) => break,
+                Err(broadcast::error::TryRecvError::Closed) => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        let n = batch.len() as u64;
+        match out.try_send(batch) {
             Ok(()) => {
-                stats.events_relayed.fetch_add(1, Ordering::Relaxed);
+                stats.events_relayed.fetch_add(n, Ordering::Relaxed);
             }
             Err(mpsc::error::TrySendError::Full(_)) => {
-                stats.events_dropped.fetch_add(1, Ordering::Relaxed);
+                stats.events_dropped.fetch_add(n, Ordering::Relaxed);
             }
             Err(mpsc::error::TrySendError::Closed(_)) => return,
         }
+        if closed {
+            return;
+        }
+    }
+}
+
+/// The publish of one event on `admin/v1/events/{kind}`.
+fn event_publish(event: &Event) -> Outgoing {
+    Outgoing {
+        topic: format!("{EVENTS_PREFIX}{}", event.kind.as_str()),
+        payload: event.to_json().to_string().into_bytes(),
+        properties: Some(PublishProperties {
+            payload_format_indicator: Some(1),
+            content_type: Some("application/json".into()),
+            ..PublishProperties::default()
+        }),
     }
 }

@@ -17,6 +17,9 @@ use tokio_rustls::TlsAcceptor;
 use super::connection::{self, ListenerCtx};
 use super::{Authenticator, GatewayError, Listener, ListenerConfig, Shared, TlsConfig};
 
+const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(120);
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+
 pub(crate) async fn start(
     gw: Arc<Shared>,
     config: ListenerConfig,
@@ -54,7 +57,14 @@ pub(crate) async fn start(
 fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    // Inherited by every accepted socket. TCP keepalive finds peers that
+    // vanished without a FIN even when their MQTT keepalive is 0 (none).
     socket.set_nodelay(true)?;
+    socket.set_tcp_keepalive(
+        &socket2::TcpKeepalive::new()
+            .with_time(TCP_KEEPALIVE_IDLE)
+            .with_interval(TCP_KEEPALIVE_INTERVAL),
+    )?;
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     socket.set_nonblocking(true)?;
@@ -65,14 +75,9 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerCtx>, tls: Option<T
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                // Finds peers that vanished without a FIN even when their
-                // MQTT keepalive is 0 (none).
-                let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(
-                    &socket2::TcpKeepalive::new()
-                        .with_time(Duration::from_secs(120))
-                        .with_interval(Duration::from_secs(30)),
-                );
+                // TCP_NODELAY and TCP keepalive come from the listening
+                // socket (Linux copies them to accepted sockets): no
+                // system calls per accept.
                 let ctx = ctx.clone();
                 match &tls {
                     None => {
@@ -140,4 +145,25 @@ fn load_tls(cfg: &TlsConfig) -> Result<TlsAcceptor, GatewayError> {
         .with_single_cert(certs, key)
         .map_err(|e| GatewayError::Tls(e.to_string()))?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_inherit_nodelay_and_keepalive() {
+        let listener = bind("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (stream, _) = listener.accept().await.expect("accept");
+        let sock = socket2::SockRef::from(&stream);
+        assert!(sock.nodelay().expect("nodelay"));
+        assert!(sock.keepalive().expect("keepalive"));
+        assert_eq!(sock.keepalive_time().expect("idle"), TCP_KEEPALIVE_IDLE);
+        assert_eq!(
+            sock.keepalive_interval().expect("interval"),
+            TCP_KEEPALIVE_INTERVAL
+        );
+    }
 }
