@@ -44,6 +44,8 @@ pub struct ListenerSection {
     pub write_timeout_secs: u64,
     pub topic_alias_max: u16,
     pub max_concurrent_links: usize,
+    /// Threads serving the listener (0: one per CPU).
+    pub io_threads: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -111,6 +113,7 @@ impl Default for ListenerSection {
             write_timeout_secs: 30,
             topic_alias_max: 32,
             max_concurrent_links: 64,
+            io_threads: 0,
         }
     }
 }
@@ -261,6 +264,7 @@ impl ListenerSection {
             l.write_timeout = std::time::Duration::from_secs(self.write_timeout_secs);
             l.topic_alias_max = self.topic_alias_max;
             l.max_concurrent_links = self.max_concurrent_links;
+            l.io_threads = self.io_threads;
             l
         };
         let mut out = vec![base(self.bind, None, "")];

@@ -129,11 +129,11 @@ impl Broker {
         self.account_listeners[0].local_addr()
     }
 
-    /// Stops accepting and ends background tasks. Sessions are closed by
-    /// dropping the runtime.
+    /// Stops accepting, drops every connection (their I/O threads end) and
+    /// ends background tasks.
     pub fn shutdown(&self) {
         for l in self.device_listeners.iter().chain(&self.account_listeners) {
-            l.shutdown();
+            l.close();
         }
         self.admin.shutdown();
         for t in &self.tasks {

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 
@@ -29,14 +30,19 @@ pub(crate) async fn start(
         Some(t) => Some(load_tls(t)?),
         None => None,
     };
-    let listener = bind(config.bind, config.backlog).map_err(|source| GatewayError::Bind {
-        addr: config.bind,
-        source,
-    })?;
-    let local_addr = listener.local_addr().map_err(|source| GatewayError::Bind {
-        addr: config.bind,
-        source,
-    })?;
+    let threads = match config.io_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    let bind_err = |addr: SocketAddr| move |source| GatewayError::Bind { addr, source };
+    // One socket per I/O thread on the same port (SO_REUSEPORT: the kernel
+    // spreads connections over them); port 0 is resolved by the first.
+    let first = bind(config.bind, config.backlog, threads > 1).map_err(bind_err(config.bind))?;
+    let local_addr = first.local_addr().map_err(bind_err(config.bind))?;
+    let mut sockets = vec![first];
+    for _ in 1..threads {
+        sockets.push(bind(local_addr, config.backlog, true).map_err(bind_err(local_addr))?);
+    }
     let name = config.name.clone();
     let ctx = Arc::new(ListenerCtx {
         tls: tls.is_some(),
@@ -45,18 +51,89 @@ pub(crate) async fn start(
         auth,
         gw,
     });
-    tracing::info!(listener = %name, %local_addr, tls = ctx.tls, "listening");
-    let accept = tokio::spawn(accept_loop(listener, ctx, tls));
+    let (state_tx, state_rx) = watch::channel(State::Serving);
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let (ctx, tls, state) = (ctx.clone(), tls.clone(), state_rx.clone());
+        std::thread::Builder::new()
+            .name(format!("{name}-io-{i}"))
+            .spawn(move || io_thread(socket, ctx, tls, state))
+            .map_err(bind_err(local_addr))?;
+    }
+    tracing::info!(listener = %name, %local_addr, tls = ctx.tls, io_threads = threads, "listening");
     Ok(Listener {
         name,
         local_addr,
-        accept,
+        state: state_tx,
     })
 }
 
-fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+/// What a listener's I/O threads are told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum State {
+    Serving,
+    /// Accept no more; serve established connections until they end.
+    StopAccepting,
+    /// Accept no more and drop every connection.
+    Close,
+}
+
+/// One I/O thread: a single-threaded runtime that accepts on its own socket
+/// and runs its connections, so a connection never moves between threads
+/// and accepting one wakes no other thread.
+fn io_thread(
+    socket: std::net::TcpListener,
+    ctx: Arc<ListenerCtx>,
+    tls: Option<TlsAcceptor>,
+    mut state: watch::Receiver<State>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(listener = %ctx.config.name, error = %e, "cannot start an I/O thread");
+            return;
+        }
+    };
+    rt.block_on(async move {
+        let listener = match TcpListener::from_std(socket) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(listener = %ctx.config.name, error = %e, "cannot register the listening socket");
+                return;
+            }
+        };
+        // Every connection task holds a clone.
+        let live = Arc::new(());
+        // A dropped `Listener` leaves its threads serving for good.
+        tokio::select! {
+            _ = accept_loop(listener, ctx, tls, live.clone()) => {}
+            Ok(_) = state.wait_for(|s| *s != State::Serving) => {}
+        }
+        let mut open = true;
+        loop {
+            if *state.borrow() == State::Close || Arc::strong_count(&live) == 1 {
+                return;
+            }
+            tokio::select! {
+                r = state.changed(), if open => open = r.is_ok(),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+    });
+}
+
+fn bind(
+    addr: SocketAddr,
+    backlog: u32,
+    reuse_port: bool,
+) -> std::io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
     // Inherited by every accepted socket. TCP keepalive finds peers that
     // vanished without a FIN even when their MQTT keepalive is 0 (none).
     socket.set_nodelay(true)?;
@@ -68,10 +145,15 @@ fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     socket.set_nonblocking(true)?;
-    TcpListener::from_std(socket.into())
+    Ok(socket.into())
 }
 
-async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerCtx>, tls: Option<TlsAcceptor>) {
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<ListenerCtx>,
+    tls: Option<TlsAcceptor>,
+    live: Arc<()>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
@@ -79,13 +161,18 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerCtx>, tls: Option<T
                 // socket (Linux copies them to accepted sockets): no
                 // system calls per accept.
                 let ctx = ctx.clone();
+                let live = live.clone();
                 match &tls {
                     None => {
-                        tokio::spawn(connection::serve(stream, peer, ctx));
+                        tokio::spawn(async move {
+                            connection::serve(stream, peer, ctx).await;
+                            drop(live);
+                        });
                     }
                     Some(acceptor) => {
                         let acceptor = acceptor.clone();
                         tokio::spawn(async move {
+                            let _live = live;
                             let deadline = ctx.config.connect_timeout;
                             match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
                                 Ok(Ok(tls_stream)) => {
@@ -153,7 +240,10 @@ mod tests {
 
     #[tokio::test]
     async fn accepted_sockets_inherit_nodelay_and_keepalive() {
-        let listener = bind("127.0.0.1:0".parse().expect("addr"), 16).expect("bind");
+        let listener = TcpListener::from_std(
+            bind("127.0.0.1:0".parse().expect("addr"), 16, false).expect("bind"),
+        )
+        .expect("register");
         let addr = listener.local_addr().expect("addr");
         let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let (stream, _) = listener.accept().await.expect("accept");

@@ -227,6 +227,9 @@ pub struct ListenerConfig {
     pub topic_alias_max: u16,
     /// Most CONNECTs being registered with the router at once.
     pub max_concurrent_links: usize,
+    /// Threads serving the listener, each with its own socket on the port
+    /// (SO_REUSEPORT) and single-threaded runtime; 0 = one per CPU.
+    pub io_threads: usize,
 }
 
 impl ListenerConfig {
@@ -241,6 +244,7 @@ impl ListenerConfig {
             write_timeout: Duration::from_secs(30),
             topic_alias_max: 32,
             max_concurrent_links: 64,
+            io_threads: 0,
         }
     }
 }
@@ -571,12 +575,12 @@ impl Gateway {
     }
 }
 
-/// A bound, serving listener.
+/// A bound, serving listener. Its connections run on its own I/O threads.
 #[derive(Debug)]
 pub struct Listener {
     name: String,
     local_addr: SocketAddr,
-    accept: tokio::task::JoinHandle<()>,
+    state: tokio::sync::watch::Sender<listener::State>,
 }
 
 impl Listener {
@@ -590,8 +594,20 @@ impl Listener {
     }
 
     /// Stops accepting. Established connections are not affected (end them
-    /// through [`OnlineRegistry`]).
+    /// through [`OnlineRegistry`]); the I/O threads end with the last one.
     pub fn shutdown(&self) {
-        self.accept.abort();
+        self.state.send_if_modified(|s| {
+            let serving = *s == listener::State::Serving;
+            if serving {
+                *s = listener::State::StopAccepting;
+            }
+            serving
+        });
+    }
+
+    /// Stops accepting and drops every connection of this listener (sockets
+    /// closed without DISCONNECT, as on a process exit).
+    pub fn close(&self) {
+        self.state.send_replace(listener::State::Close);
     }
 }
