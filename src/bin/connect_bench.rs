@@ -51,6 +51,10 @@ struct Args {
     /// Worker threads of the client runtime.
     #[arg(long, default_value_t = 1)]
     client_threads: usize,
+    /// `[devices] io_threads` of the activation broker (0: its default, one
+    /// per CPU).
+    #[arg(long, default_value_t = 0)]
+    io_threads: usize,
     /// Skip (c).
     #[arg(long)]
     skip_rumqttd: bool,
@@ -346,6 +350,7 @@ impl Bench<'_> {
                 r#"data_dir = "{data}"
 [devices]
 bind = "127.0.0.1:{port}"
+io_threads = {io_threads}
 [accounts_listener]
 bind = "127.0.0.1:{accounts_port}"
 [gate]
@@ -354,6 +359,7 @@ device_rate = 0.0
 ban_after_failures = 0
 "#,
                 data = data.display(),
+                io_threads = self.args.io_threads,
             ),
         )?;
         let mut cmd = Command::new(bin);
