@@ -7,8 +7,11 @@
 //!    answered with its CONNACK code (MQTT 5: with Reason String) and the
 //!    socket closed; no router link is created, nothing is registered.
 //! 3. Session: registered in the online registry (telling an older
-//!    connection with the same client id to leave with 0x8E) and linked to
-//!    the router under one per-client-id lock, then CONNACK. From then on
+//!    connection with the same client id to leave with 0x8E; refused with
+//!    0x88 when the registry is full) under one per-client-id lock, then
+//!    CONNACK. Persistent sessions are linked to the router at once (under
+//!    the same lock); clean sessions when they first SUBSCRIBE or PUBLISH
+//!    (only while still the registered session of their client id). From then on
 //!    packets flow socket → ACL → router and router → socket. PINGREQ and
 //!    UNSUBACK are answered here. PUBLISH outside the ACL is dropped: MQTT 5
 //!    gets PUBACK/PUBREC 0x87; MQTT 3.1.1 gets a plain PUBACK/PUBREC (and

@@ -4,11 +4,15 @@
 //! rumqttd's `Server` is not used for clients. Each accepted socket runs one
 //! task (`connection.rs`) that detects MQTT 3.1.1 / 5.0 from the CONNECT,
 //! asks an [`Authenticator`] whether to admit it (the activation gate plugs
-//! in here), answers refusals with the exact CONNACK code, and only for
-//! admitted clients creates a router link (`rumqttd::local::LinkBuilder`)
-//! and shuttles packets between socket and router, enforcing the session's
-//! [`Acl`], keepalive, will message, packet size limit and session
-//! takeover. The gateway knows nothing of the ledger.
+//! in here), answers refusals with the exact CONNACK code, and for admitted
+//! clients shuttles packets between socket and a router link
+//! (`rumqttd::local::LinkBuilder`), enforcing the session's [`Acl`],
+//! keepalive, will message, packet size limit and session takeover. Clean
+//! sessions get their link at their first SUBSCRIBE or PUBLISH (PINGREQ is
+//! answered here), so idle devices hold no router state; persistent
+//! sessions are linked at CONNECT. Each listener runs on its own I/O
+//! threads (a single-threaded runtime and a `SO_REUSEPORT` socket each).
+//! The gateway knows nothing of the ledger.
 //!
 //! Wiring:
 //! ```ignore
