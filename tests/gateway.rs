@@ -903,16 +903,23 @@ async fn retained_messages_reach_later_subscribers() {
     assert!(p.retain);
 }
 
-#[tokio::test]
-async fn persistent_session_gets_queued_messages_after_reconnect() {
-    let mut b = broker().await;
+/// Device `a` with a persistent session subscribed to `devices/p/a/down/#`,
+/// disconnected; its options (clean session off) to come back with.
+async fn persistent_session_left_offline(b: &mut Broker) -> v4::MqttOptions {
     let mut o = v4::device(b.addr, "a");
     o.set_clean_session(false);
-    let mut a = v4::connect(o.clone()).await.expect("a");
+    let mut a = v4::connect(o.clone()).await.expect("persistent");
     a.subscribe(&["devices/p/a/down/#"], v4::QoS::AtLeastOnce)
         .await;
     a.client.disconnect().await.expect("disconnect queued");
     wait_event(&mut b.events, EventKind::DeviceDisconnected, "a").await;
+    o
+}
+
+#[tokio::test]
+async fn persistent_session_gets_queued_messages_after_reconnect() {
+    let mut b = broker().await;
+    let o = persistent_session_left_offline(&mut b).await;
 
     let ob = v4::connect(v4::opts(b.addr, "observer-1", "observer"))
         .await
@@ -976,13 +983,18 @@ async fn no_will_after_disconnect() {
     s.write_all(&[0xE0, 0x00]).await.expect("DISCONNECT");
     until_closed(&mut s).await;
     wait_event(&mut b.events, EventKind::DeviceDisconnected, "w").await;
-    // The will would have been published before the event; the first
-    // message the observer gets is this marker.
+    // The will would have been published before the event.
+    assert_no_message_before_marker(&mut ob, "devices/p/w/marker").await;
+}
+
+/// Publishes a marker to `topic` through the observer and asserts it is the
+/// next message the observer gets: nothing else was on its way.
+async fn assert_no_message_before_marker(ob: &mut v4::Client, topic: &str) {
     ob.client
-        .publish("devices/p/w/marker", v4::QoS::AtLeastOnce, false, "m")
+        .publish(topic, v4::QoS::AtLeastOnce, false, "m")
         .await
         .expect("queued");
-    assert_eq!(ob.publish().await.topic, "devices/p/w/marker");
+    assert_eq!(ob.publish().await.topic, topic);
 }
 
 #[tokio::test]
@@ -1552,31 +1564,24 @@ async fn idle_clean_sessions_hold_no_router_link() {
     // The first SUBSCRIBE links a session, the first PUBLISH another.
     a.subscribe(&["devices/p/a/#"], v4::QoS::AtLeastOnce).await;
     assert_eq!(b.gateway.linked_sessions(), 1);
-    // A PUBLISH the ACL drops needs no link.
-    c.client
-        .publish("devices/p/a/x", v5::QoS::AtLeastOnce, false, "no")
-        .await
-        .expect("queued");
-    let reason = c
-        .expect(|p| match p {
-            v5::Packet::PubAck(a) => Some(a.reason),
-            _ => None,
-        })
-        .await;
-    assert_eq!(reason, v5::PubAckReason::NotAuthorized);
-    assert_eq!(b.gateway.linked_sessions(), 1);
-    c.client
-        .publish("devices/p/c/x", v5::QoS::AtLeastOnce, false, "hi")
-        .await
-        .expect("queued");
-    let reason = c
-        .expect(|p| match p {
-            v5::Packet::PubAck(a) => Some(a.reason),
-            _ => None,
-        })
-        .await;
-    assert_eq!(reason, v5::PubAckReason::Success);
-    assert_eq!(b.gateway.linked_sessions(), 2);
+    // A PUBLISH the ACL drops needs no link; one it lets through does.
+    for (topic, reason, linked) in [
+        ("devices/p/a/x", v5::PubAckReason::NotAuthorized, 1),
+        ("devices/p/c/x", v5::PubAckReason::Success, 2),
+    ] {
+        c.client
+            .publish(topic, v5::QoS::AtLeastOnce, false, "hi")
+            .await
+            .expect("queued");
+        let got = c
+            .expect(|p| match p {
+                v5::Packet::PubAck(a) => Some(a.reason),
+                _ => None,
+            })
+            .await;
+        assert_eq!(got, reason, "{topic}");
+        assert_eq!(b.gateway.linked_sessions(), linked, "{topic}");
+    }
 
     // A persistent session is linked from its CONNECT.
     let mut o = v4::device(b.addr, "b");
@@ -1604,12 +1609,8 @@ async fn publish_and_disconnect_in_one_write_are_both_honoured() {
     let p = ob.publish().await;
     assert_eq!(p.topic, "devices/p/a/t");
     assert_eq!(&p.payload[..], b"last words");
-    // No will after DISCONNECT: the next message is this marker.
-    ob.client
-        .publish("devices/p/a/marker", v4::QoS::AtLeastOnce, false, "m")
-        .await
-        .expect("queued");
-    assert_eq!(ob.publish().await.topic, "devices/p/a/marker");
+    // No will after DISCONNECT.
+    assert_no_message_before_marker(&mut ob, "devices/p/a/marker").await;
 }
 
 #[tokio::test]
@@ -1650,13 +1651,7 @@ async fn takeover_of_a_subscribed_session_by_an_idle_one() {
 #[tokio::test]
 async fn a_clean_session_discards_the_offline_persistent_one() {
     let mut b = broker().await;
-    let mut o = v4::device(b.addr, "a");
-    o.set_clean_session(false);
-    let mut a = v4::connect(o.clone()).await.expect("persistent");
-    a.subscribe(&["devices/p/a/down/#"], v4::QoS::AtLeastOnce)
-        .await;
-    a.client.disconnect().await.expect("disconnect queued");
-    wait_event(&mut b.events, EventKind::DeviceDisconnected, "a").await;
+    let o = persistent_session_left_offline(&mut b).await;
 
     let clean = v4::connect(v4::device(b.addr, "a")).await.expect("clean");
     assert!(!clean.session_present);
