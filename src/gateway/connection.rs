@@ -23,9 +23,11 @@
 //! 4. End: client DISCONNECT (no will, unless MQTT 5 reason 0x04), socket
 //!    closed or broken, keepalive expiry (1.5 × keepalive, 0 = none),
 //!    protocol violation, oversized packet, or an order from the online
-//!    registry. The will is published on every end except a normal
-//!    DISCONNECT and a session takeover; the router link is closed with a
-//!    DISCONNECT (so persistent sessions are kept by the router).
+//!    registry. The router link is closed with a DISCONNECT (so stored
+//!    sessions are kept by the router); then, unless the session was taken
+//!    over, `lingering.rs` publishes the will (none after a normal
+//!    DISCONNECT) now or after its delay, and discards the stored session
+//!    now or at its expiry.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -35,10 +37,10 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{
-    self, v4::V4, v5::V5, ConnAck, ConnAckProperties, Disconnect, DisconnectReasonCode, LastWill,
-    LastWillProperties, Packet, PingResp, Protocol, PubAck, PubAckProperties, PubAckReason,
-    PubComp, PubCompReason, PubRec, PubRecProperties, PubRecReason, Publish, PublishProperties,
-    SubAck, Subscribe, SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    self, v4::V4, v5::V5, ConnAck, ConnAckProperties, Disconnect, DisconnectReasonCode, Packet,
+    PingResp, Protocol, PubAck, PubAckProperties, PubAckReason, PubComp, PubCompReason, PubRec,
+    PubRecProperties, PubRecReason, Publish, PublishProperties, SubAck, Subscribe,
+    SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -47,6 +49,7 @@ use tokio::time::{timeout, Instant};
 
 use super::acl::{valid_topic_name, Acl, SubscribeVerdict};
 use super::codes::{self, DisconnectReason, RefusalCode};
+use super::lingering::{Ended, SessionExpiry};
 use super::online::{Control, SessionInfo};
 use super::{
     Authenticator, ConnectInfo, GatewayError, Identity, ListenerConfig, ProtocolVersion,
@@ -319,7 +322,7 @@ where
         }
         First::Invalid => return,
     };
-    let Packet::Connect(connect, _props, will, will_props, login) = *packet else {
+    let Packet::Connect(connect, props, will, will_props, login) = *packet else {
         return;
     };
     let version = codec.version();
@@ -397,6 +400,13 @@ where
     // PUBLISH): an idle device costs no router state.
     let gw = ctx.gw.clone();
     let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
+    let session_expiry = match version {
+        ProtocolVersion::V4 if connect.clean_session => SessionExpiry::WithConnection,
+        ProtocolVersion::V4 => SessionExpiry::Never,
+        ProtocolVersion::V5 => {
+            SessionExpiry::from_interval(props.as_ref().and_then(|p| p.session_expiry_interval))
+        }
+    };
     let session = SessionInfo {
         client_id: client_id.clone(),
         identity: admission.identity.clone(),
@@ -404,9 +414,11 @@ where
         protocol: version,
         listener: cfg.name.clone(),
         clean_session: connect.clean_session,
+        session_expiry,
         keep_alive: connect.keep_alive,
         connected_at: gw.clock.now(),
     };
+    let stored = session.stored();
     let (seq, link) = match gw.register_unlinked(session, ctrl_tx) {
         Registration::Registered(seq) => (seq, None),
         Registration::Full(n) => refuse!(
@@ -513,6 +525,7 @@ where
         pending_subacks: HashMap::new(),
         denied_qos2: HashSet::new(),
         linked: link_rx.is_some(),
+        session_expiry,
     };
     let end = if connack_sent {
         conn.run(
@@ -537,12 +550,16 @@ where
     let _ = write_out(&mut stream, &mut conn.wbuf, Duration::from_secs(1)).await;
     close(&mut stream).await;
 
-    if end.will {
-        if let Some(w) = will {
-            publish_will(&gw, w, will_props).await;
-        }
-    }
     guard.finish(end.link_gone).await;
+    if !end.taken_over {
+        gw.connection_ended(Ended {
+            client_id: client_id.clone(),
+            stored,
+            expiry: conn.session_expiry,
+            will: will.filter(|_| end.will).map(|w| (w, will_props)),
+        })
+        .await;
+    }
 
     tracing::debug!(%peer, %client_id, reason = %end.reason, "disconnected");
     if let Identity::Device {
@@ -568,13 +585,18 @@ struct SessionGuard {
     link_tx: Option<LinkTx>,
 }
 
-fn router_disconnect() -> Vec<Packet> {
-    vec![Packet::Disconnect(
+/// Closes a router link (a stored session is kept by the router).
+pub(crate) fn router_disconnect_packet() -> Packet {
+    Packet::Disconnect(
         Disconnect {
             reason_code: DisconnectReasonCode::NormalDisconnection,
         },
         None,
-    )]
+    )
+}
+
+fn router_disconnect() -> Vec<Packet> {
+    vec![router_disconnect_packet()]
 }
 
 impl SessionGuard {
@@ -602,27 +624,6 @@ impl Drop for SessionGuard {
                 let _ = push_router(&gw, &mut tx, &mut router_disconnect()).await;
             });
         }
-    }
-}
-
-/// Publishes a will through the gateway's own link (QoS 0 into the router;
-/// the router delivers at each subscription's QoS).
-async fn publish_will(gw: &Shared, will: LastWill, props: Option<LastWillProperties>) {
-    let publish = Publish::new(will.topic, will.message, will.retain);
-    let properties = props.map(|p| PublishProperties {
-        payload_format_indicator: p.payload_format_indicator,
-        message_expiry_interval: p.message_expiry_interval,
-        topic_alias: None,
-        response_topic: p.response_topic,
-        correlation_data: p.correlation_data,
-        user_properties: p.user_properties,
-        subscription_identifiers: Vec::new(),
-        content_type: p.content_type,
-    });
-    gw.router.wait_for_room().await;
-    let mut tx = gw.wills.lock().await;
-    if let Err(e) = tx.send(Packet::Publish(publish, properties)).await {
-        tracing::warn!(error = %e, "cannot publish will");
     }
 }
 
@@ -656,6 +657,8 @@ struct End {
     /// For logs and the `device/disconnected` event.
     reason: String,
     will: bool,
+    /// Another connection took the session over (it goes on there).
+    taken_over: bool,
     /// The router already dropped the link.
     link_gone: bool,
     /// DISCONNECT to send to an MQTT 5 client.
@@ -667,6 +670,7 @@ impl End {
         End {
             reason: String::from("client disconnected"),
             will: with_will,
+            taken_over: false,
             link_gone: false,
             notify: None,
         }
@@ -676,6 +680,7 @@ impl End {
         End {
             reason: why.to_string(),
             will: true,
+            taken_over: false,
             link_gone: false,
             notify: None,
         }
@@ -686,6 +691,7 @@ impl End {
         End {
             reason: format!("{}: {message}", reason.as_str()),
             will: true,
+            taken_over: false,
             link_gone: false,
             notify: Some((reason, message)),
         }
@@ -699,6 +705,7 @@ impl End {
                 format!("{}: {message}", reason.as_str())
             },
             will: reason != DisconnectReason::SessionTakenOver,
+            taken_over: reason == DisconnectReason::SessionTakenOver,
             link_gone: false,
             notify: Some((reason, message)),
         }
@@ -708,6 +715,7 @@ impl End {
         End {
             reason: why.to_owned(),
             will: true,
+            taken_over: false,
             link_gone: true,
             notify: None,
         }
@@ -744,6 +752,8 @@ struct Conn<'a> {
     /// Whether the session has its router link (clean sessions get it on
     /// their first SUBSCRIBE or PUBLISH).
     linked: bool,
+    /// From the CONNECT; an MQTT 5 DISCONNECT may change it.
+    session_expiry: SessionExpiry,
 }
 
 /// The next notification of the router link, if there is one.
@@ -1031,9 +1041,20 @@ impl Conn<'_> {
                 self.write(Packet::PingResp(PingResp));
                 None
             }
-            Packet::Disconnect(d, _) => Some(End::client(
-                d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
-            )),
+            Packet::Disconnect(d, props) => {
+                if let Some(n) = props.and_then(|p| p.session_expiry_interval) {
+                    if self.session_expiry == SessionExpiry::WithConnection && n != 0 {
+                        return Some(End::violation(
+                            DisconnectReason::ProtocolError,
+                            "a Session Expiry Interval of 0 at CONNECT cannot be raised at DISCONNECT",
+                        ));
+                    }
+                    self.session_expiry = SessionExpiry::from_interval(Some(n));
+                }
+                Some(End::client(
+                    d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
+                ))
+            }
             Packet::Connect(..) => Some(End::violation(
                 DisconnectReason::ProtocolError,
                 "second CONNECT",

@@ -27,7 +27,14 @@
 //! - Wills are published by the gateway through its own router link
 //!   (rumqttd only publishes wills on an internal event a local link cannot
 //!   send). Published on every end except a normal DISCONNECT and a session
-//!   takeover, immediately (MQTT 5 Will Delay Interval is not honoured).
+//!   takeover: at once, or after the MQTT 5 Will Delay Interval or at the
+//!   session's expiry, whichever is first, unless the session is resumed
+//!   meanwhile (`lingering.rs`).
+//! - Sessions: MQTT 3.1.1 clean session off is kept until a clean session
+//!   of the same client id; MQTT 5 follows clean start and the Session
+//!   Expiry Interval (from CONNECT, lowered by DISCONNECT; 0xFFFFFFFF =
+//!   never). The router stores a session when it may outlive its
+//!   connection; at expiry the gateway discards the router's copy.
 //! - rumqttd disconnects a publisher whose topic no subscription matches
 //!   unless the link has dynamic filters, so every link has them: each
 //!   published topic gets a commit log in the router (see [`router_config`]).
@@ -36,8 +43,7 @@
 //!   without properties (the router ignores it otherwise).
 //! - Acks the gateway writes itself (refused PUBLISH, all-refused SUBSCRIBE,
 //!   UNSUBACK) can overtake router acks of earlier packets.
-//! - Not honoured from MQTT 5 CONNECT: Session Expiry Interval (persistent
-//!   sessions live until the router drops them), Receive Maximum and
+//! - Not honoured from MQTT 5 CONNECT: Receive Maximum and
 //!   Maximum Packet Size of the client, enhanced authentication.
 //! - The authenticator's future has no timeout: a gate that may stall must
 //!   answer `ServerUnavailable` itself.
@@ -45,17 +51,18 @@
 pub mod acl;
 pub mod codes;
 mod connection;
+mod lingering;
 mod listener;
 pub mod online;
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,6 +72,7 @@ use rumqttd::{Notification, Router, RouterConfig};
 
 pub use acl::{Acl, AclError, AclTemplate, SubscribeVerdict, DEFAULT_DEVICE_TEMPLATE};
 pub use codes::{DisconnectReason, RefusalCode};
+pub use lingering::SessionExpiry;
 pub use online::{OnlineRegistry, SessionInfo};
 
 use online::Control;
@@ -389,11 +397,18 @@ pub(crate) struct Shared {
     /// Serialises "register in the online registry" and "create the router
     /// link" per client id, so both see takeovers in the same order.
     stripes: Box<[parking_lot::Mutex<()>]>,
-    /// Client ids whose last router link was a persistent session (clean
-    /// session false), so the router may hold their state: a clean-session
-    /// CONNECT of one of them links at once, so the router discards it.
+    /// Client ids whose last router link was stored (see
+    /// [`SessionInfo::stored`]), so the router may hold their state: any
+    /// CONNECT of one of them links at once (to resume or discard it).
     /// Changed only under the client id's stripe lock.
     persistent: parking_lot::Mutex<HashSet<String>>,
+    /// Stored sessions whose connection ended, waiting for a delayed will
+    /// or their expiry (`lingering.rs`).
+    lingering: parking_lot::Mutex<HashMap<String, lingering::Lingering>>,
+    lingering_seq: AtomicU64,
+    /// Where lingering sessions wait (the runtime that started the
+    /// gateway; listeners' I/O threads may end before them).
+    runtime: tokio::runtime::Handle,
     /// Client sessions that hold a router link.
     linked: AtomicUsize,
     /// The link wills are published through (wills outlive their link).
@@ -409,7 +424,7 @@ impl Shared {
     }
 
     /// Registers a clean session that needs no router link yet (the client
-    /// id has no persistent session in the router). A session that must be
+    /// id has no stored session in the router). A session that must be
     /// linked at once is handed back.
     fn register_unlinked(
         &self,
@@ -417,7 +432,7 @@ impl Shared {
         ctrl: mpsc::UnboundedSender<Control>,
     ) -> Registration {
         let _guard = self.stripe(&session.client_id).lock();
-        if !session.clean_session || self.persistent.lock().contains(&session.client_id) {
+        if session.stored() || self.persistent.lock().contains(&session.client_id) {
             return Registration::MustLink(Box::new((session, ctrl)));
         }
         match self.online.register(session, ctrl) {
@@ -433,13 +448,23 @@ impl Shared {
         ctrl: mpsc::UnboundedSender<Control>,
     ) -> Result<(u64, (LinkTx, LinkRx, Notification)), GatewayError> {
         let cid = session.client_id.clone();
-        let clean = session.clean_session;
+        let clean_start = session.clean_session;
+        let stored = session.stored();
         let _guard = self.stripe(&cid).lock();
         let seq = self
             .online
             .register(session, ctrl)
             .ok_or(GatewayError::Full(self.online.capacity()))?;
-        match self.link_locked(&cid, clean) {
+        self.settle_lingering(&cid, clean_start);
+        if clean_start && stored && self.persistent.lock().contains(&cid) {
+            // A fresh session that the router will store: drop the old one
+            // first (a stored link would resume it).
+            if let Err(e) = self.discard_locked(&cid) {
+                self.online.unregister(&cid, seq);
+                return Err(e);
+            }
+        }
+        match self.link_locked(&cid, !stored) {
             Ok(link) => Ok((seq, link)),
             Err(e) => {
                 self.online.unregister(&cid, seq);
@@ -466,6 +491,20 @@ impl Shared {
     /// A session's link is closed (or dropped by the router).
     fn unlinked(&self) {
         self.linked.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Makes the router forget the stored session of `client_id` (a clean
+    /// link's CONNECT discards it; its DISCONNECT stores nothing). Under the
+    /// stripe lock of `client_id`. BLOCKS on the router.
+    fn discard_locked(&self, client_id: &str) -> Result<(), GatewayError> {
+        let (mut tx, _rx, _ack) = self.router.link_blocking(client_id, true)?;
+        self.persistent.lock().remove(client_id);
+        // `send` never awaits (the router's channel is unbounded-ish and
+        // this is a blocking thread).
+        self.runtime
+            .block_on(tx.send(connection::router_disconnect_packet()))
+            .map_err(|e| GatewayError::Router(e.to_string()))?;
+        Ok(())
     }
 
     /// Under the stripe lock of `client_id`.
@@ -546,6 +585,9 @@ impl Gateway {
                 clock,
                 stripes,
                 persistent: parking_lot::Mutex::new(HashSet::new()),
+                lingering: parking_lot::Mutex::new(HashMap::new()),
+                lingering_seq: AtomicU64::new(0),
+                runtime: tokio::runtime::Handle::current(),
                 linked: AtomicUsize::new(0),
                 wills: tokio::sync::Mutex::new(tx),
             }),
@@ -566,6 +608,13 @@ impl Gateway {
     /// none).
     pub fn linked_sessions(&self) -> usize {
         self.shared.linked.load(Ordering::Relaxed)
+    }
+
+    /// Stored sessions whose connection has ended and that wait for a
+    /// delayed will or their expiry, and how many of them still hold a
+    /// will: `(sessions, wills)`.
+    pub fn lingering_sessions(&self) -> (usize, usize) {
+        self.shared.lingering_counts()
     }
 
     /// Binds `config.bind` and serves it with `auth` until

@@ -12,6 +12,7 @@ use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
 use super::codes::DisconnectReason;
+use super::lingering::SessionExpiry;
 use super::{Identity, ProtocolVersion};
 use crate::clock::Millis;
 
@@ -24,10 +25,21 @@ pub struct SessionInfo {
     pub protocol: ProtocolVersion,
     /// Name of the listener that accepted it.
     pub listener: String,
+    /// Clean session (MQTT 3.1.1) / clean start (MQTT 5).
     pub clean_session: bool,
+    /// How long the router keeps the session once the connection ends.
+    pub session_expiry: SessionExpiry,
     pub keep_alive: u16,
     /// When its CONNACK was sent (unix ms, from the gateway's clock).
     pub connected_at: Millis,
+}
+
+impl SessionInfo {
+    /// Whether the router keeps this session's state when its link closes:
+    /// to resume it (clean start off) or for a later connection (expiry).
+    pub fn stored(&self) -> bool {
+        !self.clean_session || self.session_expiry != SessionExpiry::WithConnection
+    }
 }
 
 /// An order to a live connection.
@@ -250,6 +262,7 @@ mod tests {
             protocol: ProtocolVersion::V4,
             listener: "devices".into(),
             clean_session: true,
+            session_expiry: SessionExpiry::WithConnection,
             keep_alive: 60,
             connected_at: 0,
         }
