@@ -73,7 +73,7 @@ struct Args {
     /// Print where each measured process's RSS is (from /proc/PID/smaps).
     #[arg(long)]
     smaps: bool,
-    /// Record each phase with `perf record -g -p SERVER` into DIR/<phase>.data.
+    /// Record each phase with `perf record -g -p SERVER` into `DIR/<phase>.data`.
     #[arg(long, value_name = "DIR")]
     perf: Option<PathBuf>,
     /// Internal: run rumqttd's stock v4 `Server` (no auth) on this address

@@ -3,7 +3,7 @@
 //! (kept, discarded now, or discarded after the Session Expiry Interval).
 //!
 //! A session outlives its connection when the router keeps it
-//! ([`SessionInfo::outlives_connection`]). While a delayed will or an
+//! ([`SessionInfo::stored`](super::SessionInfo::stored)). While a delayed will or an
 //! expiry is pending the session is *lingering*: one task per session waits
 //! for the earlier deadline. A new connection with the same client id ends
 //! the wait (under the client id's stripe lock, after it is registered):
@@ -147,8 +147,8 @@ impl Shared {
             );
         }
         let now = Instant::now();
-        let will_at = will.map(|w| (w, now + will_in));
-        let expire_at = expires_in.and_then(|e| now.checked_add(e));
+        let will_at = will.map(|w| (w, deadline(now, will_in)));
+        let expire_at = expires_in.map(|e| deadline(now, e));
         self.runtime.spawn(linger(
             self.clone(),
             client_id,
@@ -219,6 +219,14 @@ impl Shared {
         let wills = lingering.values().filter(|l| l.will_pending).count();
         (lingering.len(), wills)
     }
+}
+
+/// `now + after`, saturating far in the future (intervals come from
+/// clients, up to 136 years).
+fn deadline(now: Instant, after: Duration) -> Instant {
+    now.checked_add(after)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 86_400)))
+        .unwrap_or(now)
 }
 
 /// Waits out a lingering session: the will at `will_at`, the expiry at
@@ -316,6 +324,9 @@ mod tests {
             SessionExpiry::Never
         );
         assert_eq!(SessionExpiry::Never.delay(), None);
+        let now = Instant::now();
+        assert!(deadline(now, Duration::from_secs(u64::from(u32::MAX))) > now);
+        assert!(deadline(now, Duration::MAX) > now);
         assert_eq!(
             SessionExpiry::After(2).delay(),
             Some(Duration::from_secs(2))
