@@ -499,8 +499,8 @@ impl Shared {
     fn discard_locked(&self, client_id: &str) -> Result<(), GatewayError> {
         let (mut tx, _rx, _ack) = self.router.link_blocking(client_id, true)?;
         self.persistent.lock().remove(client_id);
-        // `send` never awaits (the router's channel is unbounded-ish and
-        // this is a blocking thread).
+        // `send` is a blocking channel send behind an async signature:
+        // fine on this blocking thread.
         self.runtime
             .block_on(tx.send(connection::router_disconnect_packet()))
             .map_err(|e| GatewayError::Router(e.to_string()))?;
