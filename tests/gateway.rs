@@ -422,6 +422,19 @@ fn connect_bytes_clean(
         client_id: client_id.to_owned(),
         clean_session,
     };
+    encode_connect(version, connect, None, will, None, user)
+}
+
+/// Encodes a CONNECT logging in as `user` with the test password; `will`
+/// is (topic, message) at QoS 0.
+fn encode_connect(
+    version: u8,
+    connect: wire::Connect,
+    props: Option<wire::ConnectProperties>,
+    will: Option<(&str, &str)>,
+    will_props: Option<wire::LastWillProperties>,
+    user: &str,
+) -> BytesMut {
     let login = Some(wire::Login {
         username: user.to_owned(),
         password: PASSWORD.to_owned(),
@@ -433,7 +446,7 @@ fn connect_bytes_clean(
         retain: false,
     });
     let mut buf = BytesMut::new();
-    let packet = wire::Packet::Connect(connect, None, will, None, login);
+    let packet = wire::Packet::Connect(connect, props, will, will_props, login);
     if version == 5 {
         wire::v5::V5.write(packet, &mut buf).expect("encode");
     } else {
@@ -1724,10 +1737,6 @@ fn connect_v5_bytes(
         authentication_method: None,
         authentication_data: None,
     };
-    let login = Some(wire::Login {
-        username: format!("p&{dk}"),
-        password: PASSWORD.to_owned(),
-    });
     let will_props = will.map(|(_, _, delay)| wire::LastWillProperties {
         delay_interval: Some(delay),
         payload_format_indicator: None,
@@ -1737,20 +1746,14 @@ fn connect_v5_bytes(
         correlation_data: None,
         user_properties: Vec::new(),
     });
-    let will = will.map(|(t, m, _)| wire::LastWill {
-        topic: bytes::Bytes::copy_from_slice(t.as_bytes()),
-        message: bytes::Bytes::copy_from_slice(m.as_bytes()),
-        qos: wire::QoS::AtMostOnce,
-        retain: false,
-    });
-    let mut buf = BytesMut::new();
-    wire::v5::V5
-        .write(
-            wire::Packet::Connect(connect, Some(props), will, will_props, login),
-            &mut buf,
-        )
-        .expect("encode");
-    buf
+    encode_connect(
+        5,
+        connect,
+        Some(props),
+        will.map(|(t, m, _)| (t, m)),
+        will_props,
+        &format!("p&{dk}"),
+    )
 }
 
 /// Connects with [`connect_v5_bytes`]; returns the socket and the CONNACK's

@@ -656,8 +656,10 @@ async fn push_router(gw: &Shared, link_tx: &mut LinkTx, packets: &mut Vec<Packet
 struct End {
     /// For logs and the `device/disconnected` event.
     reason: String,
+    /// Whether the will is due (if the session was not taken over).
     will: bool,
-    /// Another connection took the session over (it goes on there).
+    /// Another connection took the session over (it goes on there, so no
+    /// will and no session end).
     taken_over: bool,
     /// The router already dropped the link.
     link_gone: bool,
@@ -704,7 +706,7 @@ impl End {
             } else {
                 format!("{}: {message}", reason.as_str())
             },
-            will: reason != DisconnectReason::SessionTakenOver,
+            will: true,
             taken_over: reason == DisconnectReason::SessionTakenOver,
             link_gone: false,
             notify: Some((reason, message)),

@@ -117,13 +117,7 @@ impl Shared {
             return;
         }
         if expires_in == Some(Duration::ZERO) {
-            let gw = self.clone();
-            let cid = client_id.clone();
-            match tokio::task::spawn_blocking(move || gw.discard_if_offline(&cid)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::warn!(%client_id, error = %e, "cannot discard session"),
-                Err(e) => tracing::warn!(%client_id, error = %e, "discard task failed"),
-            }
+            self.end_stored(client_id, None, true).await;
             return;
         }
         if will.is_none() && expires_in.is_none() {
@@ -183,33 +177,34 @@ impl Shared {
         }
     }
 
-    /// Ends lingering session `token` of `client_id`: `discard` its router
-    /// state, unless a new connection came first. BLOCKS on the router.
-    fn expire(&self, client_id: &str, token: u64, discard: bool) -> Result<(), GatewayError> {
-        let _guard = self.stripe(client_id).lock();
-        {
-            let mut lingering = self.lingering.lock();
-            match lingering.get(client_id) {
-                Some(l) if l.token == token => {
-                    lingering.remove(client_id);
-                }
-                _ => return Ok(()),
+    /// Ends the stored session of `client_id` whose connection is gone, on
+    /// the blocking pool: takes its lingering entry `token` (if given;
+    /// nothing happens if a new connection settled it first) and, if
+    /// `discard`, makes the router forget it unless the client id is online
+    /// again.
+    async fn end_stored(self: &Arc<Self>, client_id: String, token: Option<u64>, discard: bool) {
+        let gw = self.clone();
+        let cid = client_id.clone();
+        let ended = tokio::task::spawn_blocking(move || {
+            let _guard = gw.stripe(&cid).lock();
+            if let Some(token) = token {
+                let mut lingering = gw.lingering.lock();
+                match lingering.get(&cid) {
+                    Some(l) if l.token == token => lingering.remove(&cid),
+                    _ => return Ok(()),
+                };
             }
+            if discard && !gw.online.is_online(&cid) {
+                gw.discard_locked(&cid)?;
+            }
+            Ok::<_, GatewayError>(())
+        })
+        .await;
+        match ended {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(%client_id, error = %e, "cannot discard session"),
+            Err(e) => tracing::warn!(%client_id, error = %e, "session end task failed"),
         }
-        if discard && !self.online.is_online(client_id) {
-            self.discard_locked(client_id)?;
-        }
-        Ok(())
-    }
-
-    /// Discards the router's stored session of `client_id` unless the
-    /// client id is online again. BLOCKS on the router.
-    fn discard_if_offline(&self, client_id: &str) -> Result<(), GatewayError> {
-        let _guard = self.stripe(client_id).lock();
-        if self.online.is_online(client_id) {
-            return Ok(());
-        }
-        self.discard_locked(client_id)
     }
 
     /// Sessions whose connection ended and that wait for a delayed will or
@@ -241,24 +236,22 @@ async fn linger(
     mut fate: oneshot::Receiver<Fate>,
 ) {
     if let Some((will, at)) = will_at {
-        tokio::select! {
+        // None: the delay passed with the session still lingering.
+        let settled = tokio::select! {
             _ = tokio::time::sleep_until(at) => {
                 if gw.will_due(&client_id, token) {
-                    publish_will(&gw, will).await;
+                    None
                 } else {
-                    // Settled meanwhile.
-                    if let Ok(Fate::Ended) = fate.await {
-                        publish_will(&gw, will).await;
-                    }
-                    return;
+                    Some((&mut fate).await)
                 }
             }
-            f = &mut fate => {
-                if let Ok(Fate::Ended) = f {
-                    publish_will(&gw, will).await;
-                }
-                return;
-            }
+            f = &mut fate => Some(f),
+        };
+        if matches!(settled, None | Some(Ok(Fate::Ended))) {
+            publish_will(&gw, will).await;
+        }
+        if settled.is_some() {
+            return;
         }
     }
     let discard = match expire_at {
@@ -271,13 +264,7 @@ async fn linger(
         // Nothing left to wait for: the router keeps the session.
         None => false,
     };
-    let gw2 = gw.clone();
-    let cid = client_id.clone();
-    match tokio::task::spawn_blocking(move || gw2.expire(&cid, token, discard)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!(%client_id, error = %e, "cannot expire session"),
-        Err(e) => tracing::warn!(%client_id, error = %e, "expiry task failed"),
-    }
+    gw.end_stored(client_id, Some(token), discard).await;
 }
 
 /// Publishes a will through the gateway's own link (QoS 0 into the router;
