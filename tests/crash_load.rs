@@ -15,13 +15,10 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command as Process, Stdio};
 use std::time::{Duration, Instant};
 
-use activation_broker::clock::Clock;
-use activation_broker::credentials::device_credentials;
 use common::child::{broker_bin, open_offline, prepare_store, write_config, ChildBroker};
+use common::flood::{accepted, sim_bin, wait_first_ack, Flood, FloodSpec};
 use rand::Rng;
 
 const PK: &str = "crash";
@@ -34,90 +31,6 @@ fn env_u64(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-/// `activation-sim` beside the broker binary (same target directory), if built.
-fn sim_bin() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("ACTIVATION_SIM_BIN") {
-        return Some(PathBuf::from(p));
-    }
-    let dir = broker_bin().parent()?.to_owned();
-    let p = dir.join("activation-sim");
-    p.exists().then_some(p)
-}
-
-/// Complete lines of the accepted file (a line cut by the end of the
-/// writer is not an acknowledgement).
-fn accepted(path: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let complete = match text.rfind('\n') {
-        Some(i) => &text[..=i],
-        None => "",
-    };
-    complete.lines().map(str::to_owned).collect()
-}
-
-enum Flood {
-    Sim(Child),
-    InProcess(std::thread::JoinHandle<()>),
-}
-
-/// The fallback flood: devices `prefix{start..start+n}` connect (rumqttc
-/// v4, 64 at a time) and each CONNACK 0 is appended to `file`.
-fn in_process_flood(
-    addr: std::net::SocketAddr,
-    secret: String,
-    start: u64,
-    n: u64,
-    file: PathBuf,
-) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            use std::io::Write;
-            let log = std::sync::Arc::new(std::sync::Mutex::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&file)
-                    .expect("accepted file"),
-            ));
-            let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
-            let mut tasks = Vec::new();
-            for i in start..start + n {
-                let permit = sem.clone().acquire_owned().await.expect("sem");
-                let secret = secret.clone();
-                let log = log.clone();
-                tasks.push(tokio::spawn(async move {
-                    let _permit = permit;
-                    let dk = format!("c-{i}");
-                    let (u, p) = device_credentials(PK, &dk, &secret, Clock::system().now());
-                    let mut o = rumqttc::MqttOptions::new(
-                        format!("{PK}.{dk}"),
-                        addr.ip().to_string(),
-                        addr.port(),
-                    );
-                    o.set_credentials(u, p);
-                    let (_c, mut el) = rumqttc::AsyncClient::new(o, 4);
-                    if let Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a)))) =
-                        tokio::time::timeout(Duration::from_secs(5), el.poll()).await
-                    {
-                        if a.code == rumqttc::ConnectReturnCode::Success {
-                            let _ = log
-                                .lock()
-                                .map(|mut f| f.write_all(format!("{dk}\n").as_bytes()));
-                        }
-                    }
-                }));
-            }
-            for t in tasks {
-                let _ = t.await;
-            }
-        });
-    })
 }
 
 #[test]
@@ -152,57 +65,24 @@ fn crash_under_load_keeps_every_acknowledged_activation() {
         let start = next.saturating_sub(per_cycle / 2).max(1);
         next = start + per_cycle;
         let protocol = if cycle % 2 == 0 { "5" } else { "4" };
-        let mut flood = match &sim {
-            Some(sim) => Flood::Sim(
-                Process::new(sim)
-                    .args(["flood", "--host", "127.0.0.1", "--port"])
-                    .arg(broker.addr.port().to_string())
-                    .args([
-                        "--protocol",
-                        protocol,
-                        "--product-key",
-                        PK,
-                        "--product-secret",
-                    ])
-                    .arg(&secret)
-                    .args(["--prefix", "c-", "--start"])
-                    .arg(start.to_string())
-                    .arg("--devices")
-                    .arg(per_cycle.to_string())
-                    .arg("--rate")
-                    .arg(rate.to_string())
-                    .args([
-                        "--concurrency",
-                        "200",
-                        "--hold",
-                        "0",
-                        "--timeout",
-                        "5",
-                        "--quiet",
-                    ])
-                    .arg("--accepted-file")
-                    .arg(&file)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .expect("spawn activation-sim"),
-            ),
-            None => Flood::InProcess(in_process_flood(
-                broker.addr,
-                secret.clone(),
+        let flood = Flood::start(
+            &FloodSpec {
+                addr: broker.addr,
+                pk: PK,
+                secret: &secret,
+                prefix: "c-",
                 start,
-                per_cycle,
-                file.clone(),
-            )),
-        };
+                devices: per_cycle,
+                rate,
+                protocol,
+                accepted_file: &file,
+            },
+            sim.as_deref(),
+        );
         // Wait (bounded) for the first acknowledgement, then kill at a
         // random moment of the flood.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while accepted(&file).is_empty() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
-        }
         assert!(
-            !accepted(&file).is_empty(),
+            wait_first_ack(&file),
             "cycle {cycle}: no device was admitted\n{}",
             broker.log_tail()
         );
@@ -210,21 +90,7 @@ fn crash_under_load_keeps_every_acknowledged_activation() {
         std::thread::sleep(Duration::from_millis(delay));
         kill_ms.push(delay);
         broker.kill9();
-        // The flood ends on its own once the broker is gone.
-        match &mut flood {
-            Flood::Sim(child) => {
-                let deadline = Instant::now() + Duration::from_secs(30);
-                while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                let _ = child.kill();
-                let _ = child.wait();
-            }
-            Flood::InProcess(_) => {}
-        }
-        if let Flood::InProcess(h) = flood {
-            let _ = h.join();
-        }
+        flood.finish();
         let this_cycle = accepted(&file);
         acked.extend(this_cycle.iter().cloned());
         // Offline: invariants, and every acknowledged device holds its code.

@@ -75,4 +75,6 @@ impl TestLedger {
 }
 pub mod broker;
 pub mod child;
+pub mod flood;
+pub mod lazyfs;
 pub mod wire;
