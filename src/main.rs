@@ -105,6 +105,9 @@ fn exit_code(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
+/// Exit status after the ledger's store failed (see `Ledger::failed`).
+const STORE_FAILED: u8 = 3;
+
 async fn serve(
     config: Option<PathBuf>,
     data: Option<PathBuf>,
@@ -127,7 +130,15 @@ async fn serve(
     if demo {
         print_demo(&broker).await?;
     }
-    tokio::signal::ctrl_c().await?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        e = broker.ledger.failed() => {
+            // Fail-stop: a restart by the supervisor reads what the disk holds.
+            tracing::error!(error = %e, "the ledger's store failed; exiting");
+            broker.shutdown();
+            return Ok(ExitCode::from(STORE_FAILED));
+        }
+    }
     tracing::info!("shutting down");
     broker.shutdown();
     broker.ledger.flush()?;

@@ -42,7 +42,8 @@ impl Broker {
     /// creates `admin` and prints `admin password: …` once on stdout.
     pub async fn start(config: Config, clock: Clock) -> anyhow::Result<Broker> {
         let data_dir = config.data_dir.clone();
-        std::fs::create_dir_all(&data_dir)
+        // 0700: the ledger and accounts.toml hold secrets.
+        crate::ledger::create_private_dir(&data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
         let configured = config.accounts.clone();
         let accounts =

@@ -199,7 +199,8 @@ fn power_loss_keeps_every_acknowledged_activation() {
         broker.stop(Duration::from_secs(30));
         let after = check_store(&data, &acked, &what);
         assert_eq!(
-            after, consumed,
+            after,
+            consumed,
             "{what}: reconnecting {} acknowledged devices consumed codes",
             sample.len()
         );

@@ -10,6 +10,7 @@
 //! the write lock until its batch is flushed, so queries never see
 //! non-durable data either.
 
+mod durable;
 mod fast;
 mod model;
 mod query;
@@ -34,6 +35,8 @@ pub use query::{
 
 use crate::clock::{Clock, Millis};
 use crate::events::EventBus;
+use durable::StoreFiles;
+pub use durable::{create_private_dir, SyncFault, DIR_MODE, FILE_MODE};
 use fast::FastView;
 use state::State;
 use writer::{Request, WriterHandle};
@@ -48,6 +51,9 @@ pub struct LedgerOptions {
     pub pool_low_threshold: u64,
     /// Pending requests the writer queue holds before callers wait.
     pub queue_depth: usize,
+    /// Fault injection: while this switch is on, making a batch durable
+    /// fails as a failing disk would (tests, drills). `None` in service.
+    pub sync_fault: Option<SyncFault>,
 }
 
 impl Default for LedgerOptions {
@@ -56,6 +62,7 @@ impl Default for LedgerOptions {
             max_batch: 4096,
             pool_low_threshold: 10,
             queue_depth: 65_536,
+            sync_fault: None,
         }
     }
 }
@@ -261,32 +268,49 @@ struct Inner {
     clock: Clock,
     events: EventBus,
     db: sled::Db,
+    files: Arc<StoreFiles>,
+    failure: tokio::sync::watch::Receiver<Option<LedgerError>>,
 }
 
 impl Ledger {
-    /// Opens (or creates) the ledger stored in directory `path`.
+    /// Opens (or creates) the ledger stored in directory `path`, which is
+    /// made readable by its owner only. A directory holding files that
+    /// cannot be read as a store is an error naming the path, never a new,
+    /// empty store. Once open, the store's files and directory entries are
+    /// durable.
     pub fn open(
         path: &Path,
         options: LedgerOptions,
         clock: Clock,
         events: EventBus,
     ) -> Result<Ledger, LedgerError> {
+        durable::check_existing(path)?;
+        create_private_dir(path)
+            .map_err(|e| LedgerError::Unavailable(format!("creating {}: {e}", path.display())))?;
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(256 * 1024 * 1024)
             .mode(sled::Mode::HighThroughput)
             // The writer flushes after every batch; no background flusher.
             .flush_every_ms(None)
-            .open()?;
+            .open()
+            .map_err(|e| {
+                LedgerError::Unavailable(format!("opening the store in {}: {e}", path.display()))
+            })?;
         let tree = db.open_tree(store::TREE)?;
+        db.flush()?;
+        let files = Arc::new(StoreFiles::open(path, options.sync_fault.clone())?);
         let state = State::load(&tree)?;
         let fast = Arc::new(FastView::build(&state));
         let state = Arc::new(RwLock::new(state));
         let read_only = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (failed, failure) = tokio::sync::watch::channel(None);
         let writer = writer::spawn(writer::WriterContext {
             read_only: read_only.clone(),
             db: db.clone(),
             tree,
+            files: files.clone(),
+            failed,
             state: state.clone(),
             fast: fast.clone(),
             clock: clock.clone(),
@@ -302,8 +326,31 @@ impl Ledger {
                 clock,
                 events,
                 db,
+                files,
+                failure,
             }),
         })
+    }
+
+    /// The store failure that stopped every write, if one happened. After
+    /// a failed flush nothing the disk holds is known any more: the writer
+    /// refuses every write from then on (fail-stop) and the process should
+    /// exit, so that a restart reads what the disk really holds.
+    pub fn failure(&self) -> Option<LedgerError> {
+        self.inner.failure.borrow().clone()
+    }
+
+    /// Waits until the store fails (see [`Ledger::failure`]).
+    pub async fn failed(&self) -> LedgerError {
+        let mut rx = self.inner.failure.clone();
+        loop {
+            if let Some(e) = rx.borrow_and_update().clone() {
+                return e;
+            }
+            if rx.changed().await.is_err() {
+                return LedgerError::Unavailable("ledger writer stopped".into());
+            }
+        }
     }
 
     pub fn clock(&self) -> &Clock {
@@ -471,10 +518,10 @@ impl Ledger {
             .store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
-    /// Flushes the store to disk.
+    /// Flushes the store to disk, durably.
     pub fn flush(&self) -> Result<(), LedgerError> {
         self.inner.db.flush()?;
-        Ok(())
+        self.inner.files.sync()
     }
 
     pub(crate) fn read(&self) -> parking_lot::RwLockReadGuard<'_, State> {

@@ -1,9 +1,13 @@
 //! The single writer: group commit. It drains every pending request, applies
 //! them in order to the in-memory state, puts every touched record into one
 //! atomic sled `Batch`, flushes once, and only then updates the fast view,
-//! answers every waiter and publishes the events. If the store fails, the
-//! state is reloaded from what sled holds and every waiter of the batch gets
-//! a typed error.
+//! answers every waiter and publishes the events. "Flushes" is sled's flush
+//! followed by fdatasync of the files it wrote (`durable.rs`). If the store
+//! fails, every waiter of the batch gets a typed error and the writer stops
+//! taking writes for good (fail-stop): the in-memory state and sled's tree
+//! hold a batch the disk may not, and after a failed fsync nothing says
+//! what the disk holds; only a restart that reads it can know. The failure
+//! is published for the process to exit on ([`super::Ledger::failed`]).
 
 use std::sync::Arc;
 use std::thread;
@@ -11,6 +15,7 @@ use std::thread;
 use parking_lot::RwLock;
 use tokio::sync::{mpsc, oneshot};
 
+use super::durable::StoreFiles;
 use super::fast::FastView;
 use super::model::{CodeRecord, TokenRecord};
 use super::state::State;
@@ -42,6 +47,10 @@ pub struct WriterContext {
     pub read_only: Arc<std::sync::atomic::AtomicBool>,
     pub db: sled::Db,
     pub tree: sled::Tree,
+    /// Made durable after every flush.
+    pub files: Arc<StoreFiles>,
+    /// Where the failure that stopped the writer is published.
+    pub failed: tokio::sync::watch::Sender<Option<LedgerError>>,
     pub state: Arc<RwLock<State>>,
     pub fast: Arc<FastView>,
     pub clock: Clock,
@@ -177,19 +186,15 @@ fn run(ctx: WriterContext, mut rx: mpsc::Receiver<Request>) {
             continue;
         }
         if let Err(e) = commit_batch(&ctx, &mut pending) {
-            tracing::error!(error = %e, "ledger store failed; reloading state from disk");
-            let reloaded = State::load(&ctx.tree);
-            let mut st = ctx.state.write();
-            match reloaded {
-                Ok(fresh) => {
-                    *st = fresh;
-                    ctx.fast.refresh_all(&st);
-                }
-                Err(e2) => {
-                    tracing::error!(error = %e2, "ledger cannot reload; refusing all writes");
-                    poisoned = Some(e2);
-                }
-            }
+            tracing::error!(
+                error = %e,
+                "ledger store failed; refusing every write from now on (fail-stop)"
+            );
+            let e = LedgerError::Unavailable(format!(
+                "the store failed and takes no more writes until a restart: {e}"
+            ));
+            ctx.failed.send_replace(Some(e.clone()));
+            poisoned = Some(e);
         }
     }
 }
@@ -209,7 +214,8 @@ fn answer_unavailable(r: Request, e: &LedgerError) {
 }
 
 /// Applies, commits and answers one batch. Waiters are answered in every
-/// case; an `Err` means the in-memory state must be reloaded.
+/// case; an `Err` means the store failed and the in-memory state holds
+/// what may not be on disk.
 fn commit_batch(ctx: &WriterContext, pending: &mut Vec<Request>) -> Result<(), LedgerError> {
     let now = ctx.clock.now();
     let mut replies = Vec::with_capacity(pending.len());
@@ -263,6 +269,7 @@ fn commit_batch(ctx: &WriterContext, pending: &mut Vec<Request>) -> Result<(), L
     let written = st.drain_dirty(&mut batch).and_then(|dirty| {
         ctx.tree.apply_batch(batch)?;
         ctx.db.flush()?;
+        ctx.files.sync()?;
         Ok(dirty)
     });
     match written {

@@ -23,11 +23,7 @@ pub fn locate() -> Result<PathBuf, String> {
     }
     if let Some(bin) = std::env::var_os("LAZYFS_BIN") {
         let bin = PathBuf::from(bin);
-        assert!(
-            bin.is_file(),
-            "LAZYFS_BIN={} does not exist",
-            bin.display()
-        );
+        assert!(bin.is_file(), "LAZYFS_BIN={} does not exist", bin.display());
         return Ok(bin);
     }
     let default = PathBuf::from(DEFAULT_BIN);
@@ -104,8 +100,14 @@ impl LazyFs {
             .spawn()
             .expect("spawn LazyFS");
         for out in [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
         ]
         .into_iter()
         .flatten()
@@ -168,7 +170,8 @@ impl LazyFs {
             .write(true)
             .open(&self.fifo)
             .expect("LazyFS fifo");
-        f.write_all(b"lazyfs::clear-cache\n").expect("write to the fifo");
+        f.write_all(b"lazyfs::clear-cache\n")
+            .expect("write to the fifo");
         drop(f);
         let deadline = Instant::now() + Duration::from_secs(60);
         while self.count("cache is cleared") == before {
