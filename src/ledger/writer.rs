@@ -185,18 +185,25 @@ fn run(ctx: WriterContext, mut rx: mpsc::Receiver<Request>) {
             }
             continue;
         }
-        if let Err(e) = commit_batch(&ctx, &mut pending) {
-            tracing::error!(
-                error = %e,
-                "ledger store failed; refusing every write from now on (fail-stop)"
-            );
-            let e = LedgerError::Unavailable(format!(
-                "the store failed and takes no more writes until a restart: {e}"
-            ));
-            ctx.failed.send_replace(Some(e.clone()));
-            poisoned = Some(e);
+        if let Err(stopped) = commit_batch(&ctx, &mut pending) {
+            poisoned = Some(stopped);
         }
     }
+}
+
+/// Stops the writer for good after the store failed with `e`: logs it and
+/// publishes it (before any waiter of the failed batch hears of it), and
+/// returns the error every later write gets.
+fn fail_stop(ctx: &WriterContext, e: &LedgerError) -> LedgerError {
+    tracing::error!(
+        error = %e,
+        "ledger store failed; refusing every write from now on (fail-stop)"
+    );
+    let stopped = LedgerError::Unavailable(format!(
+        "the store failed and takes no more writes until a restart: {e}"
+    ));
+    ctx.failed.send_replace(Some(stopped.clone()));
+    stopped
 }
 
 fn answer_unavailable(r: Request, e: &LedgerError) {
@@ -214,8 +221,8 @@ fn answer_unavailable(r: Request, e: &LedgerError) {
 }
 
 /// Applies, commits and answers one batch. Waiters are answered in every
-/// case; an `Err` means the store failed and the in-memory state holds
-/// what may not be on disk.
+/// case; an `Err` means the store failed (the in-memory state holds what
+/// may not be on disk) and carries the error for every later write.
 fn commit_batch(ctx: &WriterContext, pending: &mut Vec<Request>) -> Result<(), LedgerError> {
     let now = ctx.clock.now();
     let mut replies = Vec::with_capacity(pending.len());
@@ -292,10 +299,11 @@ fn commit_batch(ctx: &WriterContext, pending: &mut Vec<Request>) -> Result<(), L
             Ok(())
         }
         Err(e) => {
+            let stopped = fail_stop(ctx, &e);
             for r in replies {
                 r.fail(&e);
             }
-            Err(e)
+            Err(stopped)
         }
     }
 }
