@@ -107,6 +107,8 @@ fn exit_code(code: i32) -> ExitCode {
 
 /// Exit status after the ledger's store failed (see `Ledger::failed`).
 const STORE_FAILED: u8 = 3;
+/// Time for in-flight answers to go out before that exit.
+const STORE_FAILED_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
 async fn serve(
     config: Option<PathBuf>,
@@ -136,6 +138,8 @@ async fn serve(
             // Fail-stop: a restart by the supervisor reads what the disk holds.
             tracing::error!(error = %e, "the ledger's store failed; exiting");
             broker.shutdown();
+            // The refusals already decided (0x88) reach their clients.
+            tokio::time::sleep(STORE_FAILED_GRACE).await;
             return Ok(ExitCode::from(STORE_FAILED));
         }
     }

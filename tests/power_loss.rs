@@ -9,6 +9,10 @@
 //! CONNACK 0 holds its one code. The broker is restarted and those devices
 //! reconnect: CONNACK 0 for each, and no code is consumed by it.
 //!
+//! A second test kills LazyFS under a running broker (every file operation
+//! then fails): the next activation is refused and the broker exits with
+//! status 3 for its supervisor.
+//!
 //! `POWER_LOSS_CYCLES` (default 3: the CI variant; scripts/reliability.sh
 //! runs 20), `POWER_LOSS_DEVICES` per cycle, `POWER_LOSS_RATE` connects/s.
 //! Without /dev/fuse, fusermount3 or a LazyFS build the test says why it
@@ -243,4 +247,48 @@ fn power_loss_keeps_every_acknowledged_activation() {
         let _ = std::fs::write(out, report.to_string());
     }
     assert!(!acked.is_empty());
+}
+
+#[test]
+fn a_failing_disk_refuses_the_activation_and_stops_the_broker() {
+    let lazyfs_bin = match lazyfs::locate() {
+        Ok(b) => b,
+        Err(why) => {
+            eprintln!("SKIPPED: the failing-disk test cannot run here: {why}");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut fs = LazyFs::mount(&lazyfs_bin, dir.path());
+    let data = fs.mnt.join("data");
+    let secret = prepare_store(&data, PK, 100, VALIDITY);
+    let config = write_config(dir.path(), 10);
+    let mut broker = ChildBroker::start(&broker_bin(), &config, &data, None);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let connect = |dk: &str| rt.block_on(connack_code(broker.addr, PK, dk, &secret));
+    assert_eq!(connect("before"), Some(0));
+    fs.kill();
+    // MQTT 3.1.1 "server unavailable" (MQTT 5 would say 0x88).
+    assert_eq!(connect("after"), Some(3), "{}", broker.log_tail());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Ok(Some(status)) = broker.child.try_wait() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the broker kept running on a failed store:\n{}",
+            broker.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(3), "{}", broker.log_tail());
+    assert!(
+        broker.log_tail().contains("store failed"),
+        "{}",
+        broker.log_tail()
+    );
 }

@@ -192,8 +192,9 @@ fn run(ctx: WriterContext, mut rx: mpsc::Receiver<Request>) {
 }
 
 /// Stops the writer for good after the store failed with `e`: logs it and
-/// publishes it (before any waiter of the failed batch hears of it), and
-/// returns the error every later write gets.
+/// publishes it (after the failed batch's waiters have their answers, so
+/// that a process exiting on it lets those answers out first), and returns
+/// the error every later write gets.
 fn fail_stop(ctx: &WriterContext, e: &LedgerError) -> LedgerError {
     tracing::error!(
         error = %e,
@@ -299,11 +300,10 @@ fn commit_batch(ctx: &WriterContext, pending: &mut Vec<Request>) -> Result<(), L
             Ok(())
         }
         Err(e) => {
-            let stopped = fail_stop(ctx, &e);
             for r in replies {
                 r.fail(&e);
             }
-            Err(stopped)
+            Err(fail_stop(ctx, &e))
         }
     }
 }

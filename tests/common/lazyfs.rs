@@ -184,6 +184,15 @@ impl LazyFs {
         }
     }
 
+    /// The file system fails: LazyFS dies, and every operation on the mount
+    /// fails ("transport endpoint is not connected") until it is unmounted.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Unmounts (LazyFS exits; its cache is gone), then mounts again: the
     /// next reader sees only what reached `root`.
     pub fn remount(&mut self) {
