@@ -94,7 +94,15 @@ async fn a_silent_socket_is_closed_by_the_connect_timeout() {
         start.elapsed() >= Duration::from_millis(900),
         "closed too early"
     );
+    eprintln!(
+        "RELIABILITY: silent socket closed by the broker {} ms after it opened, nothing sent to it (connect timeout 1 s)",
+        start.elapsed().as_millis()
+    );
     f.unchanged().await;
+    eprintln!(
+        "RELIABILITY: good device admitted after; ledger counters (total, consumed, available, unassigned, forfeited) {:?} before and after",
+        f.before.counters
+    );
 }
 
 #[tokio::test]
@@ -139,6 +147,15 @@ async fn a_connect_trickled_one_byte_per_second_is_closed_by_the_connect_timeout
     );
     f.absent("trickle");
     f.unchanged().await;
+    eprintln!(
+        "RELIABILITY: valid CONNECT trickled 1 byte/s: closed after {} ms, {sent} of {} bytes sent, no CONNACK, no device created (connect timeout 2 s)",
+        elapsed.as_millis(),
+        bytes.len()
+    );
+    eprintln!(
+        "RELIABILITY: good device admitted after; ledger counters (total, consumed, available, unassigned, forfeited) {:?} before and after",
+        f.before.counters
+    );
 }
 
 #[tokio::test]
@@ -185,6 +202,15 @@ async fn oversized_and_malformed_remaining_lengths_are_closed() {
     assert_eq!(reply.first(), Some(&0xE0), "DISCONNECT: {reply:?}");
     assert_eq!(reply.get(2), Some(&0x95), "Packet too large: {reply:?}");
     f.unchanged().await;
+    eprintln!(
+        "RELIABILITY: 3 CONNECTs with a 1 MiB or malformed remaining length closed with no reply; a {}-byte signed CONNECT over the 1024-byte limit refused or closed, no device created; a 2048-byte PUBLISH after CONNACK got DISCONNECT 0x{:02X}",
+        bytes.len(),
+        reply[2]
+    );
+    eprintln!(
+        "RELIABILITY: good device admitted after; ledger counters (total, consumed, available, unassigned, forfeited) {:?} before and after",
+        f.before.counters
+    );
 }
 
 #[tokio::test]
@@ -226,6 +252,15 @@ async fn invalid_utf8_in_client_id_or_user_name_is_refused_or_closed() {
         f.absent(dk);
     }
     f.unchanged().await;
+    eprintln!(
+        "RELIABILITY: {} CONNECTs (v4, v5) with {} invalid UTF-8 sequences in the client id or the user name, or a NUL in the client id: all refused or closed, no device created",
+        2 * bad.len() * 3,
+        bad.len()
+    );
+    eprintln!(
+        "RELIABILITY: good device admitted after; ledger counters (total, consumed, available, unassigned, forfeited) {:?} before and after",
+        f.before.counters
+    );
 }
 
 #[tokio::test]
@@ -250,6 +285,13 @@ async fn protocol_levels_other_than_4_and_5_get_connack_0x01() {
     }
     f.absent("levels");
     f.unchanged().await;
+    eprintln!(
+        "RELIABILITY: 5 CONNECTs (MQIsdp level 3; MQTT levels 3, 6, 0, 255): each answered CONNACK 0x01 and closed, no device created"
+    );
+    eprintln!(
+        "RELIABILITY: good device admitted after; ledger counters (total, consumed, available, unassigned, forfeited) {:?} before and after",
+        f.before.counters
+    );
 }
 
 #[tokio::test]
@@ -276,6 +318,13 @@ async fn a_second_connect_is_a_protocol_error_and_consumes_nothing() {
         f.absent(&format!("second{level}"));
     }
     f.unchanged().await;
+    eprintln!(
+        "RELIABILITY: a second CONNECT carrying a fresh device's valid credentials: v5 DISCONNECT 0x82, v4 closed without reply; neither fresh device created"
+    );
+    eprintln!(
+        "RELIABILITY: good device admitted after; ledger counters (total, consumed, available, unassigned, forfeited) {:?} before and after",
+        f.before.counters
+    );
 }
 
 #[tokio::test]
@@ -297,6 +346,13 @@ async fn packets_before_connect_are_closed() {
         assert!(closed && reply.is_empty(), "{bytes:?} → {reply:?}");
     }
     f.unchanged().await;
+    eprintln!(
+        "RELIABILITY: 6 connections opening with PUBLISH, SUBSCRIBE, PINGREQ, DISCONNECT, CONNACK or an HTTP GET: each closed with no reply"
+    );
+    eprintln!(
+        "RELIABILITY: good device admitted after; ledger counters (total, consumed, available, unassigned, forfeited) {:?} before and after",
+        f.before.counters
+    );
 }
 
 /// How many idle sockets: 15,000 where the hard open-file limit allows

@@ -226,6 +226,7 @@ fn power_loss_keeps_every_acknowledged_activation() {
         "acknowledged": acked.len(),
         "consumed": last_consumed,
         "reconnected": reconnected,
+        "older_sample": OLDER_SAMPLE,
         "freeze_ms_min": freeze_ms.iter().min(),
         "freeze_ms_max": freeze_ms.iter().max(),
         "seconds": (secs * 10.0).round() / 10.0,
@@ -271,6 +272,7 @@ fn a_failing_disk_refuses_the_activation_and_stops_the_broker() {
     let connect = |dk: &str| rt.block_on(connack_code(broker.addr, PK, dk, &secret));
     assert_eq!(connect("before"), Some(0));
     fs.kill();
+    let failed_at = Instant::now();
     // MQTT 3.1.1 "server unavailable" (MQTT 5 would say 0x88).
     assert_eq!(connect("after"), Some(3), "{}", broker.log_tail());
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -290,5 +292,9 @@ fn a_failing_disk_refuses_the_activation_and_stops_the_broker() {
         broker.log_tail().contains("store failed"),
         "{}",
         broker.log_tail()
+    );    eprintln!(
+        "RELIABILITY: after LazyFS died, the next first activation got CONNACK 3 (server unavailable) and the broker exited with status {} within {} ms, logging the store failure",
+        status.code().unwrap_or(-1),
+        failed_at.elapsed().as_millis()
     );
 }

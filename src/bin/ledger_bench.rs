@@ -1,6 +1,9 @@
 //! Ledger benchmark: durable activations/s with flush-per-activation (the
 //! baseline) and with group commit at 1, 64 and 512 concurrent requesters,
-//! plus fast-path reconnect checks/s. Prints one table from one run.
+//! plus fast-path reconnect checks/s. Prints one table from one run, with
+//! its settings. "Durable" is what the ledger does before any answer:
+//! sled's flush, then fdatasync of the store's files (and fsync of the
+//! directory when sled created a file), once per batch.
 //!
 //! `cargo run --release --bin ledger-bench -- [--seconds 3] [--dir DIR]`
 
@@ -136,6 +139,26 @@ fn reconnects(ledger: &Ledger, keys: Vec<String>, seconds: f64) -> (u64, f64) {
     (total, start.elapsed().as_secs_f64())
 }
 
+/// The file system holding `dir` (type and source, from the longest mount
+/// point of /proc/self/mountinfo that contains it).
+fn file_system(dir: &std::path::Path) -> String {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return "file system unknown".into();
+    };
+    info.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let dash = f.iter().position(|w| *w == "-")?;
+            let (point, kind, source) = (f.get(4)?, f.get(dash + 1)?, f.get(dash + 2)?);
+            dir.starts_with(point)
+                .then(|| (point.len(), format!("{kind} {source}")))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, fs)| fs)
+        .unwrap_or_else(|| "file system unknown".into())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let base = match &args.dir {
@@ -144,9 +167,12 @@ fn main() -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&base)?;
     println!(
-        "ledger-bench: {} s per measurement, store under {}",
+        "ledger-bench: {} s per measurement, store under {} ({}), {} cores; \
+         durable = sled flush + fdatasync of the store's files per batch",
         args.seconds,
-        base.display()
+        base.display(),
+        file_system(&base),
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
     );
     println!();
     println!("| mode | requesters | activations | seconds | activations/s | vs baseline |");
