@@ -78,6 +78,7 @@ impl Authenticator for AccountAuthenticator {
                 acl: Acl {
                     publish: rules.publish,
                     subscribe: rules.subscribe,
+                    deny: Vec::new(),
                 },
             })
         })

@@ -212,6 +212,21 @@ impl Config {
         self.device_namespace()
             .validate(&["ProductKey", "DeviceKey"])
             .map_err(|e| format!("namespace: {e}"))?;
+        for (key, list) in [
+            ("namespace.publish", &self.namespace.publish),
+            ("namespace.subscribe", &self.namespace.subscribe),
+        ] {
+            for t in list {
+                let pattern = crate::gateway::acl::template_pattern(t);
+                if crate::admin::accounts::reaches_admin_topics(&pattern) {
+                    return Err(format!(
+                        "{key}: {t:?} could reach the admin topics (admin/#) or $-topics; \
+                         start each template with a literal level other than \"admin\", \
+                         e.g. \"devices/{{ProductKey}}/{{DeviceKey}}/#\""
+                    ));
+                }
+            }
+        }
         if self.namespace.publish.is_empty() && self.namespace.subscribe.is_empty() {
             return Err("namespace: at least one publish or subscribe template is needed".into());
         }
@@ -301,6 +316,18 @@ mod tests {
         assert!(e.to_string().contains("ledger.max_batch"), "{e}");
         let e = Config::parse("[namespace]\npublish = [\"devices/{Nope}/#\"]\n", "t").unwrap_err();
         assert!(e.to_string().contains("Nope"), "{e}");
+        for (key, t) in [
+            ("namespace.publish", "#"),
+            ("namespace.publish", "{ProductKey}/{DeviceKey}/#"),
+            ("namespace.subscribe", "+/v1/#"),
+            ("namespace.subscribe", "admin/v1/{DeviceKey}/request"),
+            ("namespace.publish", "$SYS/{DeviceKey}"),
+        ] {
+            let e = Config::parse(&format!("[namespace]\n{}= [{t:?}]\n", &key[10..]), "t")
+                .unwrap_err();
+            assert!(e.to_string().contains(key), "{e}");
+            assert!(e.to_string().contains("admin topics"), "{e}");
+        }
         let e = Config::parse("[gate]\nsource_rate = -1.0\n", "t").unwrap_err();
         assert!(e.to_string().contains("gate.source_rate"), "{e}");
     }

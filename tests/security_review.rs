@@ -7,8 +7,14 @@ mod common;
 
 use std::net::SocketAddr;
 
+use activation_broker::admin::accounts::{hash_password, AccountConfig, RoleConfig};
+use activation_broker::config::Config;
 use activation_broker::credentials::sign;
 use common::broker::{start_broker, v4, v5, WAIT};
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use serde_json::json;
 use common::wire::{read_packet, RawConnect};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -57,4 +63,113 @@ async fn wrong_passwords_naming_a_device_do_not_lock_it_out() {
     }
     assert!(codes.contains(&Some(0x9F)), "{codes:?}");
     let _ = v4::code;
+}
+
+/// The next packet the broker sends this MQTT 5 client.
+async fn incoming(el: &mut EventLoop) -> Packet {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(p)) => return p,
+                Ok(Event::Outgoing(_)) => {}
+                Err(e) => panic!("connection failed: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("packet in time")
+}
+
+async fn puback(el: &mut EventLoop) -> PubAckReason {
+    loop {
+        if let Packet::PubAck(a) = incoming(el).await {
+            return a.reason;
+        }
+    }
+}
+
+async fn suback(el: &mut EventLoop) -> SubscribeReasonCode {
+    loop {
+        if let Packet::SubAck(a) = incoming(el).await {
+            return a.return_codes[0];
+        }
+    }
+}
+
+/// Finding 2: a namespace template that could reach the admin topics is a
+/// configuration error naming the key; and even a broker built around such
+/// templates (bypassing the config file) keeps devices out of `admin/#`.
+#[tokio::test]
+async fn devices_cannot_drive_the_admin_plane_whatever_the_templates_say() {
+    for key in ["publish", "subscribe"] {
+        let e = Config::parse(&format!("[namespace]\n{key} = [\"#\"]\n"), "t.toml")
+            .expect_err("a template reaching admin/# is refused");
+        assert!(
+            e.to_string().contains(&format!("namespace.{key}")),
+            "{e}"
+        );
+    }
+    let t = start_broker(|c| {
+        c.namespace.publish = vec!["#".into()];
+        c.namespace.subscribe = vec!["#".into()];
+        c.accounts = vec![AccountConfig {
+            name: "admin".into(),
+            password_hash: hash_password("admin-pw"),
+            role: RoleConfig::Named("admin".into()),
+            publish: Vec::new(),
+            subscribe: Vec::new(),
+            events: false,
+        }];
+    })
+    .await;
+    let secret = t.product(PK, 10, 86_400).await;
+    let (u, p) = t.creds(PK, "d", &secret);
+    let (dev, mut del) = v5::connect(t.addr(), "rev.d", &u, &p)
+        .await
+        .unwrap_or_else(|c| panic!("CONNACK 0x{c:02X}"));
+    dev.publish(
+        "admin/v1/admin/request",
+        QoS::AtLeastOnce,
+        false,
+        json!({"Action": "CreateProduct", "ProductKey": "evil", "Name": "x"}).to_string(),
+    )
+    .await
+    .expect("queued");
+    assert_eq!(puback(&mut del).await, PubAckReason::NotAuthorized);
+    for f in ["admin/#", "#", "+/v1/+/response", "$share/g/admin/v1/#"] {
+        dev.subscribe(f, QoS::AtLeastOnce).await.expect("queued");
+        assert_eq!(suback(&mut del).await, SubscribeReasonCode::NotAuthorized, "{f}");
+    }
+    // The templates still rule the rest.
+    dev.publish("anything/else", QoS::AtLeastOnce, false, "x")
+        .await
+        .expect("queued");
+    assert_eq!(puback(&mut del).await, PubAckReason::Success);
+    // The operator's request on the same topic is served after the
+    // device's (one commit log); the device's had no effect.
+    let addr = t.broker.accounts_addr();
+    let mut o = MqttOptions::new("ops", addr.ip().to_string(), addr.port());
+    o.set_credentials("admin", "admin-pw");
+    let (op, mut oel) = AsyncClient::new(o, 16);
+    op.subscribe("admin/v1/admin/response", QoS::AtLeastOnce)
+        .await
+        .expect("queued");
+    assert!(matches!(suback(&mut oel).await, SubscribeReasonCode::Success(_)));
+    op.publish(
+        "admin/v1/admin/request",
+        QoS::AtLeastOnce,
+        false,
+        json!({"Action": "DescribeProducts", "RequestId": "r"}).to_string(),
+    )
+    .await
+    .expect("queued");
+    loop {
+        if let Packet::Publish(p) = incoming(&mut oel).await {
+            let v: serde_json::Value = serde_json::from_slice(&p.payload).expect("json");
+            if v["RequestId"] == json!("r") {
+                break;
+            }
+        }
+    }
+    assert!(t.broker.ledger.product("evil").is_err(), "device created a product");
 }

@@ -197,12 +197,7 @@ impl Account {
                 if let Err(why) = check_filter(f) {
                     bail!("accounts.{key} of account {}: {f:?} {why}", c.name);
                 }
-                if f.starts_with("admin/")
-                    || f.starts_with('$')
-                    || f == "#"
-                    || f == "+"
-                    || f.starts_with("+/")
-                {
+                if reaches_admin_topics(f) {
                     bail!(
                         "accounts.{key} of account {}: {f:?} reaches the admin topics; list data topics only",
                         c.name
@@ -279,6 +274,16 @@ impl Account {
 }
 
 pub const EVENTS_FILTER: &str = "admin/v1/events/#";
+
+/// Every admin topic (requests, responses, events).
+pub const ADMIN_FILTER: &str = "admin/#";
+
+/// Whether topic filter `f` (valid) could reach an admin topic or a
+/// `$`-topic: the data-topic lists of accounts and the device namespace
+/// templates (with placeholder levels as `+`) must not.
+pub fn reaches_admin_topics(f: &str) -> bool {
+    f.starts_with('$') || crate::gateway::acl::filters_overlap(f, ADMIN_FILTER)
+}
 
 pub fn request_topic(account: &str) -> String {
     format!("admin/v1/{account}/request")
