@@ -27,6 +27,7 @@ pub struct Config {
     pub gate: GateConfig,
     pub ledger: LedgerSection,
     pub router: RouterSection,
+    pub events: EventsSection,
     /// Operator and application accounts (`[[accounts]]`). None: the first
     /// start creates `admin` with a random password in `data_dir`.
     pub accounts: Vec<AccountConfig>,
@@ -84,6 +85,19 @@ pub struct RouterSection {
     pub max_connections: usize,
 }
 
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsSection {
+    /// Events buffered for each reader of the internal event stream.
+    pub capacity: usize,
+}
+
+impl Default for EventsSection {
+    fn default() -> Self {
+        EventsSection { capacity: 65_536 }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -97,6 +111,7 @@ impl Default for Config {
             gate: GateConfig::default(),
             ledger: LedgerSection::default(),
             router: RouterSection::default(),
+            events: EventsSection::default(),
             accounts: Vec::new(),
         }
     }
@@ -252,6 +267,9 @@ impl Config {
         }
         if self.ledger.expiring_scan_secs == 0 {
             return Err("ledger.expiring_scan_secs must be at least 1".into());
+        }
+        if !(16..=16_777_216).contains(&self.events.capacity) {
+            return Err("events.capacity must be between 16 and 16777216".into());
         }
         if self.router.max_connections == 0 {
             return Err("router.max_connections must be at least 1".into());

@@ -56,7 +56,7 @@ impl Broker {
         clock: Clock,
         accounts: Arc<Accounts>,
     ) -> anyhow::Result<Broker> {
-        let events = EventBus::default();
+        let events = EventBus::new(config.events.capacity);
         let options = LedgerOptions {
             max_batch: config.ledger.max_batch,
             pool_low_threshold: config.ledger.pool_low_threshold,

@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use activation_broker::admin::accounts::{hash_password, AccountConfig, RoleConfig};
 use activation_broker::config::Config;
 use activation_broker::credentials::sign;
+use activation_broker::events::{Event as BusEvent, EventKind};
+use activation_broker::ledger::Command;
 use common::broker::{start_broker, v4, v5, WAIT};
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
@@ -172,4 +174,60 @@ async fn devices_cannot_drive_the_admin_plane_whatever_the_templates_say() {
         }
     }
     assert!(t.broker.ledger.product("evil").is_err(), "device created a product");
+}
+
+/// Finding 3: the enforcer falls behind a tiny event stream (16 events)
+/// exactly while a device is deleted; it must resynchronise from the
+/// ledger and disconnect the deleted device anyway.
+#[tokio::test]
+async fn a_deletion_lost_to_a_lagging_event_stream_still_disconnects() {
+    let t = start_broker(|c| c.events.capacity = 16).await;
+    let secret = t.product(PK, 10, 86_400).await;
+    let (u, p) = t.creds(PK, "gone", &secret);
+    let (_c, mut el) = v4::connect(t.addr(), "rev.gone", &u, &p)
+        .await
+        .unwrap_or_else(|c| panic!("CONNACK {c}"));
+    let (u, p) = t.creds(PK, "stays", &secret);
+    let (_c2, mut el2) = v4::connect(t.addr(), "rev.stays", &u, &p)
+        .await
+        .unwrap_or_else(|c| panic!("CONNACK {c}"));
+    t.wait_online(PK, "gone", true).await;
+    t.wait_online(PK, "stays", true).await;
+    // This test runs on a single-threaded runtime, which also runs the
+    // enforcer: while this thread waits for the deletion (done on another
+    // thread) and then floods the stream, the enforcer cannot read, so the
+    // `device/deleted` event is overwritten before it sees it.
+    let ledger = t.broker.ledger.clone();
+    std::thread::spawn(move || {
+        ledger.execute_blocking(
+            Command::DeleteDevice {
+                product_key: PK.into(),
+                device_key: "gone".into(),
+            },
+            None,
+        )
+    })
+    .join()
+    .expect("thread")
+    .expect("deleted");
+    for _ in 0..64 {
+        t.broker
+            .events
+            .publish(BusEvent::new(EventKind::DeviceRejected, t.clock.now()));
+    }
+    // Keep both clients' event loops running while waiting.
+    let drive = async {
+        loop {
+            tokio::select! {
+                r = el.poll() => if r.is_err() { break },
+                r = el2.poll() => if r.is_err() { break },
+            }
+        }
+    };
+    tokio::select! {
+        _ = drive => {}
+        _ = t.wait_online(PK, "gone", false) => {}
+    }
+    t.wait_online(PK, "gone", false).await;
+    assert!(t.is_online(PK, "stays"), "a live device was disconnected");
 }
