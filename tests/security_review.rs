@@ -231,3 +231,37 @@ async fn a_deletion_lost_to_a_lagging_event_stream_still_disconnects() {
     t.wait_online(PK, "gone", false).await;
     assert!(t.is_online(PK, "stays"), "a live device was disconnected");
 }
+
+/// Finding 5: a login with an unknown account name goes through the same
+/// argon2 verification as one with a known name (against a dummy hash), so
+/// its timing tells nothing. Asserted structurally: each attempt is one
+/// verification, whatever the name.
+#[tokio::test]
+async fn unknown_account_names_cost_one_argon2_verification_like_known_ones() {
+    let t = start_broker(|c| {
+        c.accounts = vec![AccountConfig {
+            name: "ops".into(),
+            password_hash: hash_password("ops-pw"),
+            role: RoleConfig::Named("viewer".into()),
+            publish: Vec::new(),
+            subscribe: Vec::new(),
+            events: false,
+        }];
+    })
+    .await;
+    let addr = t.broker.accounts_addr();
+    let accounts = t.broker.accounts.clone();
+    let mut seen = accounts.verifications();
+    for (level, name, pass, code) in [
+        (4u8, "nobody", "x", Some(0x04)),
+        (5, "nobody", "ops-pw", Some(0x86)),
+        (4, "ops", "wrong", Some(0x04)),
+        (5, "ops", "wrong", Some(0x86)),
+        (5, "ops", "ops-pw", Some(0x00)),
+    ] {
+        assert_eq!(connack(addr, level, "c", name, pass).await, code, "{name}");
+        let now = accounts.verifications();
+        assert_eq!(now, seen + 1, "{name}/{pass}: one argon2 verification");
+        seen = now;
+    }
+}
