@@ -28,6 +28,7 @@ pub struct Config {
     pub ledger: LedgerSection,
     pub router: RouterSection,
     pub events: EventsSection,
+    pub account_limits: AccountLimits,
     /// Operator and application accounts (`[[accounts]]`). None: the first
     /// start creates `admin` with a random password in `data_dir`.
     pub accounts: Vec<AccountConfig>,
@@ -47,6 +48,12 @@ pub struct ListenerSection {
     pub max_concurrent_links: usize,
     /// Threads serving the listener (0: one per CPU).
     pub io_threads: usize,
+    /// Seconds the authentication of a CONNECT may take (then 0x89 / 0x03).
+    pub auth_timeout_secs: u64,
+    /// Connections from one source address without CONNECT (0 = unlimited).
+    pub max_pending_per_source: usize,
+    /// Connections start with a PROXY protocol v2 header (load balancer).
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -83,6 +90,26 @@ pub struct LedgerSection {
 pub struct RouterSection {
     /// Most sessions (devices and accounts) the router holds.
     pub max_connections: usize,
+    /// Of those, how many only accounts may use (devices get the rest).
+    pub reserved_for_accounts: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountLimits {
+    /// Sessions one account may hold, live or stored (0 = unlimited).
+    pub max_sessions_per_account: usize,
+    /// Logins being verified (argon2) or waiting for it, all accounts together.
+    pub max_pending_logins: usize,
+}
+
+impl Default for AccountLimits {
+    fn default() -> Self {
+        AccountLimits {
+            max_sessions_per_account: 64,
+            max_pending_logins: 64,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -112,6 +139,7 @@ impl Default for Config {
             ledger: LedgerSection::default(),
             router: RouterSection::default(),
             events: EventsSection::default(),
+            account_limits: AccountLimits::default(),
             accounts: Vec::new(),
         }
     }
@@ -129,6 +157,9 @@ impl Default for ListenerSection {
             topic_alias_max: 32,
             max_concurrent_links: 64,
             io_threads: 0,
+            auth_timeout_secs: 10,
+            max_pending_per_source: 1024,
+            proxy_protocol: false,
         }
     }
 }
@@ -158,6 +189,7 @@ impl Default for RouterSection {
     fn default() -> Self {
         RouterSection {
             max_connections: 200_000,
+            reserved_for_accounts: 1_000,
         }
     }
 }
@@ -223,6 +255,9 @@ impl Config {
             if l.write_timeout_secs == 0 {
                 return Err(format!("{name}.write_timeout_secs must be at least 1"));
             }
+            if l.auth_timeout_secs == 0 {
+                return Err(format!("{name}.auth_timeout_secs must be at least 1"));
+            }
         }
         self.device_namespace()
             .validate(&["ProductKey", "DeviceKey"])
@@ -274,6 +309,14 @@ impl Config {
         if self.router.max_connections == 0 {
             return Err("router.max_connections must be at least 1".into());
         }
+        if self.router.reserved_for_accounts >= self.router.max_connections {
+            return Err(
+                "router.reserved_for_accounts must be below router.max_connections".into(),
+            );
+        }
+        if self.account_limits.max_pending_logins == 0 {
+            return Err("account_limits.max_pending_logins must be at least 1".into());
+        }
         Ok(())
     }
 
@@ -298,6 +341,9 @@ impl ListenerSection {
             l.topic_alias_max = self.topic_alias_max;
             l.max_concurrent_links = self.max_concurrent_links;
             l.io_threads = self.io_threads;
+            l.auth_timeout = std::time::Duration::from_secs(self.auth_timeout_secs);
+            l.max_pending_per_source = self.max_pending_per_source;
+            l.proxy_protocol = self.proxy_protocol;
             l
         };
         let mut out = vec![base(self.bind, None, "")];

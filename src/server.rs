@@ -69,6 +69,9 @@ impl Broker {
             .with_context(|| format!("opening the ledger in {}", config.data_dir.display()))?;
         let router = RouterHandle::spawn(0, router_config(config.router.max_connections));
         let gateway = Gateway::start(router, events.clone(), clock.clone()).await?;
+        gateway
+            .online()
+            .reserve_for_accounts(config.router.reserved_for_accounts);
         let gate = Arc::new(Gate::new(ledger.clone(), &config.gate));
         let auth = Arc::new(DeviceAuthenticator::new(
             gate.clone(),
@@ -78,7 +81,10 @@ impl Broker {
         for l in config.devices.listeners("devices") {
             device_listeners.push(gateway.listen(l, auth.clone()).await?);
         }
-        let account_auth = Arc::new(AccountAuthenticator::new(accounts.clone()));
+        let account_auth = Arc::new(
+            AccountAuthenticator::new(accounts.clone())
+                .with_limits(gateway.clone(), config.account_limits.clone()),
+        );
         let mut account_listeners = Vec::new();
         for l in config.accounts_listener.listeners("accounts") {
             account_listeners.push(gateway.listen(l, account_auth.clone()).await?);
