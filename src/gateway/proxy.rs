@@ -68,8 +68,11 @@ mod tests {
     #[tokio::test]
     async fn reads_exactly_the_header_and_its_source() {
         let peer: SocketAddr = "10.9.9.9:1".parse().expect("addr");
-        for src in ["203.0.113.7:40000", "[2001:db8::7]:40000"] {
-            let mut bytes = header(src, "192.0.2.1:1883");
+        for (src, dst) in [
+            ("203.0.113.7:40000", "192.0.2.1:1883"),
+            ("[2001:db8::7]:40000", "[2001:db8::1]:1883"),
+        ] {
+            let mut bytes = header(src, dst);
             bytes.extend_from_slice(b"\x10MQTT");
             let mut r = bytes.as_slice();
             assert_eq!(read_source(&mut r, peer).await, Ok(src.parse().expect("addr")));
