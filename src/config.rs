@@ -310,9 +310,7 @@ impl Config {
             return Err("router.max_connections must be at least 1".into());
         }
         if self.router.reserved_for_accounts >= self.router.max_connections {
-            return Err(
-                "router.reserved_for_accounts must be below router.max_connections".into(),
-            );
+            return Err("router.reserved_for_accounts must be below router.max_connections".into());
         }
         if self.account_limits.max_pending_logins == 0 {
             return Err("account_limits.max_pending_logins must be at least 1".into());
@@ -387,8 +385,8 @@ mod tests {
             ("namespace.subscribe", "admin/v1/{DeviceKey}/request"),
             ("namespace.publish", "$SYS/{DeviceKey}"),
         ] {
-            let e = Config::parse(&format!("[namespace]\n{}= [{t:?}]\n", &key[10..]), "t")
-                .unwrap_err();
+            let e =
+                Config::parse(&format!("[namespace]\n{}= [{t:?}]\n", &key[10..]), "t").unwrap_err();
             assert!(e.to_string().contains(key), "{e}");
             assert!(e.to_string().contains("admin topics"), "{e}");
         }

@@ -9,8 +9,8 @@ use crate::admin::accounts::ADMIN_FILTER;
 use crate::events::{Event, EventBus, EventKind};
 use crate::gate::{ConnectAttempt, Gate, GateRefusal};
 use crate::gateway::{
-    Acl, AclError, AclTemplate, Admission, AuthFuture, Authenticator, ConnectInfo, Identity, RefusalCode,
-    Rejection,
+    Acl, AclError, AclTemplate, Admission, AuthFuture, Authenticator, ConnectInfo, Identity,
+    RefusalCode, Rejection,
 };
 
 /// The CONNACK row of a gate refusal.

@@ -98,7 +98,8 @@ async fn a_device_flood_cannot_lock_the_operators_out() {
     for n in 0..20 {
         let dk = format!("d{n}");
         let (u, p) = t.creds(PK, &dk, &secret);
-        let (code, s) = send_connect(t.addr(), &RawConnect::new(4, &format!("{PK}.{dk}"), &u, &p)).await;
+        let (code, s) =
+            send_connect(t.addr(), &RawConnect::new(4, &format!("{PK}.{dk}"), &u, &p)).await;
         match code {
             Some(0) => held.push(s),
             other => {
@@ -111,8 +112,16 @@ async fn a_device_flood_cannot_lock_the_operators_out() {
     assert_eq!(refused, Some(0x03), "the 16th device");
     let mut ops = Vec::new();
     for n in 0..5 {
-        let (code, s) = send_connect(t.broker.accounts_addr(), &login(5, &format!("o{n}"), "ops-pw", true)).await;
-        assert_eq!(code, Some(0), "operator session {n} beside the device flood");
+        let (code, s) = send_connect(
+            t.broker.accounts_addr(),
+            &login(5, &format!("o{n}"), "ops-pw", true),
+        )
+        .await;
+        assert_eq!(
+            code,
+            Some(0),
+            "operator session {n} beside the device flood"
+        );
         ops.push(s);
     }
 }
@@ -175,7 +184,11 @@ async fn a_stalled_authentication_is_answered_server_busy() {
     cfg.auth_timeout = Duration::from_secs(1);
     let listener = gateway.listen(cfg, Arc::new(Stalls)).await.expect("listen");
     for (level, code) in [(4u8, 0x03), (5, 0x89)] {
-        let (got, _) = send_connect(listener.local_addr(), &RawConnect::new(level, "c", "u", "p")).await;
+        let (got, _) = send_connect(
+            listener.local_addr(),
+            &RawConnect::new(level, "c", "u", "p"),
+        )
+        .await;
         assert_eq!(got, Some(code), "v{level}");
     }
     listener.close();

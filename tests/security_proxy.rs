@@ -58,7 +58,11 @@ async fn bans_and_events_see_the_source_from_the_proxy_header() {
     let (u, _) = t.creds(PK, "a", &secret);
     let forged = RawConnect::new(4, "px.a", &u, &sign("wrong", &u));
     for n in 0..3 {
-        assert_eq!(via_proxy(&t, Some("203.0.113.7:5000"), &forged).await, Some(0x04), "{n}");
+        assert_eq!(
+            via_proxy(&t, Some("203.0.113.7:5000"), &forged).await,
+            Some(0x04),
+            "{n}"
+        );
     }
     let rejected = next_event(&mut events, EventKind::DeviceRejected).await;
     assert_eq!(rejected.fields["Source"], "203.0.113.7");
@@ -70,7 +74,10 @@ async fn bans_and_events_see_the_source_from_the_proxy_header() {
         "banned source"
     );
     // ... not another client behind the same balancer (same TCP peer).
-    assert_eq!(via_proxy(&t, Some("198.51.100.9:6000"), &good).await, Some(0));
+    assert_eq!(
+        via_proxy(&t, Some("198.51.100.9:6000"), &good).await,
+        Some(0)
+    );
     let connected = next_event(&mut events, EventKind::DeviceConnected).await;
     assert_eq!(connected.fields["Ip"], "198.51.100.9");
     // IPv6 sources too.
@@ -153,13 +160,11 @@ async fn rumqttc_behind_a_balancer_is_seen_with_its_own_address() {
         .unwrap_or_else(|code| panic!("CONNACK {code}"));
     let connected = next_event(&mut events, EventKind::DeviceConnected).await;
     assert_eq!(connected.fields["Ip"], "192.0.2.55");
-    let session = t
-        .broker
-        .gateway
-        .online()
-        .get("px.r")
-        .expect("online");
-    assert_eq!(session.peer, "192.0.2.55:41000".parse::<SocketAddr>().expect("addr"));
+    let session = t.broker.gateway.online().get("px.r").expect("online");
+    assert_eq!(
+        session.peer,
+        "192.0.2.55:41000".parse::<SocketAddr>().expect("addr")
+    );
     c.subscribe("devices/px/r/#", rumqttc::QoS::AtLeastOnce)
         .await
         .expect("queued");

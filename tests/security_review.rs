@@ -13,11 +13,11 @@ use activation_broker::credentials::sign;
 use activation_broker::events::{Event as BusEvent, EventKind};
 use activation_broker::ledger::Command;
 use common::broker::{start_broker, v4, v5, WAIT};
+use common::wire::{read_packet, RawConnect};
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use serde_json::json;
-use common::wire::{read_packet, RawConnect};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -106,10 +106,7 @@ async fn devices_cannot_drive_the_admin_plane_whatever_the_templates_say() {
     for key in ["publish", "subscribe"] {
         let e = Config::parse(&format!("[namespace]\n{key} = [\"#\"]\n"), "t.toml")
             .expect_err("a template reaching admin/# is refused");
-        assert!(
-            e.to_string().contains(&format!("namespace.{key}")),
-            "{e}"
-        );
+        assert!(e.to_string().contains(&format!("namespace.{key}")), "{e}");
     }
     let t = start_broker(|c| {
         c.namespace.publish = vec!["#".into()];
@@ -140,7 +137,11 @@ async fn devices_cannot_drive_the_admin_plane_whatever_the_templates_say() {
     assert_eq!(puback(&mut del).await, PubAckReason::NotAuthorized);
     for f in ["admin/#", "#", "+/v1/+/response", "$share/g/admin/v1/#"] {
         dev.subscribe(f, QoS::AtLeastOnce).await.expect("queued");
-        assert_eq!(suback(&mut del).await, SubscribeReasonCode::NotAuthorized, "{f}");
+        assert_eq!(
+            suback(&mut del).await,
+            SubscribeReasonCode::NotAuthorized,
+            "{f}"
+        );
     }
     // The templates still rule the rest.
     dev.publish("anything/else", QoS::AtLeastOnce, false, "x")
@@ -156,7 +157,10 @@ async fn devices_cannot_drive_the_admin_plane_whatever_the_templates_say() {
     op.subscribe("admin/v1/admin/response", QoS::AtLeastOnce)
         .await
         .expect("queued");
-    assert!(matches!(suback(&mut oel).await, SubscribeReasonCode::Success(_)));
+    assert!(matches!(
+        suback(&mut oel).await,
+        SubscribeReasonCode::Success(_)
+    ));
     op.publish(
         "admin/v1/admin/request",
         QoS::AtLeastOnce,
@@ -173,7 +177,10 @@ async fn devices_cannot_drive_the_admin_plane_whatever_the_templates_say() {
             }
         }
     }
-    assert!(t.broker.ledger.product("evil").is_err(), "device created a product");
+    assert!(
+        t.broker.ledger.product("evil").is_err(),
+        "device created a product"
+    );
 }
 
 /// Finding 3: the enforcer falls behind a tiny event stream (16 events)

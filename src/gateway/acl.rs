@@ -367,7 +367,15 @@ mod tests {
     #[test]
     fn overlap() {
         let admin = "admin/#";
-        for f in ["#", "+", "+/#", "admin", "admin/v1/x/request", "+/v1/#", "admin/+"] {
+        for f in [
+            "#",
+            "+",
+            "+/#",
+            "admin",
+            "admin/v1/x/request",
+            "+/v1/#",
+            "admin/+",
+        ] {
             assert!(filters_overlap(f, admin), "{f}");
             assert!(filters_overlap(admin, f), "{f}");
         }
@@ -389,7 +397,11 @@ mod tests {
         assert!(!acl.may_publish("admin/v1/admin/request"));
         assert!(!acl.may_publish("admin"));
         for f in ["#", "admin/#", "+/v1/+/request", "$share/g/admin/v1/#", "+"] {
-            assert_eq!(acl.check_subscribe(f), SubscribeVerdict::NotAuthorized, "{f}");
+            assert_eq!(
+                acl.check_subscribe(f),
+                SubscribeVerdict::NotAuthorized,
+                "{f}"
+            );
         }
         assert_eq!(acl.check_subscribe("devices/#"), SubscribeVerdict::Allowed);
     }

@@ -331,7 +331,11 @@ mod tests {
         let (tx, _rx) = mpsc::unbounded_channel();
         assert!(reg.register(info("a"), tx.clone()).is_some());
         assert!(reg.register(info("b"), tx.clone()).is_some());
-        assert_eq!(reg.register(info("c"), tx.clone()), None, "device past the rest");
+        assert_eq!(
+            reg.register(info("c"), tx.clone()),
+            None,
+            "device past the rest"
+        );
         let mut ops = info("acct:ops:1");
         ops.identity = Identity::Account { name: "ops".into() };
         assert!(reg.register(ops.clone(), tx.clone()).is_some());

@@ -75,7 +75,10 @@ mod tests {
             let mut bytes = header(src, dst);
             bytes.extend_from_slice(b"\x10MQTT");
             let mut r = bytes.as_slice();
-            assert_eq!(read_source(&mut r, peer).await, Ok(src.parse().expect("addr")));
+            assert_eq!(
+                read_source(&mut r, peer).await,
+                Ok(src.parse().expect("addr"))
+            );
             assert_eq!(r, b"\x10MQTT", "the MQTT bytes are left in the stream");
         }
         let local = Builder::new(Version::Two | Command::Local, 0)
