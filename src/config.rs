@@ -27,6 +27,8 @@ pub struct Config {
     pub gate: GateConfig,
     pub ledger: LedgerSection,
     pub router: RouterSection,
+    pub events: EventsSection,
+    pub account_limits: AccountLimits,
     /// Operator and application accounts (`[[accounts]]`). None: the first
     /// start creates `admin` with a random password in `data_dir`.
     pub accounts: Vec<AccountConfig>,
@@ -46,6 +48,12 @@ pub struct ListenerSection {
     pub max_concurrent_links: usize,
     /// Threads serving the listener (0: one per CPU).
     pub io_threads: usize,
+    /// Seconds the authentication of a CONNECT may take (then 0x89 / 0x03).
+    pub auth_timeout_secs: u64,
+    /// Connections from one source address without CONNECT (0 = unlimited).
+    pub max_pending_per_source: usize,
+    /// Connections start with a PROXY protocol v2 header (load balancer).
+    pub proxy_protocol: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -82,6 +90,39 @@ pub struct LedgerSection {
 pub struct RouterSection {
     /// Most sessions (devices and accounts) the router holds.
     pub max_connections: usize,
+    /// Of those, how many only accounts may use (devices get the rest).
+    pub reserved_for_accounts: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountLimits {
+    /// Sessions one account may hold, live or stored (0 = unlimited).
+    pub max_sessions_per_account: usize,
+    /// Logins being verified (argon2) or waiting for it, all accounts together.
+    pub max_pending_logins: usize,
+}
+
+impl Default for AccountLimits {
+    fn default() -> Self {
+        AccountLimits {
+            max_sessions_per_account: 64,
+            max_pending_logins: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EventsSection {
+    /// Events buffered for each reader of the internal event stream.
+    pub capacity: usize,
+}
+
+impl Default for EventsSection {
+    fn default() -> Self {
+        EventsSection { capacity: 65_536 }
+    }
 }
 
 impl Default for Config {
@@ -97,6 +138,8 @@ impl Default for Config {
             gate: GateConfig::default(),
             ledger: LedgerSection::default(),
             router: RouterSection::default(),
+            events: EventsSection::default(),
+            account_limits: AccountLimits::default(),
             accounts: Vec::new(),
         }
     }
@@ -114,6 +157,9 @@ impl Default for ListenerSection {
             topic_alias_max: 32,
             max_concurrent_links: 64,
             io_threads: 0,
+            auth_timeout_secs: 10,
+            max_pending_per_source: 1024,
+            proxy_protocol: false,
         }
     }
 }
@@ -143,6 +189,7 @@ impl Default for RouterSection {
     fn default() -> Self {
         RouterSection {
             max_connections: 200_000,
+            reserved_for_accounts: 1_000,
         }
     }
 }
@@ -208,10 +255,28 @@ impl Config {
             if l.write_timeout_secs == 0 {
                 return Err(format!("{name}.write_timeout_secs must be at least 1"));
             }
+            if l.auth_timeout_secs == 0 {
+                return Err(format!("{name}.auth_timeout_secs must be at least 1"));
+            }
         }
         self.device_namespace()
             .validate(&["ProductKey", "DeviceKey"])
             .map_err(|e| format!("namespace: {e}"))?;
+        for (key, list) in [
+            ("namespace.publish", &self.namespace.publish),
+            ("namespace.subscribe", &self.namespace.subscribe),
+        ] {
+            for t in list {
+                let pattern = crate::gateway::acl::template_pattern(t);
+                if crate::admin::accounts::reaches_admin_topics(&pattern) {
+                    return Err(format!(
+                        "{key}: {t:?} could reach the admin topics (admin/#) or $-topics; \
+                         start each template with a literal level other than \"admin\", \
+                         e.g. \"devices/{{ProductKey}}/{{DeviceKey}}/#\""
+                    ));
+                }
+            }
+        }
         if self.namespace.publish.is_empty() && self.namespace.subscribe.is_empty() {
             return Err("namespace: at least one publish or subscribe template is needed".into());
         }
@@ -238,8 +303,17 @@ impl Config {
         if self.ledger.expiring_scan_secs == 0 {
             return Err("ledger.expiring_scan_secs must be at least 1".into());
         }
+        if !(16..=16_777_216).contains(&self.events.capacity) {
+            return Err("events.capacity must be between 16 and 16777216".into());
+        }
         if self.router.max_connections == 0 {
             return Err("router.max_connections must be at least 1".into());
+        }
+        if self.router.reserved_for_accounts >= self.router.max_connections {
+            return Err("router.reserved_for_accounts must be below router.max_connections".into());
+        }
+        if self.account_limits.max_pending_logins == 0 {
+            return Err("account_limits.max_pending_logins must be at least 1".into());
         }
         Ok(())
     }
@@ -265,6 +339,9 @@ impl ListenerSection {
             l.topic_alias_max = self.topic_alias_max;
             l.max_concurrent_links = self.max_concurrent_links;
             l.io_threads = self.io_threads;
+            l.auth_timeout = std::time::Duration::from_secs(self.auth_timeout_secs);
+            l.max_pending_per_source = self.max_pending_per_source;
+            l.proxy_protocol = self.proxy_protocol;
             l
         };
         let mut out = vec![base(self.bind, None, "")];
@@ -301,6 +378,18 @@ mod tests {
         assert!(e.to_string().contains("ledger.max_batch"), "{e}");
         let e = Config::parse("[namespace]\npublish = [\"devices/{Nope}/#\"]\n", "t").unwrap_err();
         assert!(e.to_string().contains("Nope"), "{e}");
+        for (key, t) in [
+            ("namespace.publish", "#"),
+            ("namespace.publish", "{ProductKey}/{DeviceKey}/#"),
+            ("namespace.subscribe", "+/v1/#"),
+            ("namespace.subscribe", "admin/v1/{DeviceKey}/request"),
+            ("namespace.publish", "$SYS/{DeviceKey}"),
+        ] {
+            let e =
+                Config::parse(&format!("[namespace]\n{}= [{t:?}]\n", &key[10..]), "t").unwrap_err();
+            assert!(e.to_string().contains(key), "{e}");
+            assert!(e.to_string().contains("admin topics"), "{e}");
+        }
         let e = Config::parse("[gate]\nsource_rate = -1.0\n", "t").unwrap_err();
         assert!(e.to_string().contains("gate.source_rate"), "{e}");
     }

@@ -5,11 +5,12 @@
 
 use std::sync::Arc;
 
+use crate::admin::accounts::ADMIN_FILTER;
 use crate::events::{Event, EventBus, EventKind};
 use crate::gate::{ConnectAttempt, Gate, GateRefusal};
 use crate::gateway::{
-    AclTemplate, Admission, AuthFuture, Authenticator, ConnectInfo, Identity, RefusalCode,
-    Rejection,
+    Acl, AclError, AclTemplate, Admission, AuthFuture, Authenticator, ConnectInfo, Identity,
+    RefusalCode, Rejection,
 };
 
 /// The CONNACK row of a gate refusal.
@@ -23,6 +24,15 @@ pub fn refusal_code(r: &GateRefusal) -> RefusalCode {
         GateRefusal::NotAuthorized(_) => RefusalCode::NotAuthorized,
         GateRefusal::Unavailable(_) => RefusalCode::ServerUnavailable,
     }
+}
+
+/// The ACL of device `pk`/`dk`: its namespace, never the admin topics
+/// whatever the templates say (the config refuses such templates; this
+/// holds for any caller).
+fn render(namespace: &AclTemplate, pk: &str, dk: &str) -> Result<Acl, AclError> {
+    Ok(namespace
+        .render(&[("ProductKey", pk), ("DeviceKey", dk)])?
+        .denying(&[ADMIN_FILTER]))
 }
 
 pub struct DeviceAuthenticator {
@@ -55,11 +65,7 @@ impl DeviceAuthenticator {
                 .as_deref()
                 .and_then(|u| crate::credentials::parse_user_name(u).ok()),
         ) {
-            let allowed = namespace
-                .render(&[
-                    ("ProductKey", user.product_key.as_str()),
-                    ("DeviceKey", user.device_key.as_str()),
-                ])
+            let allowed = render(namespace, &user.product_key, &user.device_key)
                 .is_ok_and(|acl| acl.may_publish(topic));
             if !allowed {
                 return Err(GateRefusal::NotAuthorized(format!(
@@ -74,11 +80,7 @@ impl DeviceAuthenticator {
             source: info.peer.ip(),
         };
         let a = gate.admit(attempt).await?;
-        let acl = namespace
-            .render(&[
-                ("ProductKey", a.product_key.as_str()),
-                ("DeviceKey", a.device_key.as_str()),
-            ])
+        let acl = render(namespace, &a.product_key, &a.device_key)
             .map_err(|e| GateRefusal::NotAuthorized(format!("device namespace: {e}")))?;
         Ok(Admission {
             client_id: a.client_id,

@@ -5,7 +5,9 @@
 //! runs.
 //!
 //! It watches the ledger's current-expiry index with the injected clock, and
-//! the event stream for changes (new codes, deletions).
+//! the event stream for changes (new codes, deletions). Should it fall
+//! behind the stream (events dropped), it checks every online device
+//! against the ledger instead.
 
 use std::sync::Arc;
 
@@ -15,7 +17,8 @@ use crate::clock::{Clock, Millis};
 use crate::credentials::client_id;
 use crate::events::{Event, EventKind};
 use crate::gate::{Gate, GateRefusal};
-use crate::gateway::{DisconnectReason, OnlineRegistry};
+use crate::gateway::{DisconnectReason, Identity, OnlineRegistry};
+use crate::ledger::LedgerError;
 
 /// How long the enforcer lets events gather after waking for one. A
 /// deletion disconnects its devices at most this much later.
@@ -69,13 +72,13 @@ impl Enforcer {
                         loop {
                             match rx.try_recv() {
                                 Ok(e) => self.on_event(&e),
-                                Err(TryRecvError::Lagged(_)) => {}
+                                Err(TryRecvError::Lagged(n)) => self.resync(n).await,
                                 Err(TryRecvError::Empty) => break,
                                 Err(TryRecvError::Closed) => return,
                             }
                         }
                     }
-                    Err(RecvError::Lagged(_)) => {}
+                    Err(RecvError::Lagged(n)) => self.resync(n).await,
                     Err(RecvError::Closed) => return,
                 },
             }
@@ -99,6 +102,56 @@ impl Enforcer {
                 swept_until = now;
                 known = None;
             }
+        }
+    }
+
+    /// The event stream dropped `missed` events (this task fell behind):
+    /// a deletion among them would go unseen, so every online device is
+    /// checked against the ledger and those whose device or product no
+    /// longer exists are disconnected.
+    async fn resync(&self, missed: u64) {
+        let online: Vec<(String, String)> = self
+            .online
+            .list()
+            .into_iter()
+            .filter_map(|s| match s.identity {
+                Identity::Device {
+                    product_key,
+                    device_key,
+                } => Some((product_key, device_key)),
+                _ => None,
+            })
+            .collect();
+        let checked = online.len();
+        let ledger = self.gate.ledger().clone();
+        // The state's read lock waits while a batch is flushed.
+        let gone = tokio::task::spawn_blocking(move || {
+            online
+                .into_iter()
+                .filter_map(|(pk, dk)| match ledger.device(&pk, &dk) {
+                    Err(LedgerError::ProductNotFound(_)) => {
+                        let why = format!("product {pk} was deleted");
+                        Some((pk, dk, why))
+                    }
+                    Err(LedgerError::DeviceNotFound(..)) => {
+                        let why = format!("device {dk} of product {pk} was deleted");
+                        Some((pk, dk, why))
+                    }
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        tracing::warn!(
+            missed,
+            checked,
+            disconnected = gone.len(),
+            "the enforcer fell behind the event stream; resynchronised online devices with the ledger"
+        );
+        for (pk, dk, why) in gone {
+            self.online
+                .disconnect_device(&pk, &dk, DisconnectReason::AdministrativeAction, &why);
         }
     }
 

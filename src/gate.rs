@@ -1,7 +1,9 @@
 //! The activation gate (SPEC §3): the decision a device CONNECT meets before
 //! its CONNACK, cheapest checks first so an unauthenticated client can never
-//! burn a code: identifier syntax → rate limit / ban → timestamp and
-//! signature → product and device lookup → consume or renew (durable).
+//! burn a code: identifier syntax → source ban and rate limit → timestamp
+//! and signature (with the product or device secret) → the device's rate
+//! limit → consume or renew (durable). Only authenticated attempts are
+//! charged to a device, so naming a device cannot lock it out.
 //!
 //! Transport-agnostic: it takes the CONNECT's client id, user name,
 //! password and source address, and answers with an admission or a typed
@@ -29,7 +31,9 @@ pub struct GateConfig {
     pub source_rate: f64,
     /// Burst of CONNECT attempts one source address may make at once.
     pub source_burst: f64,
-    /// Sustained CONNECT attempts per second of one device (0 = unlimited).
+    /// Sustained CONNECT attempts per second of one device that carry a
+    /// valid signature (0 = unlimited); failed attempts count only against
+    /// their source.
     pub device_rate: f64,
     /// Burst of CONNECT attempts of one device.
     pub device_burst: f64,
@@ -254,7 +258,7 @@ impl Gate {
         })?;
         credentials::check_client_id(a.client_id, &user)
             .map_err(|e| GateRefusal::ClientIdNotValid(e.to_string()))?;
-        // 2. Bans and rate limits.
+        // 2. Bans and the source's rate limit.
         if self.bans.banned(a.source, now) {
             return Err(GateRefusal::Banned(format!(
                 "source {} is banned after repeated failed logins",
@@ -265,13 +269,6 @@ impl Gate {
             return Err(GateRefusal::RateExceeded(format!(
                 "too many connection attempts from {}",
                 a.source
-            )));
-        }
-        let dev = (user.product_key.clone(), user.device_key.clone());
-        if !self.devices.allow(&dev, now) {
-            return Err(GateRefusal::RateExceeded(format!(
-                "too many connection attempts of device {}",
-                user.device_key
             )));
         }
         // 3. Timestamp and signature, with the secret of 4. product/device.
@@ -312,6 +309,16 @@ impl Gate {
                 ),
                 credentials::SignatureError::Mismatch => "signature does not match".into(),
             }));
+        }
+        // Only an attempt that proved the device's secret counts against the
+        // device: unauthenticated attempts cost their source alone, so nobody
+        // can lock a device out by naming it.
+        let dev = (user.product_key.clone(), user.device_key.clone());
+        if !self.devices.allow(&dev, now) {
+            return Err(GateRefusal::RateExceeded(format!(
+                "too many connection attempts of device {}",
+                user.device_key
+            )));
         }
         // 5. Consume or renew, durably.
         let admitted = self

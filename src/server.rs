@@ -57,7 +57,7 @@ impl Broker {
         clock: Clock,
         accounts: Arc<Accounts>,
     ) -> anyhow::Result<Broker> {
-        let events = EventBus::default();
+        let events = EventBus::new(config.events.capacity);
         let options = LedgerOptions {
             max_batch: config.ledger.max_batch,
             pool_low_threshold: config.ledger.pool_low_threshold,
@@ -70,6 +70,9 @@ impl Broker {
             .with_context(|| format!("opening the ledger in {}", config.data_dir.display()))?;
         let router = RouterHandle::spawn(0, router_config(config.router.max_connections));
         let gateway = Gateway::start(router, events.clone(), clock.clone()).await?;
+        gateway
+            .online()
+            .reserve_for_accounts(config.router.reserved_for_accounts);
         let gate = Arc::new(Gate::new(ledger.clone(), &config.gate));
         let auth = Arc::new(DeviceAuthenticator::new(
             gate.clone(),
@@ -79,7 +82,10 @@ impl Broker {
         for l in config.devices.listeners("devices") {
             device_listeners.push(gateway.listen(l, auth.clone()).await?);
         }
-        let account_auth = Arc::new(AccountAuthenticator::new(accounts.clone()));
+        let account_auth = Arc::new(
+            AccountAuthenticator::new(accounts.clone())
+                .with_limits(gateway.clone(), config.account_limits.clone()),
+        );
         let mut account_listeners = Vec::new();
         for l in config.accounts_listener.listeners("accounts") {
             account_listeners.push(gateway.listen(l, account_auth.clone()).await?);

@@ -20,7 +20,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{bail, Context};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -197,12 +198,7 @@ impl Account {
                 if let Err(why) = check_filter(f) {
                     bail!("accounts.{key} of account {}: {f:?} {why}", c.name);
                 }
-                if f.starts_with("admin/")
-                    || f.starts_with('$')
-                    || f == "#"
-                    || f == "+"
-                    || f.starts_with("+/")
-                {
+                if reaches_admin_topics(f) {
                     bail!(
                         "accounts.{key} of account {}: {f:?} reaches the admin topics; list data topics only",
                         c.name
@@ -280,6 +276,16 @@ impl Account {
 
 pub const EVENTS_FILTER: &str = "admin/v1/events/#";
 
+/// Every admin topic (requests, responses, events).
+pub const ADMIN_FILTER: &str = "admin/#";
+
+/// Whether topic filter `f` (valid) could reach an admin topic or a
+/// `$`-topic: the data-topic lists of accounts and the device namespace
+/// templates (with placeholder levels as `+`) must not.
+pub fn reaches_admin_topics(f: &str) -> bool {
+    f.starts_with('$') || crate::gateway::acl::filters_overlap(f, ADMIN_FILTER)
+}
+
 pub fn request_topic(account: &str) -> String {
     format!("admin/v1/{account}/request")
 }
@@ -348,6 +354,19 @@ struct AccountsFile {
 #[derive(Debug, Clone, Default)]
 pub struct Accounts {
     by_name: BTreeMap<String, Arc<Account>>,
+    /// argon2 verifications made by [`Accounts::authenticate`].
+    verifications: Arc<AtomicU64>,
+}
+
+/// The hash an unknown account name is verified against, so that a login
+/// costs one argon2 verification whether or not the name exists (its
+/// timing says nothing about which names do). Same parameters as
+/// [`hash_password`]; its password is random and thrown away.
+fn dummy_hash() -> &'static str {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    DUMMY.get_or_init(|| {
+        hash_password(&Alphanumeric.sample_string(&mut rand::rngs::OsRng, GENERATED_PASSWORD_LEN))
+    })
 }
 
 impl Accounts {
@@ -360,7 +379,12 @@ impl Accounts {
                 bail!("accounts.name {:?} is configured twice", c.name);
             }
         }
-        Ok(Accounts { by_name })
+        // Hashed now rather than at the first login with an unknown name.
+        let _ = dummy_hash();
+        Ok(Accounts {
+            by_name,
+            verifications: Arc::default(),
+        })
     }
 
     /// The `[[accounts]]` of a TOML document (e.g. the whole config file;
@@ -410,9 +434,22 @@ impl Accounts {
         self.by_name.get(name).cloned()
     }
 
-    /// The account if `password` is its password.
+    /// The account if `password` is its password. Always one argon2
+    /// verification: an unknown name is verified against a dummy hash.
     pub fn authenticate(&self, name: &str, password: &str) -> Option<Arc<Account>> {
-        self.get(name).filter(|a| a.verify(password))
+        let account = self.get(name);
+        self.verifications.fetch_add(1, Ordering::Relaxed);
+        let ok = match &account {
+            Some(a) => verify_password(&a.password_hash, password),
+            None => verify_password(dummy_hash(), password),
+        };
+        account.filter(|_| ok)
+    }
+
+    /// argon2 verifications made by [`Accounts::authenticate`] so far (one
+    /// per login attempt, known name or not).
+    pub fn verifications(&self) -> u64 {
+        self.verifications.load(Ordering::Relaxed)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &Arc<Account>> {
@@ -516,6 +553,24 @@ mod tests {
         assert!(filter_matches("a/+", "a/b"));
         assert!(!filter_matches("a/+", "a/b/c"));
         assert!(!filter_matches("a/b", "a"));
+    }
+
+    #[test]
+    fn unknown_names_are_verified_against_a_hash_like_any_other() {
+        let dummy = PasswordHash::new(dummy_hash()).expect("a PHC string");
+        let real_hash = hash_password("pw");
+        let real = PasswordHash::new(&real_hash).expect("a PHC string");
+        assert_eq!(dummy.algorithm, real.algorithm);
+        assert_eq!(dummy.version, real.version);
+        assert_eq!(dummy.params, real.params);
+        let mut accounts = Accounts::default();
+        let mut a = Account::new("ops", Role::Admin);
+        a.password_hash = real_hash;
+        accounts.insert(a);
+        assert!(accounts.authenticate("nobody", "pw").is_none());
+        assert!(accounts.authenticate("ops", "wrong").is_none());
+        assert!(accounts.authenticate("ops", "pw").is_some());
+        assert_eq!(accounts.verifications(), 3);
     }
 
     #[test]

@@ -18,6 +18,10 @@ pub struct Acl {
     pub publish: Vec<String>,
     /// A SUBSCRIBE filter is allowed if it is contained in one of these.
     pub subscribe: Vec<String>,
+    /// Topics out of reach whatever the lists above say: no PUBLISH to a
+    /// topic matching one of these filters, no subscription to a filter that
+    /// could match a topic they match (e.g. `admin/#` for devices).
+    pub deny: Vec<String>,
 }
 
 /// The verdict on one subscription filter.
@@ -41,7 +45,14 @@ impl Acl {
         Acl {
             publish: filters.clone(),
             subscribe: filters,
+            deny: Vec::new(),
         }
+    }
+
+    /// This ACL with `filters` out of reach whatever it allows.
+    pub fn denying(mut self, filters: &[&str]) -> Self {
+        self.deny.extend(filters.iter().map(|f| (*f).to_owned()));
+        self
     }
 
     /// The default device namespace `devices/{pk}/{dk}/#` for both directions.
@@ -53,7 +64,9 @@ impl Acl {
 
     /// May the session publish to `topic`? Invalid topic names never are.
     pub fn may_publish(&self, topic: &str) -> bool {
-        valid_topic_name(topic) && self.publish.iter().any(|f| topic_matches(topic, f))
+        valid_topic_name(topic)
+            && self.publish.iter().any(|f| topic_matches(topic, f))
+            && !self.deny.iter().any(|d| topic_matches(topic, d))
     }
 
     /// May the session subscribe to `filter` (possibly `$share/{group}/…`)?
@@ -68,7 +81,7 @@ impl Acl {
         }
         // `$`-topics (e.g. `$SYS/#`) are not served by the router; no
         // session may subscribe to them, whatever its filters say.
-        if inner.starts_with('$') {
+        if inner.starts_with('$') || self.deny.iter().any(|d| filters_overlap(inner, d)) {
             return SubscribeVerdict::NotAuthorized;
         }
         if self.subscribe.iter().any(|a| filter_within(inner, a)) {
@@ -169,6 +182,41 @@ pub fn filter_within(f: &str, a: &str) -> bool {
     fl.next().is_none()
 }
 
+/// Could one topic name match both filters `a` and `b` (both valid)?
+pub fn filters_overlap(a: &str, b: &str) -> bool {
+    // Wildcards at the first level never match `$` topics.
+    let dollar = |f: &str| f.starts_with('$');
+    let wild = |f: &str| f.starts_with('+') || f.starts_with('#');
+    if (dollar(a) && wild(b)) || (dollar(b) && wild(a)) {
+        return false;
+    }
+    let (mut al, mut bl) = (a.split('/'), b.split('/'));
+    loop {
+        match (al.next(), bl.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (Some(x), Some(y)) => {
+                if x != "+" && y != "+" && x != y {
+                    return false;
+                }
+            }
+            (None, None) => return true,
+            // One ended: the other still matches its parent only through `#`.
+            (None, Some(_)) => return false,
+            (Some(_), None) => return false,
+        }
+    }
+}
+
+/// `template` with every level that holds a placeholder replaced by `+`:
+/// the filter matching every topic any rendering of it can match.
+pub fn template_pattern(template: &str) -> String {
+    template
+        .split('/')
+        .map(|level| if level.contains('{') { "+" } else { level })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// Namespace templates with `{Name}` placeholders, rendered per session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AclTemplate {
@@ -232,6 +280,7 @@ impl AclTemplate {
         Ok(Acl {
             publish: render_all(&self.publish)?,
             subscribe: render_all(&self.subscribe)?,
+            deny: Vec::new(),
         })
     }
 }
@@ -313,6 +362,48 @@ mod tests {
         assert!(!filter_within("a/b/c", "+/+"));
         assert!(!filter_within("$SYS/#", "+/#"));
         assert!(!filter_within("$SYS/x", "#"));
+    }
+
+    #[test]
+    fn overlap() {
+        let admin = "admin/#";
+        for f in [
+            "#",
+            "+",
+            "+/#",
+            "admin",
+            "admin/v1/x/request",
+            "+/v1/#",
+            "admin/+",
+        ] {
+            assert!(filters_overlap(f, admin), "{f}");
+            assert!(filters_overlap(admin, f), "{f}");
+        }
+        for f in ["devices/#", "devices/+/+/#", "$SYS/#", "+/+/+/x/#"] {
+            assert_eq!(filters_overlap(f, admin), f == "+/+/+/x/#", "{f}");
+        }
+        assert!(!filters_overlap("a/b", "a/b/c"));
+        assert!(filters_overlap("a/b", "a/b/#"));
+        assert!(!filters_overlap("a/+", "a"));
+        assert!(!filters_overlap("$SYS/x", "+/x"));
+        assert_eq!(template_pattern("{ProductKey}/{DeviceKey}/#"), "+/+/#");
+        assert_eq!(template_pattern("d/x{DeviceKey}/up"), "d/+/up");
+    }
+
+    #[test]
+    fn deny_wins_over_the_lists() {
+        let acl = Acl::both(vec!["#".into()]).denying(&["admin/#"]);
+        assert!(acl.may_publish("devices/p/d"));
+        assert!(!acl.may_publish("admin/v1/admin/request"));
+        assert!(!acl.may_publish("admin"));
+        for f in ["#", "admin/#", "+/v1/+/request", "$share/g/admin/v1/#", "+"] {
+            assert_eq!(
+                acl.check_subscribe(f),
+                SubscribeVerdict::NotAuthorized,
+                "{f}"
+            );
+        }
+        assert_eq!(acl.check_subscribe("devices/#"), SubscribeVerdict::Allowed);
     }
 
     #[test]

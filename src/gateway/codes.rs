@@ -27,6 +27,8 @@ pub enum RefusalCode {
     NotAuthorized,
     /// Store unavailable: 0x88 / 0x03.
     ServerUnavailable,
+    /// Too busy to decide now (authentication queue full or too slow): 0x89 / 0x03.
+    ServerBusy,
 }
 
 impl RefusalCode {
@@ -40,6 +42,7 @@ impl RefusalCode {
             RefusalCode::QuotaExceeded => 0x97,
             RefusalCode::NotAuthorized => 0x87,
             RefusalCode::ServerUnavailable => 0x88,
+            RefusalCode::ServerBusy => 0x89,
         }
     }
 
@@ -52,7 +55,7 @@ impl RefusalCode {
             | RefusalCode::ConnectionRateExceeded
             | RefusalCode::QuotaExceeded
             | RefusalCode::NotAuthorized => 0x05,
-            RefusalCode::ServerUnavailable => 0x03,
+            RefusalCode::ServerUnavailable | RefusalCode::ServerBusy => 0x03,
         }
     }
 
@@ -66,6 +69,7 @@ impl RefusalCode {
             RefusalCode::QuotaExceeded => "QuotaExceeded",
             RefusalCode::NotAuthorized => "NotAuthorized",
             RefusalCode::ServerUnavailable => "ServerUnavailable",
+            RefusalCode::ServerBusy => "ServerBusy",
         }
     }
 
@@ -81,6 +85,7 @@ impl RefusalCode {
                 RefusalCode::QuotaExceeded => ConnectReturnCode::QuotaExceeded,
                 RefusalCode::NotAuthorized => ConnectReturnCode::NotAuthorized,
                 RefusalCode::ServerUnavailable => ConnectReturnCode::ServerUnavailable,
+                RefusalCode::ServerBusy => ConnectReturnCode::ServerBusy,
             },
             ProtocolVersion::V4 => match self.v4_code() {
                 0x02 => ConnectReturnCode::ClientIdentifierNotValid,

@@ -1,8 +1,10 @@
 //! Listening sockets: bind with socket2 (large backlog, reuse-address,
 //! non-blocking) and hand the socket to tokio, then an accept loop that
-//! never sleeps between accepts and spawns one task per connection (TLS
-//! handshake, if configured, happens in that task under the CONNECT
-//! timeout, never in the accept loop).
+//! never sleeps between accepts and spawns one task per connection. In
+//! that task, never in the accept loop: the PROXY protocol v2 header if the
+//! listener expects one (its source is the client's address from then on),
+//! the per-source cap on connections without CONNECT, and the TLS
+//! handshake, if configured, under the CONNECT timeout.
 
 use std::io::BufReader;
 use std::net::SocketAddr;
@@ -10,12 +12,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 
 use super::connection::{self, ListenerCtx};
+use super::limits::{Guarded, Pending};
+use super::proxy;
 use super::{Authenticator, GatewayError, Listener, ListenerConfig, Shared, TlsConfig};
 
 const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(120);
@@ -44,6 +48,12 @@ pub(crate) async fn start(
         sockets.push(bind(local_addr, config.backlog, true).map_err(bind_err(local_addr))?);
     }
     let name = config.name.clone();
+    let pending = Pending::new(config.max_pending_per_source);
+    let auth = Arc::new(Guarded {
+        inner: auth,
+        timeout: config.auth_timeout,
+        pending: pending.clone(),
+    });
     let ctx = Arc::new(ListenerCtx {
         tls: tls.is_some(),
         links: tokio::sync::Semaphore::new(config.max_concurrent_links.max(1)),
@@ -54,9 +64,10 @@ pub(crate) async fn start(
     let (state_tx, state_rx) = watch::channel(State::Serving);
     for (i, socket) in sockets.into_iter().enumerate() {
         let (ctx, tls, state) = (ctx.clone(), tls.clone(), state_rx.clone());
+        let pending = pending.clone();
         std::thread::Builder::new()
             .name(format!("{name}-io-{i}"))
-            .spawn(move || io_thread(socket, ctx, tls, state))
+            .spawn(move || io_thread(socket, ctx, tls, pending, state))
             .map_err(bind_err(local_addr))?;
     }
     tracing::info!(listener = %name, %local_addr, tls = ctx.tls, io_threads = threads, "listening");
@@ -84,6 +95,7 @@ fn io_thread(
     socket: std::net::TcpListener,
     ctx: Arc<ListenerCtx>,
     tls: Option<TlsAcceptor>,
+    pending: Arc<Pending>,
     mut state: watch::Receiver<State>,
 ) {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -108,7 +120,7 @@ fn io_thread(
         let live = Arc::new(());
         // A dropped `Listener` leaves its threads serving for good.
         tokio::select! {
-            _ = accept_loop(listener, ctx, tls, live.clone()) => {}
+            _ = accept_loop(listener, ctx, tls, pending, live.clone()) => {}
             Ok(_) = state.wait_for(|s| *s != State::Serving) => {}
         }
         let mut open = true;
@@ -152,6 +164,7 @@ async fn accept_loop(
     listener: TcpListener,
     ctx: Arc<ListenerCtx>,
     tls: Option<TlsAcceptor>,
+    pending: Arc<Pending>,
     live: Arc<()>,
 ) {
     loop {
@@ -160,32 +173,12 @@ async fn accept_loop(
                 // TCP_NODELAY and TCP keepalive come from the listening
                 // socket (Linux copies them to accepted sockets): no
                 // system calls per accept.
-                let ctx = ctx.clone();
-                let live = live.clone();
-                match &tls {
-                    None => {
-                        tokio::spawn(async move {
-                            connection::serve(stream, peer, ctx).await;
-                            drop(live);
-                        });
-                    }
-                    Some(acceptor) => {
-                        let acceptor = acceptor.clone();
-                        tokio::spawn(async move {
-                            let _live = live;
-                            let deadline = ctx.config.connect_timeout;
-                            match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-                                Ok(Ok(tls_stream)) => {
-                                    connection::serve(tls_stream, peer, ctx).await
-                                }
-                                Ok(Err(e)) => {
-                                    tracing::debug!(%peer, error = %e, "TLS handshake failed")
-                                }
-                                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                            }
-                        });
-                    }
-                }
+                let (ctx, tls, pending, live) =
+                    (ctx.clone(), tls.clone(), pending.clone(), live.clone());
+                tokio::spawn(async move {
+                    accepted(stream, peer, ctx, tls, pending).await;
+                    drop(live);
+                });
             }
             Err(e) => {
                 // Out of file descriptors and similar: back off briefly
@@ -197,6 +190,51 @@ async fn accept_loop(
                 }
             }
         }
+    }
+}
+
+/// One accepted connection: its PROXY header (if the listener expects
+/// one), its source's quota of connections without CONNECT, the TLS
+/// handshake (if any), then the MQTT connection.
+async fn accepted(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ListenerCtx>,
+    tls: Option<TlsAcceptor>,
+    pending: Arc<Pending>,
+) {
+    let deadline = ctx.config.connect_timeout;
+    let peer = if ctx.config.proxy_protocol {
+        match tokio::time::timeout(deadline, proxy::read_source(&mut stream, peer)).await {
+            Ok(Ok(source)) => source,
+            Ok(Err(why)) => {
+                tracing::debug!(%peer, why, "connection closed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "no PROXY header in time; connection closed");
+                return;
+            }
+        }
+    } else {
+        peer
+    };
+    // Given back at the CONNECT (by `Guarded`) or when the connection ends.
+    let Some(_slot) = pending.enter(peer) else {
+        tracing::debug!(
+            %peer,
+            max = ctx.config.max_pending_per_source,
+            "too many connections without CONNECT from this source; closed"
+        );
+        return;
+    };
+    match tls {
+        None => connection::serve(stream, peer, ctx).await,
+        Some(acceptor) => match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+            Ok(Ok(tls_stream)) => connection::serve(tls_stream, peer, ctx).await,
+            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+        },
     }
 }
 

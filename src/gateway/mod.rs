@@ -45,15 +45,17 @@
 //!   UNSUBACK) can overtake router acks of earlier packets.
 //! - Not honoured from MQTT 5 CONNECT: Receive Maximum and
 //!   Maximum Packet Size of the client, enhanced authentication.
-//! - The authenticator's future has no timeout: a gate that may stall must
-//!   answer `ServerUnavailable` itself.
+//! - The authenticator's future is given [`ListenerConfig::auth_timeout`];
+//!   past it the client gets `ServerBusy` (the future is dropped).
 
 pub mod acl;
 pub mod codes;
 mod connection;
+mod limits;
 mod lingering;
 mod listener;
 pub mod online;
+mod proxy;
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
@@ -242,6 +244,16 @@ pub struct ListenerConfig {
     /// Threads serving the listener, each with its own socket on the port
     /// (SO_REUSEPORT) and single-threaded runtime; 0 = one per CPU.
     pub io_threads: usize,
+    /// Time the authenticator has to decide on a CONNECT; then the client
+    /// gets CONNACK 0x89 Server busy (3.1.1: 0x03).
+    pub auth_timeout: Duration,
+    /// Connections from one source address that have not sent their
+    /// CONNECT yet; more are closed at once (0 = unlimited).
+    pub max_pending_per_source: usize,
+    /// Every connection starts with a PROXY protocol v2 header (from a load
+    /// balancer); its source address is the client's for every limit, ban
+    /// and event. A connection without a valid header is closed.
+    pub proxy_protocol: bool,
 }
 
 impl ListenerConfig {
@@ -257,6 +269,9 @@ impl ListenerConfig {
             topic_alias_max: 32,
             max_concurrent_links: 64,
             io_threads: 0,
+            auth_timeout: Duration::from_secs(10),
+            max_pending_per_source: 1024,
+            proxy_protocol: false,
         }
     }
 }
@@ -608,6 +623,19 @@ impl Gateway {
     /// none).
     pub fn linked_sessions(&self) -> usize {
         self.shared.linked.load(Ordering::Relaxed)
+    }
+
+    /// Client ids starting with `prefix` whose session the router stores
+    /// (live or not): persistent sessions until a clean session or their
+    /// expiry discards them.
+    pub fn stored_client_ids(&self, prefix: &str) -> Vec<String> {
+        self.shared
+            .persistent
+            .lock()
+            .iter()
+            .filter(|id| id.starts_with(prefix))
+            .cloned()
+            .collect()
     }
 
     /// Stored sessions whose connection has ended and that wait for a

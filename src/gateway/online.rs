@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
@@ -65,6 +65,8 @@ pub struct OnlineRegistry {
     seq: AtomicU64,
     /// Most sessions at once.
     capacity: usize,
+    /// Of `capacity`, how many only accounts may use.
+    reserved_for_accounts: AtomicUsize,
 }
 
 impl Default for OnlineRegistry {
@@ -92,6 +94,7 @@ impl OnlineRegistry {
             sessions: Mutex::default(),
             seq: AtomicU64::new(0),
             capacity,
+            reserved_for_accounts: AtomicUsize::new(0),
         }
     }
 
@@ -100,10 +103,28 @@ impl OnlineRegistry {
         self.capacity
     }
 
+    /// Keeps `n` of the capacity for account sessions: other sessions are
+    /// refused once `capacity - n` sessions are registered, so a flood of
+    /// devices cannot lock the operators out.
+    pub fn reserve_for_accounts(&self, n: usize) {
+        self.reserved_for_accounts.store(n, Ordering::Relaxed);
+    }
+
+    /// The client ids of the live sessions for which `select` is true.
+    pub fn client_ids_where(&self, select: impl Fn(&SessionInfo) -> bool) -> Vec<String> {
+        self.sessions
+            .lock()
+            .values()
+            .filter(|e| select(&e.info))
+            .map(|e| e.info.client_id.clone())
+            .collect()
+    }
+
     /// Registers a session and returns its registration number, or `None`
-    /// if the registry is full. A session already registered under the same
-    /// client id is told to close with 0x8E Session taken over (a takeover
-    /// succeeds even when full).
+    /// if the registry is full (for sessions other than accounts: all but
+    /// the capacity reserved for accounts). A session already registered
+    /// under the same client id is told to close with 0x8E Session taken
+    /// over (a takeover succeeds even when full).
     pub(crate) fn register(
         &self,
         info: SessionInfo,
@@ -111,9 +132,15 @@ impl OnlineRegistry {
     ) -> Option<u64> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let client_id = info.client_id.clone();
+        let limit = match info.identity {
+            Identity::Account { .. } => self.capacity,
+            _ => self
+                .capacity
+                .saturating_sub(self.reserved_for_accounts.load(Ordering::Relaxed)),
+        };
         let old = {
             let mut sessions = self.sessions.lock();
-            if sessions.len() >= self.capacity && !sessions.contains_key(&client_id) {
+            if sessions.len() >= limit && !sessions.contains_key(&client_id) {
                 return None;
             }
             sessions.insert(client_id, Entry { seq, info, ctrl })
@@ -295,6 +322,29 @@ mod tests {
         assert!(reg.unregister("a", s2));
         assert!(!reg.is_online("a"));
         assert!(!reg.disconnect("a", DisconnectReason::AdministrativeAction, "bye"));
+    }
+
+    #[test]
+    fn reserved_capacity_is_for_accounts_only() {
+        let reg = OnlineRegistry::with_capacity(3);
+        reg.reserve_for_accounts(1);
+        let (tx, _rx) = mpsc::unbounded_channel();
+        assert!(reg.register(info("a"), tx.clone()).is_some());
+        assert!(reg.register(info("b"), tx.clone()).is_some());
+        assert_eq!(
+            reg.register(info("c"), tx.clone()),
+            None,
+            "device past the rest"
+        );
+        let mut ops = info("acct:ops:1");
+        ops.identity = Identity::Account { name: "ops".into() };
+        assert!(reg.register(ops.clone(), tx.clone()).is_some());
+        assert_eq!(
+            reg.client_ids_where(|s| matches!(s.identity, Identity::Account { .. })),
+            vec!["acct:ops:1".to_owned()]
+        );
+        ops.client_id = "acct:ops:2".into();
+        assert_eq!(reg.register(ops, tx), None, "full");
     }
 
     #[test]

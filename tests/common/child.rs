@@ -64,13 +64,15 @@ pub fn prepare_store(data: &Path, pk: &str, codes: u64, validity: u64) -> String
     p.secret
 }
 
-/// A config file for a child broker on 127.0.0.1 port 0 with rate limits off.
+/// A config file for a child broker on 127.0.0.1 port 0 with rate limits
+/// (and the per-source cap on connections without CONNECT) off.
 pub fn write_config(dir: &Path, connect_timeout_secs: u64) -> PathBuf {
     let path = dir.join("broker.toml");
     std::fs::write(
         &path,
         format!(
             "[devices]\nbind = \"127.0.0.1:0\"\nconnect_timeout_secs = {connect_timeout_secs}\n\
+             max_pending_per_source = 0\n\
              [accounts_listener]\nbind = \"127.0.0.1:0\"\n\
              [gate]\nsource_rate = 0.0\ndevice_rate = 0.0\nban_after_failures = 0\n"
         ),

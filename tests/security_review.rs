@@ -1,0 +1,274 @@
+//! Regression tests for the security review of issue 12 §2, each against a
+//! real broker and real clients: no lockout without credentials, devices
+//! never reach the admin plane, the enforcer survives a lagging event bus,
+//! and unknown account names cost the same argon2 verification as known ones.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use activation_broker::admin::accounts::{hash_password, AccountConfig, RoleConfig};
+use activation_broker::config::Config;
+use activation_broker::credentials::sign;
+use activation_broker::events::{Event as BusEvent, EventKind};
+use activation_broker::ledger::Command;
+use common::broker::{start_broker, v4, v5, WAIT};
+use common::wire::{read_packet, RawConnect};
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+const PK: &str = "rev";
+
+/// One raw CONNECT; the CONNACK code (`None`: closed without one).
+async fn connack(addr: SocketAddr, level: u8, id: &str, user: &str, pass: &str) -> Option<u8> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    s.write_all(&RawConnect::new(level, id, user, pass).encode())
+        .await
+        .ok()?;
+    let p = read_packet(&mut s, WAIT).await?;
+    (p.first() == Some(&0x20)).then(|| p[3])
+}
+
+/// Finding 1: the device's attempt bucket (burst 10 by default) is charged
+/// only by attempts that carry its valid signature. Twenty CONNECTs naming
+/// the victim with a wrong password cost their source, not the victim.
+#[tokio::test]
+async fn wrong_passwords_naming_a_device_do_not_lock_it_out() {
+    let t = start_broker(|_| {}).await;
+    assert_eq!(t.broker.config.gate.device_burst, 10.0, "default burst");
+    let secret = t.product(PK, 10, 86_400).await;
+    let (u, _) = t.creds(PK, "victim", &secret);
+    for n in 0..20 {
+        let level = if n % 2 == 0 { 4 } else { 5 };
+        let bad = if level == 4 { 0x04 } else { 0x86 };
+        let forged = sign("not-the-secret", &u);
+        assert_eq!(
+            connack(t.addr(), level, "rev.victim", &u, &forged).await,
+            Some(bad),
+            "attempt {n}"
+        );
+    }
+    let (u, p) = t.creds(PK, "victim", &secret);
+    let (c, _el) = v5::connect(t.addr(), "rev.victim", &u, &p)
+        .await
+        .unwrap_or_else(|code| panic!("victim locked out: CONNACK 0x{code:02X}"));
+    drop(c);
+    // The device's own authenticated attempts are still limited.
+    let mut codes = Vec::new();
+    for _ in 0..12 {
+        let (u, p) = t.creds(PK, "victim", &secret);
+        codes.push(connack(t.addr(), 5, "rev.victim", &u, &p).await);
+    }
+    assert!(codes.contains(&Some(0x9F)), "{codes:?}");
+    let _ = v4::code;
+}
+
+/// The next packet the broker sends this MQTT 5 client.
+async fn incoming(el: &mut EventLoop) -> Packet {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(p)) => return p,
+                Ok(Event::Outgoing(_)) => {}
+                Err(e) => panic!("connection failed: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("packet in time")
+}
+
+async fn puback(el: &mut EventLoop) -> PubAckReason {
+    loop {
+        if let Packet::PubAck(a) = incoming(el).await {
+            return a.reason;
+        }
+    }
+}
+
+async fn suback(el: &mut EventLoop) -> SubscribeReasonCode {
+    loop {
+        if let Packet::SubAck(a) = incoming(el).await {
+            return a.return_codes[0];
+        }
+    }
+}
+
+/// Finding 2: a namespace template that could reach the admin topics is a
+/// configuration error naming the key; and even a broker built around such
+/// templates (bypassing the config file) keeps devices out of `admin/#`.
+#[tokio::test]
+async fn devices_cannot_drive_the_admin_plane_whatever_the_templates_say() {
+    for key in ["publish", "subscribe"] {
+        let e = Config::parse(&format!("[namespace]\n{key} = [\"#\"]\n"), "t.toml")
+            .expect_err("a template reaching admin/# is refused");
+        assert!(e.to_string().contains(&format!("namespace.{key}")), "{e}");
+    }
+    let t = start_broker(|c| {
+        c.namespace.publish = vec!["#".into()];
+        c.namespace.subscribe = vec!["#".into()];
+        c.accounts = vec![AccountConfig {
+            name: "admin".into(),
+            password_hash: hash_password("admin-pw"),
+            role: RoleConfig::Named("admin".into()),
+            publish: Vec::new(),
+            subscribe: Vec::new(),
+            events: false,
+        }];
+    })
+    .await;
+    let secret = t.product(PK, 10, 86_400).await;
+    let (u, p) = t.creds(PK, "d", &secret);
+    let (dev, mut del) = v5::connect(t.addr(), "rev.d", &u, &p)
+        .await
+        .unwrap_or_else(|c| panic!("CONNACK 0x{c:02X}"));
+    dev.publish(
+        "admin/v1/admin/request",
+        QoS::AtLeastOnce,
+        false,
+        json!({"Action": "CreateProduct", "ProductKey": "evil", "Name": "x"}).to_string(),
+    )
+    .await
+    .expect("queued");
+    assert_eq!(puback(&mut del).await, PubAckReason::NotAuthorized);
+    for f in ["admin/#", "#", "+/v1/+/response", "$share/g/admin/v1/#"] {
+        dev.subscribe(f, QoS::AtLeastOnce).await.expect("queued");
+        assert_eq!(
+            suback(&mut del).await,
+            SubscribeReasonCode::NotAuthorized,
+            "{f}"
+        );
+    }
+    // The templates still rule the rest.
+    dev.publish("anything/else", QoS::AtLeastOnce, false, "x")
+        .await
+        .expect("queued");
+    assert_eq!(puback(&mut del).await, PubAckReason::Success);
+    // The operator's request on the same topic is served after the
+    // device's (one commit log); the device's had no effect.
+    let addr = t.broker.accounts_addr();
+    let mut o = MqttOptions::new("ops", addr.ip().to_string(), addr.port());
+    o.set_credentials("admin", "admin-pw");
+    let (op, mut oel) = AsyncClient::new(o, 16);
+    op.subscribe("admin/v1/admin/response", QoS::AtLeastOnce)
+        .await
+        .expect("queued");
+    assert!(matches!(
+        suback(&mut oel).await,
+        SubscribeReasonCode::Success(_)
+    ));
+    op.publish(
+        "admin/v1/admin/request",
+        QoS::AtLeastOnce,
+        false,
+        json!({"Action": "DescribeProducts", "RequestId": "r"}).to_string(),
+    )
+    .await
+    .expect("queued");
+    loop {
+        if let Packet::Publish(p) = incoming(&mut oel).await {
+            let v: serde_json::Value = serde_json::from_slice(&p.payload).expect("json");
+            if v["RequestId"] == json!("r") {
+                break;
+            }
+        }
+    }
+    assert!(
+        t.broker.ledger.product("evil").is_err(),
+        "device created a product"
+    );
+}
+
+/// Finding 3: the enforcer falls behind a tiny event stream (16 events)
+/// exactly while a device is deleted; it must resynchronise from the
+/// ledger and disconnect the deleted device anyway.
+#[tokio::test]
+async fn a_deletion_lost_to_a_lagging_event_stream_still_disconnects() {
+    let t = start_broker(|c| c.events.capacity = 16).await;
+    let secret = t.product(PK, 10, 86_400).await;
+    let (u, p) = t.creds(PK, "gone", &secret);
+    let (_c, mut el) = v4::connect(t.addr(), "rev.gone", &u, &p)
+        .await
+        .unwrap_or_else(|c| panic!("CONNACK {c}"));
+    let (u, p) = t.creds(PK, "stays", &secret);
+    let (_c2, mut el2) = v4::connect(t.addr(), "rev.stays", &u, &p)
+        .await
+        .unwrap_or_else(|c| panic!("CONNACK {c}"));
+    t.wait_online(PK, "gone", true).await;
+    t.wait_online(PK, "stays", true).await;
+    // This test runs on a single-threaded runtime, which also runs the
+    // enforcer: while this thread waits for the deletion (done on another
+    // thread) and then floods the stream, the enforcer cannot read, so the
+    // `device/deleted` event is overwritten before it sees it.
+    let ledger = t.broker.ledger.clone();
+    std::thread::spawn(move || {
+        ledger.execute_blocking(
+            Command::DeleteDevice {
+                product_key: PK.into(),
+                device_key: "gone".into(),
+            },
+            None,
+        )
+    })
+    .join()
+    .expect("thread")
+    .expect("deleted");
+    for _ in 0..64 {
+        t.broker
+            .events
+            .publish(BusEvent::new(EventKind::DeviceRejected, t.clock.now()));
+    }
+    // Keep both clients' event loops running while waiting.
+    let drive = async {
+        loop {
+            tokio::select! {
+                r = el.poll() => if r.is_err() { break },
+                r = el2.poll() => if r.is_err() { break },
+            }
+        }
+    };
+    tokio::select! {
+        _ = drive => {}
+        _ = t.wait_online(PK, "gone", false) => {}
+    }
+    t.wait_online(PK, "gone", false).await;
+    assert!(t.is_online(PK, "stays"), "a live device was disconnected");
+}
+
+/// Finding 5: a login with an unknown account name goes through the same
+/// argon2 verification as one with a known name (against a dummy hash), so
+/// its timing tells nothing. Asserted structurally: each attempt is one
+/// verification, whatever the name.
+#[tokio::test]
+async fn unknown_account_names_cost_one_argon2_verification_like_known_ones() {
+    let t = start_broker(|c| {
+        c.accounts = vec![AccountConfig {
+            name: "ops".into(),
+            password_hash: hash_password("ops-pw"),
+            role: RoleConfig::Named("viewer".into()),
+            publish: Vec::new(),
+            subscribe: Vec::new(),
+            events: false,
+        }];
+    })
+    .await;
+    let addr = t.broker.accounts_addr();
+    let accounts = t.broker.accounts.clone();
+    let mut seen = accounts.verifications();
+    for (level, name, pass, code) in [
+        (4u8, "nobody", "x", Some(0x04)),
+        (5, "nobody", "ops-pw", Some(0x86)),
+        (4, "ops", "wrong", Some(0x04)),
+        (5, "ops", "wrong", Some(0x86)),
+        (5, "ops", "ops-pw", Some(0x00)),
+    ] {
+        assert_eq!(connack(addr, level, "c", name, pass).await, code, "{name}");
+        let now = accounts.verifications();
+        assert_eq!(now, seen + 1, "{name}/{pass}: one argon2 verification");
+        seen = now;
+    }
+}
