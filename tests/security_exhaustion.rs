@@ -195,7 +195,7 @@ async fn a_stalled_authentication_is_answered_server_busy() {
 }
 
 /// Logins verifying or waiting for argon2 are bounded: with room for one,
-/// a burst of 24 gets some 0x89 at once instead of queueing.
+/// a burst of 48 gets some 0x89 at once instead of queueing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_login_flood_is_refused_server_busy_instead_of_queueing() {
     let t = start_broker(|c| {
@@ -206,7 +206,7 @@ async fn a_login_flood_is_refused_server_busy_instead_of_queueing() {
     let addr = t.broker.accounts_addr();
     // All sockets first, then every CONNECT at once.
     let mut socks = Vec::new();
-    for _ in 0..24 {
+    for _ in 0..48 {
         socks.push(TcpStream::connect(addr).await.expect("tcp connect"));
     }
     let bytes = login(5, "", "wrong", true).encode();
@@ -220,7 +220,7 @@ async fn a_login_flood_is_refused_server_busy_instead_of_queueing() {
             .and_then(|p| (p.first() == Some(&0x20)).then(|| p[3]));
         *codes.entry(code).or_insert(0) += 1;
     }
-    eprintln!("24 concurrent logins, room for 1: {codes:?}");
+    eprintln!("48 concurrent logins, room for 1: {codes:?}");
     assert!(codes.contains_key(&Some(0x89)), "{codes:?}");
     assert!(codes.contains_key(&Some(0x86)), "{codes:?}");
     assert_eq!(codes.len(), 2, "{codes:?}");
