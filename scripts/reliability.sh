@@ -122,10 +122,19 @@ table() {
             [ -f "$r" ] || continue
             local res dur detail
             res=$(cut -f2 "$r"); dur=$(cut -f3 "$r")
-            detail=$(grep -h '^RELIABILITY: ' "$log" 2>/dev/null | sed 's/^RELIABILITY: //' | paste -sd ';' - | sed 's/;/; /g; s/|/\\|/g')
+            detail=$(grep -h '^RELIABILITY: ' "$log" 2>/dev/null | sed 's/^RELIABILITY: //' | paste -sd ';' - | sed 's/;\([^ ]\)/; \1/g; s/|/\\|/g')
             [ -z "$detail" ] && detail="(the test printed no RELIABILITY line)"
             echo "| ${what%%:*} | ${what#*: } | $detail | ${dur} s | $res |"
         done <<<"$TESTS"
+        local p="$OUT/power-loss.json" pl="$OUT/power-loss.log"
+        if [ -f "$pl" ]; then
+            local detail res=FAIL
+            grep -q 'test result: ok' "$pl" && res=pass
+            detail=$(grep -h '^RELIABILITY: ' "$pl" | sed 's/^RELIABILITY: //' | paste -sd ';' - | sed 's/;\([^ ]\)/; \1/g; s/|/\\|/g')
+            # A failed run has no summary: show where it failed.
+            [ -z "$detail" ] && detail=$(grep -h -A1 'panicked at' "$pl" | tail -n 1 | sed 's/|/\\|/g')
+            echo "| Power loss | the broker binary with its data directory on LazyFS under an \`activation-sim\` flood ($(json "$p" devices_per_cycle) devices/cycle at $(json "$p" rate)/s, half of them reconnects): SIGSTOP, \`lazyfs::clear-cache\` (every byte not fsynced is dropped), kill -9, remount, offline check, restart, reconnect every device acknowledged in the cycle and $(json "$p" older_sample) older ones | $detail | $(json "$p" seconds) s | $res |"
+        fi
         for t in connect packets admin; do
             local f="$OUT/fuzz-$t.json"
             if [ ! -f "$f" ]; then
@@ -149,12 +158,6 @@ table() {
         local c="$OUT/crash.json"
         if [ -f "$c" ]; then
             echo "| Crash | kill -9 of the broker binary under an \`activation-sim\` flood ($(json "$c" devices_per_cycle) devices/cycle at $(json "$c" rate)/s, half of them reconnects), restart, offline check | $(json "$c" cycles) cycles, $(json "$c" acknowledged) devices acknowledged (CONNACK 0), $(json "$c" consumed) codes consumed, kill $(json "$c" kill_ms_min)–$(json "$c" kill_ms_max) ms after the first CONNACK; invariants held, every acknowledged device kept its one code | $(json "$c" seconds) s | $(grep -q 'test result: ok' "$OUT/crash.log" 2>/dev/null && echo pass || echo FAIL) |"
-        fi
-        local p="$OUT/power-loss.json"
-        if [ -f "$p" ]; then
-            local detail
-            detail=$(grep -h '^RELIABILITY: ' "$OUT/power-loss.log" 2>/dev/null | sed 's/^RELIABILITY: //' | paste -sd ';' - | sed 's/;/; /g; s/|/\\|/g')
-            echo "| Power loss | the broker binary with its data directory on LazyFS under an \`activation-sim\` flood ($(json "$p" devices_per_cycle) devices/cycle at $(json "$p" rate)/s, half of them reconnects): SIGSTOP, \`lazyfs::clear-cache\` (every byte not fsynced is dropped), kill -9, remount, offline check, restart, reconnect every device acknowledged in the cycle and $(json "$p" older_sample) older ones | $detail | $(json "$p" seconds) s | $(grep -q 'test result: ok' "$OUT/power-loss.log" 2>/dev/null && echo pass || echo FAIL) |"
         fi
         echo
         sed -n '/^<!-- notes -->$/,$p' scripts/reliability-notes.md
