@@ -32,7 +32,8 @@ impl Incoming {
     #[inline]
     pub(crate) fn new(client_id: String) -> Self {
         Self {
-            buffer: Arc::new(Mutex::new(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY))),
+            // Sized on demand: an idle link holds no packet slots
+            buffer: Arc::new(Mutex::new(VecDeque::new())),
             meter: Default::default(),
             client_id,
         }
@@ -72,13 +73,11 @@ impl Outgoing {
     #[inline]
     pub(crate) fn new(client_id: String) -> (Self, Receiver<()>) {
         let (handle, rx) = flume::bounded(MAX_CHANNEL_CAPACITY);
-        let data_buffer = VecDeque::with_capacity(MAX_CHANNEL_CAPACITY);
-        let inflight_buffer = VecDeque::with_capacity(MAX_INFLIGHT);
-        let unacked_pubrels = VecDeque::with_capacity(MAX_INFLIGHT);
-
-        // Ensure that there won't be any new allocations
-        assert!(MAX_INFLIGHT <= inflight_buffer.capacity());
-        assert!(MAX_CHANNEL_CAPACITY <= data_buffer.capacity());
+        // Buffers are sized on demand (an idle link holds no slots) and
+        // shrink back when drained (see `shrink_idle`)
+        let data_buffer = VecDeque::new();
+        let inflight_buffer = VecDeque::new();
+        let unacked_pubrels = VecDeque::new();
 
         let outgoing = Self {
             client_id,
@@ -166,6 +165,9 @@ impl Outgoing {
     // Return: Out of order or unsolicited acks
     pub fn register_ack(&mut self, pkid: u16) -> Option<()> {
         let (head, _filter_idx, _cursor) = self.inflight_buffer.pop_front()?;
+        if self.inflight_buffer.is_empty() {
+            shrink_idle(&mut self.inflight_buffer);
+        }
 
         // We don't support out of order acks
         if pkid != head {
@@ -188,6 +190,9 @@ impl Outgoing {
     // to be consistent with the behaviour with other acks
     pub fn register_pubcomp(&mut self, pkid: u16) -> Option<()> {
         let id = self.unacked_pubrels.pop_front()?;
+        if self.unacked_pubrels.is_empty() {
+            shrink_idle(&mut self.unacked_pubrels);
+        }
 
         // out of order acks
         if pkid != id {
@@ -210,6 +215,18 @@ impl Outgoing {
         }
 
         o
+    }
+}
+
+/// Capacity an empty buffer may keep; above it, it is freed (its next use
+/// grows it again), so a burst does not pin memory on an idle link.
+pub(crate) const IDLE_CAPACITY: usize = 8;
+
+/// Frees the storage of an empty `buffer` holding more than
+/// [`IDLE_CAPACITY`] slots.
+pub(crate) fn shrink_idle<T>(buffer: &mut VecDeque<T>) {
+    if buffer.is_empty() && buffer.capacity() > IDLE_CAPACITY {
+        *buffer = VecDeque::new();
     }
 }
 

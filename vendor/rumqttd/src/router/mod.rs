@@ -19,9 +19,11 @@ mod alertlog;
 mod connection;
 mod graveyard;
 pub mod iobufs;
+mod index;
 mod logs;
 mod routing;
 mod scheduler;
+mod retained;
 pub(crate) mod shared_subs;
 mod waiters;
 
@@ -349,10 +351,30 @@ pub struct IncomingMeter {
 }
 
 impl IncomingMeter {
+    /// Whether this connection published to `topic` before
+    pub fn knows_topic(&self, topic: &str) -> bool {
+        self.publishes.contains_key(topic)
+    }
+
+    /// Distinct topics this connection published to
+    pub fn topic_count(&self) -> usize {
+        self.publishes.len()
+    }
+
+    /// Counts `topic` among the connection's topics
+    pub fn track_topic(&mut self, topic: &str) {
+        if !self.publishes.contains_key(topic) {
+            self.publishes.insert(topic.to_owned(), MeterData::default());
+        }
+    }
+
     pub fn register_publish(&mut self, publish: &Publish) -> Result<(), std::str::Utf8Error> {
-        let meter = {
-            let topic = std::str::from_utf8(&publish.topic)?.to_string();
-            self.publishes.entry(topic).or_default()
+        let topic = std::str::from_utf8(&publish.topic)?;
+        if !self.publishes.contains_key(topic) {
+            self.publishes.insert(topic.to_owned(), MeterData::default());
+        }
+        let Some(meter) = self.publishes.get_mut(topic) else {
+            return Ok(());
         };
         meter.count += 1;
         meter.size += publish.len();

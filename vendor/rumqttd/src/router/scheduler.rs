@@ -118,7 +118,7 @@ pub enum PauseReason {
 
 impl Tracker {
     pub fn new(client_id: String) -> Tracker {
-        let requests = VecDeque::with_capacity(2);
+        let requests = VecDeque::new();
         Tracker {
             id: client_id,
             data_requests: requests,
