@@ -20,6 +20,8 @@ mod connection;
 mod graveyard;
 pub mod iobufs;
 mod index;
+#[cfg(test)]
+mod link_tests;
 mod logs;
 mod routing;
 mod scheduler;
