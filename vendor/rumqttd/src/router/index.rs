@@ -25,7 +25,10 @@ struct Node {
 
 impl Node {
     fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.plus.is_none() && self.end.is_empty() && self.hash.is_empty()
+        self.children.is_empty()
+            && self.plus.is_none()
+            && self.end.is_empty()
+            && self.hash.is_empty()
     }
 
     fn collect(&self, levels: &[&str], out: &mut Vec<FilterIdx>) {

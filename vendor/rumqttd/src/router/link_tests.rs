@@ -2,6 +2,7 @@
 //! `LinkBuilder` links on a running router: what each subscriber receives is
 //! checked against the linear matcher (`protocol::matches`) as an oracle.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -36,13 +37,19 @@ fn router(config: RouterConfig) -> Connect {
             .dynamic_filters(true)
             .build()
             .expect("link");
-        Client { tx, rx }
+        Client {
+            tx,
+            rx,
+            pending: VecDeque::new(),
+        }
     })
 }
 
 struct Client {
     tx: LinkTx,
     rx: LinkRx,
+    /// Packets received while waiting for another one
+    pending: VecDeque<Packet>,
 }
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
@@ -69,11 +76,23 @@ impl Client {
         self.send(Packet::Publish(publish, None));
     }
 
-    /// The next notification converted to a packet (skipping none).
+    /// The next packet from the router (set aside ones first).
     fn next(&mut self) -> Packet {
+        match self.pending.pop_front() {
+            Some(packet) => packet,
+            None => self.recv(),
+        }
+    }
+
+    /// The next notification converted to a packet.
+    fn recv(&mut self) -> Packet {
         let deadline = Instant::now() + WAIT;
         loop {
-            match self.rx.recv_deadline(deadline).expect("notification in time") {
+            match self
+                .rx
+                .recv_deadline(deadline)
+                .expect("notification in time")
+            {
                 Some(Notification::Forward(f)) => return Packet::Publish(f.publish, f.properties),
                 Some(Notification::DeviceAck(ack)) => return ack.into(),
                 Some(Notification::Unschedule) => self.rx.ready().expect("ready"),
@@ -115,13 +134,17 @@ fn next_puback(c: &mut Client) -> PubAckReason {
     }
 }
 
+/// Subscribes and waits for the SUBACK, setting aside what comes before.
 fn subscribe(c: &mut Client, filter: &str) {
     c.tx.subscribe(filter).expect("subscribe");
+    let mut before = VecDeque::new();
     loop {
-        if let Packet::SubAck(..) = c.next() {
-            return;
+        match c.recv() {
+            Packet::SubAck(..) => break,
+            other => before.push_back(other),
         }
     }
+    c.pending.extend(before);
 }
 
 fn sorted(mut v: Vec<String>) -> Vec<String> {
@@ -296,4 +319,229 @@ fn a_disconnection_leaves_other_subscribers_of_its_filters_alone() {
         }
     }
     assert_eq!(sorted(got), vec!["1", "1", "2", "2", "fence", "fence"]);
+}
+
+fn level() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("a".to_owned()),
+        Just("b".to_owned()),
+        Just(String::new()),
+        Just("$x".to_owned()),
+        Just("+".to_owned()),
+        Just("#".to_owned()),
+    ]
+}
+
+fn path() -> impl Strategy<Value = String> {
+    prop::collection::vec(level(), 1..4).prop_map(|l| l.join("/"))
+}
+
+/// A topic (wildcard characters are not published).
+fn topic() -> impl Strategy<Value = String> {
+    path().prop_map(|p| p.replace(['+', '#'], "c"))
+}
+
+/// A filter a client may subscribe to: not starting with `$`, sometimes
+/// shared (`$share/g/...`).
+fn filter() -> impl Strategy<Value = String> {
+    (path(), any::<bool>()).prop_map(|(p, shared)| {
+        let p = if p.starts_with('$') {
+            format!("a/{p}")
+        } else {
+            p
+        };
+        if shared {
+            format!("$share/g/{p}")
+        } else {
+            p
+        }
+    })
+}
+
+/// The filter a `$share/{group}/` subscription matches with.
+fn bare(filter: &str) -> &str {
+    match filter.strip_prefix("$share/") {
+        Some(rest) => rest.split_once('/').map_or(rest, |(_, f)| f),
+        None => filter,
+    }
+}
+
+/// Gives client `n` its own share groups, so each group has one member
+/// (which then receives every message of the group's filter).
+fn own_groups(n: usize, filters: &[String]) -> Vec<String> {
+    filters
+        .iter()
+        .map(|f| f.replacen("$share/g/", &format!("$share/g{n}/"), 1))
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    /// (topic, payload; empty clears) published retained before subscribing
+    retained: Vec<(String, bool)>,
+    /// Filters of each subscriber, and which of them it unsubscribes
+    subscribers: Vec<(Vec<String>, Vec<prop::sample::Index>)>,
+    /// Topics published after
+    topics: Vec<String>,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        prop::collection::vec((topic(), any::<bool>()), 0..8),
+        prop::collection::vec(
+            (
+                prop::collection::btree_set(filter(), 1..6).prop_map(|s| s.into_iter().collect()),
+                prop::collection::vec(any::<prop::sample::Index>(), 0..3),
+            ),
+            1..4,
+        ),
+        prop::collection::vec(topic(), 0..12),
+    )
+        .prop_map(|(retained, subscribers, topics)| Case {
+            retained,
+            subscribers,
+            topics,
+        })
+}
+
+/// Receives forwards until `fences` copies of payload `fence` arrived;
+/// returns every forward as `topic=payload`.
+fn receive_until(c: &mut Client, fence: &str, fences: usize) -> Vec<String> {
+    let mut got = Vec::new();
+    let mut seen = 0;
+    while seen < fences {
+        if let Packet::Publish(p, _) = c.next() {
+            let payload = String::from_utf8_lossy(&p.payload).into_owned();
+            seen += usize::from(payload == fence);
+            got.push(format!("{}={payload}", String::from_utf8_lossy(&p.topic)));
+        }
+    }
+    got
+}
+
+/// The next `n` forwards as `topic=payload` (a missing one times out; an
+/// unexpected one takes the place of an expected one, or shows in the next
+/// phase, as the messages differ).
+fn receive_n(c: &mut Client, n: usize) -> Vec<String> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        if let Packet::Publish(p, _) = c.next() {
+            got.push(format!(
+                "{}={}",
+                String::from_utf8_lossy(&p.topic),
+                String::from_utf8_lossy(&p.payload)
+            ));
+        }
+    }
+    got
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Through real links, each subscriber receives exactly what the linear
+    /// matcher says: retained messages matching its (non-shared) filters at
+    /// subscription, then one copy per matching filter of each publish,
+    /// none after it unsubscribed a filter; `$` topics reach no one. (A
+    /// shared subscription forwards one message per round, so its messages
+    /// may come after the fence: each phase waits for the expected count.)
+    #[test]
+    fn subscribers_receive_what_the_linear_matcher_says(case in case()) {
+        let connect = router(config());
+        let mut publisher = connect("publisher");
+
+        // Retained messages; the oracle keeps the last one per topic.
+        let mut retained: Vec<(String, String)> = Vec::new();
+        for (i, (topic, keep)) in case.retained.iter().enumerate() {
+            let payload = if *keep { format!("r{i}") } else { String::new() };
+            publisher.publish(topic, payload.as_bytes(), QoS::AtMostOnce, true, 0);
+            retained.retain(|(t, _)| t != topic);
+            if *keep {
+                retained.push((topic.clone(), payload));
+            }
+        }
+
+        let fence_topic = "fence";
+        let subscribers: Vec<(Vec<String>, Vec<prop::sample::Index>)> = case
+            .subscribers
+            .iter()
+            .enumerate()
+            .map(|(n, (filters, removed))| (own_groups(n, filters), removed.clone()))
+            .collect();
+        let mut clients = Vec::new();
+        for (n, (filters, _)) in subscribers.iter().enumerate() {
+            let mut c = connect(&format!("sub{n}"));
+            for f in filters {
+                subscribe(&mut c, f);
+            }
+            subscribe(&mut c, fence_topic);
+            clients.push(c);
+        }
+
+        // Phase 1: retained messages at subscription.
+        publisher.publish(fence_topic, b"fence1", QoS::AtMostOnce, false, 0);
+        for (c, (filters, _)) in clients.iter_mut().zip(&subscribers) {
+            let fences = 1 + filters.iter().filter(|f| matches(fence_topic, bare(f))).count();
+            let mut expected: Vec<String> = filters
+                .iter()
+                .filter(|f| !f.starts_with("$share/"))
+                .flat_map(|f| {
+                    retained
+                        .iter()
+                        .filter(move |(t, _)| matches(t, f))
+                        .map(|(t, p)| format!("{t}={p}"))
+                })
+                .collect();
+            expected.extend(std::iter::repeat(format!("{fence_topic}=fence1")).take(fences));
+            let got = receive_n(c, expected.len());
+            prop_assert_eq!(sorted(got), sorted(expected));
+        }
+
+        // Unsubscribe some filters, then publish.
+        let mut active: Vec<Vec<String>> = Vec::new();
+        for (c, (filters, removed)) in clients.iter_mut().zip(&subscribers) {
+            let mut filters = filters.clone();
+            for r in removed {
+                if filters.is_empty() {
+                    break;
+                }
+                let f = filters.remove(r.index(filters.len()));
+                c.tx.unsubscribe(f).expect("unsubscribe");
+            }
+            active.push(filters);
+        }
+        for (i, topic) in case.topics.iter().enumerate() {
+            publisher.publish(topic, format!("m{i}").as_bytes(), QoS::AtMostOnce, false, 0);
+        }
+        publisher.publish(fence_topic, b"fence2", QoS::AtMostOnce, false, 0);
+
+        // Phase 2: one copy per matching active filter.
+        for (c, filters) in clients.iter_mut().zip(&active) {
+            let fences = 1 + filters.iter().filter(|f| matches(fence_topic, bare(f))).count();
+            let mut expected: Vec<String> = Vec::new();
+            for (i, topic) in case.topics.iter().enumerate() {
+                let copies = filters.iter().filter(|f| matches(topic, bare(f))).count();
+                expected.extend(std::iter::repeat(format!("{topic}=m{i}")).take(copies));
+            }
+            expected.extend(std::iter::repeat(format!("{fence_topic}=fence2")).take(fences));
+            let got = receive_n(c, expected.len());
+            prop_assert_eq!(sorted(got), sorted(expected));
+        }
+    }
+}
+
+/// A share group is its name and its filter (MQTT 5 4.8.2): `$share/g/a`
+/// and `$share/g/+` are two groups, each delivering its filter's messages.
+#[test]
+fn one_share_name_on_two_filters_makes_two_groups() {
+    let connect = router(config());
+    let mut a = connect("a");
+    let mut any = connect("any");
+    subscribe(&mut a, "$share/g/a");
+    subscribe(&mut any, "$share/g/+");
+    let mut publisher = connect("p");
+    publisher.publish("a", b"1", QoS::AtMostOnce, false, 0);
+    publisher.publish("b", b"2", QoS::AtMostOnce, false, 0);
+    assert_eq!(receive_until(&mut a, "1", 1), vec!["a=1"]);
+    assert_eq!(sorted(receive_until(&mut any, "2", 1)), vec!["a=1", "b=2"]);
 }

@@ -71,10 +71,8 @@ impl DataLog {
         let mut native = Slab::new();
         let mut filter_indexes = HashMap::new();
         let mut index = FilterIndex::new();
-        let retained = RetainedStore::new(
-            config.max_retained_per_client,
-            config.max_retained_bytes,
-        );
+        let retained =
+            RetainedStore::new(config.max_retained_per_client, config.max_retained_bytes);
 
         if let Some(warmup_filters) = config.initialized_filters.clone() {
             for filter in warmup_filters {

@@ -18,14 +18,14 @@ use crate::{
 mod alertlog;
 mod connection;
 mod graveyard;
-pub mod iobufs;
 mod index;
+pub mod iobufs;
 #[cfg(test)]
 mod link_tests;
 mod logs;
+mod retained;
 mod routing;
 mod scheduler;
-mod retained;
 pub(crate) mod shared_subs;
 mod waiters;
 
@@ -366,14 +366,16 @@ impl IncomingMeter {
     /// Counts `topic` among the connection's topics
     pub fn track_topic(&mut self, topic: &str) {
         if !self.publishes.contains_key(topic) {
-            self.publishes.insert(topic.to_owned(), MeterData::default());
+            self.publishes
+                .insert(topic.to_owned(), MeterData::default());
         }
     }
 
     pub fn register_publish(&mut self, publish: &Publish) -> Result<(), std::str::Utf8Error> {
         let topic = std::str::from_utf8(&publish.topic)?;
         if !self.publishes.contains_key(topic) {
-            self.publishes.insert(topic.to_owned(), MeterData::default());
+            self.publishes
+                .insert(topic.to_owned(), MeterData::default());
         }
         let Some(meter) = self.publishes.get_mut(topic) else {
             return Ok(());

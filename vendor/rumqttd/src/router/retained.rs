@@ -51,7 +51,11 @@ impl Node {
     fn put(&mut self, levels: &[&str], msg: Retained) -> Option<Retained> {
         match levels.split_first() {
             None => self.msg.replace(msg),
-            Some((level, rest)) => self.children.entry((*level).into()).or_default().put(rest, msg),
+            Some((level, rest)) => self
+                .children
+                .entry((*level).into())
+                .or_default()
+                .put(rest, msg),
         }
     }
 
@@ -69,7 +73,13 @@ impl Node {
     }
 
     /// Topics (as level paths) under `prefix` matching `filter`.
-    fn collect(&self, filter: &[&str], at_root: bool, path: &mut Vec<String>, out: &mut Vec<String>) {
+    fn collect(
+        &self,
+        filter: &[&str],
+        at_root: bool,
+        path: &mut Vec<String>,
+        out: &mut Vec<String>,
+    ) {
         let Some((level, rest)) = filter.split_first() else {
             if self.msg.is_some() {
                 out.push(path.join("/"));
@@ -264,5 +274,23 @@ impl RetainedStore {
     /// Retained messages held by `owner`.
     pub fn held_by(&self, owner: &str) -> usize {
         self.per_client.get(owner).copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::RetainedStore;
+    use crate::protocol::Publish;
+    use std::time::Instant;
+
+    #[test]
+    fn single_level() {
+        let mut store = RetainedStore::new(10, 1 << 20);
+        store
+            .insert("c", Publish::new("c", "r0", true), None, "x", false)
+            .unwrap();
+        assert_eq!(store.matching("+", Instant::now()).len(), 1);
+        assert_eq!(store.matching("c", Instant::now()).len(), 1);
+        assert_eq!(store.matching("#", Instant::now()).len(), 1);
     }
 }

@@ -108,7 +108,7 @@ pub struct Router {
     router_meters: RouterMeter,
     /// Buffer for cache exchange of incoming packets
     cache: Option<VecDeque<Packet>>,
-    /// Shared subscriptions map <group-name, group>
+    /// Shared subscriptions map <`$share/{group}/{filter}`, group>
     shared_subscriptions: HashMap<String, SharedGroup>,
     /// Will messages per client_id
     last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
@@ -490,11 +490,11 @@ impl Router {
 
             // Remove this connection from its groups and
             // discard empty group ( group with no client )
-            if let Some(name) = &group {
-                if let Some(shared) = self.shared_subscriptions.get_mut(name) {
+            if group.is_some() {
+                if let Some(shared) = self.shared_subscriptions.get_mut(path) {
                     shared.remove_client(&client_id);
                     if shared.is_empty() {
-                        self.shared_subscriptions.remove(name);
+                        self.shared_subscriptions.remove(path);
                     }
                 }
             }
@@ -538,13 +538,12 @@ impl Router {
             for request in tracker.data_requests.iter_mut() {
                 if let Some(cursor) = retransmissions.get(&request.filter_idx) {
                     request.cursor = *cursor;
-                    // reset the group cursor
-                    if let Some(group_name) = &request.group {
-                        // TODO: Test this more
-                        self.shared_subscriptions
-                            .get_mut(group_name)
-                            .expect("group must exists")
-                            .cursor = *cursor;
+                    // reset the group cursor (if the group outlived this
+                    // connection)
+                    if request.group.is_some() {
+                        if let Some(shared) = self.shared_subscriptions.get_mut(&request.filter) {
+                            shared.cursor = *cursor;
+                        }
                     }
                 }
             }
@@ -800,11 +799,11 @@ impl Router {
 
                             // Remove the connection from this filter's group,
                             // discard the group if empty ( group with no client )
-                            if let Some(name) = &group {
-                                if let Some(shared) = self.shared_subscriptions.get_mut(name) {
+                            if group.is_some() {
+                                if let Some(shared) = self.shared_subscriptions.get_mut(filter) {
                                     shared.remove_client(&client_id);
                                     if shared.is_empty() {
-                                        self.shared_subscriptions.remove(name);
+                                        self.shared_subscriptions.remove(filter);
                                     }
                                 }
                             }
@@ -1061,13 +1060,14 @@ impl Router {
         // Prepare consumer to pull data in case of subscription
         let connection = self.connections.get_mut(id).unwrap();
 
-        // Add/Create shared group
-        if let Some(group_name) = &group {
+        // Add/Create shared group: one per share name and filter
+        // (`$share/{group}/{filter}`, MQTT 5 4.8.2)
+        if group.is_some() {
             let client_id = connection.client_id.clone();
 
             let shared_group = self
                 .shared_subscriptions
-                .entry(group_name.to_string())
+                .entry(filter_path.clone())
                 .or_insert(SharedGroup::new(
                     cursor,
                     self.config.shared_subscriptions_strategy.clone(),
@@ -1170,10 +1170,10 @@ impl Router {
                 }
             };
 
-            let shared_group = request
-                .group
-                .as_ref()
-                .and_then(|name| self.shared_subscriptions.get_mut(name));
+            let shared_group = match request.group {
+                Some(_) => self.shared_subscriptions.get_mut(&request.filter),
+                None => None,
+            };
 
             match forward_device_data(
                 &mut request,
