@@ -82,8 +82,6 @@ pub struct LedgerSection {
 pub struct RouterSection {
     /// Most sessions (devices and accounts) the router holds.
     pub max_connections: usize,
-    /// Distinct topics one connection may publish to (over it: PUBACK 0x97).
-    pub max_topics_per_client: usize,
     /// Retained messages one client id may hold (over it: PUBACK 0x97).
     pub max_retained_per_client: usize,
     /// Bytes all retained messages may take (over it: PUBACK 0x97).
@@ -149,7 +147,6 @@ impl Default for RouterSection {
     fn default() -> Self {
         RouterSection {
             max_connections: 200_000,
-            max_topics_per_client: 1_000,
             max_retained_per_client: 100,
             max_retained_bytes: 64 * 1024 * 1024,
         }

@@ -37,9 +37,9 @@
 //!   connection; at expiry the gateway discards the router's copy.
 //! - A publish no subscription matches is dropped by the router and leaves
 //!   no state (links set `dynamic_filters`, which rumqttd 0.20 never acted
-//!   on). The router caps what a client can make it hold (distinct topics,
-//!   retained messages; see [`router_config_with`]): over a cap the publish
-//!   is not stored and gets PUBACK/PUBREC 0x97.
+//!   on). The router caps the retained messages a client can make it hold
+//!   (see [`router_config_with`]): over a cap the publish is not stored and
+//!   gets PUBACK/PUBREC 0x97.
 //! - UNSUBACK and PINGRESP are answered here (the router acks only
 //!   subscribed filters, one UNSUBACK per filter). PUBREL is forwarded
 //!   without properties (the router ignores it otherwise).
@@ -396,7 +396,6 @@ pub fn router_config_with(section: &crate::config::RouterSection) -> RouterConfi
         custom_segment: None,
         initialized_filters: None,
         shared_subscriptions_strategy: Default::default(),
-        max_topics_per_client: section.max_topics_per_client,
         max_retained_per_client: section.max_retained_per_client,
         max_retained_bytes: section.max_retained_bytes,
         quota_exempt_clients: vec![

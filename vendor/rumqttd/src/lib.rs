@@ -202,13 +202,12 @@ pub struct RouterConfig {
     // defaults to Round Robin
     #[serde(default)]
     pub shared_subscriptions_strategy: Strategy,
-    /// Distinct topics one connection may publish to (each is tracked by
-    /// the router for the connection's life). A publish to one more is not
-    /// stored: QoS 1 gets PUBACK 0x97 (Quota exceeded), QoS 2 PUBREC 0x97.
-    #[serde(default = "RouterConfig::default_max_topics_per_client")]
-    pub max_topics_per_client: usize,
-    /// Retained messages one client id may hold; over it a retained
-    /// publish is refused as above.
+    /// Retained messages one client id may hold. A retained publish over
+    /// it is not stored: QoS 1 gets PUBACK 0x97 (Quota exceeded), QoS 2
+    /// PUBREC 0x97, QoS 0 is dropped; each is logged.
+    ///
+    /// (Distinct topics need no cap: a publish no filter matches leaves no
+    /// state in the router, and no per-topic state is kept per connection.)
     #[serde(default = "RouterConfig::default_max_retained_per_client")]
     pub max_retained_per_client: usize,
     /// Bytes (topic + payload + 4 each) all retained messages may take;
@@ -222,13 +221,8 @@ pub struct RouterConfig {
 }
 
 impl RouterConfig {
-    pub const DEFAULT_MAX_TOPICS_PER_CLIENT: usize = 1_000;
     pub const DEFAULT_MAX_RETAINED_PER_CLIENT: usize = 100;
     pub const DEFAULT_MAX_RETAINED_BYTES: usize = 64 * 1024 * 1024;
-
-    fn default_max_topics_per_client() -> usize {
-        Self::DEFAULT_MAX_TOPICS_PER_CLIENT
-    }
 
     fn default_max_retained_per_client() -> usize {
         Self::DEFAULT_MAX_RETAINED_PER_CLIENT
@@ -249,7 +243,6 @@ impl Default for RouterConfig {
             custom_segment: None,
             initialized_filters: None,
             shared_subscriptions_strategy: Strategy::default(),
-            max_topics_per_client: Self::DEFAULT_MAX_TOPICS_PER_CLIENT,
             max_retained_per_client: Self::DEFAULT_MAX_RETAINED_PER_CLIENT,
             max_retained_bytes: Self::DEFAULT_MAX_RETAINED_BYTES,
             quota_exempt_clients: Vec::new(),

@@ -353,35 +353,11 @@ pub struct IncomingMeter {
 }
 
 impl IncomingMeter {
-    /// Whether this connection published to `topic` before
-    pub fn knows_topic(&self, topic: &str) -> bool {
-        self.publishes.contains_key(topic)
-    }
-
-    /// Distinct topics this connection published to
-    pub fn topic_count(&self) -> usize {
-        self.publishes.len()
-    }
-
-    /// Counts `topic` among the connection's topics
-    pub fn track_topic(&mut self, topic: &str) {
-        if !self.publishes.contains_key(topic) {
-            self.publishes
-                .insert(topic.to_owned(), MeterData::default());
-        }
-    }
-
+    /// Counts a publish of this connection. Per-topic counts are not kept
+    /// (nothing read them): a connection publishing to endless distinct
+    /// topics must not grow the router.
     pub fn register_publish(&mut self, publish: &Publish) -> Result<(), std::str::Utf8Error> {
-        let topic = std::str::from_utf8(&publish.topic)?;
-        if !self.publishes.contains_key(topic) {
-            self.publishes
-                .insert(topic.to_owned(), MeterData::default());
-        }
-        let Some(meter) = self.publishes.get_mut(topic) else {
-            return Ok(());
-        };
-        meter.count += 1;
-        meter.size += publish.len();
+        std::str::from_utf8(&publish.topic)?;
 
         self.total_publishes.count += 1;
         self.total_publishes.size += publish.len();
@@ -389,6 +365,7 @@ impl IncomingMeter {
         Ok(())
     }
 
+    /// Empty: per-topic counts are not kept (see `register_publish`)
     pub fn get_topic_meters(&self) -> &HashMap<Topic, MeterData> {
         &self.publishes
     }

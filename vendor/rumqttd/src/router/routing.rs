@@ -59,8 +59,6 @@ const TOPIC_ALIAS_MAX: u16 = 4096;
 /// Why a publish was not stored (answered with reason 0x97, Quota exceeded)
 #[derive(Error, Debug)]
 pub enum QuotaRefusal {
-    #[error("the connection already published to {max} distinct topics, the most allowed")]
-    Topics { max: usize },
     #[error("retained message refused: {0}")]
     Retained(#[from] RetainRefusal),
 }
@@ -986,10 +984,9 @@ impl Router {
         }
     }
 
-    /// Whether the publish of connection `id` fits its caps (distinct topics
-    /// published on this connection; retained messages of its client id and
-    /// in total). An admitted publish's topic is counted. A topic that cannot
-    /// be resolved yet (an unknown alias) is left to `append_to_commitlog`,
+    /// Whether the publish of connection `id` fits the caps on retained
+    /// messages (of its client id, and in total). A topic that cannot be
+    /// resolved yet (an unknown alias) is left to `append_to_commitlog`,
     /// which refuses it.
     fn admit_publish(
         &mut self,
@@ -1010,24 +1007,13 @@ impl Router {
                 Err(_) => return Ok(()),
             }
         };
-        let client_id = &connection.client_id;
-        let exempt = self.quota_exempt.contains(client_id);
-        let meter = &mut self.ibufs[id].meter;
-
-        if !exempt && !meter.knows_topic(topic) {
-            let max = self.config.max_topics_per_client;
-            if meter.topic_count() >= max {
-                return Err(QuotaRefusal::Topics { max });
-            }
-        }
-
         if publish.retain && !publish.payload.is_empty() {
+            let client_id = &connection.client_id;
+            let exempt = self.quota_exempt.contains(client_id);
             let size = 4 + topic.len() + publish.payload.len();
             self.datalog
                 .check_retained(topic, size, client_id, exempt)?;
         }
-
-        meter.track_topic(topic);
         Ok(())
     }
 
