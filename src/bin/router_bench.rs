@@ -54,6 +54,8 @@ struct Measured {
     wildcard_us: f64,
     wildcard_received: usize,
     rss_per_device: f64,
+    /// RSS growth per device after linking, before subscribing
+    rss_per_linked: f64,
     rss_mib: f64,
 }
 
@@ -194,7 +196,8 @@ fn telemetry(groups: &mut [Vec<Device>], per_thread: usize) -> anyhow::Result<()
             })
             .collect();
         for h in handles {
-            h.join().map_err(|_| anyhow::anyhow!("publisher panicked"))??;
+            h.join()
+                .map_err(|_| anyhow::anyhow!("publisher panicked"))??;
         }
         Ok(())
     })
@@ -231,6 +234,7 @@ fn single(n: usize, publishes: usize, threads: usize) -> anyhow::Result<Measured
             .collect::<anyhow::Result<_>>()
     })?;
     let link_us = started.elapsed().as_secs_f64() * 1e6 / n as f64;
+    let rss_linked = rss_bytes()?;
 
     // Every device subscribes to its command topic.
     let started = Instant::now();
@@ -251,7 +255,8 @@ fn single(n: usize, publishes: usize, threads: usize) -> anyhow::Result<Measured
             })
             .collect();
         for h in handles {
-            h.join().map_err(|_| anyhow::anyhow!("subscriber panicked"))??;
+            h.join()
+                .map_err(|_| anyhow::anyhow!("subscriber panicked"))??;
         }
         anyhow::Ok(())
     })?;
@@ -270,7 +275,11 @@ fn single(n: usize, publishes: usize, threads: usize) -> anyhow::Result<Measured
         x ^= x << 17;
         let (_, topic) = device_id((x % n as u64) as usize);
         let pkid = (k % 60_000 + 1) as u16;
-        now(backend_tx.send(publish_packet(&format!("{topic}/command"), QoS::AtLeastOnce, pkid)))?;
+        now(backend_tx.send(publish_packet(
+            &format!("{topic}/command"),
+            QoS::AtLeastOnce,
+            pkid,
+        )))?;
     }
     for _ in 0..publishes {
         wait_for(&mut backend_rx, |p| matches!(p, Packet::PubAck(..)))?;
@@ -317,6 +326,7 @@ fn single(n: usize, publishes: usize, threads: usize) -> anyhow::Result<Measured
         wildcard_us,
         wildcard_received,
         rss_per_device: (rss1.saturating_sub(rss0)) as f64 / n as f64,
+        rss_per_linked: (rss_linked.saturating_sub(rss0)) as f64 / n as f64,
         rss_mib,
     })
 }
@@ -362,19 +372,24 @@ fn main() -> anyhow::Result<()> {
          {} messages per publish measurement (10-byte payload, QoS 1 acked); \
          every device subscribed (QoS 1) to its own devices/{{PK}}/{{DK}}/command; \
          jemalloc; RSS growth from before the router to after every SUBACK.\n",
-        "0.20.0 (vendored, patched)",
-        args.threads,
-        args.publishes
+        "0.20.0 (vendored, patched)", args.threads, args.publishes
+    );
+    println!(
+        "RSS includes the bench's own link handles (`LinkTx`/`LinkRx`, which the gateway \
+         holds per linked session): a `LinkRx` starts with room for 100 notifications of \
+         {} B ({} B).\n",
+        std::mem::size_of::<Notification>(),
+        100 * std::mem::size_of::<Notification>()
     );
     println!(
         "| devices | link µs/device | subscribe µs/device | command to a subscribed device µs/msg | \
          telemetry, nobody subscribed µs/msg | telemetry to `devices/+/+/telemetry` µs/msg (received) | \
-         RSS/device | RSS |"
+         RSS/device linked | RSS/device subscribed | RSS |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for m in &rows {
         println!(
-            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} ({}) | {:.0} B | {:.0} MiB |",
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} ({}) | {:.0} B | {:.0} B | {:.0} MiB |",
             m.devices,
             m.link_us,
             m.subscribe_us,
@@ -382,6 +397,7 @@ fn main() -> anyhow::Result<()> {
             m.unsubscribed_us,
             m.wildcard_us,
             m.wildcard_received,
+            m.rss_per_linked,
             m.rss_per_device,
             m.rss_mib
         );

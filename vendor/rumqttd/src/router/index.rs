@@ -7,14 +7,13 @@
 //! topic starting with `$` matches no filter, a topic level `#` matches only
 //! a `#` before it, and a filter ends at its first `#` level.
 
-use std::collections::HashMap;
-
+use super::children::Children;
 use super::FilterIdx;
 
 #[derive(Debug, Default)]
 struct Node {
     /// Literal next levels.
-    children: HashMap<Box<str>, Node>,
+    children: Children<Node>,
     /// The `+` next level.
     plus: Option<Box<Node>>,
     /// Filters ending at this node.
@@ -63,7 +62,7 @@ impl Node {
             Some((level, rest)) => {
                 if let Some(child) = self.children.get_mut(*level) {
                     if child.remove(rest, idx) {
-                        self.children.remove(*level);
+                        self.children.remove(level);
                     }
                 }
             }
@@ -104,9 +103,10 @@ impl FilterIndex {
                     return;
                 }
                 "+" => node.plus.get_or_insert_with(Default::default),
-                _ => node.children.entry(level.into()).or_default(),
+                _ => node.children.entry(level),
             };
         }
+        node.end.reserve_exact(1);
         node.end.push(idx);
         self.len += 1;
     }

@@ -4,7 +4,7 @@ use std::{
 };
 
 use flume::{Receiver, Sender};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use tracing::{error, warn};
 
 use crate::{
@@ -74,7 +74,7 @@ impl Outgoing {
     pub(crate) fn new(client_id: String) -> (Self, Receiver<()>) {
         let (handle, rx) = flume::bounded(MAX_CHANNEL_CAPACITY);
         // Buffers are sized on demand (an idle link holds no slots) and
-        // shrink back when drained (see `shrink_idle`)
+        // are freed when drained (see `shrink_idle`)
         let data_buffer = VecDeque::new();
         let inflight_buffer = VecDeque::new();
         let unacked_pubrels = VecDeque::new();
@@ -101,8 +101,16 @@ impl Outgoing {
         MAX_INFLIGHT - self.inflight_buffer.len()
     }
 
+    /// The send buffer, locked. The link swaps it with its own receive
+    /// cache on every read, so an empty one holding many slots (e.g. the
+    /// 100 a `LinkRx` starts with) is replaced by an unallocated one first:
+    /// the slots of an idle link stay few.
+    pub(crate) fn lock_buffer(&self) -> MutexGuard<'_, VecDeque<Notification>> {
+        lock_shrunk(&self.data_buffer)
+    }
+
     pub fn push_notification(&mut self, notification: Notification) -> usize {
-        let mut buffer = self.data_buffer.lock();
+        let mut buffer = self.lock_buffer();
         buffer.push_back(notification);
         buffer.len()
     }
@@ -114,7 +122,7 @@ impl Outgoing {
         qos: u8,
         filter_idx: usize,
     ) -> (usize, usize) {
-        let mut buffer = self.data_buffer.lock();
+        let mut buffer = lock_shrunk(&self.data_buffer);
         let publishes = publishes;
 
         if qos == 0 {
@@ -218,14 +226,17 @@ impl Outgoing {
     }
 }
 
-/// Capacity an empty buffer may keep; above it, it is freed (its next use
-/// grows it again), so a burst does not pin memory on an idle link.
-pub(crate) const IDLE_CAPACITY: usize = 8;
+/// Locks `buffer`, first freeing its storage if it is empty and large.
+fn lock_shrunk<T>(buffer: &Mutex<VecDeque<T>>) -> MutexGuard<'_, VecDeque<T>> {
+    let mut buffer = buffer.lock();
+    shrink_idle(&mut buffer);
+    buffer
+}
 
-/// Frees the storage of an empty `buffer` holding more than
-/// [`IDLE_CAPACITY`] slots.
+/// Frees the storage of an empty `buffer` (its next use allocates again):
+/// an idle link keeps no slots, whatever its last burst needed.
 pub(crate) fn shrink_idle<T>(buffer: &mut VecDeque<T>) {
-    if buffer.is_empty() && buffer.capacity() > IDLE_CAPACITY {
+    if buffer.is_empty() && buffer.capacity() > 0 {
         *buffer = VecDeque::new();
     }
 }

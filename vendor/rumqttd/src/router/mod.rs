@@ -16,6 +16,7 @@ use crate::{
 };
 
 mod alertlog;
+mod children;
 mod connection;
 mod graveyard;
 mod index;
@@ -370,8 +371,10 @@ impl IncomingMeter {
         &self.publishes
     }
 
-    pub fn register_subscription(&mut self, filter: Filter) -> bool {
-        self.subscribes.insert(filter)
+    /// Not kept (nothing read them; the connection knows its
+    /// subscriptions): always false
+    pub fn register_subscription(&mut self, _filter: Filter) -> bool {
+        false
     }
 
     pub fn unregister_subscription(&mut self, filter: &Filter) -> bool {

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
+use super::children::Children;
 use crate::protocol::{Publish, PublishProperties};
 use crate::Storage;
 
@@ -31,7 +32,7 @@ struct Retained {
 
 #[derive(Default)]
 struct Node {
-    children: HashMap<Box<str>, Node>,
+    children: Children<Node>,
     msg: Option<Retained>,
 }
 
@@ -51,11 +52,7 @@ impl Node {
     fn put(&mut self, levels: &[&str], msg: Retained) -> Option<Retained> {
         match levels.split_first() {
             None => self.msg.replace(msg),
-            Some((level, rest)) => self
-                .children
-                .entry((*level).into())
-                .or_default()
-                .put(rest, msg),
+            Some((level, rest)) => self.children.entry(level).put(rest, msg),
         }
     }
 
@@ -67,7 +64,7 @@ impl Node {
         let child = self.children.get_mut(*level)?;
         let taken = child.take(rest);
         if child.is_empty() {
-            self.children.remove(*level);
+            self.children.remove(level);
         }
         taken
     }
@@ -89,8 +86,8 @@ impl Node {
         match *level {
             "#" => self.collect_all(at_root, path, out),
             "+" => {
-                for (name, child) in &self.children {
-                    if &**name == "#" || (at_root && name.starts_with('$')) {
+                for (name, child) in self.children.iter() {
+                    if name == "#" || (at_root && name.starts_with('$')) {
                         continue;
                     }
                     path.push(name.to_string());
@@ -115,7 +112,7 @@ impl Node {
         if self.msg.is_some() {
             out.push(path.join("/"));
         }
-        for (name, child) in &self.children {
+        for (name, child) in self.children.iter() {
             if at_root && name.starts_with('$') {
                 continue;
             }

@@ -151,8 +151,8 @@ impl Router {
             router_rx,
             router_tx,
             router_meters: router_metrics,
-            // Exchanged with links' incoming buffers: kept small (see
-            // `handle_device_payload`) so no link is handed a large buffer
+            // Exchanged with links' incoming buffers: freed after each batch
+            // (see `handle_device_payload`) so no link is handed slots
             cache: Some(VecDeque::new()),
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
@@ -456,10 +456,7 @@ impl Router {
 
             let disconnect_notification = Notification::Disconnect(disconnect, None);
 
-            outgoing
-                .data_buffer
-                .lock()
-                .push_back(disconnect_notification);
+            outgoing.lock_buffer().push_back(disconnect_notification);
 
             outgoing.handle.try_send(()).ok();
         }
@@ -1498,7 +1495,7 @@ fn ack_device_data(ackslog: &mut AckLog, outgoing: &mut Outgoing) -> bool {
     }
 
     let mut count = 0;
-    let mut buffer = outgoing.data_buffer.lock();
+    let mut buffer = outgoing.lock_buffer();
 
     // Unlike forwards, we are reading all the pending acks for a given connection.
     // At any given point of time, there can be a max of connection's buffer size

@@ -55,6 +55,10 @@ impl<T> Waiters<T> {
     /// Pushes a request to current wait queue (replacing a request of the
     /// same connection and group)
     pub fn register(&mut self, id: ConnectionId, group: Option<String>, request: T) {
+        if self.current.capacity() == 0 {
+            // Most filters have one waiter (a device's own topic)
+            self.current = IndexMap::with_capacity(1);
+        }
         self.current.insert((id, group), request);
     }
 
