@@ -39,7 +39,7 @@ impl Node {
         if *level == "#" {
             return;
         }
-        if let Some(child) = self.children.get(*level) {
+        if let Some(child) = self.children.get(level) {
             child.collect(rest, out);
         }
         if let Some(plus) = &self.plus {
@@ -60,7 +60,7 @@ impl Node {
                 }
             }
             Some((level, rest)) => {
-                if let Some(child) = self.children.get_mut(*level) {
+                if let Some(child) = self.children.get_mut(level) {
                     if child.remove(rest, idx) {
                         self.children.remove(level);
                     }

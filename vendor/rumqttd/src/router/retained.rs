@@ -44,7 +44,7 @@ impl Node {
     fn get(&self, levels: &[&str]) -> Option<&Retained> {
         match levels.split_first() {
             None => self.msg.as_ref(),
-            Some((level, rest)) => self.children.get(*level)?.get(rest),
+            Some((level, rest)) => self.children.get(level)?.get(rest),
         }
     }
 
@@ -61,7 +61,7 @@ impl Node {
         let Some((level, rest)) = levels.split_first() else {
             return self.msg.take();
         };
-        let child = self.children.get_mut(*level)?;
+        let child = self.children.get_mut(level)?;
         let taken = child.take(rest);
         if child.is_empty() {
             self.children.remove(level);
