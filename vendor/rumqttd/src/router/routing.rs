@@ -879,7 +879,7 @@ impl Router {
                         Ok(Some(v)) => v,
                         // Refused at PUBREC (over a quota): nothing to append
                         Ok(None) => {
-                            force_ack = true;
+                            self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
                             continue;
                         }
                         Err(()) => {
