@@ -92,6 +92,10 @@ pub struct RouterSection {
     pub max_connections: usize,
     /// Of those, how many only accounts may use (devices get the rest).
     pub reserved_for_accounts: usize,
+    /// Retained messages one client id may hold (over it: PUBACK 0x97).
+    pub max_retained_per_client: usize,
+    /// Bytes all retained messages may take (over it: PUBACK 0x97).
+    pub max_retained_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -190,6 +194,8 @@ impl Default for RouterSection {
         RouterSection {
             max_connections: 200_000,
             reserved_for_accounts: 1_000,
+            max_retained_per_client: 100,
+            max_retained_bytes: 64 * 1024 * 1024,
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::device_auth::DeviceAuthenticator;
 use crate::enforcer::Enforcer;
 use crate::events::EventBus;
 use crate::gate::Gate;
-use crate::gateway::{router_config, Gateway, Listener, RouterHandle};
+use crate::gateway::{router_config_with, Gateway, Listener, RouterHandle};
 use crate::ledger::{Ledger, LedgerOptions};
 
 /// A running broker.
@@ -68,7 +68,7 @@ impl Broker {
         let ledger = tokio::task::spawn_blocking(move || Ledger::open(&path, options, c, e))
             .await?
             .with_context(|| format!("opening the ledger in {}", config.data_dir.display()))?;
-        let router = RouterHandle::spawn(0, router_config(config.router.max_connections));
+        let router = RouterHandle::spawn(0, router_config_with(&config.router));
         let gateway = Gateway::start(router, events.clone(), clock.clone()).await?;
         gateway
             .online()

@@ -36,6 +36,7 @@ fn router_config() -> RouterConfig {
         custom_segment: None,
         initialized_filters: None,
         shared_subscriptions_strategy: Default::default(),
+        ..Default::default()
     }
 }
 

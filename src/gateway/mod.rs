@@ -35,9 +35,11 @@
 //!   Expiry Interval (from CONNECT, lowered by DISCONNECT; 0xFFFFFFFF =
 //!   never). The router stores a session when it may outlive its
 //!   connection; at expiry the gateway discards the router's copy.
-//! - rumqttd disconnects a publisher whose topic no subscription matches
-//!   unless the link has dynamic filters, so every link has them: each
-//!   published topic gets a commit log in the router (see [`router_config`]).
+//! - A publish no subscription matches is dropped by the router and leaves
+//!   no state (links set `dynamic_filters`, which rumqttd 0.20 never acted
+//!   on). The router caps the retained messages a client can make it hold
+//!   (see [`router_config_with`]): over a cap the publish is not stored and
+//!   gets PUBACK/PUBREC 0x97.
 //! - UNSUBACK and PINGRESP are answered here (the router acks only
 //!   subscribed filters, one UNSUBACK per filter). PUBREL is forwarded
 //!   without properties (the router ignores it otherwise).
@@ -388,18 +390,33 @@ impl RouterHandle {
 
 /// A router configuration suitable for the broker: room for
 /// `max_connections` client sessions (plus [`INTERNAL_LINKS`]), small in-memory
-/// segments per topic (every published topic gets a commit log, as filters
-/// are dynamic; 4 × 1 MiB per topic bounds what a persistent session can
-/// have queued).
+/// segments per subscribed filter (4 × 1 MiB per filter bounds what a
+/// persistent session can have queued), the default caps of `[router]`.
 pub fn router_config(max_connections: usize) -> RouterConfig {
+    router_config_with(&crate::config::RouterSection {
+        max_connections,
+        ..Default::default()
+    })
+}
+
+/// [`router_config`] with the caps of `section` (`[router]` in the config).
+/// The gateway's own links publish for many clients: exempt from the
+/// per-client caps.
+pub fn router_config_with(section: &crate::config::RouterSection) -> RouterConfig {
     RouterConfig {
-        max_connections: max_connections.saturating_add(INTERNAL_LINKS),
+        max_connections: section.max_connections.saturating_add(INTERNAL_LINKS),
         max_outgoing_packet_count: 200,
         max_segment_size: 1024 * 1024,
         max_segment_count: 4,
         custom_segment: None,
         initialized_filters: None,
         shared_subscriptions_strategy: Default::default(),
+        max_retained_per_client: section.max_retained_per_client,
+        max_retained_bytes: section.max_retained_bytes,
+        quota_exempt_clients: vec![
+            WILL_LINK_ID.to_owned(),
+            crate::admin::service::ADMIN_CLIENT_ID.to_owned(),
+        ],
     }
 }
 

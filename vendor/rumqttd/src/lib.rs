@@ -191,7 +191,7 @@ pub struct ClusterSettings {
     pub seniors: Vec<(ConnectionId, String)>,
 }
 
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RouterConfig {
     pub max_connections: usize,
     pub max_outgoing_packet_count: u64,
@@ -202,6 +202,52 @@ pub struct RouterConfig {
     // defaults to Round Robin
     #[serde(default)]
     pub shared_subscriptions_strategy: Strategy,
+    /// Retained messages one client id may hold. A retained publish over
+    /// it is not stored: QoS 1 gets PUBACK 0x97 (Quota exceeded), QoS 2
+    /// PUBREC 0x97, QoS 0 is dropped; each is logged.
+    ///
+    /// (Distinct topics need no cap: a publish no filter matches leaves no
+    /// state in the router, and no per-topic state is kept per connection.)
+    #[serde(default = "RouterConfig::default_max_retained_per_client")]
+    pub max_retained_per_client: usize,
+    /// Bytes (topic + payload + 4 each) all retained messages may take;
+    /// over it a retained publish is refused as above.
+    #[serde(default = "RouterConfig::default_max_retained_bytes")]
+    pub max_retained_bytes: usize,
+    /// Client ids exempt from the per-client caps (internal links that
+    /// publish on behalf of many clients, e.g. a gateway's will link).
+    #[serde(default)]
+    pub quota_exempt_clients: Vec<String>,
+}
+
+impl RouterConfig {
+    pub const DEFAULT_MAX_RETAINED_PER_CLIENT: usize = 100;
+    pub const DEFAULT_MAX_RETAINED_BYTES: usize = 64 * 1024 * 1024;
+
+    fn default_max_retained_per_client() -> usize {
+        Self::DEFAULT_MAX_RETAINED_PER_CLIENT
+    }
+
+    fn default_max_retained_bytes() -> usize {
+        Self::DEFAULT_MAX_RETAINED_BYTES
+    }
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        RouterConfig {
+            max_connections: 0,
+            max_outgoing_packet_count: 0,
+            max_segment_size: 0,
+            max_segment_count: 0,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Strategy::default(),
+            max_retained_per_client: Self::DEFAULT_MAX_RETAINED_PER_CLIENT,
+            max_retained_bytes: Self::DEFAULT_MAX_RETAINED_BYTES,
+            quota_exempt_clients: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]

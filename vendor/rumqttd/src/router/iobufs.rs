@@ -4,7 +4,7 @@ use std::{
 };
 
 use flume::{Receiver, Sender};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard};
 use tracing::{error, warn};
 
 use crate::{
@@ -32,7 +32,8 @@ impl Incoming {
     #[inline]
     pub(crate) fn new(client_id: String) -> Self {
         Self {
-            buffer: Arc::new(Mutex::new(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY))),
+            // Sized on demand: an idle link holds no packet slots
+            buffer: Arc::new(Mutex::new(VecDeque::new())),
             meter: Default::default(),
             client_id,
         }
@@ -72,13 +73,11 @@ impl Outgoing {
     #[inline]
     pub(crate) fn new(client_id: String) -> (Self, Receiver<()>) {
         let (handle, rx) = flume::bounded(MAX_CHANNEL_CAPACITY);
-        let data_buffer = VecDeque::with_capacity(MAX_CHANNEL_CAPACITY);
-        let inflight_buffer = VecDeque::with_capacity(MAX_INFLIGHT);
-        let unacked_pubrels = VecDeque::with_capacity(MAX_INFLIGHT);
-
-        // Ensure that there won't be any new allocations
-        assert!(MAX_INFLIGHT <= inflight_buffer.capacity());
-        assert!(MAX_CHANNEL_CAPACITY <= data_buffer.capacity());
+        // Buffers are sized on demand (an idle link holds no slots) and
+        // are freed when drained (see `shrink_idle`)
+        let data_buffer = VecDeque::new();
+        let inflight_buffer = VecDeque::new();
+        let unacked_pubrels = VecDeque::new();
 
         let outgoing = Self {
             client_id,
@@ -102,8 +101,16 @@ impl Outgoing {
         MAX_INFLIGHT - self.inflight_buffer.len()
     }
 
+    /// The send buffer, locked. The link swaps it with its own receive
+    /// cache on every read, so an empty one holding many slots (e.g. the
+    /// 100 a `LinkRx` starts with) is replaced by an unallocated one first:
+    /// the slots of an idle link stay few.
+    pub(crate) fn lock_buffer(&self) -> MutexGuard<'_, VecDeque<Notification>> {
+        lock_shrunk(&self.data_buffer)
+    }
+
     pub fn push_notification(&mut self, notification: Notification) -> usize {
-        let mut buffer = self.data_buffer.lock();
+        let mut buffer = self.lock_buffer();
         buffer.push_back(notification);
         buffer.len()
     }
@@ -115,7 +122,7 @@ impl Outgoing {
         qos: u8,
         filter_idx: usize,
     ) -> (usize, usize) {
-        let mut buffer = self.data_buffer.lock();
+        let mut buffer = lock_shrunk(&self.data_buffer);
         let publishes = publishes;
 
         if qos == 0 {
@@ -166,6 +173,9 @@ impl Outgoing {
     // Return: Out of order or unsolicited acks
     pub fn register_ack(&mut self, pkid: u16) -> Option<()> {
         let (head, _filter_idx, _cursor) = self.inflight_buffer.pop_front()?;
+        if self.inflight_buffer.is_empty() {
+            shrink_idle(&mut self.inflight_buffer);
+        }
 
         // We don't support out of order acks
         if pkid != head {
@@ -188,6 +198,9 @@ impl Outgoing {
     // to be consistent with the behaviour with other acks
     pub fn register_pubcomp(&mut self, pkid: u16) -> Option<()> {
         let id = self.unacked_pubrels.pop_front()?;
+        if self.unacked_pubrels.is_empty() {
+            shrink_idle(&mut self.unacked_pubrels);
+        }
 
         // out of order acks
         if pkid != id {
@@ -210,6 +223,21 @@ impl Outgoing {
         }
 
         o
+    }
+}
+
+/// Locks `buffer`, first freeing its storage if it is empty and large.
+fn lock_shrunk<T>(buffer: &Mutex<VecDeque<T>>) -> MutexGuard<'_, VecDeque<T>> {
+    let mut buffer = buffer.lock();
+    shrink_idle(&mut buffer);
+    buffer
+}
+
+/// Frees the storage of an empty `buffer` (its next use allocates again):
+/// an idle link keeps no slots, whatever its last burst needed.
+pub(crate) fn shrink_idle<T>(buffer: &mut VecDeque<T>) {
+    if buffer.is_empty() && buffer.capacity() > 0 {
+        *buffer = VecDeque::new();
     }
 }
 

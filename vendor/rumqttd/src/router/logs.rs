@@ -6,8 +6,10 @@ use crate::protocol::{
     matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel, Publish,
     PublishProperties, SubAck, UnsubAck,
 };
+use crate::router::index::FilterIndex;
+use crate::router::retained::{RetainRefusal, RetainedStore};
 use crate::router::{DataRequest, FilterIdx, SubscriptionMeter, Waiters};
-use crate::{ConnectionId, Filter, Offset, RouterConfig, Topic};
+use crate::{ConnectionId, Filter, Offset, RouterConfig};
 
 use crate::segments::{CommitLog, Position};
 use crate::Storage;
@@ -58,25 +60,31 @@ pub struct DataLog {
     pub native: Slab<Data<PublishData>>,
     /// Map of subscription filter name to filter index
     filter_indexes: HashMap<Filter, FilterIdx>,
-    retained_publishes: HashMap<Topic, PublishData>,
-    /// List of filters associated with a topic
-    publish_filters: HashMap<Topic, Vec<FilterIdx>>,
+    /// The same filters by topic level, to find those matching a topic
+    index: FilterIndex,
+    /// Retained messages by topic level
+    retained: RetainedStore,
 }
 
 impl DataLog {
     pub fn new(config: RouterConfig) -> io::Result<DataLog> {
         let mut native = Slab::new();
         let mut filter_indexes = HashMap::new();
-        let retained_publishes = HashMap::new();
-        let publish_filters = HashMap::new();
+        let mut index = FilterIndex::new();
+        let retained =
+            RetainedStore::new(config.max_retained_per_client, config.max_retained_bytes);
 
         if let Some(warmup_filters) = config.initialized_filters.clone() {
             for filter in warmup_filters {
+                if filter_indexes.contains_key(&filter) {
+                    continue;
+                }
                 let data = Data::new(&filter, &config);
 
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
                 let idx = native.insert(data);
+                index.insert(&filter, idx);
                 filter_indexes.insert(filter, idx);
             }
         }
@@ -84,9 +92,9 @@ impl DataLog {
         Ok(DataLog {
             config,
             native,
-            publish_filters,
             filter_indexes,
-            retained_publishes,
+            index,
+            retained,
         })
     }
 
@@ -101,55 +109,33 @@ impl DataLog {
             .map(|data| &data.waiters)
     }
 
+    /// Index of `filter` (without a `$share/group/` prefix), if it has a log
+    pub fn filter_idx(&self, filter: &str) -> Option<FilterIdx> {
+        self.filter_indexes.get(filter).copied()
+    }
+
+    /// Removes the parked request of connection `id` on `filter_idx` for
+    /// `group` (None: not a shared subscription)
     pub fn remove_waiters_for_id(
         &mut self,
         id: ConnectionId,
-        filter: &Filter,
+        filter_idx: FilterIdx,
+        group: Option<String>,
     ) -> Option<DataRequest> {
-        let data = self
-            .native
-            .get_mut(*self.filter_indexes.get(filter)?)
-            .unwrap();
-        let waiters = data.waiters.get_mut();
-
-        waiters
-            .iter()
-            .position(|&(conn_id, _)| conn_id == id)
-            .and_then(|index| {
-                waiters
-                    .swap_remove_back(index)
-                    .map(|(_, data_req)| data_req)
-            })
+        self.native.get_mut(filter_idx)?.waiters.remove(id, group)
     }
 
-    // TODO: Currently returning a Option<Vec> instead of Option<&Vec> due to Rust borrow checker
-    // limitation
-    pub fn matches(&mut self, topic: &str) -> Option<Vec<usize>> {
-        match &self.publish_filters.get(topic) {
-            Some(v) => Some(v.to_vec()),
-            None => {
-                let v: Vec<usize> = self
-                    .filter_indexes
-                    .iter()
-                    .filter(|(filter, _)| matches(topic, filter))
-                    .map(|(_, filter_idx)| *filter_idx)
-                    .collect();
-
-                if !v.is_empty() {
-                    self.publish_filters.insert(topic.to_owned(), v.clone());
-                }
-
-                Some(v)
-            }
-        }
+    /// Index of every filter matching `topic`, in time proportional to the
+    /// topic's levels and the matches (not to the number of filters)
+    pub fn matches(&self, topic: &str) -> Vec<usize> {
+        let mut v = Vec::new();
+        self.index.matches(topic, &mut v);
+        v
     }
 
     pub fn next_native_offset(&mut self, filter: &str) -> (FilterIdx, Offset) {
-        let publish_filters = &mut self.publish_filters;
-        let filter_indexes = &mut self.filter_indexes;
-
-        let (filter_idx, data) = match filter_indexes.get(filter) {
-            Some(idx) => (*idx, self.native.get(*idx).unwrap()),
+        let (filter_idx, data) = match self.filter_indexes.get(filter) {
+            Some(idx) => (*idx, &self.native[*idx]),
             None => {
                 let data = Data::new(filter, &self.config);
 
@@ -157,21 +143,14 @@ impl DataLog {
                 // datalog index map
                 let idx = self.native.insert(data);
                 self.filter_indexes.insert(filter.to_owned(), idx);
+                self.index.insert(filter, idx);
 
-                // Match new filter to existing topics and add to publish_filters if it matches
-                for (topic, filters) in publish_filters.iter_mut() {
-                    if matches(topic, filter) {
-                        filters.push(idx);
-                    }
-                }
-
-                (idx, self.native.get(idx).unwrap())
+                (idx, &self.native[idx])
             }
         };
 
         (filter_idx, data.log.next_offset())
     }
-
     pub fn native_readv(
         &self,
         filter_idx: FilterIdx,
@@ -242,69 +221,59 @@ impl DataLog {
         // there has been atleast 1 call to `native_readv` for the same filter, which means if
         // `native_readv` hasn't paniced, so this won't panic either.
         let data = self.native.get_mut(request.filter_idx).unwrap();
-        data.waiters.register(id, request);
+        data.waiters.register(id, request.group.clone(), request);
     }
 
-    /// Cleanup a connection from all the waiters
-    pub fn clean(&mut self, id: ConnectionId) -> Vec<DataRequest> {
-        let mut inflight = Vec::new();
-        for (_, data) in self.native.iter_mut() {
-            inflight.append(&mut data.waiters.remove(id));
-        }
+    /// Cleanup a connection from the waiters of its own subscriptions
+    /// (`(filter index, group)` pairs)
+    pub fn clean(
+        &mut self,
+        id: ConnectionId,
+        subscriptions: impl IntoIterator<Item = (FilterIdx, Option<String>)>,
+    ) -> Vec<DataRequest> {
+        subscriptions
+            .into_iter()
+            .filter_map(|(idx, group)| self.remove_waiters_for_id(id, idx, group))
+            .collect()
+    }
 
-        inflight
+    /// Whether `owner` may store a retained message of `size` bytes at
+    /// `topic`
+    pub fn check_retained(
+        &self,
+        topic: &str,
+        size: usize,
+        owner: &str,
+        exempt: bool,
+    ) -> Result<(), RetainRefusal> {
+        self.retained.check(topic, size, owner, exempt)
     }
 
     pub fn insert_to_retained_publishes(
         &mut self,
         publish: Publish,
         publish_properties: Option<PublishProperties>,
-        topic: Topic,
-    ) {
-        let pub_with_props = (publish, publish_properties);
-        self.retained_publishes.insert(topic, pub_with_props.into());
+        topic: &str,
+        owner: &str,
+        exempt: bool,
+    ) -> Result<(), RetainRefusal> {
+        self.retained
+            .insert(topic, publish, publish_properties, owner, exempt)
     }
 
-    pub fn remove_from_retained_publishes(&mut self, topic: Topic) {
-        self.retained_publishes.remove(&topic);
+    pub fn remove_from_retained_publishes(&mut self, topic: &str) {
+        self.retained.remove(topic);
     }
 
+    /// Retained messages matching `filter` (expired ones are dropped), in
+    /// time proportional to what the filter matches
     pub fn read_retained_messages(&mut self, filter: &str) -> Vec<PubWithProp> {
         trace!(info = "reading retain msg", filter = &filter);
-        let now = Instant::now();
+        self.retained.matching(filter, Instant::now())
+    }
 
-        // discard expired retained messages
-        self.retained_publishes.retain(|_, pubdata| {
-            // Keep data if no properties exists, which implies no message expiry!
-            let Some(properties) = pubdata.properties.as_mut() else {
-                return true;
-            };
-
-            // Keep data if there is no message_expiry_interval
-            let Some(message_expiry_interval) = properties.message_expiry_interval.as_mut() else {
-                return true;
-            };
-
-            let time_spent = (now - pubdata.timestamp).as_secs() as u32;
-
-            let is_valid = time_spent < *message_expiry_interval;
-
-            // ignore expired messages
-            if is_valid {
-                // set message_expiry_interval to (original value - time spent waiting in server)
-                // ref: https://docs.oasis-open.org/mqtt/mqtt/v5.0/os/mqtt-v5.0-os.html#_Toc3901112
-                *message_expiry_interval -= time_spent;
-            }
-
-            is_valid
-        });
-
-        // no need to include timestamp when returning
-        self.retained_publishes
-            .iter()
-            .filter(|(topic, _)| matches(topic, filter))
-            .map(|(_, p)| (p.publish.clone(), p.properties.clone()))
-            .collect()
+    pub fn retained(&self) -> &RetainedStore {
+        &self.retained
     }
 }
 
@@ -337,7 +306,7 @@ where
         // max_segment_size: usize, max_mem_segments: usize
         let log = CommitLog::new(max_segment_size, max_mem_segments).unwrap();
 
-        let waiters = Waiters::with_capacity(10);
+        let waiters = Waiters::new();
         let metrics = SubscriptionMeter::default();
         Data {
             filter: filter.to_owned(),
@@ -372,16 +341,17 @@ where
 pub struct AckLog {
     // Committed acks per connection. First pkid, last pkid, data
     committed: VecDeque<Ack>,
-    // Recorded qos 2 publishes
-    recorded: VecDeque<(Publish, Option<PublishProperties>)>,
+    // Recorded qos 2 publishes by pkid; None: refused (PUBREC with an
+    // error reason), its PUBREL (if any) completes with nothing to append
+    recorded: VecDeque<(u16, Option<PubWithProp>)>,
 }
 
 impl AckLog {
     /// New log
     pub fn new() -> AckLog {
         AckLog {
-            committed: VecDeque::with_capacity(100),
-            recorded: VecDeque::with_capacity(100),
+            committed: VecDeque::new(),
+            recorded: VecDeque::new(),
         }
     }
 
@@ -401,9 +371,24 @@ impl AckLog {
     }
 
     pub fn pubrec(&mut self, publish: Publish, props: Option<PublishProperties>, ack: PubRec) {
-        let ack = Ack::PubRec(ack);
-        self.recorded.push_back((publish, props));
-        self.committed.push_back(ack);
+        self.record(ack.pkid, Some((publish, props)));
+        self.committed.push_back(Ack::PubRec(ack));
+    }
+
+    /// A QoS 2 publish refused with `ack` (an error reason): nothing is
+    /// recorded to append at its PUBREL
+    pub fn pubrec_refused(&mut self, ack: PubRec) {
+        self.record(ack.pkid, None);
+        self.committed.push_back(Ack::PubRec(ack));
+    }
+
+    /// Records the publish of `pkid`, replacing an earlier record of the
+    /// same pkid (a resent PUBLISH, or a refusal its client never released)
+    fn record(&mut self, pkid: u16, publish: Option<PubWithProp>) {
+        if let Some(i) = self.recorded.iter().position(|(p, _)| *p == pkid) {
+            self.recorded.remove(i);
+        }
+        self.recorded.push_back((pkid, publish));
     }
 
     pub fn pubrel(&mut self, ack: PubRel) {
@@ -411,10 +396,17 @@ impl AckLog {
         self.committed.push_back(ack);
     }
 
-    pub fn pubcomp(&mut self, ack: PubComp) -> Option<(Publish, Option<PublishProperties>)> {
-        let ack = Ack::PubComp(ack);
-        self.committed.push_back(ack);
-        self.recorded.pop_front()
+    /// Completes the QoS 2 exchange of `ack.pkid`: Err if no PUBLISH of
+    /// that pkid was recorded, Ok(None) if it was refused
+    pub fn pubcomp(&mut self, ack: PubComp) -> Result<Option<PubWithProp>, ()> {
+        let i = self
+            .recorded
+            .iter()
+            .position(|(p, _)| *p == ack.pkid)
+            .ok_or(())?;
+        self.committed.push_back(Ack::PubComp(ack));
+        let (_, publish) = self.recorded.remove(i).ok_or(())?;
+        Ok(publish)
     }
 
     pub fn pingresp(&mut self, ack: PingResp) {
@@ -435,46 +427,48 @@ impl AckLog {
 #[cfg(test)]
 mod test {
     use super::DataLog;
-    use crate::router::shared_subs::Strategy;
     use crate::RouterConfig;
 
-    #[test]
-    fn publish_filters_updating_correctly_on_new_topic_subscription() {
-        let config = RouterConfig {
+    fn config() -> RouterConfig {
+        RouterConfig {
             max_segment_size: 1024,
             max_connections: 10,
             max_segment_count: 10,
             max_outgoing_packet_count: 1024,
-            custom_segment: None,
-            initialized_filters: None,
-            shared_subscriptions_strategy: Strategy::RoundRobin,
-        };
-        let mut data = DataLog::new(config).unwrap();
-        data.next_native_offset("topic/a");
-        data.matches("topic/a");
+            ..RouterConfig::default()
+        }
+    }
 
-        data.next_native_offset("topic/+");
+    #[test]
+    fn publish_filters_updating_correctly_on_new_topic_subscription() {
+        let mut data = DataLog::new(config()).unwrap();
+        let (a, _) = data.next_native_offset("topic/a");
+        assert_eq!(data.matches("topic/a"), vec![a]);
 
-        assert_eq!(data.publish_filters.get("topic/a").unwrap().len(), 2);
+        let (wild, _) = data.next_native_offset("topic/+");
+
+        let mut matched = data.matches("topic/a");
+        matched.sort_unstable();
+        assert_eq!(matched, vec![a, wild]);
     }
 
     #[test]
     fn publish_filters_updating_correctly_on_new_publish() {
-        let config = RouterConfig {
-            max_segment_size: 1024,
-            max_connections: 10,
-            max_segment_count: 10,
-            max_outgoing_packet_count: 1024,
-            custom_segment: None,
-            initialized_filters: None,
-            shared_subscriptions_strategy: Strategy::RoundRobin,
-        };
-        let mut data = DataLog::new(config).unwrap();
-        data.next_native_offset("+/+");
+        let mut data = DataLog::new(config()).unwrap();
+        let (idx, _) = data.next_native_offset("+/+");
 
-        data.matches("topic/a");
+        assert_eq!(data.matches("topic/a"), vec![idx]);
+        assert!(data.matches("topic/a/b").is_empty());
+    }
 
-        assert_eq!(data.publish_filters.get("topic/a").unwrap().len(), 1);
+    #[test]
+    fn unmatched_topics_leave_no_state() {
+        let mut data = DataLog::new(config()).unwrap();
+        data.next_native_offset("devices/1/command");
+        for i in 0..1000 {
+            assert!(data.matches(&format!("devices/{i}/telemetry")).is_empty());
+        }
+        assert_eq!(data.native.len(), 1);
     }
 
     //     #[test]

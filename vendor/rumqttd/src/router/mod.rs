@@ -16,10 +16,15 @@ use crate::{
 };
 
 mod alertlog;
+mod children;
 mod connection;
 mod graveyard;
+mod index;
 pub mod iobufs;
+#[cfg(test)]
+mod link_tests;
 mod logs;
+mod retained;
 mod routing;
 mod scheduler;
 pub(crate) mod shared_subs;
@@ -349,13 +354,11 @@ pub struct IncomingMeter {
 }
 
 impl IncomingMeter {
+    /// Counts a publish of this connection. Per-topic counts are not kept
+    /// (nothing read them): a connection publishing to endless distinct
+    /// topics must not grow the router.
     pub fn register_publish(&mut self, publish: &Publish) -> Result<(), std::str::Utf8Error> {
-        let meter = {
-            let topic = std::str::from_utf8(&publish.topic)?.to_string();
-            self.publishes.entry(topic).or_default()
-        };
-        meter.count += 1;
-        meter.size += publish.len();
+        std::str::from_utf8(&publish.topic)?;
 
         self.total_publishes.count += 1;
         self.total_publishes.size += publish.len();
@@ -363,12 +366,15 @@ impl IncomingMeter {
         Ok(())
     }
 
+    /// Empty: per-topic counts are not kept (see `register_publish`)
     pub fn get_topic_meters(&self) -> &HashMap<Topic, MeterData> {
         &self.publishes
     }
 
-    pub fn register_subscription(&mut self, filter: Filter) -> bool {
-        self.subscribes.insert(filter)
+    /// Not kept (nothing read them; the connection knows its
+    /// subscriptions): always false
+    pub fn register_subscription(&mut self, _filter: Filter) -> bool {
+        false
     }
 
     pub fn unregister_subscription(&mut self, filter: &Filter) -> bool {

@@ -20,8 +20,9 @@ use tracing::{debug, error, info, trace, warn};
 
 use super::alertlog::{Alert, AlertLog};
 use super::graveyard::Graveyard;
-use super::iobufs::{Incoming, Outgoing};
+use super::iobufs::{shrink_idle, Incoming, Outgoing};
 use super::logs::{AckLog, DataLog};
+use super::retained::RetainRefusal;
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
 use super::{
@@ -54,6 +55,13 @@ pub enum RouterError {
 
 // TODO: set this to some appropriate value
 const TOPIC_ALIAS_MAX: u16 = 4096;
+
+/// Why a publish was not stored (answered with reason 0x97, Quota exceeded)
+#[derive(Error, Debug)]
+pub enum QuotaRefusal {
+    #[error("retained message refused: {0}")]
+    Retained(#[from] RetainRefusal),
+}
 
 pub struct Router {
     id: RouterId,
@@ -98,10 +106,12 @@ pub struct Router {
     router_meters: RouterMeter,
     /// Buffer for cache exchange of incoming packets
     cache: Option<VecDeque<Packet>>,
-    /// Shared subscriptions map <group-name, group>
+    /// Shared subscriptions map <`$share/{group}/{filter}`, group>
     shared_subscriptions: HashMap<String, SharedGroup>,
     /// Will messages per client_id
     last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
+    /// Client ids exempt from the per-client caps
+    quota_exempt: HashSet<String>,
 }
 
 impl Router {
@@ -121,6 +131,7 @@ impl Router {
         };
 
         let max_connections = config.max_connections;
+        let quota_exempt = config.quota_exempt_clients.iter().cloned().collect();
         Router {
             id: router_id,
             config: config.clone(),
@@ -140,9 +151,12 @@ impl Router {
             router_rx,
             router_tx,
             router_meters: router_metrics,
-            cache: Some(VecDeque::with_capacity(MAX_CHANNEL_CAPACITY)),
+            // Exchanged with links' incoming buffers: freed after each batch
+            // (see `handle_device_payload`) so no link is handed slots
+            cache: Some(VecDeque::new()),
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
+            quota_exempt,
         }
     }
 
@@ -442,10 +456,7 @@ impl Router {
 
             let disconnect_notification = Notification::Disconnect(disconnect, None);
 
-            outgoing
-                .data_buffer
-                .lock()
-                .push_back(disconnect_notification);
+            outgoing.lock_buffer().push_back(disconnect_notification);
 
             outgoing.handle.try_send(()).ok();
         }
@@ -463,23 +474,41 @@ impl Router {
         // connection in readyqueue and allow 'consume()' method to deal with this
         // self.readyqueue.remove(id);
 
-        let inflight_data_requests = self.datalog.clean(id);
-        let retransmissions = outgoing.retransmission_map();
+        // Only this connection's own subscriptions are visited: the cost of
+        // a disconnection does not grow with the router's filters or groups.
+        let mut parked = Vec::with_capacity(connection.subscriptions.len());
+        for path in connection.subscriptions.iter() {
+            let (group, filter) = match extract_group(path) {
+                Some((group, filter)) => (Some(group), filter),
+                None => (None, path.clone()),
+            };
 
-        // Remove connections from all groups and
-        // discard empty group ( group with no client )
-        // note: can we do this in better way?
-        self.shared_subscriptions.retain(|_, group| {
-            group.remove_client(&client_id);
-            !group.is_empty()
-        });
+            // Remove this connection from its groups and
+            // discard empty group ( group with no client )
+            if group.is_some() {
+                if let Some(shared) = self.shared_subscriptions.get_mut(path) {
+                    shared.remove_client(&client_id);
+                    if shared.is_empty() {
+                        self.shared_subscriptions.remove(path);
+                    }
+                }
+            }
 
-        // Remove this connection from subscriptions
-        for filter in connection.subscriptions.iter() {
-            if let Some(connections) = self.subscription_map.get_mut(filter) {
+            if let Some(idx) = self.datalog.filter_idx(&filter) {
+                parked.push((idx, group));
+            }
+
+            // Remove this connection from subscriptions
+            if let Some(connections) = self.subscription_map.get_mut(path) {
                 connections.remove(&id);
+                if connections.is_empty() {
+                    self.subscription_map.remove(path);
+                }
             }
         }
+
+        let inflight_data_requests = self.datalog.clean(id, parked);
+        let retransmissions = outgoing.retransmission_map();
 
         // Add disconnection event to metrics
         let time = match SystemTime::now().duration_since(SystemTime::UNIX_EPOCH) {
@@ -504,13 +533,12 @@ impl Router {
             for request in tracker.data_requests.iter_mut() {
                 if let Some(cursor) = retransmissions.get(&request.filter_idx) {
                     request.cursor = *cursor;
-                    // reset the group cursor
-                    if let Some(group_name) = &request.group {
-                        // TODO: Test this more
-                        self.shared_subscriptions
-                            .get_mut(group_name)
-                            .expect("group must exists")
-                            .cursor = *cursor;
+                    // reset the group cursor (if the group outlived this
+                    // connection)
+                    if request.group.is_some() {
+                        if let Some(shared) = self.shared_subscriptions.get_mut(&request.filter) {
+                            shared.cursor = *cursor;
+                        }
                     }
                 }
             }
@@ -522,10 +550,9 @@ impl Router {
                 outgoing.unacked_pubrels,
             );
         } else {
+            // A clean session leaves nothing behind: keeping its metrics
+            // would grow the graveyard by every client id ever connected.
             tracker.pause(PauseReason::Busy);
-            let id = tracker.id.clone();
-            // Only save metrics in clean session
-            self.graveyard.save_metrics(id, connection.events);
         }
         self.router_meters.total_connections -= 1;
     }
@@ -563,6 +590,30 @@ impl Router {
 
                     let qos = publish.qos;
                     let pkid = publish.pkid;
+
+                    if let Err(refusal) = self.admit_publish(id, &publish, properties.as_ref()) {
+                        warn!(client_id, reason = %refusal, "Publish refused, not stored");
+                        self.router_meters.failed_publishes += 1;
+                        let ackslog = self.ackslog.get_mut(id).unwrap();
+                        match qos {
+                            QoS::AtLeastOnce => {
+                                ackslog.puback(PubAck {
+                                    pkid,
+                                    reason: PubAckReason::QuotaExceeded,
+                                });
+                                force_ack = true;
+                            }
+                            QoS::ExactlyOnce => {
+                                ackslog.pubrec_refused(PubRec {
+                                    pkid,
+                                    reason: PubRecReason::QuotaExceeded,
+                                });
+                                force_ack = true;
+                            }
+                            QoS::AtMostOnce => {}
+                        }
+                        continue;
+                    }
 
                     // Prepare acks for the above publish
                     // If any of the publish in the batch results in force flush,
@@ -615,6 +666,7 @@ impl Router {
                         &mut self.datalog,
                         &mut self.notifications,
                         &mut self.connections,
+                        &self.quota_exempt,
                     ) {
                         Ok(_offset) => {
                             // Even if one of the data in the batch is appended to commitlog,
@@ -717,6 +769,9 @@ impl Router {
                         debug!("Removing subscription on filter {}", filter);
                         if let Some(connection_ids) = self.subscription_map.get_mut(filter) {
                             let removed = connection_ids.remove(&id);
+                            if connection_ids.is_empty() {
+                                self.subscription_map.remove(filter);
+                            }
                             if !removed {
                                 continue;
                             }
@@ -732,13 +787,21 @@ impl Router {
                                 continue;
                             }
 
-                            // Remove connections from all groups
-                            // discard empty group ( group with no client )
-                            // note: can we do this in better way?
-                            self.shared_subscriptions.retain(|_, group| {
-                                group.remove_client(&client_id);
-                                !group.is_empty()
-                            });
+                            let (group, filter_path) = match extract_group(filter) {
+                                Some((group, path)) => (Some(group), path),
+                                None => (None, filter.clone()),
+                            };
+
+                            // Remove the connection from this filter's group,
+                            // discard the group if empty ( group with no client )
+                            if group.is_some() {
+                                if let Some(shared) = self.shared_subscriptions.get_mut(filter) {
+                                    shared.remove_client(&client_id);
+                                    if shared.is_empty() {
+                                        self.shared_subscriptions.remove(filter);
+                                    }
+                                }
+                            }
 
                             if let Some(broker_aliases) = connection.broker_topic_aliases.as_mut() {
                                 broker_aliases.remove_alias(filter);
@@ -755,7 +818,9 @@ impl Router {
                             let ackslog = self.ackslog.get_mut(id).unwrap();
                             ackslog.unsuback(unsuback);
                             self.scheduler.untrack(id, filter);
-                            self.datalog.remove_waiters_for_id(id, filter);
+                            if let Some(idx) = self.datalog.filter_idx(&filter_path) {
+                                self.datalog.remove_waiters_for_id(id, idx, group);
+                            }
                             force_ack = true;
                         }
                     }
@@ -811,8 +876,13 @@ impl Router {
                     // we try to retrive publish assuming broker saved the previous state
                     // successfully in graveyard.
                     let (publish, props) = match ackslog.pubcomp(pubcomp) {
-                        Some(v) => v,
-                        None => {
+                        Ok(Some(v)) => v,
+                        // Refused at PUBREC (over a quota): nothing to append
+                        Ok(None) => {
+                            self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
+                            continue;
+                        }
+                        Err(()) => {
                             disconnect = true;
                             break;
                         }
@@ -826,6 +896,7 @@ impl Router {
                         &mut self.datalog,
                         &mut self.notifications,
                         &mut self.connections,
+                        &self.quota_exempt,
                     ) {
                         Ok(_offset) => {
                             // Even if one of the data in the batch is appended to commitlog,
@@ -880,6 +951,9 @@ impl Router {
             }
         }
 
+        // The drained batch is handed to the next link on exchange: do not
+        // let one burst give every link a large buffer
+        shrink_idle(&mut packets);
         self.cache = Some(packets);
 
         // Prepare AcksRequest in tracker if router is operating in a
@@ -905,6 +979,39 @@ impl Router {
         if disconnect {
             self.handle_disconnection(id, disconnect_reason);
         }
+    }
+
+    /// Whether the publish of connection `id` fits the caps on retained
+    /// messages (of its client id, and in total). A topic that cannot be
+    /// resolved yet (an unknown alias) is left to `append_to_commitlog`,
+    /// which refuses it.
+    fn admit_publish(
+        &mut self,
+        id: ConnectionId,
+        publish: &Publish,
+        properties: Option<&PublishProperties>,
+    ) -> Result<(), QuotaRefusal> {
+        let connection = &self.connections[id];
+        let topic = if publish.topic.is_empty() {
+            let alias = properties.and_then(|p| p.topic_alias);
+            match alias.and_then(|a| connection.topic_aliases.get(&a)) {
+                Some(topic) => topic.as_str(),
+                None => return Ok(()),
+            }
+        } else {
+            match std::str::from_utf8(&publish.topic) {
+                Ok(topic) => topic,
+                Err(_) => return Ok(()),
+            }
+        };
+        if publish.retain && !publish.payload.is_empty() {
+            let client_id = &connection.client_id;
+            let exempt = self.quota_exempt.contains(client_id);
+            let size = 4 + topic.len() + publish.payload.len();
+            self.datalog
+                .check_retained(topic, size, client_id, exempt)?;
+        }
+        Ok(())
     }
 
     /// Apply filter and prepare this connection to receive subscription data
@@ -936,13 +1043,14 @@ impl Router {
         // Prepare consumer to pull data in case of subscription
         let connection = self.connections.get_mut(id).unwrap();
 
-        // Add/Create shared group
-        if let Some(group_name) = &group {
+        // Add/Create shared group: one per share name and filter
+        // (`$share/{group}/{filter}`, MQTT 5 4.8.2)
+        if group.is_some() {
             let client_id = connection.client_id.clone();
 
             let shared_group = self
                 .shared_subscriptions
-                .entry(group_name.to_string())
+                .entry(filter_path.clone())
                 .or_insert(SharedGroup::new(
                     cursor,
                     self.config.shared_subscriptions_strategy.clone(),
@@ -1045,10 +1153,10 @@ impl Router {
                 }
             };
 
-            let shared_group = request
-                .group
-                .as_ref()
-                .and_then(|name| self.shared_subscriptions.get_mut(name));
+            let shared_group = match request.group {
+                Some(_) => self.shared_subscriptions.get_mut(&request.filter),
+                None => None,
+            };
 
             match forward_device_data(
                 &mut request,
@@ -1124,6 +1232,7 @@ impl Router {
         });
 
         match append_will_message(
+            &client_id,
             publish,
             properties,
             &mut self.datalog,
@@ -1191,6 +1300,7 @@ fn append_to_commitlog(
     datalog: &mut DataLog,
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     connections: &mut Slab<Connection>,
+    quota_exempt: &HashSet<String>,
 ) -> Result<Offset, RouterError> {
     let connection = connections.get_mut(id).unwrap();
 
@@ -1228,9 +1338,19 @@ fn append_to_commitlog(
     }
 
     if publish.payload.is_empty() {
-        datalog.remove_from_retained_publishes(topic.to_owned());
+        datalog.remove_from_retained_publishes(topic);
     } else if publish.retain {
-        datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
+        let owner = &connection.client_id;
+        let exempt = quota_exempt.contains(owner);
+        if let Err(e) = datalog.insert_to_retained_publishes(
+            publish.clone(),
+            properties.clone(),
+            topic,
+            owner,
+            exempt,
+        ) {
+            warn!(client_id = owner, topic, reason = %e, "Retained message not stored");
+        }
     }
 
     // after recording retained message, we also send that message to existing subscribers
@@ -1238,17 +1358,11 @@ fn append_to_commitlog(
     publish.retain = false;
     let pkid = publish.pkid;
 
+    // rumqttd 0.20.0's `DataLog::matches` always returned `Some`, so its
+    // branches creating a dynamic filter (`connection.dynamic_filters`) or
+    // failing with `NoMatchingFilters` never ran: a publish no filter
+    // matches is dropped here and leaves no state, as it did then.
     let filter_idxs = datalog.matches(topic);
-
-    // Create a dynamic filter if dynamic_filters are enabled for this connection
-    let filter_idxs = match filter_idxs {
-        Some(v) => v,
-        None if connection.dynamic_filters => {
-            let (idx, _cursor) = datalog.next_native_offset(topic);
-            vec![idx]
-        }
-        None => return Err(RouterError::NoMatchingFilters(topic.to_owned())),
-    };
 
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
@@ -1268,6 +1382,7 @@ fn append_to_commitlog(
 }
 
 fn append_will_message(
+    owner: &str,
     mut publish: Publish,
     properties: Option<PublishProperties>,
     datalog: &mut DataLog,
@@ -1299,9 +1414,17 @@ fn append_will_message(
     }
 
     if publish.payload.is_empty() {
-        datalog.remove_from_retained_publishes(topic.to_owned());
+        datalog.remove_from_retained_publishes(topic);
     } else if publish.retain {
-        datalog.insert_to_retained_publishes(publish.clone(), properties.clone(), topic.to_owned());
+        if let Err(e) = datalog.insert_to_retained_publishes(
+            publish.clone(),
+            properties.clone(),
+            topic,
+            owner,
+            false,
+        ) {
+            warn!(client_id = owner, topic, reason = %e, "Retained will not stored");
+        }
     }
 
     // after recording retained message, we also send that message to existing subscribers
@@ -1310,11 +1433,6 @@ fn append_will_message(
     let pkid = publish.pkid;
 
     let filter_idxs = datalog.matches(topic);
-
-    let filter_idxs = match filter_idxs {
-        Some(v) => v,
-        None => return Err(RouterError::NoMatchingFilters(topic.to_owned())),
-    };
 
     let mut o = (0, 0);
     for filter_idx in filter_idxs {
@@ -1377,7 +1495,7 @@ fn ack_device_data(ackslog: &mut AckLog, outgoing: &mut Outgoing) -> bool {
     }
 
     let mut count = 0;
-    let mut buffer = outgoing.data_buffer.lock();
+    let mut buffer = outgoing.lock_buffer();
 
     // Unlike forwards, we are reading all the pending acks for a given connection.
     // At any given point of time, there can be a max of connection's buffer size
@@ -1388,6 +1506,8 @@ fn ack_device_data(ackslog: &mut AckLog, outgoing: &mut Outgoing) -> bool {
         buffer.push_back(message);
         count += 1;
     }
+    drop(buffer);
+    shrink_idle(acks);
 
     debug!(acks_count = count, "Acks sent to device");
     outgoing.handle.try_send(()).ok();
@@ -1702,8 +1822,7 @@ fn print_status(router: &mut Router, metrics: Print) {
             if let Some(waiters) = router.datalog.waiters(&filter) {
                 let v: Vec<(String, DataRequest)> = waiters
                     .waiters()
-                    .iter()
-                    .map(|(id, request)| (router.obufs[*id].client_id.clone(), request.clone()))
+                    .map(|(id, request)| (router.obufs[id].client_id.clone(), request.clone()))
                     .collect();
 
                 println!("{v:#?}");

@@ -35,8 +35,9 @@ impl Scheduler {
         let id = self.readyqueue.pop_front()?;
         let tracker = self.trackers.get_mut(id)?;
 
-        // drain will clear all DataRequest but will keep the allocated memory of our VecDeque.
-        let data_requests = tracker.data_requests.drain(..).collect();
+        // Taken whole: a connection whose requests all end up parked (an idle
+        // subscriber) keeps no request slots.
+        let data_requests = std::mem::take(&mut tracker.data_requests);
 
         // Implicitly reschedule the connection. Router will take care of explicitly pausing if
         // required (it has the state necessary to determine if pausing is required)
@@ -118,7 +119,7 @@ pub enum PauseReason {
 
 impl Tracker {
     pub fn new(client_id: String) -> Tracker {
-        let requests = VecDeque::with_capacity(2);
+        let requests = VecDeque::new();
         Tracker {
             id: client_id,
             data_requests: requests,

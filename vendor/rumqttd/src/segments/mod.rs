@@ -71,7 +71,7 @@ where
             panic!("at least 1 segment needs to exist in memory else what's the point of log");
         }
 
-        let mut segments = VecDeque::with_capacity(max_mem_segments);
+        let mut segments = VecDeque::with_capacity(1);
         segments.push_back(Segment::new());
 
         Ok(Self {

@@ -1,0 +1,293 @@
+//! Retained messages in a trie of topic levels, with per-client and total
+//! caps.
+//!
+//! A subscribe reads the retained messages matching its filter in time
+//! proportional to the filter's levels and what it matches (an exact filter
+//! walks one path), whatever the number of retained messages. Matching
+//! follows [`crate::protocol::matches`]: a topic starting with `$` matches no
+//! filter, a topic level `#` matches only a `#` before it.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use super::children::Children;
+use crate::protocol::{Publish, PublishProperties};
+use crate::Storage;
+
+use super::logs::PublishData;
+
+/// Why a retained message was not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RetainRefusal {
+    #[error("client holds {held} retained messages, the most allowed")]
+    ClientCap { held: usize },
+    #[error("retained messages would take {would_take} bytes, over the cap of {cap}")]
+    TotalBytes { would_take: usize, cap: usize },
+}
+
+struct Retained {
+    data: PublishData,
+    owner: Box<str>,
+}
+
+#[derive(Default)]
+struct Node {
+    children: Children<Node>,
+    msg: Option<Retained>,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.children.is_empty() && self.msg.is_none()
+    }
+
+    fn get(&self, levels: &[&str]) -> Option<&Retained> {
+        match levels.split_first() {
+            None => self.msg.as_ref(),
+            Some((level, rest)) => self.children.get(level)?.get(rest),
+        }
+    }
+
+    /// Sets the message at `levels`, returning the one it replaces.
+    fn put(&mut self, levels: &[&str], msg: Retained) -> Option<Retained> {
+        match levels.split_first() {
+            None => self.msg.replace(msg),
+            Some((level, rest)) => self.children.entry(level).put(rest, msg),
+        }
+    }
+
+    /// Takes the message at `levels`, pruning emptied nodes.
+    fn take(&mut self, levels: &[&str]) -> Option<Retained> {
+        let Some((level, rest)) = levels.split_first() else {
+            return self.msg.take();
+        };
+        let child = self.children.get_mut(level)?;
+        let taken = child.take(rest);
+        if child.is_empty() {
+            self.children.remove(level);
+        }
+        taken
+    }
+
+    /// Topics (as level paths) under `prefix` matching `filter`.
+    fn collect(
+        &self,
+        filter: &[&str],
+        at_root: bool,
+        path: &mut Vec<String>,
+        out: &mut Vec<String>,
+    ) {
+        let Some((level, rest)) = filter.split_first() else {
+            if self.msg.is_some() {
+                out.push(path.join("/"));
+            }
+            return;
+        };
+        match *level {
+            "#" => self.collect_all(at_root, path, out),
+            "+" => {
+                for (name, child) in self.children.iter() {
+                    if name == "#" || (at_root && name.starts_with('$')) {
+                        continue;
+                    }
+                    path.push(name.to_string());
+                    child.collect(rest, false, path, out);
+                    path.pop();
+                }
+            }
+            literal => {
+                if at_root && literal.starts_with('$') {
+                    return;
+                }
+                if let Some(child) = self.children.get(literal) {
+                    path.push(literal.to_owned());
+                    child.collect(rest, false, path, out);
+                    path.pop();
+                }
+            }
+        }
+    }
+
+    fn collect_all(&self, at_root: bool, path: &mut Vec<String>, out: &mut Vec<String>) {
+        if self.msg.is_some() {
+            out.push(path.join("/"));
+        }
+        for (name, child) in self.children.iter() {
+            if at_root && name.starts_with('$') {
+                continue;
+            }
+            path.push(name.to_string());
+            child.collect_all(false, path, out);
+            path.pop();
+        }
+    }
+}
+
+/// The retained messages of a router.
+pub struct RetainedStore {
+    root: Node,
+    /// Retained messages per publishing client id.
+    per_client: HashMap<Box<str>, usize>,
+    len: usize,
+    bytes: usize,
+    max_per_client: usize,
+    max_bytes: usize,
+}
+
+fn levels(topic: &str) -> Vec<&str> {
+    topic.split('/').collect()
+}
+
+impl RetainedStore {
+    /// `max_per_client`: retained messages one client id may hold;
+    /// `max_bytes`: bytes (topic + payload + 4 each) all may hold.
+    pub fn new(max_per_client: usize, max_bytes: usize) -> Self {
+        RetainedStore {
+            root: Node::default(),
+            per_client: HashMap::new(),
+            len: 0,
+            bytes: 0,
+            max_per_client,
+            max_bytes,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether `owner` may store `data` at `topic` (replacing what is
+    /// there). `exempt` owners skip the per-client cap.
+    pub fn check(
+        &self,
+        topic: &str,
+        size: usize,
+        owner: &str,
+        exempt: bool,
+    ) -> Result<(), RetainRefusal> {
+        let previous = self.root.get(&levels(topic));
+        let freed = previous.map_or(0, |p| p.data.size());
+        let would_take = self.bytes - freed + size;
+        if would_take > self.max_bytes {
+            return Err(RetainRefusal::TotalBytes {
+                would_take,
+                cap: self.max_bytes,
+            });
+        }
+        let replaces_own = previous.is_some_and(|p| &*p.owner == owner);
+        let held = self.per_client.get(owner).copied().unwrap_or(0);
+        if !exempt && !replaces_own && held >= self.max_per_client {
+            return Err(RetainRefusal::ClientCap { held });
+        }
+        Ok(())
+    }
+
+    /// Stores `publish` as the retained message of `topic` if the caps
+    /// allow it (see [`Self::check`]).
+    pub fn insert(
+        &mut self,
+        topic: &str,
+        publish: Publish,
+        properties: Option<PublishProperties>,
+        owner: &str,
+        exempt: bool,
+    ) -> Result<(), RetainRefusal> {
+        let data = PublishData::from((publish, properties));
+        self.check(topic, data.size(), owner, exempt)?;
+        self.bytes += data.size();
+        *self.per_client.entry(owner.into()).or_default() += 1;
+        self.len += 1;
+        let msg = Retained {
+            data,
+            owner: owner.into(),
+        };
+        if let Some(old) = self.root.put(&levels(topic), msg) {
+            self.forget(old);
+        }
+        Ok(())
+    }
+
+    /// Clears the retained message of `topic`.
+    pub fn remove(&mut self, topic: &str) {
+        if let Some(old) = self.root.take(&levels(topic)) {
+            self.forget(old);
+        }
+    }
+
+    fn forget(&mut self, old: Retained) {
+        self.len -= 1;
+        self.bytes -= old.data.size();
+        if let Some(n) = self.per_client.get_mut(&old.owner) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_client.remove(&old.owner);
+            }
+        }
+    }
+
+    /// The retained messages matching `filter`, their message expiry
+    /// intervals lowered by the time they spent here; expired ones are
+    /// dropped.
+    pub fn matching(
+        &mut self,
+        filter: &str,
+        now: Instant,
+    ) -> Vec<(Publish, Option<PublishProperties>)> {
+        let mut topics = Vec::new();
+        self.root
+            .collect(&levels(filter), true, &mut Vec::new(), &mut topics);
+        let mut out = Vec::with_capacity(topics.len());
+        for topic in topics {
+            let Some(msg) = self.root.get(&levels(&topic)) else {
+                continue;
+            };
+            let mut properties = msg.data.properties.clone();
+            let publish = msg.data.publish.clone();
+            let spent = (now - msg.data.timestamp).as_secs();
+            let mut expired = false;
+            if let Some(interval) = properties
+                .as_mut()
+                .and_then(|p| p.message_expiry_interval.as_mut())
+            {
+                if spent >= u64::from(*interval) {
+                    expired = true;
+                } else {
+                    *interval -= spent as u32;
+                }
+            }
+            if expired {
+                self.remove(&topic);
+            } else {
+                out.push((publish, properties));
+            }
+        }
+        out
+    }
+
+    /// Retained messages held by `owner`.
+    pub fn held_by(&self, owner: &str) -> usize {
+        self.per_client.get(owner).copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::RetainedStore;
+    use crate::protocol::Publish;
+    use std::time::Instant;
+
+    #[test]
+    fn single_level() {
+        let mut store = RetainedStore::new(10, 1 << 20);
+        store
+            .insert("c", Publish::new("c", "r0", true), None, "x", false)
+            .unwrap();
+        assert_eq!(store.matching("+", Instant::now()).len(), 1);
+        assert_eq!(store.matching("c", Instant::now()).len(), 1);
+        assert_eq!(store.matching("#", Instant::now()).len(), 1);
+    }
+}
