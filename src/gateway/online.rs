@@ -6,7 +6,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
@@ -65,6 +66,28 @@ pub struct OnlineRegistry {
     seq: AtomicU64,
     /// Most sessions at once.
     capacity: usize,
+    /// Slots held by CONNECTs being authenticated ([`Reservation`]); they
+    /// count against `capacity`. Raised only under the `sessions` lock.
+    reserved: AtomicUsize,
+}
+
+/// A registry slot held for a CONNECT while it is authenticated, so a
+/// CONNECT that passes authentication (which may consume an activation
+/// code) finds room. Released on drop, or handed to
+/// [`OnlineRegistry::register_reserved`].
+pub(crate) struct Reservation {
+    registry: Arc<OnlineRegistry>,
+    /// False when the client id was online at reservation: a takeover
+    /// needs no new slot.
+    holds_slot: bool,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.holds_slot {
+            self.registry.reserved.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Default for OnlineRegistry {
@@ -92,7 +115,39 @@ impl OnlineRegistry {
             sessions: Mutex::default(),
             seq: AtomicU64::new(0),
             capacity,
+            reserved: AtomicUsize::new(0),
         }
+    }
+
+    /// Holds a slot for a CONNECT naming `client_id` until it registers (or
+    /// gives up): `None` if the registry is full, unless `client_id` is
+    /// online (its takeover needs no new slot).
+    pub(crate) fn reserve(self: &Arc<Self>, client_id: &str) -> Option<Reservation> {
+        let sessions = self.sessions.lock();
+        if !client_id.is_empty() && sessions.contains_key(client_id) {
+            return Some(Reservation {
+                registry: self.clone(),
+                holds_slot: false,
+            });
+        }
+        if sessions.len() + self.reserved.load(Ordering::Relaxed) >= self.capacity {
+            return None;
+        }
+        self.reserved.fetch_add(1, Ordering::Relaxed);
+        Some(Reservation {
+            registry: self.clone(),
+            holds_slot: true,
+        })
+    }
+
+    /// [`Self::register`] into the slot `reservation` holds.
+    pub(crate) fn register_reserved(
+        &self,
+        info: SessionInfo,
+        ctrl: mpsc::UnboundedSender<Control>,
+        mut reservation: Reservation,
+    ) -> Option<u64> {
+        self.insert(info, ctrl, Some(&mut reservation))
     }
 
     /// Most sessions at once.
@@ -104,16 +159,33 @@ impl OnlineRegistry {
     /// if the registry is full. A session already registered under the same
     /// client id is told to close with 0x8E Session taken over (a takeover
     /// succeeds even when full).
+    #[cfg(test)]
     pub(crate) fn register(
         &self,
         info: SessionInfo,
         ctrl: mpsc::UnboundedSender<Control>,
     ) -> Option<u64> {
+        self.insert(info, ctrl, None)
+    }
+
+    fn insert(
+        &self,
+        info: SessionInfo,
+        ctrl: mpsc::UnboundedSender<Control>,
+        reservation: Option<&mut Reservation>,
+    ) -> Option<u64> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let client_id = info.client_id.clone();
         let old = {
             let mut sessions = self.sessions.lock();
-            if sessions.len() >= self.capacity && !sessions.contains_key(&client_id) {
+            if let Some(r) = reservation {
+                if std::mem::take(&mut r.holds_slot) {
+                    // The slot becomes the session's (or is given back).
+                    self.reserved.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            let taken = sessions.len() + self.reserved.load(Ordering::Relaxed);
+            if taken >= self.capacity && !sessions.contains_key(&client_id) {
                 return None;
             }
             sessions.insert(client_id, Entry { seq, info, ctrl })
@@ -307,5 +379,26 @@ mod tests {
         assert!(again > first);
         assert!(reg.unregister("a", again));
         assert!(reg.register(info("b"), tx).is_some());
+    }
+
+    #[test]
+    fn reservations_count_against_capacity() {
+        let reg = Arc::new(OnlineRegistry::with_capacity(2));
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let a = reg.reserve("a").expect("room");
+        let b = reg.reserve("b").expect("room");
+        assert!(reg.reserve("c").is_none(), "two slots held");
+        assert_eq!(reg.register(info("c"), tx.clone()), None);
+        drop(b);
+        let sa = reg.register_reserved(info("a"), tx.clone(), a).expect("its slot");
+        let b = reg.reserve("b").expect("room again");
+        assert!(reg.reserve("c").is_none());
+        // A takeover of an online id needs no slot, even when full.
+        let again = reg.reserve("a").expect("takeover");
+        let sa2 = reg.register_reserved(info("a"), tx.clone(), again).expect("takeover");
+        assert!(sa2 > sa);
+        assert!(reg.register_reserved(info("b"), tx, b).is_some());
+        assert_eq!(reg.len(), 2);
+        assert!(reg.reserve("c").is_none());
     }
 }
