@@ -24,9 +24,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
 use rumqttd::protocol::{
-    Disconnect, DisconnectReasonCode, Filter, Packet, QoS, RetainForwardRule, Subscribe,
+    Disconnect, DisconnectReasonCode, Filter, Packet, Publish, QoS, RetainForwardRule, Subscribe,
 };
 use rumqttd::{Notification, Router, RouterConfig};
 
@@ -262,6 +263,19 @@ impl RouterLinkTx {
         }
         self.tx.buffer().extend(packets.drain(..));
         self.tx.send(last).await.map(drop).map_err(|_| LinkClosed)
+    }
+}
+
+impl RouterLinkTx {
+    /// Publishes `payload` on `topic` at QoS 0 (the only QoS rumqttd takes
+    /// from a local link), not retained.
+    pub async fn publish(
+        &mut self,
+        topic: impl Into<Bytes>,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), LinkClosed> {
+        let publish = Publish::new(topic.into(), payload.into(), false);
+        self.send(&mut vec![Packet::Publish(publish, None)]).await
     }
 }
 
