@@ -589,7 +589,11 @@ async fn a_connect_the_broker_has_no_room_for_consumes_no_code() {
     assert_eq!(t.consumed(), 1);
     let (u2, p2) = t.creds(PK, "d2", &secret);
     assert_eq!(both_codes(&t, "p1.d2", &u2, &p2).await, (0x88, 0x03));
-    assert_eq!(t.consumed(), 1, "the refused device's code stays unconsumed");
+    assert_eq!(
+        t.consumed(),
+        1,
+        "the refused device's code stays unconsumed"
+    );
     assert!(!t.is_online(PK, "d2"));
     // A reconnect of the online device is a takeover: it needs no new
     // slot, and it is free.

@@ -19,7 +19,6 @@ pub(crate) enum Codec {
     V5(V5),
 }
 
-
 impl Codec {
     pub(crate) fn new(version: ProtocolVersion) -> Self {
         match version {
@@ -35,7 +34,11 @@ impl Codec {
         }
     }
 
-    pub(crate) fn read(&mut self, buf: &mut BytesMut, max: usize) -> Result<Packet, protocol::Error> {
+    pub(crate) fn read(
+        &mut self,
+        buf: &mut BytesMut,
+        max: usize,
+    ) -> Result<Packet, protocol::Error> {
         // rumqttd's v5 decoder has no arm for CONNACK (2) and UNSUBACK (11)
         // and panics on them; neither may come from a client anyway.
         if let (Codec::V5(_), Some(b)) = (&*self, buf.first()) {
@@ -158,7 +161,11 @@ fn sniff(buf: &[u8], max: usize) -> Sniff {
 }
 
 /// Reads until the first packet is known, leaving what follows it in `buf`.
-pub(crate) async fn read_first<S: AsyncRead + Unpin>(stream: &mut S, buf: &mut BytesMut, max: usize) -> First {
+pub(crate) async fn read_first<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    max: usize,
+) -> First {
     loop {
         match sniff(buf, max) {
             Sniff::NeedMore => {}

@@ -28,14 +28,14 @@ use bytes::BytesMut;
 use rumqttd::protocol::{self, ConnAck, ConnAckProperties, Packet};
 use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
 use super::codec::{close, peek_publish, read_some, write_out, Codec};
 use super::codes::{self, DisconnectReason};
+use super::control::{Control, ControlRx};
 use super::handshake::{handshake, Admitted, Refusal};
 use super::lingering::Ended;
-use super::online::Control;
 use super::router_link::{LinkClosed, RouterLink};
 use super::session::{End, Session};
 use super::{Authenticator, Identity, ListenerConfig, ProtocolVersion, Shared};
@@ -61,9 +61,12 @@ where
 {
     let cfg = &ctx.config;
     let mut rbuf = BytesMut::new();
-    let admitted = match handshake(&mut stream, peer, &ctx, &mut rbuf).await {
+    // Boxed: the task's future is as large as its largest state, and the
+    // handshake's (or the end's) would otherwise stay allocated for the
+    // whole life of every idle connection.
+    let admitted = match Box::pin(handshake(&mut stream, peer, &ctx, &mut rbuf)).await {
         Ok(a) => a,
-        Err(refusal) => return refuse(&mut stream, peer, cfg, refusal).await,
+        Err(refusal) => return Box::pin(refuse(&mut stream, peer, cfg, refusal)).await,
     };
     let Admitted {
         codec,
@@ -154,39 +157,42 @@ where
         End::closed("connection lost before CONNACK")
     };
 
-    // Tell an MQTT 5 client why, then close.
-    if let Some((reason, message)) = &end.notify {
-        if let Some(p) = codes::disconnect_packet(version, *reason, message) {
-            session.write(p);
+    Box::pin(async {
+        // Tell an MQTT 5 client why, then close.
+        if let Some((reason, message)) = &end.notify {
+            if let Some(p) = codes::disconnect_packet(version, *reason, message) {
+                session.write(p);
+            }
         }
-    }
-    let _ = flush(&mut stream, &mut session.wbuf, Duration::from_secs(1)).await;
-    close(&mut stream).await;
+        let _ = flush(&mut stream, &mut session.wbuf, Duration::from_secs(1)).await;
+        close(&mut stream).await;
 
-    guard.finish(end.link_gone).await;
-    if !end.taken_over {
-        gw.connection_ended(Ended {
-            client_id: client_id.clone(),
-            stored,
-            expiry: session.session_expiry,
-            will: will.filter(|_| end.will),
-        })
-        .await;
-    }
+        guard.finish(end.link_gone).await;
+        if !end.taken_over {
+            gw.connection_ended(Ended {
+                client_id: client_id.clone(),
+                stored,
+                expiry: session.session_expiry,
+                will: will.filter(|_| end.will),
+            })
+            .await;
+        }
 
-    tracing::debug!(%peer, %client_id, reason = %end.reason, "disconnected");
-    if let Identity::Device {
-        product_key,
-        device_key,
-    } = &admission.identity
-    {
-        gw.events.publish(
-            Event::new(EventKind::DeviceDisconnected, gw.clock.now())
-                .device(product_key, device_key)
-                .with("ClientId", client_id.as_str())
-                .with("Reason", end.reason.as_str()),
-        );
-    }
+        tracing::debug!(%peer, %client_id, reason = %end.reason, "disconnected");
+        if let Identity::Device {
+            product_key,
+            device_key,
+        } = &admission.identity
+        {
+            gw.events.publish(
+                Event::new(EventKind::DeviceDisconnected, gw.clock.now())
+                    .device(product_key, device_key)
+                    .with("ClientId", client_id.as_str())
+                    .with("Reason", end.reason.as_str()),
+            );
+        }
+    })
+    .await;
 }
 
 /// Answers a refused handshake and closes the socket.
@@ -281,7 +287,7 @@ struct Connection<'a, S> {
     /// Bytes read and not yet decoded (released when empty).
     rbuf: BytesMut,
     guard: &'a mut SessionGuard,
-    ctrl_rx: mpsc::UnboundedReceiver<Control>,
+    ctrl_rx: ControlRx,
     cfg: &'a ListenerConfig,
     /// Bounds concurrent link creations of the listener.
     links: &'a Semaphore,
@@ -337,9 +343,12 @@ where
                     if let Some(ka) = ka {
                         ka_sleep.as_mut().reset(Instant::now() + ka);
                     }
-                    self.on_input(session).await
+                    // Boxed (like `on_router`): their states are large and
+                    // short-lived, the loop's waiting state small and
+                    // long-lived (an idle connection's memory).
+                    Box::pin(self.on_input(session)).await
                 }
-                Wake::Router(first) => self.on_router(session, first).await,
+                Wake::Router(first) => Box::pin(self.on_router(session, first)).await,
             };
             if let Some(end) = end {
                 return end;
@@ -383,7 +392,7 @@ where
         }
         // Packets read before an end are still delivered.
         if !session.to_router.is_empty() && !session.linked {
-            if let Err(e) = self.open_link(session).await {
+            if let Err(e) = Box::pin(self.open_link(session)).await {
                 end = end.or(Some(e));
             }
         }
@@ -391,9 +400,9 @@ where
             if link.tx().send(&mut session.to_router).await.is_err() {
                 end = end.or(Some(End::router("router link closed")));
             }
-        } else {
-            session.to_router.clear();
         }
+        // Emptied by the send; its memory goes back too.
+        session.to_router = Vec::new();
         if flush(self.stream, &mut session.wbuf, self.cfg.write_timeout)
             .await
             .is_err()
@@ -470,8 +479,8 @@ where
             // Another connection took the client id over meanwhile; its
             // order is on the way (or here).
             Ok(None) => Err(match self.ctrl_rx.try_recv() {
-                Ok(Control::Disconnect { reason, message }) => End::ordered(reason, message),
-                Err(_) => End::ordered(
+                Some(Control::Disconnect { reason, message }) => End::ordered(reason, message),
+                None => End::ordered(
                     DisconnectReason::SessionTakenOver,
                     String::from("another connection took over this session"),
                 ),
@@ -490,8 +499,8 @@ where
     /// decision.
     fn router_gone(&mut self) -> End {
         let mut end = match self.ctrl_rx.try_recv() {
-            Ok(Control::Disconnect { reason, message }) => End::ordered(reason, message),
-            Err(_) => End::router("router closed the session"),
+            Some(Control::Disconnect { reason, message }) => End::ordered(reason, message),
+            None => End::router("router closed the session"),
         };
         end.link_gone = true;
         end

@@ -25,16 +25,16 @@ use std::net::SocketAddr;
 use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::{Connect, ConnectProperties, Packet};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::mpsc;
 use tokio::time::timeout;
 
 use super::acl::valid_topic_name;
 use super::codec::{read_first, Codec, First};
 use super::codes::RefusalCode;
 use super::connection::ListenerCtx;
+use super::control::{control_channel, ControlRx};
 use super::lingering::{SessionExpiry, Will};
 use super::linking::Registration;
-use super::online::{Control, SessionInfo};
+use super::online::SessionInfo;
 use super::router_link::RouterLink;
 use super::{Admission, ConnectInfo, GatewayError, ProtocolVersion, Rejection};
 
@@ -69,7 +69,7 @@ pub(crate) struct Admitted {
     pub(crate) seq: u64,
     /// Sessions the router stores are linked at once.
     pub(crate) link: Option<RouterLink>,
-    pub(crate) ctrl_rx: mpsc::UnboundedReceiver<Control>,
+    pub(crate) ctrl_rx: ControlRx,
 }
 
 /// Reads the CONNECT (under the CONNECT timeout) and admits and registers
@@ -191,7 +191,7 @@ where
     // competing connections of one client id in the same order. A clean
     // session gets its router link when it first needs one (SUBSCRIBE or
     // PUBLISH): an idle device costs no router state.
-    let (ctrl_tx, ctrl_rx) = mpsc::unbounded_channel();
+    let (ctrl_tx, ctrl_rx) = control_channel();
     let (seq, link) = match gw.register_unlinked(session, ctrl_tx, reservation).await {
         Registration::Registered(seq) => (seq, None),
         Registration::Full(n) => {

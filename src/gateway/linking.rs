@@ -13,14 +13,15 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering;
 
-use tokio::sync::{mpsc, MutexGuard};
+use tokio::sync::MutexGuard;
 
-use super::online::{Control, OnlineRegistry, Reservation, SessionInfo};
+use super::control::ControlTx;
+use super::online::{OnlineRegistry, Reservation, SessionInfo};
 use super::router_link::RouterLink;
 use super::{GatewayError, Shared};
 
 /// A session that must be linked to the router at registration.
-pub(crate) type PendingLink = (SessionInfo, mpsc::UnboundedSender<Control>, Reservation);
+pub(crate) type PendingLink = (SessionInfo, ControlTx, Reservation);
 
 /// The outcome of [`Shared::register_unlinked`].
 pub(crate) enum Registration {
@@ -61,7 +62,7 @@ impl Shared {
     pub(crate) async fn register_unlinked(
         &self,
         session: SessionInfo,
-        ctrl: mpsc::UnboundedSender<Control>,
+        ctrl: ControlTx,
         reservation: Reservation,
     ) -> Registration {
         let _guard = self.stripe(&session.client_id).await;

@@ -52,6 +52,7 @@ pub mod acl;
 mod codec;
 pub mod codes;
 mod connection;
+mod control;
 mod handshake;
 mod lingering;
 mod linking;
@@ -77,8 +78,7 @@ pub use codes::{DisconnectReason, RefusalCode};
 pub use lingering::SessionExpiry;
 pub use online::{OnlineRegistry, SessionInfo};
 pub use router_link::{
-    router_config, LinkClosed, RouterHandle, RouterLink, RouterLinkRx, RouterLinkTx,
-    INTERNAL_LINKS,
+    router_config, LinkClosed, RouterHandle, RouterLink, RouterLinkRx, RouterLinkTx, INTERNAL_LINKS,
 };
 
 use crate::clock::Clock;

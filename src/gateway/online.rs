@@ -10,9 +10,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
 
 use super::codes::DisconnectReason;
+#[cfg(test)]
+use super::control::control_channel;
+pub(crate) use super::control::{Control, ControlTx};
 use super::lingering::SessionExpiry;
 use super::{Identity, ProtocolVersion};
 use crate::clock::Millis;
@@ -43,20 +45,10 @@ impl SessionInfo {
     }
 }
 
-/// An order to a live connection.
-#[derive(Debug, Clone)]
-pub(crate) enum Control {
-    /// End the session, sending DISCONNECT with this reason (MQTT 5).
-    Disconnect {
-        reason: DisconnectReason,
-        message: String,
-    },
-}
-
 struct Entry {
     seq: u64,
     info: SessionInfo,
-    ctrl: mpsc::UnboundedSender<Control>,
+    ctrl: ControlTx,
 }
 
 /// Live sessions by client id. Cheap to query; all methods are
@@ -144,7 +136,7 @@ impl OnlineRegistry {
     pub(crate) fn register_reserved(
         &self,
         info: SessionInfo,
-        ctrl: mpsc::UnboundedSender<Control>,
+        ctrl: ControlTx,
         mut reservation: Reservation,
     ) -> Option<u64> {
         self.insert(info, ctrl, Some(&mut reservation))
@@ -160,18 +152,14 @@ impl OnlineRegistry {
     /// client id is told to close with 0x8E Session taken over (a takeover
     /// succeeds even when full).
     #[cfg(test)]
-    pub(crate) fn register(
-        &self,
-        info: SessionInfo,
-        ctrl: mpsc::UnboundedSender<Control>,
-    ) -> Option<u64> {
+    pub(crate) fn register(&self, info: SessionInfo, ctrl: ControlTx) -> Option<u64> {
         self.insert(info, ctrl, None)
     }
 
     fn insert(
         &self,
         info: SessionInfo,
-        ctrl: mpsc::UnboundedSender<Control>,
+        ctrl: ControlTx,
         reservation: Option<&mut Reservation>,
     ) -> Option<u64> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
@@ -343,14 +331,14 @@ mod tests {
     #[test]
     fn takeover_and_unregister() {
         let reg = OnlineRegistry::new();
-        let (tx1, mut rx1) = mpsc::unbounded_channel();
-        let (tx2, mut rx2) = mpsc::unbounded_channel();
+        let (tx1, mut rx1) = control_channel();
+        let (tx2, mut rx2) = control_channel();
         let s1 = reg.register(info("a"), tx1).expect("room");
         assert!(reg.is_online("a"));
         let s2 = reg.register(info("a"), tx2).expect("room");
         assert!(matches!(
             rx1.try_recv(),
-            Ok(Control::Disconnect {
+            Some(Control::Disconnect {
                 reason: DisconnectReason::SessionTakenOver,
                 ..
             })
@@ -361,7 +349,7 @@ mod tests {
         );
         assert!(reg.is_online("a"));
         assert!(reg.disconnect("a", DisconnectReason::AdministrativeAction, "bye"));
-        assert!(matches!(rx2.try_recv(), Ok(Control::Disconnect { .. })));
+        assert!(matches!(rx2.try_recv(), Some(Control::Disconnect { .. })));
         assert!(reg.disconnect_device("p", "a", DisconnectReason::NotAuthorized, ""));
         assert_eq!(reg.list().len(), 1);
         assert!(reg.unregister("a", s2));
@@ -372,10 +360,12 @@ mod tests {
     #[test]
     fn full_registry_refuses_new_ids_but_allows_takeover() {
         let reg = OnlineRegistry::with_capacity(1);
-        let (tx, _rx) = mpsc::unbounded_channel();
-        let first = reg.register(info("a"), tx.clone()).expect("room");
-        assert_eq!(reg.register(info("b"), tx.clone()), None);
-        let again = reg.register(info("a"), tx.clone()).expect("takeover");
+        let (tx, _rx) = control_channel();
+        let first = reg.register(info("a"), control_channel().0).expect("room");
+        assert_eq!(reg.register(info("b"), control_channel().0), None);
+        let again = reg
+            .register(info("a"), control_channel().0)
+            .expect("takeover");
         assert!(again > first);
         assert!(reg.unregister("a", again));
         assert!(reg.register(info("b"), tx).is_some());
@@ -384,18 +374,22 @@ mod tests {
     #[test]
     fn reservations_count_against_capacity() {
         let reg = Arc::new(OnlineRegistry::with_capacity(2));
-        let (tx, _rx) = mpsc::unbounded_channel();
+        let (tx, _rx) = control_channel();
         let a = reg.reserve("a").expect("room");
         let b = reg.reserve("b").expect("room");
         assert!(reg.reserve("c").is_none(), "two slots held");
-        assert_eq!(reg.register(info("c"), tx.clone()), None);
+        assert_eq!(reg.register(info("c"), control_channel().0), None);
         drop(b);
-        let sa = reg.register_reserved(info("a"), tx.clone(), a).expect("its slot");
+        let sa = reg
+            .register_reserved(info("a"), control_channel().0, a)
+            .expect("its slot");
         let b = reg.reserve("b").expect("room again");
         assert!(reg.reserve("c").is_none());
         // A takeover of an online id needs no slot, even when full.
         let again = reg.reserve("a").expect("takeover");
-        let sa2 = reg.register_reserved(info("a"), tx.clone(), again).expect("takeover");
+        let sa2 = reg
+            .register_reserved(info("a"), control_channel().0, again)
+            .expect("takeover");
         assert!(sa2 > sa);
         assert!(reg.register_reserved(info("b"), tx, b).is_some());
         assert_eq!(reg.len(), 2);

@@ -97,9 +97,10 @@ impl RouterHandle {
             })
         };
         let build_blocking = move |client_id: &str, clean_session: bool| {
-            let (link_tx, link_rx, ack) = link_builder!(client_id, tx_blocking.clone(), clean_session)
-                .build()
-                .map_err(router_error)?;
+            let (link_tx, link_rx, ack) =
+                link_builder!(client_id, tx_blocking.clone(), clean_session)
+                    .build()
+                    .map_err(router_error)?;
             Ok(RouterLink::with_ack(link_tx, link_rx, &ack))
         };
         RouterHandle {
@@ -257,8 +258,7 @@ impl RouterLinkTx {
             return Ok(());
         };
         let waited = tokio::time::Instant::now();
-        while self.tx.buffer().len() >= MAX_PENDING_TO_ROUTER && waited.elapsed() < BACKLOG_WAIT
-        {
+        while self.tx.buffer().len() >= MAX_PENDING_TO_ROUTER && waited.elapsed() < BACKLOG_WAIT {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         self.tx.buffer().extend(packets.drain(..));
@@ -302,5 +302,65 @@ impl RouterLinkRx {
     /// `Notification::Unschedule`).
     pub async fn wake(&self) -> Result<(), LinkClosed> {
         self.rx.wake().await.map_err(|_| LinkClosed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// The next notification that is not a wake-up request (answered).
+    async fn next(rx: &mut RouterLinkRx) -> Notification {
+        loop {
+            let n = tokio::time::timeout(WAIT, rx.next())
+                .await
+                .expect("notification in time")
+                .expect("link open");
+            match n {
+                Notification::Unschedule => rx.wake().await.expect("wake"),
+                n => return n,
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_batch_arrives_in_order_and_a_stored_session_is_resumed() {
+        let router = RouterHandle::spawn(0, router_config(4));
+        assert_eq!(router.sessions(), 4);
+        let mut sub = router.link("sub", false).await.expect("link");
+        assert!(!sub.session_present());
+        sub.subscribe("t/#").await.expect("subscribe");
+        assert!(matches!(next(sub.rx()).await, Notification::DeviceAck(_)));
+
+        let mut publisher = router.link("pub", true).await.expect("link");
+        let mut batch: Vec<Packet> = (0..3)
+            .map(|i| Packet::Publish(Publish::new(format!("t/{i}"), "x".to_owned(), false), None))
+            .collect();
+        publisher.tx().send(&mut batch).await.expect("sent");
+        assert!(batch.is_empty());
+        for i in 0..3 {
+            match next(sub.rx()).await {
+                Notification::Forward(f) => assert_eq!(f.publish.topic, format!("t/{i}")),
+                other => panic!("expected a forward, got {other:?}"),
+            }
+        }
+
+        // Closed with DISCONNECT, the stored session waits for its client id.
+        sub.close().await.expect("closed");
+        let again = tokio::time::timeout(WAIT, async {
+            loop {
+                let link = router.link("sub", false).await.expect("link");
+                if link.session_present() {
+                    return link;
+                }
+                // The router had not processed the DISCONNECT yet.
+                link.close().await.expect("closed");
+            }
+        })
+        .await
+        .expect("resumed in time");
+        assert!(again.session_present());
     }
 }

@@ -394,7 +394,11 @@ impl<'a> Session<'a> {
         None
     }
 
-    pub(crate) fn on_notification(&mut self, n: Notification, unschedule: &mut bool) -> Option<End> {
+    pub(crate) fn on_notification(
+        &mut self,
+        n: Notification,
+        unschedule: &mut bool,
+    ) -> Option<End> {
         if matches!(n, Notification::Unschedule) {
             *unschedule = true;
             return None;

@@ -500,7 +500,9 @@ mod test {
         // TODO: Write a similar test to benchmark buffer vs channels
     }
 
-    fn router(max_connections: usize) -> flume::Sender<(crate::ConnectionId, crate::router::Event)> {
+    fn router(
+        max_connections: usize,
+    ) -> flume::Sender<(crate::ConnectionId, crate::router::Event)> {
         let config = crate::RouterConfig {
             max_connections,
             max_outgoing_packet_count: 200,
@@ -555,7 +557,12 @@ mod test {
             .expect("SUBACK in time")
             .expect("link open");
         assert!(
-            matches!(n, Some(crate::Notification::DeviceAck(crate::router::Ack::SubAck(_)))),
+            matches!(
+                n,
+                Some(crate::Notification::DeviceAck(crate::router::Ack::SubAck(
+                    _
+                )))
+            ),
             "{n:?}"
         );
     }
@@ -574,7 +581,11 @@ mod test {
         )
         .await
         .expect("answered in time");
-        assert!(matches!(second, Err(super::LinkError::Recv(_))), "{:?}", second.err());
+        assert!(
+            matches!(second, Err(super::LinkError::Recv(_))),
+            "{:?}",
+            second.err()
+        );
     }
 
     // `send` waits for room in a full router channel instead of blocking
