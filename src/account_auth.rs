@@ -104,6 +104,10 @@ fn check_session_cap(
 }
 
 impl Authenticator for AccountAuthenticator {
+    fn admits_accounts(&self) -> bool {
+        true
+    }
+
     fn authenticate(&self, info: ConnectInfo) -> AuthFuture {
         let accounts = self.accounts.clone();
         let verifying = self.verifying.clone();

@@ -94,10 +94,7 @@ impl Broker {
         let admin = AdminService::start(
             AdminContext::new(ledger.clone(), config.ledger.near_expiry_days),
             accounts.clone(),
-            move |id| {
-                let (tx, rx, _ack) = router.link_blocking(id, true)?;
-                Ok((tx, rx))
-            },
+            move |id| Ok(router.link_blocking(id, true)?),
         )
         .await?;
         let enforcer = Enforcer {

@@ -511,14 +511,17 @@ async fn mosquitto_clients_interoperate_with_openssl_computed_credentials() {
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(stderr.contains("bad user name or password"), "{stderr}");
     // A back-end application (here a router link) sends the subscriber a command.
-    let (mut tx, _rx, _ack) = t
+    let mut link = t
         .broker
         .gateway
         .router()
         .link("test-app", true)
         .await
         .expect("link");
-    tx.publish("devices/p1/sub/cmd", "on").expect("publish");
+    link.tx()
+        .publish("devices/p1/sub/cmd", "on")
+        .await
+        .expect("publish");
     let out = tokio::time::timeout(WAIT, sub.wait_with_output())
         .await
         .expect("mosquitto_sub exits")
@@ -569,5 +572,33 @@ async fn a_will_outside_the_namespace_is_refused_before_any_code_is_consumed() {
         matches!(ok, Ok(Event::Incoming(Packet::ConnAck(_)))),
         "{ok:?}"
     );
+    assert_eq!(t.consumed(), 1);
+}
+
+// Issue 12: a CONNECT the broker has no room for is refused before the
+// gate runs, so it consumes no code (formerly 0x88 came after the code was
+// consumed and the device's validity had started).
+#[tokio::test]
+async fn a_connect_the_broker_has_no_room_for_consumes_no_code() {
+    let t = start_broker(|c| c.router.max_connections = 1).await;
+    let secret = t.product(PK, 10, 3600).await;
+    let (u, p) = t.creds(PK, "d1", &secret);
+    let _d1 = v4::connect(t.addr(), "p1.d1", &u, &p)
+        .await
+        .expect("room for one session");
+    assert_eq!(t.consumed(), 1);
+    let (u2, p2) = t.creds(PK, "d2", &secret);
+    assert_eq!(both_codes(&t, "p1.d2", &u2, &p2).await, (0x88, 0x03));
+    assert_eq!(
+        t.consumed(),
+        1,
+        "the refused device's code stays unconsumed"
+    );
+    assert!(!t.is_online(PK, "d2"));
+    // A reconnect of the online device is a takeover: it needs no new
+    // slot, and it is free.
+    let _again = v5::connect(t.addr(), "p1.d1", &u, &p)
+        .await
+        .expect("takeover at capacity");
     assert_eq!(t.consumed(), 1);
 }

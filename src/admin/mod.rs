@@ -20,7 +20,7 @@
 //! let ctx = AdminContext::new(ledger.clone(), config.ledger.near_expiry_days);
 //! let r = router.clone(); // gateway::RouterHandle (its links have dynamic filters)
 //! let admin = AdminService::start(ctx, accounts.clone(), move |id: &str| {
-//!     r.link_blocking(id, true).map(|(tx, rx, _ack)| (tx, rx)).map_err(anyhow::Error::from)
+//!     Ok(r.link_blocking(id, true)?)
 //! }).await?;
 //! let announcer = Announcer::new(ledger.clone(), config.ledger.near_expiry_days,
 //!                                config.ledger.expiring_scan_secs).spawn();

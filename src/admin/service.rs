@@ -10,20 +10,18 @@
 //! event of the [`EventBus`](crate::events::EventBus) is relayed to
 //! `admin/v1/events/{kind}`.
 //!
-//! All publishing goes through one link on one dedicated thread, so events
-//! keep their order and no async worker ever waits for the router's channel.
-//! rumqttd lets local links publish only at QoS 0; responses and events are
-//! QoS 0 from the router to subscribers.
+//! All publishing goes through one link from one task, so events keep their
+//! order; the link's sends await room in the router's channel without
+//! blocking a thread (`gateway::router_link`). rumqttd lets local links
+//! publish only at QoS 0; responses and events are QoS 0 from the router to
+//! subscribers.
 
-use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, Context};
 use bytes::Bytes;
-use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::protocol::{Packet, Publish, PublishProperties};
 use rumqttd::Notification;
 use tokio::sync::{broadcast, mpsc, Semaphore};
@@ -32,6 +30,7 @@ use tokio::task::JoinHandle;
 use super::accounts::{response_topic, valid_account_name, Accounts};
 use super::{handle, respond, AdminContext, AdminError};
 use crate::events::Event;
+use crate::gateway::{RouterLink, RouterLinkRx};
 
 /// Client id of the service's router link. Contains NUL, which no accepted
 /// client id may contain (the gateway refuses it), so no client can take
@@ -54,11 +53,12 @@ const EVENT_LINGER: Duration = Duration::from_millis(1);
 /// How long `start` waits for the router to acknowledge the subscription.
 const SUBACK_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Opens a local link to the router (e.g. `RouterHandle::link_blocking`).
-/// It BLOCKS until the router answers; the service calls it on the blocking
-/// pool. The link must have dynamic filters on: publishing to a topic
-/// nobody subscribes to would otherwise disconnect it.
-pub type LinkFn = dyn FnOnce(&str) -> anyhow::Result<(LinkTx, LinkRx)> + Send;
+/// Opens a local link to the router (e.g. `RouterHandle::link_blocking`,
+/// or a `(LinkTx, LinkRx)` from rumqttd's `LinkBuilder`). It may block; the
+/// service calls it on the blocking pool. The link must have dynamic
+/// filters on: publishing to a topic nobody subscribes to would otherwise
+/// disconnect it.
+pub type LinkFn = dyn FnOnce(&str) -> anyhow::Result<RouterLink> + Send;
 
 /// A publish for the router.
 struct Outgoing {
@@ -96,64 +96,63 @@ impl AdminService {
     /// Opens the link (`link(ADMIN_CLIENT_ID)`), subscribes to
     /// `admin/v1/+/request`, waits for the router's acknowledgement, and
     /// starts serving requests and relaying `ctx.ledger.events()`.
-    pub async fn start<F>(
+    pub async fn start<F, L>(
         ctx: AdminContext,
         accounts: Arc<Accounts>,
         link: F,
     ) -> anyhow::Result<AdminService>
     where
-        F: FnOnce(&str) -> anyhow::Result<(LinkTx, LinkRx)> + Send + 'static,
+        F: FnOnce(&str) -> anyhow::Result<L> + Send + 'static,
+        L: Into<RouterLink> + Send + 'static,
     {
         // Subscribe to the bus first: no event after `start` returns is missed.
         let events = ctx.ledger.events().subscribe();
-        let (mut tx, rx) = tokio::task::spawn_blocking(move || {
-            let (mut tx, mut rx) = link(ADMIN_CLIENT_ID)?;
-            tx.subscribe(REQUEST_FILTER)
-                .map_err(|e| anyhow!("subscribing to {REQUEST_FILTER}: {e}"))?;
-            let deadline = Instant::now() + SUBACK_TIMEOUT;
+        let mut link: RouterLink = tokio::task::spawn_blocking(move || link(ADMIN_CLIENT_ID))
+            .await
+            .context("starting the admin link")??
+            .into();
+        link.subscribe(REQUEST_FILTER)
+            .await
+            .map_err(|e| anyhow!("subscribing to {REQUEST_FILTER}: {e}"))?;
+        let (mut tx, mut rx) = link.split();
+        tokio::time::timeout(SUBACK_TIMEOUT, async {
             loop {
-                match rx.recv_deadline(deadline) {
-                    Ok(Some(Notification::DeviceAck(_))) => break,
-                    Ok(Some(Notification::Unschedule)) => {
-                        rx.ready().map_err(|e| anyhow!("router link: {e}"))?
-                    }
-                    Ok(_) => {}
-                    Err(e) => return Err(anyhow!("waiting for the router's SUBACK: {e}")),
+                match rx.next().await? {
+                    Notification::DeviceAck(_) => return Ok(()),
+                    Notification::Unschedule => rx.wake().await?,
+                    _ => {}
                 }
             }
-            Ok::<_, anyhow::Error>((tx, rx))
         })
         .await
-        .context("starting the admin link")??;
+        .map_err(|_| anyhow!("no SUBACK from the router within {SUBACK_TIMEOUT:?}"))?
+        .map_err(|e: crate::gateway::LinkClosed| anyhow!("waiting for the router's SUBACK: {e}"))?;
 
         let stats = Arc::new(AdminStats::default());
         let (out_tx, mut out_rx) = mpsc::channel::<Vec<Outgoing>>(OUTGOING_QUEUE);
-        std::thread::Builder::new()
-            .name("admin-publisher".into())
-            .spawn(move || {
-                // Whatever queued up meanwhile goes to the router in one
-                // batch: one wake-up of the router per batch, not per event.
-                let mut batch = Vec::with_capacity(PUBLISH_BATCH);
-                while let Some(first) = out_rx.blocking_recv() {
-                    batch.extend(first.into_iter().map(Outgoing::into_packet));
-                    while batch.len() < PUBLISH_BATCH {
-                        match out_rx.try_recv() {
-                            Ok(more) => batch.extend(more.into_iter().map(Outgoing::into_packet)),
-                            Err(_) => break,
-                        }
-                    }
-                    if let Err(e) = send_batch(&mut tx, &mut batch) {
-                        tracing::error!(error = %e, "admin service: router link closed");
-                        break;
+        let publisher = tokio::spawn(async move {
+            // Whatever queued up meanwhile goes to the router in one batch:
+            // one wake-up of the router per batch, not per event.
+            let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+            while let Some(first) = out_rx.recv().await {
+                batch.extend(first.into_iter().map(Outgoing::into_packet));
+                while batch.len() < PUBLISH_BATCH {
+                    match out_rx.try_recv() {
+                        Ok(more) => batch.extend(more.into_iter().map(Outgoing::into_packet)),
+                        Err(_) => break,
                     }
                 }
-            })
-            .context("starting the admin publisher thread")?;
+                if let Err(e) = tx.send(&mut batch).await {
+                    tracing::error!(error = %e, "admin service: router link closed");
+                    break;
+                }
+            }
+        });
 
         let reader = tokio::spawn(serve(ctx, accounts, rx, out_tx.clone(), stats.clone()));
         let relay = tokio::spawn(relay(events, out_tx, stats.clone()));
         Ok(AdminService {
-            tasks: vec![reader, relay],
+            tasks: vec![reader, relay, publisher],
             stats,
         })
     }
@@ -176,31 +175,10 @@ impl Drop for AdminService {
     }
 }
 
-/// Hands `batch` to the router: all but the last packet straight into the
-/// link's buffer, the last with the notification.
-fn send_batch(tx: &mut LinkTx, batch: &mut Vec<Packet>) -> anyhow::Result<()> {
-    let Some(last) = batch.pop() else {
-        return Ok(());
-    };
-    tx.buffer().extend(batch.drain(..));
-    send_now(tx, last)
-}
-
-/// `LinkTx::send` is async in signature only (it never awaits); run it to
-/// completion here on the publisher thread.
-fn send_now(tx: &mut LinkTx, packet: Packet) -> anyhow::Result<()> {
-    let mut fut = std::pin::pin!(tx.send(packet));
-    let mut cx = TaskContext::from_waker(Waker::noop());
-    match fut.as_mut().poll(&mut cx) {
-        Poll::Ready(r) => r.map(|_| ()).map_err(|e| anyhow!("{e}")),
-        Poll::Pending => Err(anyhow!("router link send did not complete")),
-    }
-}
-
 async fn serve(
     ctx: AdminContext,
     accounts: Arc<Accounts>,
-    mut rx: LinkRx,
+    mut rx: RouterLinkRx,
     out: mpsc::Sender<Vec<Outgoing>>,
     stats: Arc<AdminStats>,
 ) {
@@ -208,8 +186,7 @@ async fn serve(
     let reply_topics = Arc::new(ReplyTopics::default());
     loop {
         let notification = match rx.next().await {
-            Ok(Some(n)) => n,
-            Ok(None) => continue,
+            Ok(n) => n,
             Err(e) => {
                 tracing::error!(error = %e, "admin service: router link closed");
                 return;

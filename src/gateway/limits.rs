@@ -103,6 +103,10 @@ pub(crate) struct Guarded {
 }
 
 impl Authenticator for Guarded {
+    fn admits_accounts(&self) -> bool {
+        self.inner.admits_accounts()
+    }
+
     fn authenticate(&self, info: ConnectInfo) -> AuthFuture {
         self.pending.leave(info.peer);
         let decision = self.inner.authenticate(info);

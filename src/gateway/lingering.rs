@@ -22,7 +22,7 @@ use rumqttd::protocol::{LastWill, LastWillProperties, Packet, Publish, PublishPr
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::{GatewayError, Shared};
+use super::Shared;
 
 /// A will message as it came in the CONNECT.
 pub(crate) type Will = (LastWill, Option<LastWillProperties>);
@@ -177,33 +177,23 @@ impl Shared {
         }
     }
 
-    /// Ends the stored session of `client_id` whose connection is gone, on
-    /// the blocking pool: takes its lingering entry `token` (if given;
-    /// nothing happens if a new connection settled it first) and, if
-    /// `discard`, makes the router forget it unless the client id is online
-    /// again.
+    /// Ends the stored session of `client_id` whose connection is gone:
+    /// takes its lingering entry `token` (if given; nothing happens if a new
+    /// connection settled it first) and, if `discard`, makes the router
+    /// forget it unless the client id is online again.
     async fn end_stored(self: &Arc<Self>, client_id: String, token: Option<u64>, discard: bool) {
-        let gw = self.clone();
-        let cid = client_id.clone();
-        let ended = tokio::task::spawn_blocking(move || {
-            let _guard = gw.stripe(&cid).lock();
-            if let Some(token) = token {
-                let mut lingering = gw.lingering.lock();
-                match lingering.get(&cid) {
-                    Some(l) if l.token == token => lingering.remove(&cid),
-                    _ => return Ok(()),
-                };
+        let _guard = self.stripe(&client_id).await;
+        if let Some(token) = token {
+            let mut lingering = self.lingering.lock();
+            match lingering.get(&client_id) {
+                Some(l) if l.token == token => lingering.remove(&client_id),
+                _ => return,
+            };
+        }
+        if discard && !self.online.is_online(&client_id) {
+            if let Err(e) = self.discard_locked(&client_id).await {
+                tracing::warn!(%client_id, error = %e, "cannot discard session");
             }
-            if discard && !gw.online.is_online(&cid) {
-                gw.discard_locked(&cid)?;
-            }
-            Ok::<_, GatewayError>(())
-        })
-        .await;
-        match ended {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(%client_id, error = %e, "cannot discard session"),
-            Err(e) => tracing::warn!(%client_id, error = %e, "session end task failed"),
         }
     }
 
@@ -281,9 +271,11 @@ pub(crate) async fn publish_will(gw: &Shared, (will, props): Will) {
         subscription_identifiers: Vec::new(),
         content_type: p.content_type,
     });
-    gw.router.wait_for_room().await;
     let mut tx = gw.wills.lock().await;
-    if let Err(e) = tx.send(Packet::Publish(publish, properties)).await {
+    if let Err(e) = tx
+        .send(&mut vec![Packet::Publish(publish, properties)])
+        .await
+    {
         tracing::warn!(error = %e, "cannot publish will");
     }
 }

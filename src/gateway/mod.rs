@@ -51,18 +51,22 @@
 //!   past it the client gets `ServerBusy` (the future is dropped).
 
 pub mod acl;
+mod codec;
 pub mod codes;
 mod connection;
+mod control;
+mod handshake;
 mod limits;
 mod lingering;
+mod linking;
 mod listener;
 pub mod online;
 mod proxy;
+pub mod router_link;
+mod session;
 
-use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -71,16 +75,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
-use rumqttd::{Notification, Router, RouterConfig};
+use rumqttd::Notification;
 
 pub use acl::{Acl, AclError, AclTemplate, SubscribeVerdict, DEFAULT_DEVICE_TEMPLATE};
 pub use codes::{DisconnectReason, RefusalCode};
 pub use lingering::SessionExpiry;
 pub use online::{OnlineRegistry, SessionInfo};
-
-use online::Control;
-use tokio::sync::mpsc;
+pub use router_link::{
+    router_config, router_config_with, LinkClosed, RouterHandle, RouterLink, RouterLinkRx,
+    RouterLinkTx, INTERNAL_LINKS,
+};
 
 use crate::clock::Clock;
 use crate::events::EventBus;
@@ -212,6 +216,13 @@ pub type AuthFuture = Pin<Box<dyn Future<Output = Result<Admission, Rejection>> 
 /// for the client until it returns `Ok`.
 pub trait Authenticator: Send + Sync + 'static {
     fn authenticate(&self, info: ConnectInfo) -> AuthFuture;
+
+    /// Whether the sessions this authenticator admits are accounts, which
+    /// may use the registry capacity kept for them
+    /// ([`online::OnlineRegistry::reserve_for_accounts`]).
+    fn admits_accounts(&self) -> bool {
+        false
+    }
 }
 
 /// TLS for a listener: PEM certificate chain and private key files.
@@ -294,132 +305,6 @@ pub enum GatewayError {
     Full(usize),
 }
 
-type BuildFn =
-    dyn Fn(&str, bool) -> Result<(LinkTx, LinkRx, Notification), GatewayError> + Send + Sync;
-type FreeFn = dyn Fn() -> usize + Send + Sync;
-
-/// A running rumqttd router and the means to open links to it.
-#[derive(Clone)]
-pub struct RouterHandle {
-    build: Arc<BuildFn>,
-    free: Arc<FreeFn>,
-    /// Client sessions the router has room for (its `max_connections`
-    /// less [`INTERNAL_LINKS`]).
-    sessions: usize,
-}
-
-/// Router slots kept for the broker's own links (the gateway's will link,
-/// the admin plane's links).
-pub const INTERNAL_LINKS: usize = 16;
-
-impl std::fmt::Debug for RouterHandle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RouterHandle")
-            .field("free_slots", &(self.free)())
-            .finish()
-    }
-}
-
-/// Free slots in the router's event channel below which senders wait, so a
-/// send never blocks an async worker (at most `max_concurrent_links` plus
-/// the worker threads can send concurrently).
-const ROUTER_HEADROOM: usize = 256;
-
-impl RouterHandle {
-    /// Starts rumqttd's router on its own thread.
-    pub fn spawn(router_id: usize, config: RouterConfig) -> Self {
-        let sessions = config.max_connections.saturating_sub(INTERNAL_LINKS).max(1);
-        let tx = Router::new(router_id, config).spawn();
-        let build_tx = tx.clone();
-        let build = move |client_id: &str, clean_session: bool| {
-            LinkBuilder::new(client_id, build_tx.clone())
-                .clean_session(clean_session)
-                // Publishing to a topic nobody subscribes to must not
-                // disconnect the publisher.
-                .dynamic_filters(true)
-                // The router never aliases topics towards our clients.
-                .topic_alias_max(0)
-                .build()
-                .map_err(|e: LinkError| GatewayError::Router(e.to_string()))
-        };
-        let free = move || tx.capacity().unwrap_or(usize::MAX).saturating_sub(tx.len());
-        RouterHandle {
-            build: Arc::new(build),
-            free: Arc::new(free),
-            sessions,
-        }
-    }
-
-    /// Client sessions the router has room for.
-    pub fn sessions(&self) -> usize {
-        self.sessions
-    }
-
-    /// Opens a local link (e.g. for the admin plane). BLOCKS until the
-    /// router answers: call it from `spawn_blocking` or use [`Self::link`].
-    pub fn link_blocking(
-        &self,
-        client_id: &str,
-        clean_session: bool,
-    ) -> Result<(LinkTx, LinkRx, Notification), GatewayError> {
-        (self.build)(client_id, clean_session)
-    }
-
-    /// [`Self::link_blocking`] on the blocking pool.
-    pub async fn link(
-        &self,
-        client_id: &str,
-        clean_session: bool,
-    ) -> Result<(LinkTx, LinkRx, Notification), GatewayError> {
-        self.wait_for_room().await;
-        let this = self.clone();
-        let id = client_id.to_owned();
-        tokio::task::spawn_blocking(move || this.link_blocking(&id, clean_session))
-            .await
-            .map_err(|e| GatewayError::Router(e.to_string()))?
-    }
-
-    /// Waits until the router's event channel has headroom, so the
-    /// synchronous `LinkTx::send` that follows cannot block the thread.
-    pub async fn wait_for_room(&self) {
-        while (self.free)() < ROUTER_HEADROOM {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }
-}
-
-/// A router configuration suitable for the broker: room for
-/// `max_connections` client sessions (plus [`INTERNAL_LINKS`]), small in-memory
-/// segments per subscribed filter (4 × 1 MiB per filter bounds what a
-/// persistent session can have queued), the default caps of `[router]`.
-pub fn router_config(max_connections: usize) -> RouterConfig {
-    router_config_with(&crate::config::RouterSection {
-        max_connections,
-        ..Default::default()
-    })
-}
-
-/// [`router_config`] with the caps of `section` (`[router]` in the config).
-/// The gateway's own links publish for many clients: exempt from the
-/// per-client caps.
-pub fn router_config_with(section: &crate::config::RouterSection) -> RouterConfig {
-    RouterConfig {
-        max_connections: section.max_connections.saturating_add(INTERNAL_LINKS),
-        max_outgoing_packet_count: 200,
-        max_segment_size: 1024 * 1024,
-        max_segment_count: 4,
-        custom_segment: None,
-        initialized_filters: None,
-        shared_subscriptions_strategy: Default::default(),
-        max_retained_per_client: section.max_retained_per_client,
-        max_retained_bytes: section.max_retained_bytes,
-        quota_exempt_clients: vec![
-            WILL_LINK_ID.to_owned(),
-            crate::admin::service::ADMIN_CLIENT_ID.to_owned(),
-        ],
-    }
-}
-
 /// Shared state of every listener of one gateway.
 pub(crate) struct Shared {
     router: RouterHandle,
@@ -427,8 +312,9 @@ pub(crate) struct Shared {
     events: EventBus,
     clock: Clock,
     /// Serialises "register in the online registry" and "create the router
-    /// link" per client id, so both see takeovers in the same order.
-    stripes: Box<[parking_lot::Mutex<()>]>,
+    /// link" per client id, so both see takeovers in the same order
+    /// (`linking.rs`).
+    stripes: Box<[tokio::sync::Mutex<()>]>,
     /// Client ids whose last router link was stored (see
     /// [`SessionInfo::stored`]), so the router may hold their state: any
     /// CONNECT of one of them links at once (to resume or discard it).
@@ -444,129 +330,12 @@ pub(crate) struct Shared {
     /// Client sessions that hold a router link.
     linked: AtomicUsize,
     /// The link wills are published through (wills outlive their link).
-    wills: tokio::sync::Mutex<LinkTx>,
-}
-
-impl Shared {
-    /// The lock serialising registration and linking of `client_id`.
-    fn stripe(&self, client_id: &str) -> &parking_lot::Mutex<()> {
-        let mut h = DefaultHasher::new();
-        client_id.hash(&mut h);
-        &self.stripes[(h.finish() as usize) % self.stripes.len()]
-    }
-
-    /// Registers a clean session that needs no router link yet (the client
-    /// id has no stored session in the router). A session that must be
-    /// linked at once is handed back.
-    fn register_unlinked(
-        &self,
-        session: SessionInfo,
-        ctrl: mpsc::UnboundedSender<Control>,
-    ) -> Registration {
-        let _guard = self.stripe(&session.client_id).lock();
-        if session.stored() || self.persistent.lock().contains(&session.client_id) {
-            return Registration::MustLink(Box::new((session, ctrl)));
-        }
-        match self.online.register(session, ctrl) {
-            Some(seq) => Registration::Registered(seq),
-            None => Registration::Full(self.online.capacity()),
-        }
-    }
-
-    /// Registers `session` and links it to the router. BLOCKS on the router.
-    fn register_linked(
-        &self,
-        session: SessionInfo,
-        ctrl: mpsc::UnboundedSender<Control>,
-    ) -> Result<(u64, (LinkTx, LinkRx, Notification)), GatewayError> {
-        let cid = session.client_id.clone();
-        let clean_start = session.clean_session;
-        let stored = session.stored();
-        let _guard = self.stripe(&cid).lock();
-        let seq = self
-            .online
-            .register(session, ctrl)
-            .ok_or(GatewayError::Full(self.online.capacity()))?;
-        self.settle_lingering(&cid, clean_start);
-        if clean_start && stored && self.persistent.lock().contains(&cid) {
-            // A fresh session that the router will store: drop the old one
-            // first (a stored link would resume it).
-            if let Err(e) = self.discard_locked(&cid) {
-                self.online.unregister(&cid, seq);
-                return Err(e);
-            }
-        }
-        match self.link_locked(&cid, !stored) {
-            Ok(link) => Ok((seq, link)),
-            Err(e) => {
-                self.online.unregister(&cid, seq);
-                Err(e)
-            }
-        }
-    }
-
-    /// Links the registered clean session `seq` of `client_id` to the
-    /// router, unless another connection has taken the client id over
-    /// (then `None`). BLOCKS on the router.
-    fn link_registered(
-        &self,
-        client_id: &str,
-        seq: u64,
-    ) -> Result<Option<(LinkTx, LinkRx, Notification)>, GatewayError> {
-        let _guard = self.stripe(client_id).lock();
-        if !self.online.is_current(client_id, seq) {
-            return Ok(None);
-        }
-        self.link_locked(client_id, true).map(Some)
-    }
-
-    /// A session's link is closed (or dropped by the router).
-    fn unlinked(&self) {
-        self.linked.fetch_sub(1, Ordering::Relaxed);
-    }
-
-    /// Makes the router forget the stored session of `client_id` (a clean
-    /// link's CONNECT discards it; its DISCONNECT stores nothing). Under the
-    /// stripe lock of `client_id`. BLOCKS on the router.
-    fn discard_locked(&self, client_id: &str) -> Result<(), GatewayError> {
-        let (mut tx, _rx, _ack) = self.router.link_blocking(client_id, true)?;
-        self.persistent.lock().remove(client_id);
-        // `send` is a blocking channel send behind an async signature:
-        // fine on this blocking thread.
-        self.runtime
-            .block_on(tx.send(connection::router_disconnect_packet()))
-            .map_err(|e| GatewayError::Router(e.to_string()))?;
-        Ok(())
-    }
-
-    /// Under the stripe lock of `client_id`.
-    fn link_locked(
-        &self,
-        client_id: &str,
-        clean: bool,
-    ) -> Result<(LinkTx, LinkRx, Notification), GatewayError> {
-        let link = self.router.link_blocking(client_id, clean)?;
-        self.linked.fetch_add(1, Ordering::Relaxed);
-        let mut persistent = self.persistent.lock();
-        if clean {
-            persistent.remove(client_id);
-        } else if !persistent.contains(client_id) {
-            persistent.insert(client_id.to_owned());
-        }
-        Ok(link)
-    }
-}
-
-/// The outcome of [`Shared::register_unlinked`].
-enum Registration {
-    Registered(u64),
-    MustLink(Box<(SessionInfo, mpsc::UnboundedSender<Control>)>),
-    Full(usize),
+    wills: tokio::sync::Mutex<RouterLinkTx>,
 }
 
 /// Client id of the gateway's own link. Contains NUL, which no accepted
 /// client id may contain, so it cannot be taken over.
-const WILL_LINK_ID: &str = "\0gateway-wills";
+pub(crate) const WILL_LINK_ID: &str = "\0gateway-wills";
 
 /// The connection layer of one router: any number of listeners sharing one
 /// online registry.
@@ -591,13 +360,13 @@ impl Gateway {
         events: EventBus,
         clock: Clock,
     ) -> Result<Gateway, GatewayError> {
-        let (tx, mut rx, _ack) = router.link(WILL_LINK_ID, true).await?;
+        let (tx, mut rx) = router.link(WILL_LINK_ID, true).await?.split();
         tokio::spawn(async move {
             // Nothing is expected back (wills are QoS 0 towards the router);
             // drain so the router never stalls on this link.
             loop {
                 match rx.next().await {
-                    Ok(Some(Notification::Unschedule)) => {
+                    Ok(Notification::Unschedule) => {
                         if rx.wake().await.is_err() {
                             break;
                         }
@@ -607,7 +376,7 @@ impl Gateway {
                 }
             }
         });
-        let stripes = (0..256).map(|_| parking_lot::Mutex::new(())).collect();
+        let stripes = (0..256).map(|_| tokio::sync::Mutex::new(())).collect();
         let online = Arc::new(OnlineRegistry::with_capacity(router.sessions()));
         Ok(Gateway {
             shared: Arc::new(Shared {

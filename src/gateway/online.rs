@@ -7,11 +7,14 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
-use tokio::sync::mpsc;
 
 use super::codes::DisconnectReason;
+#[cfg(test)]
+use super::control::control_channel;
+pub(crate) use super::control::{Control, ControlTx};
 use super::lingering::SessionExpiry;
 use super::{Identity, ProtocolVersion};
 use crate::clock::Millis;
@@ -42,20 +45,10 @@ impl SessionInfo {
     }
 }
 
-/// An order to a live connection.
-#[derive(Debug, Clone)]
-pub(crate) enum Control {
-    /// End the session, sending DISCONNECT with this reason (MQTT 5).
-    Disconnect {
-        reason: DisconnectReason,
-        message: String,
-    },
-}
-
 struct Entry {
     seq: u64,
     info: SessionInfo,
-    ctrl: mpsc::UnboundedSender<Control>,
+    ctrl: ControlTx,
 }
 
 /// Live sessions by client id. Cheap to query; all methods are
@@ -67,6 +60,28 @@ pub struct OnlineRegistry {
     capacity: usize,
     /// Of `capacity`, how many only accounts may use.
     reserved_for_accounts: AtomicUsize,
+    /// Slots held by CONNECTs being authenticated ([`Reservation`]); they
+    /// count against `capacity`. Raised only under the `sessions` lock.
+    reserved: AtomicUsize,
+}
+
+/// A registry slot held for a CONNECT while it is authenticated, so a
+/// CONNECT that passes authentication (which may consume an activation
+/// code) finds room. Released on drop, or handed to
+/// [`OnlineRegistry::register_reserved`].
+pub(crate) struct Reservation {
+    registry: Arc<OnlineRegistry>,
+    /// False when the client id was online at reservation: a takeover
+    /// needs no new slot.
+    holds_slot: bool,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.holds_slot {
+            self.registry.reserved.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Default for OnlineRegistry {
@@ -95,7 +110,40 @@ impl OnlineRegistry {
             seq: AtomicU64::new(0),
             capacity,
             reserved_for_accounts: AtomicUsize::new(0),
+            reserved: AtomicUsize::new(0),
         }
+    }
+
+    /// Holds a slot for a CONNECT naming `client_id` until it registers (or
+    /// gives up): `None` if the registry is full (for a listener whose
+    /// sessions are not accounts: all but the capacity kept for accounts),
+    /// unless `client_id` is online (its takeover needs no new slot).
+    pub(crate) fn reserve(self: &Arc<Self>, client_id: &str, account: bool) -> Option<Reservation> {
+        let sessions = self.sessions.lock();
+        if !client_id.is_empty() && sessions.contains_key(client_id) {
+            return Some(Reservation {
+                registry: self.clone(),
+                holds_slot: false,
+            });
+        }
+        if sessions.len() + self.reserved.load(Ordering::Relaxed) >= self.limit(account) {
+            return None;
+        }
+        self.reserved.fetch_add(1, Ordering::Relaxed);
+        Some(Reservation {
+            registry: self.clone(),
+            holds_slot: true,
+        })
+    }
+
+    /// [`Self::register`] into the slot `reservation` holds.
+    pub(crate) fn register_reserved(
+        &self,
+        info: SessionInfo,
+        ctrl: ControlTx,
+        mut reservation: Reservation,
+    ) -> Option<u64> {
+        self.insert(info, ctrl, Some(&mut reservation))
     }
 
     /// Most sessions at once.
@@ -110,6 +158,16 @@ impl OnlineRegistry {
         self.reserved_for_accounts.store(n, Ordering::Relaxed);
     }
 
+    /// Sessions an account (or any other session) may find room within.
+    fn limit(&self, account: bool) -> usize {
+        if account {
+            self.capacity
+        } else {
+            self.capacity
+                .saturating_sub(self.reserved_for_accounts.load(Ordering::Relaxed))
+        }
+    }
+
     /// The client ids of the live sessions for which `select` is true.
     pub fn client_ids_where(&self, select: impl Fn(&SessionInfo) -> bool) -> Vec<String> {
         self.sessions
@@ -122,25 +180,33 @@ impl OnlineRegistry {
 
     /// Registers a session and returns its registration number, or `None`
     /// if the registry is full (for sessions other than accounts: all but
-    /// the capacity reserved for accounts). A session already registered
-    /// under the same client id is told to close with 0x8E Session taken
-    /// over (a takeover succeeds even when full).
-    pub(crate) fn register(
+    /// the capacity kept for accounts). A session already registered under the same
+    /// client id is told to close with 0x8E Session taken over (a takeover
+    /// succeeds even when full).
+    #[cfg(test)]
+    pub(crate) fn register(&self, info: SessionInfo, ctrl: ControlTx) -> Option<u64> {
+        self.insert(info, ctrl, None)
+    }
+
+    fn insert(
         &self,
         info: SessionInfo,
-        ctrl: mpsc::UnboundedSender<Control>,
+        ctrl: ControlTx,
+        reservation: Option<&mut Reservation>,
     ) -> Option<u64> {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
         let client_id = info.client_id.clone();
-        let limit = match info.identity {
-            Identity::Account { .. } => self.capacity,
-            _ => self
-                .capacity
-                .saturating_sub(self.reserved_for_accounts.load(Ordering::Relaxed)),
-        };
+        let limit = self.limit(matches!(info.identity, Identity::Account { .. }));
         let old = {
             let mut sessions = self.sessions.lock();
-            if sessions.len() >= limit && !sessions.contains_key(&client_id) {
+            if let Some(r) = reservation {
+                if std::mem::take(&mut r.holds_slot) {
+                    // The slot becomes the session's (or is given back).
+                    self.reserved.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+            let taken = sessions.len() + self.reserved.load(Ordering::Relaxed);
+            if taken >= limit && !sessions.contains_key(&client_id) {
                 return None;
             }
             sessions.insert(client_id, Entry { seq, info, ctrl })
@@ -298,14 +364,14 @@ mod tests {
     #[test]
     fn takeover_and_unregister() {
         let reg = OnlineRegistry::new();
-        let (tx1, mut rx1) = mpsc::unbounded_channel();
-        let (tx2, mut rx2) = mpsc::unbounded_channel();
+        let (tx1, mut rx1) = control_channel();
+        let (tx2, mut rx2) = control_channel();
         let s1 = reg.register(info("a"), tx1).expect("room");
         assert!(reg.is_online("a"));
         let s2 = reg.register(info("a"), tx2).expect("room");
         assert!(matches!(
             rx1.try_recv(),
-            Ok(Control::Disconnect {
+            Some(Control::Disconnect {
                 reason: DisconnectReason::SessionTakenOver,
                 ..
             })
@@ -316,7 +382,7 @@ mod tests {
         );
         assert!(reg.is_online("a"));
         assert!(reg.disconnect("a", DisconnectReason::AdministrativeAction, "bye"));
-        assert!(matches!(rx2.try_recv(), Ok(Control::Disconnect { .. })));
+        assert!(matches!(rx2.try_recv(), Some(Control::Disconnect { .. })));
         assert!(reg.disconnect_device("p", "a", DisconnectReason::NotAuthorized, ""));
         assert_eq!(reg.list().len(), 1);
         assert!(reg.unregister("a", s2));
@@ -328,17 +394,17 @@ mod tests {
     fn reserved_capacity_is_for_accounts_only() {
         let reg = OnlineRegistry::with_capacity(3);
         reg.reserve_for_accounts(1);
-        let (tx, _rx) = mpsc::unbounded_channel();
-        assert!(reg.register(info("a"), tx.clone()).is_some());
-        assert!(reg.register(info("b"), tx.clone()).is_some());
+        let (tx, _rx) = control_channel();
+        assert!(reg.register(info("a"), control_channel().0).is_some());
+        assert!(reg.register(info("b"), control_channel().0).is_some());
         assert_eq!(
-            reg.register(info("c"), tx.clone()),
+            reg.register(info("c"), control_channel().0),
             None,
             "device past the rest"
         );
         let mut ops = info("acct:ops:1");
         ops.identity = Identity::Account { name: "ops".into() };
-        assert!(reg.register(ops.clone(), tx.clone()).is_some());
+        assert!(reg.register(ops.clone(), control_channel().0).is_some());
         assert_eq!(
             reg.client_ids_where(|s| matches!(s.identity, Identity::Account { .. })),
             vec!["acct:ops:1".to_owned()]
@@ -348,14 +414,51 @@ mod tests {
     }
 
     #[test]
+    fn device_reservations_leave_the_accounts_share() {
+        let reg = Arc::new(OnlineRegistry::with_capacity(3));
+        reg.reserve_for_accounts(1);
+        let _a = reg.reserve("a", false).expect("room");
+        let _b = reg.reserve("b", false).expect("room");
+        assert!(reg.reserve("c", false).is_none(), "device past the rest");
+        assert!(reg.reserve("acct:ops:1", true).is_some(), "account share");
+    }
+
+    #[test]
     fn full_registry_refuses_new_ids_but_allows_takeover() {
         let reg = OnlineRegistry::with_capacity(1);
-        let (tx, _rx) = mpsc::unbounded_channel();
-        let first = reg.register(info("a"), tx.clone()).expect("room");
-        assert_eq!(reg.register(info("b"), tx.clone()), None);
-        let again = reg.register(info("a"), tx.clone()).expect("takeover");
+        let (tx, _rx) = control_channel();
+        let first = reg.register(info("a"), control_channel().0).expect("room");
+        assert_eq!(reg.register(info("b"), control_channel().0), None);
+        let again = reg
+            .register(info("a"), control_channel().0)
+            .expect("takeover");
         assert!(again > first);
         assert!(reg.unregister("a", again));
         assert!(reg.register(info("b"), tx).is_some());
+    }
+
+    #[test]
+    fn reservations_count_against_capacity() {
+        let reg = Arc::new(OnlineRegistry::with_capacity(2));
+        let (tx, _rx) = control_channel();
+        let a = reg.reserve("a", false).expect("room");
+        let b = reg.reserve("b", false).expect("room");
+        assert!(reg.reserve("c", false).is_none(), "two slots held");
+        assert_eq!(reg.register(info("c"), control_channel().0), None);
+        drop(b);
+        let sa = reg
+            .register_reserved(info("a"), control_channel().0, a)
+            .expect("its slot");
+        let b = reg.reserve("b", false).expect("room again");
+        assert!(reg.reserve("c", false).is_none());
+        // A takeover of an online id needs no slot, even when full.
+        let again = reg.reserve("a", false).expect("takeover");
+        let sa2 = reg
+            .register_reserved(info("a"), control_channel().0, again)
+            .expect("takeover");
+        assert!(sa2 > sa);
+        assert!(reg.register_reserved(info("b"), tx, b).is_some());
+        assert_eq!(reg.len(), 2);
+        assert!(reg.reserve("c", false).is_none());
     }
 }

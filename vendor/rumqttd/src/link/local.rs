@@ -99,6 +99,28 @@ impl<'a> LinkBuilder<'a> {
     }
 
     pub fn build(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        let (event, pending) = self.prepare();
+        pending.router_tx.send((0, event))?;
+        pending.link_rx.recv()?;
+        pending.finish()
+    }
+
+    /// [`Self::build`] without blocking the calling thread: the router's
+    /// event channel is sent to with `send_async` and the router's ConnAck is
+    /// awaited with `recv_async`, so an async task can create a link without
+    /// holding a thread for the round trip (many links can be in creation at
+    /// once on one thread). A router that refuses the link (e.g. it is at
+    /// `max_connections`) drops the link's channel: an error, not a hang.
+    pub async fn build_async(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        let (event, pending) = self.prepare();
+        pending.router_tx.send_async((0, event)).await?;
+        pending.link_rx.recv_async().await?;
+        pending.finish()
+    }
+
+    /// The Connect event for the router and what is needed to finish the
+    /// link once the router has answered it.
+    fn prepare(self) -> (Event, PendingLink) {
         // Connect to router
         // Local connections to the router shall have access to all subscriptions
         let mut connection = Connection::new(
@@ -121,21 +143,41 @@ impl<'a> LinkBuilder<'a> {
             incoming,
             outgoing,
         };
+        let pending = PendingLink {
+            router_tx: self.router_tx,
+            link_rx,
+            incoming_data_buffer,
+            outgoing_data_buffer,
+        };
+        (event, pending)
+    }
+}
 
-        self.router_tx.send((0, event))?;
+/// A link whose Connect event is on its way to the router.
+struct PendingLink {
+    router_tx: Sender<(ConnectionId, Event)>,
+    link_rx: Receiver<()>,
+    incoming_data_buffer: Arc<Mutex<VecDeque<Packet>>>,
+    outgoing_data_buffer: Arc<Mutex<VecDeque<Notification>>>,
+}
 
-        link_rx.recv()?;
-        let notification = outgoing_data_buffer.lock().pop_front().unwrap();
-
+impl PendingLink {
+    /// Once the router has signalled the link: its ConnAck gives the id.
+    fn finish(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
         // Right now link identifies failure with dropped rx in router,
         // which is probably ok. We need this here to get id assigned by router
+        let notification = self
+            .outgoing_data_buffer
+            .lock()
+            .pop_front()
+            .ok_or(LinkError::NotConnectionAck)?;
         let id = match notification {
             Notification::DeviceAck(Ack::ConnAck(id, ..)) => id,
             _message => return Err(LinkError::NotConnectionAck),
         };
 
-        let tx = LinkTx::new(id, self.router_tx.clone(), incoming_data_buffer);
-        let rx = LinkRx::new(id, self.router_tx, link_rx, outgoing_data_buffer);
+        let tx = LinkTx::new(id, self.router_tx.clone(), self.incoming_data_buffer);
+        let rx = LinkRx::new(id, self.router_tx, self.link_rx, self.outgoing_data_buffer);
         Ok((tx, rx, notification))
     }
 }
@@ -177,7 +219,8 @@ impl LinkTx {
         Ok(len)
     }
 
-    /// Send raw device data
+    /// Send raw device data. Waits (without blocking the thread) while the
+    /// router's event channel is full.
     pub async fn send(&mut self, data: Packet) -> Result<usize, LinkError> {
         let len = {
             let mut buffer = self.recv_buffer.lock();
@@ -186,7 +229,8 @@ impl LinkTx {
         };
 
         self.router_tx
-            .send((self.connection_id, Event::DeviceData))?;
+            .send_async((self.connection_id, Event::DeviceData))
+            .await?;
 
         Ok(len)
     }
@@ -336,7 +380,9 @@ impl LinkRx {
             router_tx,
             router_rx,
             send_buffer: outgoing_data_buffer,
-            cache: VecDeque::with_capacity(100),
+            // Sized on demand: `recv`/`next` swap it with the router's
+            // buffer, so a preallocation here is a per-link cost that stays.
+            cache: VecDeque::new(),
         }
     }
 
@@ -452,5 +498,120 @@ mod test {
         }
 
         // TODO: Write a similar test to benchmark buffer vs channels
+    }
+
+    fn router(
+        max_connections: usize,
+    ) -> flume::Sender<(crate::ConnectionId, crate::router::Event)> {
+        let config = crate::RouterConfig {
+            max_connections,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 1024 * 1024,
+            max_segment_count: 4,
+            custom_segment: None,
+            initialized_filters: None,
+            shared_subscriptions_strategy: Default::default(),
+            ..Default::default()
+        };
+        crate::Router::new(0, config).spawn()
+    }
+
+    // One thread, many links in creation at once: `build_async` never holds
+    // the thread for the router's round trip.
+    #[tokio::test(flavor = "current_thread")]
+    async fn build_async_creates_many_links_concurrently_on_one_thread() {
+        const LINKS: usize = 200;
+        let router_tx = router(LINKS);
+        let mut builds = tokio::task::JoinSet::new();
+        for i in 0..LINKS {
+            let router_tx = router_tx.clone();
+            builds.spawn(async move {
+                super::LinkBuilder::new(&format!("client-{i}"), router_tx)
+                    .dynamic_filters(true)
+                    .build_async()
+                    .await
+            });
+        }
+        let mut seen = std::collections::HashSet::new();
+        while let Some(link) = builds.join_next().await {
+            let (tx, _rx, ack) = link.expect("task").expect("link built");
+            assert!(matches!(
+                ack,
+                crate::Notification::DeviceAck(crate::router::Ack::ConnAck(..))
+            ));
+            assert!(seen.insert(tx.connection_id), "ids are distinct");
+        }
+        assert_eq!(seen.len(), LINKS);
+    }
+
+    // The link works: a subscription made over it is acknowledged.
+    #[tokio::test(flavor = "current_thread")]
+    async fn build_async_link_carries_traffic() {
+        let router_tx = router(4);
+        let (mut tx, mut rx, _ack) = super::LinkBuilder::new("sub", router_tx)
+            .build_async()
+            .await
+            .expect("link built");
+        tx.subscribe("a/b").expect("subscribe sent");
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), rx.next())
+            .await
+            .expect("SUBACK in time")
+            .expect("link open");
+        assert!(
+            matches!(
+                n,
+                Some(crate::Notification::DeviceAck(crate::router::Ack::SubAck(
+                    _
+                )))
+            ),
+            "{n:?}"
+        );
+    }
+
+    // A router without room drops the link: an error, not a hang.
+    #[tokio::test(flavor = "current_thread")]
+    async fn build_async_fails_when_the_router_is_full() {
+        let router_tx = router(1);
+        let _first = super::LinkBuilder::new("first", router_tx.clone())
+            .build_async()
+            .await
+            .expect("first link");
+        let second = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            super::LinkBuilder::new("second", router_tx).build_async(),
+        )
+        .await
+        .expect("answered in time");
+        assert!(
+            matches!(second, Err(super::LinkError::Recv(_))),
+            "{:?}",
+            second.err()
+        );
+    }
+
+    // `send` waits for room in a full router channel instead of blocking
+    // the thread (here the only thread, which must go on to drain it).
+    #[tokio::test(flavor = "current_thread")]
+    async fn send_waits_without_blocking_the_thread() {
+        let (router_tx, router_rx) = bounded(1);
+        let buffer = Arc::new(Mutex::new(VecDeque::new()));
+        let mut link_tx = LinkTx::new(7, router_tx.clone(), buffer.clone());
+        router_tx
+            .send((0, crate::router::Event::Ready))
+            .expect("fills the channel");
+        let publish = crate::protocol::Publish::new("a/b", "x", false);
+        let sending = tokio::spawn(async move {
+            link_tx
+                .send(crate::protocol::Packet::Publish(publish, None))
+                .await
+        });
+        // The send is parked on the full channel; this thread goes on.
+        tokio::task::yield_now().await;
+        assert!(!sending.is_finished());
+        assert!(router_rx.recv_async().await.is_ok());
+        let (id, _event) = router_rx.recv_async().await.expect("the send's event");
+        assert_eq!(id, 7);
+        assert_eq!(sending.await.expect("task").expect("sent"), 1);
+        assert_eq!(buffer.lock().len(), 1);
     }
 }

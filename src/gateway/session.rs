@@ -1,0 +1,437 @@
+//! The protocol state of one admitted session: topic aliases, the ACL,
+//! PUBLISH / SUBSCRIBE / UNSUBSCRIBE / PING / DISCONNECT from the client and
+//! notifications from the router. No I/O: packets for the client go into
+//! `wbuf`, packets for the router into `to_router`; the connection loop
+//! (`connection.rs`) moves them.
+//!
+//! - PINGREQ and UNSUBACK are answered here.
+//! - PUBLISH outside the ACL is dropped: MQTT 5 gets PUBACK/PUBREC 0x87;
+//!   MQTT 3.1.1 gets a plain PUBACK/PUBREC (and PUBCOMP for its PUBREL) so
+//!   it does not retry — 3.1.1 has no way to say "refused" and closing
+//!   would make misconfigured devices reconnect in a loop.
+//! - SUBSCRIBE filters outside the ACL get 0x87 (MQTT 5) / 0x80 (3.1.1) in
+//!   the SUBACK, the others go to the router and the codes are merged back
+//!   in order.
+
+use std::collections::{HashMap, HashSet};
+
+use bytes::{Bytes, BytesMut};
+use rumqttd::protocol::{
+    DisconnectReasonCode, Packet, PingResp, PubAck, PubAckProperties, PubAckReason, PubComp,
+    PubCompReason, PubRec, PubRecProperties, PubRecReason, Publish, PublishProperties, SubAck,
+    Subscribe, SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+};
+use rumqttd::Notification;
+
+use super::acl::{valid_topic_name, Acl, SubscribeVerdict};
+use super::codec::Codec;
+use super::codes::DisconnectReason;
+use super::lingering::SessionExpiry;
+use super::{ListenerConfig, ProtocolVersion};
+
+/// How a session ended.
+pub(crate) struct End {
+    /// For logs and the `device/disconnected` event.
+    pub(crate) reason: String,
+    /// Whether the will is due (if the session was not taken over).
+    pub(crate) will: bool,
+    /// Another connection took the session over (it goes on there, so no
+    /// will and no session end).
+    pub(crate) taken_over: bool,
+    /// The router already dropped the link.
+    pub(crate) link_gone: bool,
+    /// DISCONNECT to send to an MQTT 5 client.
+    pub(crate) notify: Option<(DisconnectReason, String)>,
+}
+
+impl End {
+    pub(crate) fn client(with_will: bool) -> Self {
+        End {
+            reason: String::from("client disconnected"),
+            will: with_will,
+            taken_over: false,
+            link_gone: false,
+            notify: None,
+        }
+    }
+
+    pub(crate) fn closed(why: impl std::fmt::Display) -> Self {
+        End {
+            reason: why.to_string(),
+            will: true,
+            taken_over: false,
+            link_gone: false,
+            notify: None,
+        }
+    }
+
+    pub(crate) fn violation(reason: DisconnectReason, message: impl Into<String>) -> Self {
+        let message = message.into();
+        End {
+            reason: format!("{}: {message}", reason.as_str()),
+            will: true,
+            taken_over: false,
+            link_gone: false,
+            notify: Some((reason, message)),
+        }
+    }
+
+    pub(crate) fn ordered(reason: DisconnectReason, message: String) -> Self {
+        End {
+            reason: if message.is_empty() {
+                reason.as_str().to_owned()
+            } else {
+                format!("{}: {message}", reason.as_str())
+            },
+            will: true,
+            taken_over: reason == DisconnectReason::SessionTakenOver,
+            link_gone: false,
+            notify: Some((reason, message)),
+        }
+    }
+
+    pub(crate) fn router(why: &str) -> Self {
+        End {
+            reason: why.to_owned(),
+            will: true,
+            taken_over: false,
+            link_gone: true,
+            notify: None,
+        }
+    }
+}
+
+/// Per-session state of an admitted connection.
+pub(crate) struct Session<'a> {
+    pub(crate) codec: Codec,
+    acl: &'a Acl,
+    cfg: &'a ListenerConfig,
+    /// Encoded packets for the client.
+    pub(crate) wbuf: BytesMut,
+    /// Packets for the router.
+    pub(crate) to_router: Vec<Packet>,
+    /// MQTT 5 topic aliases set by the client (resolved here so the ACL
+    /// sees real topics; the router never sees an alias).
+    aliases: HashMap<u16, Bytes>,
+    /// SUBSCRIBEs partly refused: the codes already decided (`Some`) and
+    /// the slots the router's SUBACK fills (`None`), by packet id.
+    pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
+    /// QoS 2 PUBLISHes dropped by the ACL whose PUBREL we answer ourselves.
+    denied_qos2: HashSet<u16>,
+    /// Whether the session has its router link (clean sessions get it on
+    /// their first SUBSCRIBE or PUBLISH).
+    pub(crate) linked: bool,
+    /// From the CONNECT; an MQTT 5 DISCONNECT may change it.
+    pub(crate) session_expiry: SessionExpiry,
+}
+
+impl<'a> Session<'a> {
+    pub(crate) fn new(
+        codec: Codec,
+        acl: &'a Acl,
+        cfg: &'a ListenerConfig,
+        wbuf: BytesMut,
+        linked: bool,
+        session_expiry: SessionExpiry,
+    ) -> Self {
+        Session {
+            codec,
+            acl,
+            cfg,
+            wbuf,
+            to_router: Vec::new(),
+            aliases: HashMap::new(),
+            pending_subacks: HashMap::new(),
+            denied_qos2: HashSet::new(),
+            linked,
+            session_expiry,
+        }
+    }
+
+    fn v5(&self) -> bool {
+        self.codec.version() == ProtocolVersion::V5
+    }
+
+    pub(crate) fn write(&mut self, packet: Packet) {
+        self.codec.write(packet, &mut self.wbuf);
+    }
+
+    /// Queues `packet` for the router; without a link (nothing was ever
+    /// sent to the router) acks of router traffic have nothing to ack.
+    fn forward_if_linked(&mut self, packet: Packet) {
+        if self.linked {
+            self.to_router.push(packet);
+        }
+    }
+
+    pub(crate) fn on_packet(&mut self, packet: Packet, peeked: Option<(u8, u16)>) -> Option<End> {
+        match packet {
+            Packet::Publish(publish, props) => self.on_publish(publish, props, peeked),
+            Packet::PubAck(a, _) => {
+                self.forward_if_linked(Packet::PubAck(a, None));
+                None
+            }
+            Packet::PubRec(a, _) => {
+                self.forward_if_linked(Packet::PubRec(a, None));
+                None
+            }
+            Packet::PubRel(r, _) => {
+                let denied = self.denied_qos2.remove(&r.pkid);
+                if denied || !self.linked {
+                    // Unlinked, the router never saw this packet id.
+                    let reason = if denied || !self.v5() {
+                        PubCompReason::Success
+                    } else {
+                        PubCompReason::PacketIdentifierNotFound
+                    };
+                    self.write(Packet::PubComp(
+                        PubComp {
+                            pkid: r.pkid,
+                            reason,
+                        },
+                        None,
+                    ));
+                } else {
+                    // The router only recognises PUBREL without properties.
+                    self.to_router.push(Packet::PubRel(r, None));
+                }
+                None
+            }
+            Packet::PubComp(c, _) => {
+                self.forward_if_linked(Packet::PubComp(c, None));
+                None
+            }
+            Packet::Subscribe(s, props) => self.on_subscribe(s, props),
+            Packet::Unsubscribe(u, _) => {
+                // Answered here: the router acks only filters it knows,
+                // one UNSUBACK per filter.
+                let reasons = vec![UnsubAckReason::Success; u.filters.len()];
+                self.write(Packet::UnsubAck(
+                    UnsubAck {
+                        pkid: u.pkid,
+                        reasons,
+                    },
+                    None,
+                ));
+                self.forward_if_linked(Packet::Unsubscribe(u, None));
+                None
+            }
+            Packet::PingReq(_) => {
+                self.write(Packet::PingResp(PingResp));
+                None
+            }
+            Packet::Disconnect(d, props) => {
+                if let Some(n) = props.and_then(|p| p.session_expiry_interval) {
+                    if self.session_expiry == SessionExpiry::WithConnection && n != 0 {
+                        return Some(End::violation(
+                            DisconnectReason::ProtocolError,
+                            "a Session Expiry Interval of 0 at CONNECT cannot be raised at DISCONNECT",
+                        ));
+                    }
+                    self.session_expiry = SessionExpiry::from_interval(Some(n));
+                }
+                Some(End::client(
+                    d.reason_code == DisconnectReasonCode::DisconnectWithWillMessage,
+                ))
+            }
+            Packet::Connect(..) => Some(End::violation(
+                DisconnectReason::ProtocolError,
+                "second CONNECT",
+            )),
+            Packet::ConnAck(..)
+            | Packet::SubAck(..)
+            | Packet::UnsubAck(..)
+            | Packet::PingResp(_) => Some(End::violation(
+                DisconnectReason::ProtocolError,
+                "packet type not allowed from a client",
+            )),
+        }
+    }
+
+    fn on_publish(
+        &mut self,
+        mut publish: Publish,
+        mut props: Option<PublishProperties>,
+        peeked: Option<(u8, u16)>,
+    ) -> Option<End> {
+        if let Some(p) = props.as_mut() {
+            if !p.subscription_identifiers.is_empty() {
+                return Some(End::violation(
+                    DisconnectReason::ProtocolError,
+                    "PUBLISH from a client must not carry subscription identifiers",
+                ));
+            }
+            if let Some(alias) = p.topic_alias.take() {
+                if alias == 0 || alias > self.cfg.topic_alias_max {
+                    return Some(End::violation(
+                        DisconnectReason::TopicAliasInvalid,
+                        format!("topic alias {alias} out of range"),
+                    ));
+                }
+                if publish.topic.is_empty() {
+                    match self.aliases.get(&alias) {
+                        Some(t) => publish.topic = t.clone(),
+                        None => {
+                            return Some(End::violation(
+                                DisconnectReason::ProtocolError,
+                                format!("topic alias {alias} is not set"),
+                            ))
+                        }
+                    }
+                } else {
+                    self.aliases.insert(alias, publish.topic.clone());
+                }
+            }
+        }
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            return Some(End::violation(
+                DisconnectReason::MalformedPacket,
+                "topic is not UTF-8",
+            ));
+        };
+        if !valid_topic_name(topic) {
+            return Some(End::violation(
+                DisconnectReason::TopicNameInvalid,
+                "topic name is empty or contains wildcards",
+            ));
+        }
+        if self.acl.may_publish(topic) {
+            self.to_router.push(Packet::Publish(publish, props));
+            return None;
+        }
+        tracing::debug!(topic, "PUBLISH outside the ACL dropped");
+        let (qos, pkid) = peeked.unwrap_or((0, 0));
+        let reason = format!("not authorized to publish to {topic}");
+        let v5 = self.v5();
+        match qos {
+            1 => self.write(Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: if v5 {
+                        PubAckReason::NotAuthorized
+                    } else {
+                        PubAckReason::Success
+                    },
+                },
+                v5.then(|| PubAckProperties {
+                    reason_string: Some(reason),
+                    user_properties: Vec::new(),
+                }),
+            )),
+            2 => {
+                self.denied_qos2.insert(pkid);
+                self.write(Packet::PubRec(
+                    PubRec {
+                        pkid,
+                        reason: if v5 {
+                            PubRecReason::NotAuthorized
+                        } else {
+                            PubRecReason::Success
+                        },
+                    },
+                    v5.then(|| PubRecProperties {
+                        reason_string: Some(reason),
+                        user_properties: Vec::new(),
+                    }),
+                ));
+            }
+            _ => {}
+        }
+        None
+    }
+
+    fn on_subscribe(&mut self, sub: Subscribe, props: Option<SubscribeProperties>) -> Option<End> {
+        if props.as_ref().and_then(|p| p.id) == Some(0) {
+            return Some(End::violation(
+                DisconnectReason::ProtocolError,
+                "subscription identifier 0",
+            ));
+        }
+        let v5 = self.v5();
+        let mut slots = Vec::with_capacity(sub.filters.len());
+        let mut allowed = Vec::with_capacity(sub.filters.len());
+        for f in sub.filters {
+            match self.acl.check_subscribe(&f.path) {
+                SubscribeVerdict::Allowed => {
+                    slots.push(None);
+                    allowed.push(f);
+                }
+                SubscribeVerdict::NotAuthorized => {
+                    tracing::debug!(filter = %f.path, "SUBSCRIBE outside the ACL refused");
+                    slots.push(Some(if v5 {
+                        SubscribeReasonCode::NotAuthorized
+                    } else {
+                        SubscribeReasonCode::Failure
+                    }));
+                }
+                SubscribeVerdict::Invalid => slots.push(Some(if v5 {
+                    SubscribeReasonCode::TopicFilterInvalid
+                } else {
+                    SubscribeReasonCode::Failure
+                })),
+            }
+        }
+        if allowed.is_empty() {
+            self.write(Packet::SubAck(
+                SubAck {
+                    pkid: sub.pkid,
+                    return_codes: slots.into_iter().flatten().collect(),
+                },
+                None,
+            ));
+            return None;
+        }
+        if allowed.len() != slots.len() {
+            self.pending_subacks.insert(sub.pkid, slots);
+        }
+        self.to_router.push(Packet::Subscribe(
+            Subscribe {
+                pkid: sub.pkid,
+                filters: allowed,
+            },
+            props,
+        ));
+        None
+    }
+
+    pub(crate) fn on_notification(
+        &mut self,
+        n: Notification,
+        unschedule: &mut bool,
+    ) -> Option<End> {
+        if matches!(n, Notification::Unschedule) {
+            *unschedule = true;
+            return None;
+        }
+        match Option::<Packet>::from(n) {
+            None => None,
+            // Answered here already.
+            Some(Packet::ConnAck(..) | Packet::UnsubAck(..) | Packet::PingResp(_)) => None,
+            Some(Packet::SubAck(mut ack, props)) => {
+                if let Some(slots) = self.pending_subacks.remove(&ack.pkid) {
+                    let mut from_router = ack.return_codes.into_iter();
+                    ack.return_codes = slots
+                        .into_iter()
+                        .map(|s| {
+                            s.or_else(|| from_router.next())
+                                .unwrap_or(SubscribeReasonCode::Unspecified)
+                        })
+                        .collect();
+                }
+                self.write(Packet::SubAck(ack, props));
+                None
+            }
+            Some(Packet::Disconnect(d, props)) => {
+                let why = format!("router disconnected the session: {:?}", d.reason_code);
+                if self.v5() {
+                    self.write(Packet::Disconnect(d, props));
+                }
+                Some(End::router(&why))
+            }
+            Some(p) => {
+                self.write(p);
+                None
+            }
+        }
+    }
+}
