@@ -463,12 +463,13 @@ fn main() -> anyhow::Result<()> {
     }
 
     println!(
-        "Router benchmark: rumqttd {} router in process, `LinkBuilder` links, no sockets; \
+        "Router benchmark: rumqttd 0.20.0 (vendored, patched) router in process, \
+         `LinkBuilder` links, no sockets; \
          router_config(devices + 16) of the gateway; {} linking/publishing threads; \
          {} messages per publish measurement (10-byte payload, QoS 1 acked); \
          every device subscribed (QoS 1) to its own devices/{{PK}}/{{DK}}/command; \
          jemalloc; RSS growth from before the router to after every SUBACK.\n",
-        "0.20.0 (vendored, patched)", args.threads, args.publishes
+        args.threads, args.publishes
     );
     println!(
         "RSS includes the bench's own link handles (`LinkTx`/`LinkRx`, which the gateway \
