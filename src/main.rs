@@ -108,7 +108,7 @@ fn exit_code(code: i32) -> ExitCode {
 /// Exit status after the ledger's store failed (see `Ledger::failed`).
 const STORE_FAILED: u8 = 3;
 /// Time for in-flight answers to go out before that exit.
-const STORE_FAILED_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+const STORE_FAILED_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
 async fn serve(
     config: Option<PathBuf>,
@@ -137,9 +137,10 @@ async fn serve(
         e = broker.ledger.failed() => {
             // Fail-stop: a restart by the supervisor reads what the disk holds.
             tracing::error!(error = %e, "the ledger's store failed; exiting");
-            broker.shutdown();
-            // The refusals already decided (0x88) reach their clients.
+            // Connections go on for a moment, so that the refusals already
+            // decided (0x88) reach their clients; every write is refused.
             tokio::time::sleep(STORE_FAILED_GRACE).await;
+            broker.shutdown();
             return Ok(ExitCode::from(STORE_FAILED));
         }
     }
