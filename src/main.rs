@@ -9,6 +9,7 @@ use activation_broker::config::Config;
 use activation_broker::credentials::{client_id, device_credentials};
 use activation_broker::ledger::{AuthMode, Command, LedgerError};
 use activation_broker::server::Broker;
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 /// jemalloc instead of glibc malloc: every device holds a router link
@@ -115,6 +116,8 @@ async fn serve(
     data: Option<PathBuf>,
     demo: bool,
 ) -> anyhow::Result<ExitCode> {
+    // Installed first: a stop request during start-up is graceful too.
+    let stop = stop_signal()?;
     let mut config = match &config {
         Some(path) => Config::load(path)?,
         None => Config::embedded()?,
@@ -133,7 +136,7 @@ async fn serve(
         print_demo(&broker).await?;
     }
     tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
+        sig = stop => tracing::info!(signal = sig, "stop requested"),
         e = broker.ledger.failed() => {
             // Fail-stop: a restart by the supervisor reads what the disk holds.
             tracing::error!(error = %e, "the ledger's store failed; exiting");
@@ -147,6 +150,22 @@ async fn serve(
     broker.shutdown();
     broker.ledger.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves at the first SIGTERM (systemd, Docker, Kubernetes) or SIGINT
+/// (Ctrl-C) with the signal's name. The handlers are installed before this
+/// returns, so a signal that arrives after start-up is never the default
+/// (abrupt) termination.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    })
 }
 
 const DEMO_PRODUCT: &str = "demo";
