@@ -4,7 +4,10 @@
 
 mod common;
 
-use std::time::Duration;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command as Process, Stdio};
+use std::time::{Duration, Instant};
 
 use common::child::{broker_bin, prepare_store, write_config, ChildBroker};
 
@@ -38,4 +41,100 @@ fn sigterm_and_sigint_stop_gracefully() {
         let ledger = common::child::open_offline(&data);
         assert!(ledger.product("p").is_ok(), "{name}: the store reopens");
     }
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read and released).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// A config for a child broker on fixed ports, two I/O threads each (so
+/// its own sockets share the port), rate limits off.
+fn fixed_port_config(dir: &std::path::Path, name: &str, devices: u16, accounts: u16) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(
+        &path,
+        format!(
+            "[devices]\nbind = \"127.0.0.1:{devices}\"\nio_threads = 2\n\
+             [accounts_listener]\nbind = \"127.0.0.1:{accounts}\"\nio_threads = 2\n\
+             [gate]\nsource_rate = 0.0\ndevice_rate = 0.0\nban_after_failures = 0\n"
+        ),
+    )
+    .expect("write config");
+    path
+}
+
+/// Runs `activation-broker serve` expecting it to refuse to start; its
+/// exit status and stderr.
+fn serve_refused(config: &Path, data: &Path) -> (std::process::ExitStatus, String) {
+    let mut child = Process::new(broker_bin())
+        .args(["serve", "--config"])
+        .arg(config)
+        .arg("--data")
+        .arg(data)
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + STOP;
+    let status = loop {
+        if let Ok(Some(s)) = child.try_wait() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the second broker did not refuse to start within {STOP:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        e.read_to_string(&mut err).expect("stderr");
+    }
+    (status, err)
+}
+
+/// A second broker on a port the first one listens on (with two
+/// `SO_REUSEPORT` sockets) refuses to start with an error naming the
+/// address; so does a broker on a port another program holds. Once the
+/// first broker stopped, the port is free again.
+#[test]
+fn a_second_broker_on_the_same_port_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (dev, acc) = (free_port(), free_port());
+    let first_cfg = fixed_port_config(dir.path(), "first.toml", dev, acc);
+    let mut first = ChildBroker::start(&broker_bin(), &first_cfg, &dir.path().join("a"), None);
+    assert_eq!(first.addr.port(), dev);
+
+    // Same devices port, another data directory and accounts port.
+    let second_cfg = fixed_port_config(dir.path(), "second.toml", dev, free_port());
+    let (status, err) = serve_refused(&second_cfg, &dir.path().join("b"));
+    assert!(!status.success(), "the second broker started:\n{err}");
+    let needle = format!("127.0.0.1:{dev} is already in use by another process");
+    assert!(err.contains(&needle), "no `{needle}` in:\n{err}");
+    assert!(first.alive(), "the first broker is still serving");
+
+    // A port held by another program (no SO_REUSEPORT).
+    let other = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let held = other.local_addr().expect("addr").port();
+    let third_cfg = fixed_port_config(dir.path(), "third.toml", held, free_port());
+    let (status, err) = serve_refused(&third_cfg, &dir.path().join("c"));
+    assert!(!status.success(), "a broker started on a held port:\n{err}");
+    assert!(
+        err.contains(&format!("127.0.0.1:{held}")),
+        "the address is named:\n{err}"
+    );
+
+    // After the first broker stopped, a broker starts on its port.
+    let status = first
+        .signal(libc::SIGTERM, STOP)
+        .expect("the first broker stops");
+    assert!(status.success());
+    drop(first);
+    let again = ChildBroker::start(&broker_bin(), &second_cfg, &dir.path().join("b"), None);
+    assert_eq!(again.addr.port(), dev);
 }

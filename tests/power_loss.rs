@@ -292,7 +292,8 @@ fn a_failing_disk_refuses_the_activation_and_stops_the_broker() {
         broker.log_tail().contains("store failed"),
         "{}",
         broker.log_tail()
-    );    eprintln!(
+    );
+    eprintln!(
         "RELIABILITY: after LazyFS died, the next first activation got CONNACK 3 (server unavailable) and the broker exited with status {} within {} ms, logging the store failure",
         status.code().unwrap_or(-1),
         failed_at.elapsed().as_millis()
