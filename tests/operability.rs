@@ -138,3 +138,80 @@ fn a_second_broker_on_the_same_port_is_refused() {
     let again = ChildBroker::start(&broker_bin(), &second_cfg, &dir.path().join("b"), None);
     assert_eq!(again.addr.port(), dev);
 }
+
+/// A child broker with a TLS device listener on a fixed port; its
+/// certificate (tests/data) names `localhost` and `127.0.0.1`.
+fn tls_broker(dir: &Path) -> (ChildBroker, u16, String, PathBuf) {
+    let data = dir.join("data");
+    let secret = prepare_store(&data, "p", 10, 3600);
+    let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let tls_port = free_port();
+    let config = dir.join("tls.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[devices]\nbind = \"127.0.0.1:0\"\n\
+             tls = {{ bind = \"127.0.0.1:{tls_port}\", cert = \"{}\", key = \"{}\" }}\n\
+             [accounts_listener]\nbind = \"127.0.0.1:0\"\n\
+             [gate]\nsource_rate = 0.0\ndevice_rate = 0.0\nban_after_failures = 0\n",
+            certs.join("server.pem").display(),
+            certs.join("server.key").display()
+        ),
+    )
+    .expect("write config");
+    let broker = ChildBroker::start(&broker_bin(), &config, &data, None);
+    (broker, tls_port, secret, certs.join("ca.pem"))
+}
+
+/// `mosquitto_pub -h 127.0.0.1 --cafile …` (SNI "127.0.0.1", which TLS
+/// forbids and clients send anyway) and a client sending no SNI at all
+/// complete the handshake; by name it works as before.
+#[test]
+fn tls_clients_by_ip_address_or_without_sni_are_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (broker, port, secret, ca) = tls_broker(dir.path());
+    for (dk, host) in [("by-ip", "127.0.0.1"), ("by-name", "localhost")] {
+        let (user, pass) = activation_broker::credentials::device_credentials(
+            "p",
+            dk,
+            &secret,
+            activation_broker::clock::Clock::system().now(),
+        );
+        let out = Process::new("mosquitto_pub")
+            .args(["-h", host, "-p", &port.to_string(), "-V", "mqttv311"])
+            .arg("--cafile")
+            .arg(&ca)
+            .args(["-i", &format!("p.{dk}"), "-u", &user, "-P", &pass])
+            .args(["-t", &format!("devices/p/{dk}/t"), "-m", "hello", "-q", "1"])
+            .output()
+            .expect("mosquitto_pub (apt-get install mosquitto-clients)");
+        assert!(
+            out.status.success(),
+            "mosquitto_pub -h {host}: {:?} {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            broker.log_tail()
+        );
+    }
+    // No SNI extension at all.
+    let mut s_client = Process::new("openssl")
+        .args(["s_client", "-noservername", "-brief", "-connect"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-CAfile")
+        .arg(&ca)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl");
+    let mut err = String::new();
+    if let Some(mut e) = s_client.stderr.take() {
+        e.read_to_string(&mut err).expect("stderr");
+    }
+    let _ = s_client.wait();
+    assert!(
+        err.contains("CONNECTION ESTABLISHED") && err.contains("Verification: OK"),
+        "openssl s_client -noservername:\n{err}\n{}",
+        broker.log_tail()
+    );
+}

@@ -317,6 +317,9 @@ fn load_tls(cfg: &TlsConfig) -> Result<TlsAcceptor, GatewayError> {
         .ok_or_else(|| {
             GatewayError::Tls(format!("{}: no private key found", cfg.key_path.display()))
         })?;
+    // rustls 0.23 ignores an IP address sent as SNI (clients such as
+    // mosquitto_pub -h 127.0.0.1 send one, which RFC 6066 forbids; 0.22
+    // refused the handshake) and serves clients without SNI: one cert.
     let config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)
