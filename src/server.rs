@@ -92,7 +92,8 @@ impl Broker {
         }
         let router = gateway.router().clone();
         let admin = AdminService::start(
-            AdminContext::new(ledger.clone(), config.ledger.near_expiry_days),
+            AdminContext::new(ledger.clone(), config.ledger.near_expiry_days)
+                .with_gate(gate.clone()),
             accounts.clone(),
             move |id| {
                 let (tx, rx, _ack) = router.link_blocking(id, true)?;

@@ -215,3 +215,179 @@ fn tls_clients_by_ip_address_or_without_sni_are_served() {
         broker.log_tail()
     );
 }
+
+/// Runs `activation-broker ARGS…`; its status, stdout and stderr.
+fn cli(args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let out = Process::new(broker_bin())
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env_remove("ACTIVATION_ADMIN_PASSWORD")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run activation-broker");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A device CONNECT with a wrong password from 127.0.0.1; the CLI's exit
+/// status (mosquitto_pub fails on any refusal).
+fn bad_login(port: u16) -> bool {
+    let user = format!("p&d&{}", activation_broker::clock::Clock::system().now());
+    Process::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "mqttv311"])
+        .args([
+            "-i",
+            "p.d",
+            "-u",
+            &user,
+            "-P",
+            "wrong",
+            "-t",
+            "devices/p/d/t",
+            "-m",
+            "x",
+        ])
+        .output()
+        .expect("mosquitto_pub (apt-get install mosquitto-clients)")
+        .status
+        .success()
+}
+
+/// Three failed logins ban 127.0.0.1: the ban is logged (source, reason,
+/// until), listed by `admin DescribeBans`, lifted by `admin RemoveBan
+/// --Source 127.0.0.1` (logged, in the audit log) and a device then
+/// connects; a viewer may list bans but not lift them.
+#[test]
+fn bans_are_logged_listed_and_lifted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let secret = prepare_store(&data, "p", 10, 3600);
+    let (_, hash, _) = cli(&["hash-password", "--password", "ops-pw"]);
+    let acc = free_port();
+    let config = dir.path().join("bans.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[devices]\nbind = \"127.0.0.1:0\"\n[accounts_listener]\nbind = \"127.0.0.1:{acc}\"\n\
+             [gate]\nsource_rate = 0.0\ndevice_rate = 0.0\nban_after_failures = 3\n\
+             ban_window_secs = 600\nban_secs = 3600\n\
+             [[accounts]]\nname = \"ops\"\npassword_hash = \"{h}\"\nrole = \"admin\"\n\
+             [[accounts]]\nname = \"look\"\npassword_hash = \"{h}\"\nrole = \"viewer\"\n",
+            h = hash.trim()
+        ),
+    )
+    .expect("write config");
+    let broker = ChildBroker::start(&broker_bin(), &config, &data, None);
+    let port = broker.addr.port();
+    let acc = acc.to_string();
+    let admin = |account: &str, action: &[&str]| {
+        let mut args = vec![
+            "admin",
+            "--port",
+            &acc,
+            "--account",
+            account,
+            "--password",
+            "ops-pw",
+        ];
+        args.extend_from_slice(action);
+        cli(&args)
+    };
+    for _ in 0..3 {
+        assert!(!bad_login(port), "a wrong password is refused");
+    }
+    let (user, pass) = activation_broker::credentials::device_credentials(
+        "p",
+        "d",
+        &secret,
+        activation_broker::clock::Clock::system().now(),
+    );
+    let good_login = || {
+        Process::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "mqttv311"])
+            .args([
+                "-i",
+                "p.d",
+                "-u",
+                &user,
+                "-P",
+                &pass,
+                "-t",
+                "devices/p/d/t",
+                "-m",
+                "x",
+            ])
+            .output()
+            .expect("mosquitto_pub")
+    };
+    let out = good_login();
+    assert!(
+        !out.status.success(),
+        "banned: even good credentials are refused"
+    );
+
+    let (status, out, err) = admin("look", &["DescribeBans"]);
+    assert!(status.success(), "viewer DescribeBans: {out}{err}");
+    let list: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(list["TotalCount"], 1, "{list}");
+    let ban = &list["Items"][0];
+    assert_eq!(ban["Source"], "127.0.0.1", "{list}");
+    assert_eq!(ban["Failures"], 3, "{list}");
+    assert_eq!(ban["Reason"], "signature does not match", "{list}");
+    assert!(
+        ban["Until"].as_str().is_some_and(|u| u.len() == 19),
+        "{list}"
+    );
+
+    let (status, out, _) = admin("look", &["RemoveBan", "--Source", "127.0.0.1"]);
+    assert!(
+        !status.success() && out.contains("Forbidden"),
+        "viewer RemoveBan: {out}"
+    );
+    let (status, out, _) = admin("ops", &["RemoveBan", "--Source", "not-an-ip"]);
+    assert!(
+        !status.success() && out.contains("is not an IP address"),
+        "{out}"
+    );
+    let (status, out, err) = admin("ops", &["RemoveBan", "--Source", "127.0.0.1"]);
+    assert!(status.success(), "RemoveBan: {out}{err}");
+    let lifted: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(lifted["Ban"]["Source"], "127.0.0.1", "{out}");
+    let out = good_login();
+    assert!(
+        out.status.success(),
+        "connects once the ban is lifted: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        broker.log_tail()
+    );
+    let (status, out, _) = admin("ops", &["RemoveBan", "--Source", "127.0.0.1"]);
+    assert!(!status.success() && out.contains("BanNotFound"), "{out}");
+    let (_, out, _) = admin("ops", &["DescribeBans"]);
+    let list: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    assert_eq!(list["TotalCount"], 0, "{out}");
+
+    let (status, out, err) = admin("ops", &["DescribeAuditLog", "--ActionName", "RemoveBan"]);
+    assert!(status.success(), "{out}{err}");
+    let audit: serde_json::Value = serde_json::from_str(&out).expect("JSON");
+    let codes: Vec<&str> = audit["Items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|i| i["Code"].as_str())
+        .collect();
+    assert_eq!(codes, ["BanNotFound", "OK"], "newest first: {audit}");
+
+    let log = broker.log_tail();
+    assert!(
+        log.contains("source banned") && log.contains("source=127.0.0.1"),
+        "the ban is logged:\n{log}"
+    );
+    assert!(log.contains("reason=signature does not match"), "{log}");
+    assert!(
+        log.contains("ban ended") && log.contains("lifted by account ops"),
+        "{log}"
+    );
+}

@@ -21,6 +21,7 @@ mod describe_activation_summary;
 mod describe_assignment_history;
 mod describe_audit_log;
 mod describe_auto_renewal;
+mod describe_bans;
 mod describe_device;
 mod describe_devices;
 mod describe_near_expiry_devices;
@@ -29,6 +30,7 @@ mod describe_products;
 mod describe_unassigned_activation_codes;
 mod register_devices;
 mod remove_auto_renewal_blacklist;
+mod remove_ban;
 mod set_auto_renewal;
 
 /// Access level of an action (SPEC §4). `viewer` accounts may call
@@ -100,6 +102,7 @@ actions! {
     DescribeDevice => describe_device, Get;
     DescribeAutoRenewal => describe_auto_renewal, Get;
     DescribeAuditLog => describe_audit_log, List;
+    DescribeBans => describe_bans, List;
     CreateProduct => create_product, Create;
     RegisterDevices => register_devices, Create;
     CreateOrder => create_order, Create;
@@ -109,6 +112,7 @@ actions! {
     RemoveAutoRenewalBlacklist => remove_auto_renewal_blacklist, Update;
     DeleteDevice => delete_device, Delete;
     DeleteProduct => delete_product, Delete;
+    RemoveBan => remove_ban, Delete;
 }
 
 /// The access level of a known action.
