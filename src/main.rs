@@ -53,6 +53,14 @@ enum Cmd {
         #[arg(long)]
         demo: bool,
     },
+    /// The configuration file: `--print-default` prints the embedded
+    /// default (every key, its default and its meaning), a starting point
+    /// for `serve --config FILE`.
+    Config {
+        /// Print the embedded default configuration.
+        #[arg(long, required = true)]
+        print_default: bool,
+    },
     /// Operator CLI: run an admin action over the admin topics, `events`
     /// to stream events, or `actions` to list them.
     Admin(AdminCliArgs),
@@ -64,14 +72,24 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let argv: Vec<String> = std::env::args().collect();
+    if let Some(help) = admin::cli::action_help(&argv) {
+        print!("{help}");
+        return ExitCode::SUCCESS;
+    }
     let cli = Cli::parse();
+    // `serve` logs as its config says; the other commands at the default.
+    let config = match &cli.command {
+        Cmd::Serve { config, .. } => match load_config(config.as_deref()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    activation_broker::logging::init(&config.as_ref().map(|c| c.log.clone()).unwrap_or_default());
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -83,7 +101,14 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Cmd::Serve { config, data, demo } => rt.block_on(serve(config, data, demo)),
+        Cmd::Serve { data, demo, .. } => match config {
+            Some(config) => rt.block_on(serve(config, data, demo)),
+            None => Ok(ExitCode::FAILURE),
+        },
+        Cmd::Config { .. } => {
+            print!("{}", activation_broker::config::DEFAULT_CONFIG);
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Admin(args) => rt.block_on(admin::cli::run(args)).map(exit_code),
         Cmd::HashPassword { password } => {
             let mut params = Vec::new();
@@ -111,17 +136,17 @@ const STORE_FAILED: u8 = 3;
 /// Time for in-flight answers to go out before that exit.
 const STORE_FAILED_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
 
-async fn serve(
-    config: Option<PathBuf>,
-    data: Option<PathBuf>,
-    demo: bool,
-) -> anyhow::Result<ExitCode> {
-    // Installed first: a stop request during start-up is graceful too.
-    let stop = stop_signal()?;
-    let mut config = match &config {
+/// The config file, or the embedded default.
+fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    Ok(match path {
         Some(path) => Config::load(path)?,
         None => Config::embedded()?,
-    };
+    })
+}
+
+async fn serve(mut config: Config, data: Option<PathBuf>, demo: bool) -> anyhow::Result<ExitCode> {
+    // Installed first: a stop request during start-up is graceful too.
+    let stop = stop_signal()?;
     if let Some(d) = data {
         config.data_dir = d;
     }

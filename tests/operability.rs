@@ -391,3 +391,176 @@ fn bans_are_logged_listed_and_lifted() {
         "{log}"
     );
 }
+
+/// `config --print-default` prints exactly the embedded default, which
+/// parses; a missing config file is one clear line.
+#[test]
+fn config_print_default_and_a_missing_file() {
+    let (status, out, err) = cli(&["config", "--print-default"]);
+    assert!(status.success(), "{err}");
+    assert_eq!(out, activation_broker::config::DEFAULT_CONFIG);
+    activation_broker::config::Config::parse(&out, "printed").expect("the printed default parses");
+    assert!(
+        out.contains("[log]") && out.contains("RUST_LOG"),
+        "the log section is documented"
+    );
+
+    let (status, _, err) = cli(&["serve", "--config", "/nonexistent/broker.toml"]);
+    assert!(!status.success());
+    assert_eq!(
+        err.trim(),
+        "error: cannot read /nonexistent/broker.toml: No such file or directory (os error 2)"
+    );
+}
+
+/// `admin <Action> --help` shows the action's parameters with their format
+/// and limits (not the general help); `admin actions` lists every action
+/// with its access level and summary. No broker is needed.
+#[test]
+fn action_help_lists_parameters() {
+    let (status, out, err) = cli(&["admin", "CreateOrder", "--help"]);
+    assert!(status.success(), "{err}");
+    assert!(out.starts_with("CreateOrder [create]"), "{out}");
+    assert!(
+        out.contains("--Quantity") && out.contains("1 to 100000000"),
+        "{out}"
+    );
+    assert!(
+        out.contains("--ValiditySeconds") && out.contains("--ProductKey"),
+        "{out}"
+    );
+    assert!(out.contains("--ClientToken"), "{out}");
+    assert!(out.contains("Access: create (role admin)"), "{out}");
+
+    let (status, out, _) = cli(&["admin", "--port", "1", "DescribeAuditLog", "-h"]);
+    assert!(status.success());
+    for p in ["--Account", "--ActionName", "--From", "--To", "--PageSize"] {
+        assert!(out.contains(p), "{p} in:\n{out}");
+    }
+    assert!(out.contains("UTC"), "times are documented as UTC:\n{out}");
+    assert!(out.contains("role admin or viewer"), "{out}");
+
+    let (_, out, _) = cli(&["admin", "RemoveBan", "--help"]);
+    assert!(
+        out.contains("--Source") && out.contains("IP address"),
+        "{out}"
+    );
+
+    let (status, out, _) = cli(&["admin", "actions"]);
+    assert!(status.success());
+    for (name, access) in activation_broker::admin::ACTIONS {
+        assert!(
+            out.contains(&format!("{name} [{}]", access.as_str())),
+            "{name} in:\n{out}"
+        );
+    }
+    assert!(out.contains("DescribeBans [list]") && out.contains("RemoveBan [delete]"));
+
+    let (_, out, _) = cli(&["admin", "Nope", "--help"]);
+    assert!(out.contains("unknown action \"Nope\""), "{out}");
+}
+
+/// Starts `serve` with stderr piped (not a terminal, NO_COLOR unset) and
+/// returns the lines it logged up to `devices listener ready`.
+fn startup_log(config: &Path, data: &Path) -> (std::process::Child, Vec<String>) {
+    let mut child = Process::new(broker_bin())
+        .args(["serve", "--config"])
+        .arg(config)
+        .arg("--data")
+        .arg(data)
+        .env_remove("NO_COLOR")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    let deadline = Instant::now() + STOP;
+    while !lines
+        .iter()
+        .any(|l: &String| l.contains("devices listener ready"))
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => lines.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the broker did not start:\n{}", lines.join("\n"));
+            }
+        }
+    }
+    (child, lines)
+}
+
+fn stop_child(mut child: std::process::Child) {
+    // SAFETY: sending a signal to our own child.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let _ = child.wait();
+}
+
+/// Logs written to a pipe carry no ANSI codes; `[log] format = "json"`
+/// gives one JSON object per line; the start-up log names the accounts in
+/// force and where they come from, and warns when `[[accounts]]` leave a
+/// generated admin unused.
+#[test]
+fn logs_are_plain_or_json_and_name_the_accounts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let listeners =
+        "[devices]\nbind = \"127.0.0.1:0\"\n[accounts_listener]\nbind = \"127.0.0.1:0\"\n";
+
+    // Text, generated admin.
+    let text = dir.path().join("text.toml");
+    std::fs::write(&text, listeners).expect("write");
+    let (child, lines) = startup_log(&text, &data);
+    stop_child(child);
+    let all = lines.join("\n");
+    assert!(!all.contains('\x1b'), "no ANSI codes in a pipe:\n{all}");
+    let accounts = lines
+        .iter()
+        .find(|l| l.contains("accounts in force"))
+        .unwrap_or_else(|| panic!("no accounts line:\n{all}"));
+    assert!(accounts.contains("admin (admin)"), "{accounts}");
+    assert!(accounts.contains("accounts.toml"), "{accounts}");
+
+    // JSON, configured accounts beside the generated file.
+    let (_, hash, _) = cli(&["hash-password", "--password", "pw"]);
+    let json = dir.path().join("json.toml");
+    std::fs::write(
+        &json,
+        format!(
+            "{listeners}[log]\nformat = \"json\"\nlevel = \"info\"\n\
+             [[accounts]]\nname = \"ops\"\npassword_hash = \"{}\"\nrole = \"viewer\"\n",
+            hash.trim()
+        ),
+    )
+    .expect("write");
+    let (child, lines) = startup_log(&json, &data);
+    stop_child(child);
+    for l in &lines {
+        let v: serde_json::Value =
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+        assert!(v["timestamp"].is_string() && v["level"].is_string(), "{l}");
+    }
+    let all = lines.join("\n");
+    assert!(all.contains("ops (viewer)"), "{all}");
+    assert!(
+        all.contains("the generated accounts in this file are not used"),
+        "a warning about the unused generated admin:\n{all}"
+    );
+}
