@@ -114,7 +114,10 @@ fn a_second_broker_on_the_same_port_is_refused() {
     let second_cfg = fixed_port_config(dir.path(), "second.toml", dev, free_port());
     let (status, err) = serve_refused(&second_cfg, &dir.path().join("b"));
     assert!(!status.success(), "the second broker started:\n{err}");
-    let needle = format!("127.0.0.1:{dev} is already in use by another process");
+    let needle = format!(
+        "error: cannot listen on 127.0.0.1:{dev}: the address is already in use by another \
+         process (another broker?)\n"
+    );
     assert!(err.contains(&needle), "no `{needle}` in:\n{err}");
     assert!(first.alive(), "the first broker is still serving");
 

@@ -164,7 +164,7 @@ fn claim_address(addr: SocketAddr) -> std::io::Result<Arc<UnixListener>> {
     let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // TIME_WAIT connections of an earlier run do not count as in use.
     probe.set_reuse_address(true)?;
-    probe.bind(&addr.into()).map_err(|e| in_use(addr, e))?;
+    probe.bind(&addr.into()).map_err(in_use)?;
     Ok(Arc::new(lock))
 }
 
@@ -174,14 +174,14 @@ fn claim_address(addr: SocketAddr) -> std::io::Result<Arc<UnixListener>> {
 fn lock_address(addr: SocketAddr) -> std::io::Result<UnixListener> {
     let name = format!("activation-broker/listen/{addr}");
     let abstract_addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
-    UnixListener::bind_addr(&abstract_addr).map_err(|e| in_use(addr, e))
+    UnixListener::bind_addr(&abstract_addr).map_err(in_use)
 }
 
-fn in_use(addr: SocketAddr, e: std::io::Error) -> std::io::Error {
+fn in_use(e: std::io::Error) -> std::io::Error {
     if e.kind() == std::io::ErrorKind::AddrInUse {
         std::io::Error::new(
             e.kind(),
-            format!("{addr} is already in use by another process (another broker?)"),
+            "the address is already in use by another process (another broker?)",
         )
     } else {
         e
