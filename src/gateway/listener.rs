@@ -1,7 +1,8 @@
 //! Listening sockets: claim the address for this process (refused if
-//! another process holds it), bind one `SO_REUSEPORT` socket per I/O thread
-//! with socket2 (large backlog, non-blocking) and hand it to tokio, then an accept loop that
-//! never sleeps between accepts and spawns one task per connection. In
+//! another process holds it), bind one `SO_REUSEPORT` socket per I/O
+//! thread with socket2 (large backlog, non-blocking) and hand it to tokio,
+//! then an accept loop that never sleeps between accepts and spawns one
+//! task per connection. In
 //! that task, never in the accept loop: the PROXY protocol v2 header if the
 //! listener expects one (its source is the client's address from then on),
 //! the per-source cap on connections without CONNECT, and the TLS
