@@ -29,6 +29,8 @@ pub struct Config {
     pub router: RouterSection,
     pub events: EventsSection,
     pub account_limits: AccountLimits,
+    /// The log's level and format (`[log]`).
+    pub log: crate::logging::LogSection,
     /// Operator and application accounts (`[[accounts]]`). None: the first
     /// start creates `admin` with a random password in `data_dir`.
     pub accounts: Vec<AccountConfig>,
@@ -144,6 +146,7 @@ impl Default for Config {
             router: RouterSection::default(),
             events: EventsSection::default(),
             account_limits: AccountLimits::default(),
+            log: crate::logging::LogSection::default(),
             accounts: Vec::new(),
         }
     }
@@ -202,7 +205,7 @@ impl Default for RouterSection {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
@@ -240,6 +243,7 @@ impl Config {
 
     /// Checks values serde cannot: ranges and templates. Names the key.
     fn validate(&self) -> Result<(), String> {
+        self.log.validate()?;
         for (name, l) in [
             ("devices", &self.devices),
             ("accounts_listener", &self.accounts_listener),

@@ -21,6 +21,10 @@ use crate::clock::{Clock, Millis};
 use crate::credentials::{self, IdentityError};
 use crate::ledger::{CodeRecord, Ledger, Refusal, SecretLookup};
 
+mod bans;
+pub use bans::Ban;
+use bans::Bans;
+
 /// Gate settings (`[gate]` in the config file).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -162,53 +166,6 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
     }
 }
 
-/// Failed credential checks per source, and bans.
-struct Bans {
-    after: u32,
-    window_ms: Millis,
-    ban_ms: Millis,
-    state: Mutex<HashMap<IpAddr, BanState>>,
-}
-
-#[derive(Default)]
-struct BanState {
-    failures: u32,
-    window_start: Millis,
-    banned_until: Millis,
-}
-
-impl Bans {
-    fn banned(&self, ip: IpAddr, now: Millis) -> bool {
-        self.after > 0
-            && self
-                .state
-                .lock()
-                .get(&ip)
-                .is_some_and(|s| s.banned_until > now)
-    }
-
-    fn failed(&self, ip: IpAddr, now: Millis) {
-        if self.after == 0 {
-            return;
-        }
-        let mut map = self.state.lock();
-        if map.len() > 100_000 {
-            let window = self.window_ms;
-            map.retain(|_, s| s.banned_until > now || now - s.window_start < window);
-        }
-        let s = map.entry(ip).or_default();
-        if now - s.window_start >= self.window_ms {
-            s.window_start = now;
-            s.failures = 0;
-        }
-        s.failures += 1;
-        if s.failures >= self.after {
-            s.banned_until = now + self.ban_ms;
-            s.failures = 0;
-        }
-    }
-}
-
 pub struct Gate {
     ledger: Ledger,
     clock: Clock,
@@ -230,12 +187,11 @@ impl Gate {
             window_ms: secs_ms(config.timestamp_window_secs),
             sources: Limiter::new(config.source_rate, config.source_burst),
             devices: Limiter::new(config.device_rate, config.device_burst),
-            bans: Bans {
-                after: config.ban_after_failures,
-                window_ms: secs_ms(config.ban_window_secs),
-                ban_ms: secs_ms(config.ban_secs),
-                state: Mutex::new(HashMap::new()),
-            },
+            bans: Bans::new(
+                config.ban_after_failures,
+                secs_ms(config.ban_window_secs),
+                secs_ms(config.ban_secs),
+            ),
         }
     }
 
@@ -273,24 +229,20 @@ impl Gate {
         }
         // 3. Timestamp and signature, with the secret of 4. product/device.
         let Some(password) = a.password else {
-            self.bans.failed(a.source, now);
-            return Err(GateRefusal::BadCredentials("password is required".into()));
+            return Err(self.failed(a.source, now, "password is required".into()));
         };
         let secret = match self.ledger.secret_for(&user.product_key, &user.device_key) {
             SecretLookup::Secret(s) => s,
             SecretLookup::UnknownProduct => {
-                self.bans.failed(a.source, now);
-                return Err(GateRefusal::BadCredentials(format!(
-                    "unknown product {}",
-                    user.product_key
-                )));
+                let why = format!("unknown product {}", user.product_key);
+                return Err(self.failed(a.source, now, why));
             }
             SecretLookup::UnknownDevice => {
-                self.bans.failed(a.source, now);
-                return Err(GateRefusal::BadCredentials(format!(
+                let why = format!(
                     "device {} is not registered in product {}",
                     user.device_key, user.product_key
-                )));
+                );
+                return Err(self.failed(a.source, now, why));
             }
         };
         if let Err(e) = credentials::verify(
@@ -301,14 +253,14 @@ impl Gate {
             now,
             self.window_ms,
         ) {
-            self.bans.failed(a.source, now);
-            return Err(GateRefusal::BadCredentials(match e {
+            let why = match e {
                 credentials::SignatureError::Stale => format!(
                     "credential timestamp is more than {} s away from the broker's clock",
                     self.window_ms / 1000
                 ),
                 credentials::SignatureError::Mismatch => "signature does not match".into(),
-            }));
+            };
+            return Err(self.failed(a.source, now, why));
         }
         // Only an attempt that proved the device's secret counts against the
         // device: unauthenticated attempts cost their source alone, so nobody
@@ -345,6 +297,23 @@ impl Gate {
             expire_at: admitted.expire_at,
             consumed: admitted.consumed,
         })
+    }
+
+    /// A failed credential check of `source`: counted towards its ban.
+    fn failed(&self, source: IpAddr, now: Millis, why: String) -> GateRefusal {
+        self.bans.failed(source, now, &why);
+        GateRefusal::BadCredentials(why)
+    }
+
+    /// The sources banned now.
+    pub fn bans(&self) -> Vec<Ban> {
+        self.bans.list(self.clock.now())
+    }
+
+    /// Lifts the ban of `source`; the ban lifted, or `None` if it is not
+    /// banned. `by` names who lifted it, for the log.
+    pub fn remove_ban(&self, source: IpAddr, by: &str) -> Option<Ban> {
+        self.bans.lift(source, self.clock.now(), by)
     }
 
     /// Renews an online device whose code expired (or confirms it is still

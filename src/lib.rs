@@ -13,4 +13,5 @@ pub mod gate;
 pub mod gateway;
 pub mod ledger;
 pub mod limits;
+pub mod logging;
 pub mod server;

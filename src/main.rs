@@ -9,6 +9,7 @@ use activation_broker::config::Config;
 use activation_broker::credentials::{client_id, device_credentials};
 use activation_broker::ledger::{AuthMode, Command, LedgerError};
 use activation_broker::server::Broker;
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 /// jemalloc instead of glibc malloc: every device holds a router link
@@ -52,6 +53,14 @@ enum Cmd {
         #[arg(long)]
         demo: bool,
     },
+    /// The configuration file: `--print-default` prints the embedded
+    /// default (every key, its default and its meaning), a starting point
+    /// for `serve --config FILE`.
+    Config {
+        /// Print the embedded default configuration.
+        #[arg(long, required = true)]
+        print_default: bool,
+    },
     /// Operator CLI: run an admin action over the admin topics, `events`
     /// to stream events, or `actions` to list them.
     Admin(AdminCliArgs),
@@ -63,14 +72,24 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let argv: Vec<String> = std::env::args().collect();
+    if let Some(help) = admin::cli::action_help(&argv) {
+        print!("{help}");
+        return ExitCode::SUCCESS;
+    }
     let cli = Cli::parse();
+    // `serve` logs as its config says; the other commands at the default.
+    let config = match &cli.command {
+        Cmd::Serve { config, .. } => match load_config(config.as_deref()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("error: {}", describe(&e));
+                return ExitCode::FAILURE;
+            }
+        },
+        _ => None,
+    };
+    activation_broker::logging::init(&config.as_ref().map(|c| c.log.clone()).unwrap_or_default());
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -82,7 +101,14 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Cmd::Serve { config, data, demo } => rt.block_on(serve(config, data, demo)),
+        Cmd::Serve { data, demo, .. } => match config {
+            Some(config) => rt.block_on(serve(config, data, demo)),
+            None => Ok(ExitCode::FAILURE),
+        },
+        Cmd::Config { .. } => {
+            print!("{}", activation_broker::config::DEFAULT_CONFIG);
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Admin(args) => rt.block_on(admin::cli::run(args)).map(exit_code),
         Cmd::HashPassword { password } => {
             let mut params = Vec::new();
@@ -95,10 +121,27 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: an error that
+/// prints its source itself is not followed by that source again.
+fn describe(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 fn exit_code(code: i32) -> ExitCode {
@@ -110,15 +153,17 @@ const STORE_FAILED: u8 = 3;
 /// Time for in-flight answers to go out before that exit.
 const STORE_FAILED_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 
-async fn serve(
-    config: Option<PathBuf>,
-    data: Option<PathBuf>,
-    demo: bool,
-) -> anyhow::Result<ExitCode> {
-    let mut config = match &config {
+/// The config file, or the embedded default.
+fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    Ok(match path {
         Some(path) => Config::load(path)?,
         None => Config::embedded()?,
-    };
+    })
+}
+
+async fn serve(mut config: Config, data: Option<PathBuf>, demo: bool) -> anyhow::Result<ExitCode> {
+    // Installed first: a stop request during start-up is graceful too.
+    let stop = stop_signal()?;
     if let Some(d) = data {
         config.data_dir = d;
     }
@@ -133,7 +178,7 @@ async fn serve(
         print_demo(&broker).await?;
     }
     tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
+        sig = stop => tracing::info!(signal = sig, "stop requested"),
         e = broker.ledger.failed() => {
             // Fail-stop: a restart by the supervisor reads what the disk holds.
             tracing::error!(error = %e, "the ledger's store failed; exiting");
@@ -148,6 +193,22 @@ async fn serve(
     broker.shutdown();
     broker.ledger.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves at the first SIGTERM (systemd, Docker, Kubernetes) or SIGINT
+/// (Ctrl-C) with the signal's name. The handlers are installed before this
+/// returns, so a signal that arrives after start-up is never the default
+/// (abrupt) termination.
+fn stop_signal() -> anyhow::Result<impl std::future::Future<Output = &'static str>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    })
 }
 
 const DEMO_PRODUCT: &str = "demo";

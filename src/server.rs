@@ -46,8 +46,10 @@ impl Broker {
         crate::ledger::create_private_dir(&data_dir)
             .with_context(|| format!("creating {}", data_dir.display()))?;
         let configured = config.accounts.clone();
+        let dir = data_dir.clone();
         let accounts =
-            tokio::task::spawn_blocking(move || Accounts::load(&configured, &data_dir)).await??;
+            tokio::task::spawn_blocking(move || Accounts::load(&configured, &dir)).await??;
+        log_accounts(&accounts, !config.accounts.is_empty(), &data_dir);
         Broker::start_with_accounts(config, clock, Arc::new(accounts)).await
     }
 
@@ -92,7 +94,8 @@ impl Broker {
         }
         let router = gateway.router().clone();
         let admin = AdminService::start(
-            AdminContext::new(ledger.clone(), config.ledger.near_expiry_days),
+            AdminContext::new(ledger.clone(), config.ledger.near_expiry_days)
+                .with_gate(gate.clone()),
             accounts.clone(),
             move |id| Ok(router.link_blocking(id, true)?),
         )
@@ -143,6 +146,38 @@ impl Broker {
         for t in &self.tasks {
             t.abort();
         }
+    }
+}
+
+/// Names the accounts in force and where they come from; warns when
+/// `[[accounts]]` leave a generated `admin` unused.
+fn log_accounts(accounts: &Accounts, configured: bool, data_dir: &std::path::Path) {
+    let names = accounts
+        .iter()
+        .map(|a| format!("{} ({})", a.name, role_name(&a.role)))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let generated = data_dir.join(crate::admin::accounts::GENERATED_FILE);
+    if configured {
+        tracing::info!(accounts = %names, from = "[[accounts]] of the config", "accounts in force");
+        if generated.exists() {
+            tracing::warn!(
+                file = %generated.display(),
+                "[[accounts]] are configured, so the generated accounts in this file are not used"
+            );
+        }
+    } else {
+        tracing::info!(accounts = %names, from = %generated.display(), "accounts in force (generated)");
+    }
+}
+
+fn role_name(role: &crate::admin::accounts::Role) -> String {
+    use crate::admin::accounts::Role;
+    match role {
+        Role::Admin => "admin".into(),
+        Role::Viewer => "viewer".into(),
+        Role::None => "no actions".into(),
+        Role::Actions(set) => set.iter().cloned().collect::<Vec<_>>().join("|"),
     }
 }
 

@@ -295,6 +295,24 @@ async fn setup_over_the_admin_topics_then_flood_with_device_secrets() {
     );
     let p = broker.ledger.product("setupdev").expect("product");
     assert_eq!((p.total, p.available()), (120, 120));
+    // The follow-up command uses the secrets file, never the ProductSecret
+    // (which device-secret devices do not sign with); the file is 0600.
+    assert!(
+        result
+            .flood_command
+            .contains(&format!("--secrets {secrets}"))
+            && !result.flood_command.contains("--product-secret"),
+        "{}",
+        result.flood_command
+    );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(secrets)
+            .expect("secrets file")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "secrets file mode {mode:o}");
+    }
 
     let r = sim(&[
         "flood",

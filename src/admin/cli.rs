@@ -27,8 +27,8 @@ use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
 use serde_json::{Map, Value};
 
 use super::accounts::{hash_password, request_topic, response_topic, EVENTS_FILTER};
+use super::new_request_id;
 use super::service::EVENTS_PREFIX;
-use super::{new_request_id, ACTIONS};
 use crate::events::EventKind;
 
 /// Exit code when the response's Code is not OK.
@@ -98,13 +98,7 @@ pub async fn run(mut args: AdminCliArgs) -> anyhow::Result<i32> {
             }
             hash_password_command(&params)
         }
-        "actions" => {
-            let text: String = ACTIONS
-                .iter()
-                .map(|(name, access)| format!("{name} [{}]\n", access.as_str()))
-                .collect();
-            print_out(&text).map(|()| 0)
-        }
+        "actions" => print_out(&super::actions::list()).map(|()| 0),
         "events" => events_command(&args).await,
         _ => request_command(&args).await,
     };
@@ -115,6 +109,33 @@ pub async fn run(mut args: AdminCliArgs) -> anyhow::Result<i32> {
             Ok(EXIT_FAILURE)
         }
     }
+}
+
+/// `activation-broker admin [OPTIONS] <Action> … --help` (clap would show
+/// the general help): the action's help, from the raw command line `argv`
+/// (program name first). `None` when this is not such a command line.
+pub fn action_help(argv: &[String]) -> Option<String> {
+    let mut it = argv.iter().skip(1);
+    it.by_ref().find(|a| *a == "admin")?;
+    let mut action = None;
+    let mut rest = Vec::new();
+    while let Some(a) = it.next() {
+        if action.is_some() {
+            rest.push(a);
+        } else if ["--host", "--port", "--account", "--password", "--timeout"].contains(&a.as_str())
+        {
+            it.next();
+        } else if !a.starts_with('-') {
+            action = Some(a);
+        }
+    }
+    let action = action?;
+    if !rest.iter().any(|a| *a == "--help" || *a == "-h") {
+        return None;
+    }
+    Some(super::actions::help(action).unwrap_or_else(|| {
+        format!("unknown action {action:?}; `activation-broker admin actions` lists them\n")
+    }))
 }
 
 /// Connection options given after the action (`--host`, `--port`,

@@ -40,10 +40,12 @@ pub mod render;
 pub mod service;
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
 use crate::clock::Millis;
+use crate::gate::Gate;
 use crate::ledger::{AuditEntry, Command, Ledger, LedgerError, Outcome};
 
 pub use accounts::{Account, Accounts, Role, TopicRules};
@@ -64,6 +66,8 @@ pub struct AdminContext {
     pub ledger: Ledger,
     /// DescribeNearExpiryDevices' default window and the summary's NearExpiry.
     pub near_expiry_days: u64,
+    /// The activation gate, for DescribeBans and RemoveBan.
+    pub gate: Option<Arc<Gate>>,
 }
 
 impl AdminContext {
@@ -71,6 +75,29 @@ impl AdminContext {
         AdminContext {
             ledger,
             near_expiry_days,
+            gate: None,
+        }
+    }
+
+    /// With the gate whose bans DescribeBans and RemoveBan see.
+    pub fn with_gate(mut self, gate: Arc<Gate>) -> Self {
+        self.gate = Some(gate);
+        self
+    }
+
+    /// The gate, or `ServiceUnavailable` if this context has none.
+    pub fn gate(&self) -> Result<&Gate, AdminError> {
+        self.gate
+            .as_deref()
+            .ok_or_else(|| AdminError::unavailable("no activation gate in this admin context"))
+    }
+
+    /// The request as the audit log records it.
+    pub fn audit_entry(call: &Call) -> AuditEntry {
+        AuditEntry {
+            account: call.account.clone(),
+            action: call.action.clone(),
+            parameters: call.audit_parameters.clone(),
         }
     }
 
@@ -94,11 +121,7 @@ impl AdminContext {
 
     /// Applies a mutation with the request's ClientToken and audit entry.
     pub async fn execute(&self, call: &Call, command: Command) -> Result<Outcome, AdminError> {
-        let audit = AuditEntry {
-            account: call.account.clone(),
-            action: call.action.clone(),
-            parameters: call.audit_parameters.clone(),
-        };
+        let audit = AdminContext::audit_entry(call);
         // Tokens are per account: two accounts never collide on one.
         let token = call
             .client_token

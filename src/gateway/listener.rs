@@ -1,6 +1,8 @@
-//! Listening sockets: bind with socket2 (large backlog, reuse-address,
-//! non-blocking) and hand the socket to tokio, then an accept loop that
-//! never sleeps between accepts and spawns one task per connection. In
+//! Listening sockets: claim the address for this process (refused if
+//! another process holds it), bind one `SO_REUSEPORT` socket per I/O
+//! thread with socket2 (large backlog, non-blocking) and hand it to tokio,
+//! then an accept loop that never sleeps between accepts and spawns one
+//! task per connection. In
 //! that task, never in the accept loop: the PROXY protocol v2 header if the
 //! listener expects one (its source is the client's address from then on),
 //! the per-source cap on connections without CONNECT, and the TLS
@@ -8,6 +10,8 @@
 
 use std::io::BufReader;
 use std::net::SocketAddr;
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,10 +43,22 @@ pub(crate) async fn start(
         n => n,
     };
     let bind_err = |addr: SocketAddr| move |source| GatewayError::Bind { addr, source };
+    // SO_REUSEPORT lets any process of the same user bind the port too and
+    // take part of the traffic: the address is claimed for this process
+    // first (a lock, then a probe bind without SO_REUSEPORT), so a second
+    // broker is refused instead of sharing silently.
+    let claim = match config.bind.port() {
+        0 => None,
+        _ => Some(claim_address(config.bind).map_err(bind_err(config.bind))?),
+    };
     // One socket per I/O thread on the same port (SO_REUSEPORT: the kernel
     // spreads connections over them); port 0 is resolved by the first.
     let first = bind(config.bind, config.backlog, threads > 1).map_err(bind_err(config.bind))?;
     let local_addr = first.local_addr().map_err(bind_err(config.bind))?;
+    let claim = match claim {
+        Some(c) => c,
+        None => Arc::new(lock_address(local_addr).map_err(bind_err(local_addr))?),
+    };
     let mut sockets = vec![first];
     for _ in 1..threads {
         sockets.push(bind(local_addr, config.backlog, true).map_err(bind_err(local_addr))?);
@@ -64,10 +80,14 @@ pub(crate) async fn start(
     let (state_tx, state_rx) = watch::channel(State::Serving);
     for (i, socket) in sockets.into_iter().enumerate() {
         let (ctx, tls, state) = (ctx.clone(), tls.clone(), state_rx.clone());
-        let pending = pending.clone();
+        let (pending, claim) = (pending.clone(), claim.clone());
         std::thread::Builder::new()
             .name(format!("{name}-io-{i}"))
-            .spawn(move || io_thread(socket, ctx, tls, pending, state))
+            .spawn(move || {
+                io_thread(socket, ctx, tls, pending, state);
+                // The address is free again when its last thread ends.
+                drop(claim);
+            })
             .map_err(bind_err(local_addr))?;
     }
     tracing::info!(listener = %name, %local_addr, tls = ctx.tls, io_threads = threads, "listening");
@@ -134,6 +154,39 @@ fn io_thread(
             }
         }
     });
+}
+
+/// Claims `addr` (a port other than 0) for this process: its lock, then a
+/// probe bind without `SO_REUSEPORT`, which fails while any socket of
+/// another process listens on an overlapping address (a wildcard and a
+/// specific address of one port, say).
+fn claim_address(addr: SocketAddr) -> std::io::Result<Arc<UnixListener>> {
+    let lock = lock_address(addr)?;
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // TIME_WAIT connections of an earlier run do not count as in use.
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into()).map_err(in_use)?;
+    Ok(Arc::new(lock))
+}
+
+/// The per-address lock: an abstract Unix socket named after the address.
+/// Abstract names live in the network namespace, like ports, and vanish
+/// with the process that holds them (kill -9 included): no stale lock file.
+fn lock_address(addr: SocketAddr) -> std::io::Result<UnixListener> {
+    let name = format!("activation-broker/listen/{addr}");
+    let abstract_addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+    UnixListener::bind_addr(&abstract_addr).map_err(in_use)
+}
+
+fn in_use(e: std::io::Error) -> std::io::Error {
+    if e.kind() == std::io::ErrorKind::AddrInUse {
+        std::io::Error::new(
+            e.kind(),
+            "the address is already in use by another process (another broker?)",
+        )
+    } else {
+        e
+    }
 }
 
 fn bind(
@@ -265,6 +318,9 @@ fn load_tls(cfg: &TlsConfig) -> Result<TlsAcceptor, GatewayError> {
         .ok_or_else(|| {
             GatewayError::Tls(format!("{}: no private key found", cfg.key_path.display()))
         })?;
+    // rustls 0.23 ignores an IP address sent as SNI (clients such as
+    // mosquitto_pub -h 127.0.0.1 send one, which RFC 6066 forbids; 0.22
+    // refused the handshake) and serves clients without SNI: one cert.
     let config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(certs, key)

@@ -475,6 +475,28 @@ impl Ledger {
             .map_err(|_| LedgerError::Unavailable("ledger writer stopped".into()))?
     }
 
+    /// Records, durably, an operator action that is not a ledger mutation
+    /// (e.g. lifting a ban) in the audit log with its result code and message.
+    pub async fn record_audit(
+        &self,
+        entry: AuditEntry,
+        code: &str,
+        message: &str,
+    ) -> Result<(), LedgerError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .writer
+            .send(Request::Audit {
+                entry,
+                code: code.to_owned(),
+                message: message.to_owned(),
+                reply: tx,
+            })
+            .await?;
+        rx.await
+            .map_err(|_| LedgerError::Unavailable("ledger writer stopped".into()))?
+    }
+
     /// [`Ledger::execute`] for callers that are not async.
     pub fn execute_blocking(
         &self,

@@ -387,11 +387,16 @@ impl State {
         result: &Result<Outcome, LedgerError>,
         now: Millis,
     ) {
-        let id = self.audit.len() as u64 + 1;
         let (code, message) = match result {
             Ok(_) => ("OK".to_owned(), String::new()),
             Err(e) => (e.code().to_owned(), e.to_string()),
         };
+        self.append_audit(entry, code, message, now);
+    }
+
+    /// Appends one entry with its result code and message to the audit log.
+    pub fn append_audit(&mut self, entry: AuditEntry, code: String, message: String, now: Millis) {
+        let id = self.audit.len() as u64 + 1;
         self.audit.push(AuditRecord {
             id,
             at: now,

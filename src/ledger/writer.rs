@@ -40,6 +40,13 @@ pub enum Request {
         window_ms: Millis,
         reply: oneshot::Sender<Result<Vec<CodeRecord>, LedgerError>>,
     },
+    /// An operator action outside the ledger, for the audit log alone.
+    Audit {
+        entry: AuditEntry,
+        code: String,
+        message: String,
+        reply: oneshot::Sender<Result<(), LedgerError>>,
+    },
 }
 
 pub struct WriterContext {
@@ -124,6 +131,7 @@ enum Reply {
         oneshot::Sender<Result<Vec<CodeRecord>, LedgerError>>,
         Result<Vec<CodeRecord>, LedgerError>,
     ),
+    Audit(oneshot::Sender<Result<(), LedgerError>>),
 }
 
 impl Reply {
@@ -142,6 +150,9 @@ impl Reply {
             Reply::Expiring(tx, _) => {
                 let _ = tx.send(Err(e.clone()));
             }
+            Reply::Audit(tx) => {
+                let _ = tx.send(Err(e.clone()));
+            }
         }
     }
 
@@ -155,6 +166,9 @@ impl Reply {
             }
             Reply::Expiring(tx, r) => {
                 let _ = tx.send(r);
+            }
+            Reply::Audit(tx) => {
+                let _ = tx.send(Ok(()));
             }
         }
     }
@@ -218,6 +232,9 @@ fn answer_unavailable(r: Request, e: &LedgerError) {
         Request::TakeExpiring { reply, .. } => {
             let _ = reply.send(Err(e.clone()));
         }
+        Request::Audit { reply, .. } => {
+            let _ = reply.send(Err(e.clone()));
+        }
     }
 }
 
@@ -265,6 +282,15 @@ fn commit_batch(ctx: &WriterContext, pending: &mut Vec<Request>) -> Result<(), L
             Request::TakeExpiring { window_ms, reply } => {
                 let r = st.take_expiring(now, window_ms, &mut events);
                 replies.push(Reply::Expiring(reply, Ok(r)));
+            }
+            Request::Audit {
+                entry,
+                code,
+                message,
+                reply,
+            } => {
+                st.append_audit(entry, code, message, now);
+                replies.push(Reply::Audit(reply));
             }
         }
     }

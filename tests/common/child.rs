@@ -224,6 +224,29 @@ impl ChildBroker {
         let _ = self.child.wait();
     }
 
+    /// Sends `sig` and waits up to `limit` for the broker to exit; its
+    /// status, or `None` if it was still running (then it is killed).
+    pub fn signal(
+        &mut self,
+        sig: libc::c_int,
+        limit: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        // SAFETY: sending a signal to our own child.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, sig);
+        }
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        None
+    }
+
     pub fn log_tail(&self) -> String {
         self.log
             .lock()

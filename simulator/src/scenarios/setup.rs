@@ -95,6 +95,8 @@ impl AdminClient {
                             Err(e) => eprintln!("ignoring a response that is not JSON: {e}"),
                         }
                     }
+                    // Our own DISCONNECT (`close`): the end, not an error.
+                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
                     Ok(_) => {}
                     Err(e) => {
                         eprintln!("admin connection lost: {e}");
@@ -179,6 +181,22 @@ impl AdminClient {
         let _ = self.client.disconnect().await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.driver).await;
     }
+}
+
+/// Writes `bytes` to `path`, readable by its owner only (0600), also when
+/// the file already existed with wider permissions.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }
 
 /// The flood command line for what setup created.
@@ -269,7 +287,7 @@ pub async fn run(args: &SetupArgs) -> Result<SetupResult> {
                 .map(|d| json!({"DeviceKey": d.device_key, "DeviceSecret": d.device_secret}))
                 .collect::<Vec<_>>()
         });
-        std::fs::write(&args.secrets_out, format!("{file:#}\n"))
+        write_private(&args.secrets_out, format!("{file:#}\n").as_bytes())
             .with_context(|| format!("writing {}", args.secrets_out.display()))?;
     }
 
@@ -284,7 +302,13 @@ pub async fn run(args: &SetupArgs) -> Result<SetupResult> {
         .await?;
     admin.close().await;
 
-    let flood_command = flood_command(args, product_secret.as_deref());
+    // A device-secret product has a ProductSecret too, but its devices
+    // sign with their own secrets: the flood must use the secrets file.
+    let flood_secret = match args.auth_mode.as_str() {
+        "product-secret" => product_secret.as_deref(),
+        _ => None,
+    };
+    let flood_command = flood_command(args, flood_secret);
     Ok(SetupResult {
         product_key: args.product_key.clone(),
         auth_mode: args.auth_mode.clone(),

@@ -21,14 +21,17 @@ mod describe_activation_summary;
 mod describe_assignment_history;
 mod describe_audit_log;
 mod describe_auto_renewal;
+mod describe_bans;
 mod describe_device;
 mod describe_devices;
 mod describe_near_expiry_devices;
 mod describe_orders;
 mod describe_products;
 mod describe_unassigned_activation_codes;
+mod help;
 mod register_devices;
 mod remove_auto_renewal_blacklist;
+mod remove_ban;
 mod set_auto_renewal;
 
 /// Access level of an action (SPEC §4). `viewer` accounts may call
@@ -62,6 +65,10 @@ macro_rules! actions {
     ($( $name:ident => $module:ident, $access:ident; )*) => {
         /// Every action with its access level.
         pub const ACTIONS: &[(&str, Access)] = &[ $( (stringify!($name), Access::$access), )* ];
+
+        /// Every action's module source, whose `//!` doc is its help.
+        const SOURCES: &[(&str, &str)] =
+            &[ $( (stringify!($name), include_str!(concat!(stringify!($module), ".rs"))), )* ];
 
         /// A parsed request.
         #[derive(Debug)]
@@ -100,6 +107,7 @@ actions! {
     DescribeDevice => describe_device, Get;
     DescribeAutoRenewal => describe_auto_renewal, Get;
     DescribeAuditLog => describe_audit_log, List;
+    DescribeBans => describe_bans, List;
     CreateProduct => create_product, Create;
     RegisterDevices => register_devices, Create;
     CreateOrder => create_order, Create;
@@ -109,6 +117,41 @@ actions! {
     RemoveAutoRenewalBlacklist => remove_auto_renewal_blacklist, Update;
     DeleteDevice => delete_device, Delete;
     DeleteProduct => delete_product, Delete;
+    RemoveBan => remove_ban, Delete;
+}
+
+/// `admin <Action> --help`: what the action does and the format and
+/// limits of each of its parameters; `None` for an unknown action.
+pub fn help(name: &str) -> Option<String> {
+    let (_, source) = SOURCES.iter().find(|(n, _)| *n == name)?;
+    let access = access_of(name)?;
+    Some(format!(
+        "{}
+Access: {} (role admin{})
+",
+        help::help(name, source, access == Access::List),
+        access.as_str(),
+        if access.is_read() { " or viewer" } else { "" }
+    ))
+}
+
+/// One line per action for `admin actions`: name, access, summary.
+pub fn list() -> String {
+    ACTIONS
+        .iter()
+        .map(|(name, access)| {
+            let summary = SOURCES
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, s)| help::summary(s))
+                .unwrap_or_default();
+            let summary = summary
+                .strip_prefix(&format!("{name} [{}]: ", access.as_str()))
+                .unwrap_or(&summary)
+                .to_owned();
+            format!("{name} [{}]\n    {summary}\n", access.as_str())
+        })
+        .collect()
 }
 
 /// The access level of a known action.
