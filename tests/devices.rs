@@ -580,7 +580,11 @@ async fn a_will_outside_the_namespace_is_refused_before_any_code_is_consumed() {
 // consumed and the device's validity had started).
 #[tokio::test]
 async fn a_connect_the_broker_has_no_room_for_consumes_no_code() {
-    let t = start_broker(|c| c.router.max_connections = 1).await;
+    let t = start_broker(|c| {
+        c.router.max_connections = 1;
+        c.router.reserved_for_accounts = 0;
+    })
+    .await;
     let secret = t.product(PK, 10, 3600).await;
     let (u, p) = t.creds(PK, "d1", &secret);
     let _d1 = v4::connect(t.addr(), "p1.d1", &u, &p)
