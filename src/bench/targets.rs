@@ -75,7 +75,56 @@ pub struct ActivationBroker {
     pub accounts_addr: SocketAddr,
     /// The product secret devices sign with.
     pub secret: String,
+    launch: Launch,
+}
+
+/// How to start the broker process on its store.
+struct Launch {
+    bin: PathBuf,
+    dir: PathBuf,
     data: PathBuf,
+    io_threads: usize,
+    /// `[[accounts]]` tables of the config.
+    accounts: String,
+}
+
+impl Launch {
+    /// Writes the config with new free ports, starts the broker and waits
+    /// until both listeners accept connections.
+    fn start(&self) -> anyhow::Result<(ChildGuard, SocketAddr, SocketAddr)> {
+        let port = free_port()?;
+        let accounts_port = free_port()?;
+        let config = format!(
+            r#"data_dir = "{data}"
+[devices]
+bind = "127.0.0.1:{port}"
+io_threads = {io_threads}
+[accounts_listener]
+bind = "127.0.0.1:{accounts_port}"
+[gate]
+source_rate = 0.0
+device_rate = 0.0
+ban_after_failures = 0
+{accounts}"#,
+            data = self.data.display(),
+            io_threads = self.io_threads,
+            accounts = self.accounts,
+        );
+        let config_file = self.dir.join("broker.toml");
+        std::fs::write(&config_file, config)?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config_file)
+            .arg("--data")
+            .arg(&self.data);
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let accounts_addr = SocketAddr::from(([127, 0, 0, 1], accounts_port));
+        let mut child = ChildGuard::spawn("activation-broker", cmd, &self.dir)?;
+        child.wait_ready(addr)?;
+        child.wait_ready(accounts_addr)?;
+        Ok((child, addr, accounts_addr))
+    }
 }
 
 impl ActivationBroker {
@@ -109,51 +158,42 @@ impl ActivationBroker {
             )?;
             secret
         };
-        let port = free_port()?;
-        let accounts_port = free_port()?;
-        let mut config = format!(
-            r#"data_dir = "{data}"
-[devices]
-bind = "127.0.0.1:{port}"
-io_threads = {io_threads}
-[accounts_listener]
-bind = "127.0.0.1:{accounts_port}"
-[gate]
-source_rate = 0.0
-device_rate = 0.0
-ban_after_failures = 0
-"#,
-            data = data.display(),
-            io_threads = spec.io_threads,
-        );
-        if let Some(a) = &spec.account {
-            config += &format!(
+        let accounts = match &spec.account {
+            Some(a) => format!(
                 "[[accounts]]\nname = {name:?}\npassword_hash = {hash:?}\nrole = \"none\"\nsubscribe = {subscribe:?}\n",
                 name = a.name,
                 hash = crate::admin::accounts::hash_password(&a.password),
                 subscribe = a.subscribe,
-            );
-        }
-        let config_file = dir.join("broker.toml");
-        std::fs::write(&config_file, config)?;
-        let mut cmd = Command::new(bin);
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&config_file)
-            .arg("--data")
-            .arg(&data);
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let accounts_addr = SocketAddr::from(([127, 0, 0, 1], accounts_port));
-        let mut child = ChildGuard::spawn("activation-broker", cmd, dir)?;
-        child.wait_ready(addr)?;
-        child.wait_ready(accounts_addr)?;
+            ),
+            None => String::new(),
+        };
+        let launch = Launch {
+            bin: bin.to_owned(),
+            dir: dir.to_owned(),
+            data,
+            io_threads: spec.io_threads,
+            accounts,
+        };
+        let (child, addr, accounts_addr) = launch.start()?;
         Ok(ActivationBroker {
             child,
             addr,
             accounts_addr,
             secret,
-            data,
+            launch,
         })
+    }
+
+    /// Stops the broker (SIGINT) and starts it again on the same store, on
+    /// new ports: a fresh process whose ledger holds what the last one
+    /// committed.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.child.interrupt_and_wait()?;
+        let (child, addr, accounts_addr) = self.launch.start()?;
+        self.child = child;
+        self.addr = addr;
+        self.accounts_addr = accounts_addr;
+        Ok(())
     }
 
     pub fn pid(&self) -> u32 {
@@ -186,7 +226,7 @@ ban_after_failures = 0
     /// product's consumed and available codes, once the invariants hold.
     pub fn stop_and_check(mut self) -> anyhow::Result<(u64, u64)> {
         self.child.interrupt_and_wait()?;
-        let l = open_ledger(&self.data)?;
+        let l = open_ledger(&self.launch.data)?;
         let p = l.product(PRODUCT)?;
         l.check_invariants().map_err(anyhow::Error::msg)?;
         Ok((p.consumed, p.available()))

@@ -65,6 +65,10 @@ pub struct Telemetry {
     pub received: u64,
     pub duplicates: u64,
     pub server_cpu: f64,
+    /// CPU seconds of this client over the measurement.
+    pub client_cpu: f64,
+    /// Wall time of the measurement (window and drain).
+    pub elapsed: Duration,
 }
 
 impl Telemetry {
@@ -102,6 +106,8 @@ pub fn measure(
     );
     let n = publishers.len();
     let cpu_before = cpu_secs(server);
+    let client_before = cpu_secs(std::process::id());
+    let began = Instant::now();
     let (received_before, dups_before) = (backend.distinct(), backend.duplicates());
     let mut t = rt.block_on(async {
         let start = Instant::now();
@@ -122,6 +128,8 @@ pub fn measure(
             received: 0,
             duplicates: 0,
             server_cpu: 0.0,
+            client_cpu: 0.0,
+            elapsed: Duration::ZERO,
         };
         let mut kept = Vec::new();
         while let Some(r) = tasks.join_next().await {
@@ -144,6 +152,8 @@ pub fn measure(
         anyhow::Ok((total, kept))
     })?;
     t.0.server_cpu = cpu_secs(server) - cpu_before;
+    t.0.client_cpu = cpu_secs(std::process::id()) - client_before;
+    t.0.elapsed = began.elapsed();
     t.0.received = backend.distinct() - received_before;
     t.0.duplicates = backend.duplicates() - dups_before;
     if let Some(e) = backend.error() {

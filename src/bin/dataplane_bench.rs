@@ -197,15 +197,22 @@ fn subscribe_benches(
     };
     let mut phases = Vec::new();
     let mut rss = Vec::new();
-    let broker = ActivationBroker::start(bin, &tmp.join("broker-1"), &spec)?;
-    let (pid, addr) = (broker.pid(), broker.addr);
-    for (label, subscribe) in [
+    // Every phase runs on a freshly started server, so none inherits the
+    // sessions, router state or allocator pages of another.
+    let mut broker = ActivationBroker::start(bin, &tmp.join("broker-1"), &spec)?;
+    for (k, (label, subscribe)) in [
         ("activation broker: first activations, connect only", false),
         ("activation broker: reconnects, connect only", false),
         ("activation broker: reconnects + SUBSCRIBE", true),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        if k > 0 {
+            broker.restart()?;
+        }
         let devices = broker.devices("dev-", 0..n, subscribe)?;
-        let (p, r) = measured_phase(load, label, c, pid, addr, devices)?;
+        let (p, r) = measured_phase(load, label, c, broker.pid(), broker.addr, devices)?;
         phases.push(p);
         rss.push(r);
         check_stop()?;
@@ -227,16 +234,16 @@ fn subscribe_benches(
         let dir = tmp.join("mosquitto");
         let passwd = Mosquitto::write_passwd(&args.mosquitto_bin, &dir, "dev-", 0..n)?;
         for (auth, passwd) in [("password file", Some(passwd.as_path())), ("anonymous", None)] {
-            let mut m = Mosquitto::start(&args.mosquitto_bin, &dir, passwd)?;
             for (what, subscribe) in [("connect only", false), ("connect + SUBSCRIBE", true)] {
+                let mut m = Mosquitto::start(&args.mosquitto_bin, &dir, passwd)?;
                 let label = format!("{name}, {auth}: {what}");
                 let devices = m.devices("dev-", 0..n, subscribe)?;
                 let (p, r) = measured_phase(load, &label, c, m.pid(), m.addr, devices)?;
+                m.child.check_alive()?;
                 phases.push(p);
                 rss.push(r);
                 check_stop()?;
             }
-            m.child.check_alive()?;
         }
         mosquitto = Some(name);
     }
@@ -251,7 +258,7 @@ fn subscribe_benches(
     t.setting(format!("{n} devices, {c} in flight; {client}"));
     t.setting(format!("each device: socket → CONNECT → CONNACK, and in the SUBSCRIBE rows → SUBSCRIBE `devices/{PRODUCT}/{{DK}}/command` QoS 1 → SUBACK; latency: socket open → CONNACK or SUBACK; the devices stay connected (idle) until the phase's RSS is read, then DISCONNECT"));
     t.setting(spec.describe());
-    t.setting("activation broker: the first phase activates the devices (a code consumed and flushed before each CONNACK), the next ones reconnect them");
+    t.setting("every phase runs on a freshly started server process: the activation broker restarted on its store (the first phase activates the devices, a code consumed and flushed before each CONNACK; the next ones reconnect them), Mosquitto started anew");
     if let Some(name) = &mosquitto {
         t.setting(mosquitto_settings(name));
     }
@@ -311,8 +318,8 @@ fn subscribe_benches(
         &["server and phase", "devices", "before MB", "with devices MB", "KB per device"],
     );
     r.setting(format!("the phases of benchmark 1; {client}"));
-    r.setting("KB per device = (server VmRSS with the phase's devices connected, subscribed if the phase subscribes, and idle − VmRSS right before the phase) / devices; each reading once stable (three readings 1 s apart within 0.5 %); between phases the devices DISCONNECT and the server settles again");
-    r.setting("activation broker: \"before\" of the first phase is the fresh broker, so its row includes the devices' ledger records; the reconnect rows start from the same devices activated and disconnected");
+    r.setting("KB per device = (server VmRSS with the phase's devices connected, subscribed if the phase subscribes, and idle − VmRSS of the freshly started server right before the phase) / devices; each reading once stable (three readings 1 s apart within 0.5 %)");
+    r.setting("activation broker: the first row's growth includes the devices' ledger records; the reconnect rows start from a broker restarted with the devices already activated (their records loaded)");
     for s in &rss {
         r.row(vec![
             s.label.clone(),
@@ -483,6 +490,13 @@ fn telemetry_bench(
             m.acked,
             m.duplicates,
             if every { "every message" } else { "NOT every message" }
+        ));
+        t.note(format!(
+            "{}: the server used {:.0} % and the client {:.0} % of one core over the {:.1} s of window and drain.",
+            m.label,
+            100.0 * m.server_cpu / m.elapsed.as_secs_f64().max(1e-9),
+            100.0 * m.client_cpu / m.elapsed.as_secs_f64().max(1e-9),
+            m.elapsed.as_secs_f64()
         ));
         if let Some(e) = &m.first_error {
             t.note(format!("{}: {} publishers failed (first: {e})", m.label, m.errors));
