@@ -88,7 +88,8 @@ impl Telemetry {
 }
 
 /// Publishes from every publisher for `settings.window`, waits for the
-/// PUBACKs and for `backend` to receive the messages, and measures.
+/// PUBACKs and for `backend` (if any) to receive the messages, and
+/// measures.
 /// Returns the publishers that are still connected.
 pub fn measure(
     rt: &tokio::runtime::Runtime,
@@ -96,7 +97,7 @@ pub fn measure(
     run: u16,
     server: u32,
     publishers: Vec<Publisher>,
-    backend: &Backend,
+    backend: Option<&Backend>,
     settings: Settings,
 ) -> anyhow::Result<(Telemetry, Vec<Publisher>)> {
     eprintln!(
@@ -108,7 +109,8 @@ pub fn measure(
     let cpu_before = cpu_secs(server);
     let client_before = cpu_secs(std::process::id());
     let began = Instant::now();
-    let (received_before, dups_before) = (backend.distinct(), backend.duplicates());
+    let counts = |b: Option<&Backend>| b.map_or((0, 0), |b| (b.distinct(), b.duplicates()));
+    let (received_before, dups_before) = counts(backend);
     let mut t = rt.block_on(async {
         let start = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
@@ -146,17 +148,18 @@ pub fn measure(
                 }
             }
         }
-        backend
-            .wait_for(received_before + total.sent, settings.drain)
-            .await;
+        if let Some(b) = backend {
+            b.wait_for(received_before + total.sent, settings.drain).await;
+        }
         anyhow::Ok((total, kept))
     })?;
     t.0.server_cpu = cpu_secs(server) - cpu_before;
     t.0.client_cpu = cpu_secs(std::process::id()) - client_before;
     t.0.elapsed = began.elapsed();
-    t.0.received = backend.distinct() - received_before;
-    t.0.duplicates = backend.duplicates() - dups_before;
-    if let Some(e) = backend.error() {
+    let (received, duplicates) = counts(backend);
+    t.0.received = received - received_before;
+    t.0.duplicates = duplicates - dups_before;
+    if let Some(e) = backend.and_then(Backend::error) {
         bail!("the backend subscriber failed: {e}");
     }
     eprintln!(
