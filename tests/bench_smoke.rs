@@ -75,7 +75,10 @@ fn connect_bench_runs_each_concurrency_level() {
             "--skip-mosquitto",
         ],
     );
-    assert!(out.contains("#### Connections, 8 in flight (headline)"), "{out}");
+    assert!(
+        out.contains("#### Connections, 8 in flight (headline)"),
+        "{out}"
+    );
     assert!(out.contains("#### Connections, 32 in flight\n"), "{out}");
     assert!(out.contains("rate limits and bans off"), "{out}");
     assert!(out.contains("Why the levels differ"), "{out}");

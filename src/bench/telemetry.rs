@@ -149,7 +149,8 @@ pub fn measure(
             }
         }
         if let Some(b) = backend {
-            b.wait_for(received_before + total.sent, settings.drain).await;
+            b.wait_for(received_before + total.sent, settings.drain)
+                .await;
         }
         anyhow::Ok((total, kept))
     })?;
@@ -202,68 +203,65 @@ async fn publish(
     let mut pkid: u16 = 0;
     let mut out = BytesMut::new();
     let mut buf = BytesMut::with_capacity(4096);
-    let result: anyhow::Result<()> =
-        async {
+    let result: anyhow::Result<()> = async {
+        loop {
+            let now = Instant::now();
+            if now < window_end && !stopped() {
+                while pending.len() < s.inflight {
+                    pkid = pkid.checked_add(1).unwrap_or(1);
+                    let mut m = Publish::from_bytes(
+                        p.topic.clone(),
+                        QoS::AtLeastOnce,
+                        payload(run, p.index, r.sent, s.payload),
+                    );
+                    m.pkid = pkid;
+                    m.write(&mut out)
+                        .map_err(|e| anyhow!("encoding PUBLISH: {e:?}"))?;
+                    pending.push_back((pkid, now));
+                    r.sent += 1;
+                }
+                p.stream.write_all(&out).await?;
+                out.clear();
+            } else if pending.is_empty() {
+                return Ok(());
+            }
+            let read = tokio::time::timeout_at(deadline.into(), p.stream.read_buf(&mut buf)).await;
+            match read {
+                Err(_) => bail!(
+                    "{} PUBACKs missing {} s after the window",
+                    pending.len(),
+                    s.drain.as_secs()
+                ),
+                Ok(Ok(0)) => bail!("closed by the server"),
+                Ok(r) => {
+                    r?;
+                }
+            }
+            let now = Instant::now();
             loop {
-                let now = Instant::now();
-                if now < window_end && !stopped() {
-                    while pending.len() < s.inflight {
-                        pkid = pkid.checked_add(1).unwrap_or(1);
-                        let mut m = Publish::from_bytes(
-                            p.topic.clone(),
-                            QoS::AtLeastOnce,
-                            payload(run, p.index, r.sent, s.payload),
-                        );
-                        m.pkid = pkid;
-                        m.write(&mut out)
-                            .map_err(|e| anyhow!("encoding PUBLISH: {e:?}"))?;
-                        pending.push_back((pkid, now));
-                        r.sent += 1;
-                    }
-                    p.stream.write_all(&out).await?;
-                    out.clear();
-                } else if pending.is_empty() {
-                    return Ok(());
-                }
-                let read =
-                    tokio::time::timeout_at(deadline.into(), p.stream.read_buf(&mut buf)).await;
-                match read {
-                    Err(_) => bail!(
-                        "{} PUBACKs missing {} s after the window",
-                        pending.len(),
-                        s.drain.as_secs()
-                    ),
-                    Ok(Ok(0)) => bail!("closed by the server"),
-                    Ok(r) => {
-                        r?;
-                    }
-                }
-                let now = Instant::now();
-                loop {
-                    match Packet::read(&mut buf, 64 * 1024) {
-                        Ok(Packet::PubAck(ack)) => {
-                            let Some(at) = pending.iter().position(|(id, _)| *id == ack.pkid)
-                            else {
-                                bail!("PUBACK for unknown packet id {}", ack.pkid);
-                            };
-                            if let Some((_, t0)) = pending.remove(at) {
-                                r.hist.saturating_record(
+                match Packet::read(&mut buf, 64 * 1024) {
+                    Ok(Packet::PubAck(ack)) => {
+                        let Some(at) = pending.iter().position(|(id, _)| *id == ack.pkid) else {
+                            bail!("PUBACK for unknown packet id {}", ack.pkid);
+                        };
+                        if let Some((_, t0)) = pending.remove(at) {
+                            r.hist.saturating_record(
                                     now.duration_since(t0).as_micros().max(1) as u64
                                 );
-                            }
-                            r.acked += 1;
-                            if now < window_end {
-                                r.acked_in_window += 1;
-                            }
                         }
-                        Ok(other) => bail!("expected PUBACK, got {other:?}"),
-                        Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => break,
-                        Err(e) => bail!("bad packet: {e:?}"),
+                        r.acked += 1;
+                        if now < window_end {
+                            r.acked_in_window += 1;
+                        }
                     }
+                    Ok(other) => bail!("expected PUBACK, got {other:?}"),
+                    Err(rumqttc::mqttbytes::Error::InsufficientBytes(_)) => break,
+                    Err(e) => bail!("bad packet: {e:?}"),
                 }
             }
         }
-        .await;
+    }
+    .await;
     r.outcome = result.map(|()| p);
     r
 }

@@ -463,7 +463,7 @@ fn print_backlog_note(levels: &[Level], mosquitto: &str) {
         .collect();
     println!();
     println!(
-        "Why the levels differ: {mosquitto} listens with a fixed backlog of 100 (listen(2) in its src/net.c), the activation broker with `[devices] backlog = 8192` (the kernel caps both at net.core.somaxconn = {somaxconn} here). With more connections in flight than Mosquitto's backlog, its accept queue overflows, the kernel drops the SYN and the client retransmits it after 1 s, so above 100 in flight the Mosquitto rows measure those retries as much as Mosquitto's work. Listen drops during Mosquitto's two phases — {}. The headline is the first table, below 100 in flight.",
+        "Why the levels differ: {mosquitto} listens with a fixed backlog of 100 (listen(2) in its src/net.c), the activation broker with `[devices] backlog = 8192` (the kernel caps any backlog at net.core.somaxconn = {somaxconn} here). With more connections in flight than Mosquitto's backlog, its accept queue overflows, the kernel drops the SYN and the client retransmits it after 1 s, so above 100 in flight the Mosquitto rows measure those retries as much as Mosquitto's work. Listen drops during Mosquitto's two phases — {}. The headline is the first table, below 100 in flight.",
         drops.join("; ")
     );
 }

@@ -27,7 +27,9 @@ use std::time::Duration;
 use activation_broker::bench::child::TempDir;
 use activation_broker::bench::load::{source_ip, telemetry_topic, Held, Load, Phase};
 use activation_broker::bench::procfs::{cpus, nofile_limit};
-use activation_broker::bench::report::{kb_per, mb, phase_cells, phase_notes, ratio, Table, PHASE_HEADERS};
+use activation_broker::bench::report::{
+    kb_per, mb, phase_cells, phase_notes, ratio, Table, PHASE_HEADERS,
+};
 use activation_broker::bench::targets::{
     broker_bin, mosquitto_name, mosquitto_settings, Account, ActivationBroker, BrokerSpec,
     Mosquitto, PRODUCT,
@@ -38,7 +40,9 @@ use anyhow::bail;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(about = "Benchmark the data plane: connect + SUBSCRIBE, telemetry, RSS per subscribed device")]
+#[command(
+    about = "Benchmark the data plane: connect + SUBSCRIBE, telemetry, RSS per subscribed device"
+)]
 struct Args {
     /// Devices that connect and subscribe (and are held idle).
     #[arg(long, default_value_t = 15_000)]
@@ -220,7 +224,9 @@ fn subscribe_benches(
     let first = phases[0].accepted;
     let (consumed, _) = broker.stop_and_check()?;
     if consumed != first {
-        bail!("the store has {consumed} consumed codes but {first} first activations got CONNACK 0");
+        bail!(
+            "the store has {consumed} consumed codes but {first} first activations got CONNACK 0"
+        );
     }
     let mut mosquitto = None;
     if args.skip_mosquitto {
@@ -233,7 +239,10 @@ fn subscribe_benches(
         let name = mosquitto_name(&args.mosquitto_bin);
         let dir = tmp.join("mosquitto");
         let passwd = Mosquitto::write_passwd(&args.mosquitto_bin, &dir, "dev-", 0..n)?;
-        for (auth, passwd) in [("password file", Some(passwd.as_path())), ("anonymous", None)] {
+        for (auth, passwd) in [
+            ("password file", Some(passwd.as_path())),
+            ("anonymous", None),
+        ] {
             for (what, subscribe) in [("connect only", false), ("connect + SUBSCRIBE", true)] {
                 let mut m = Mosquitto::start(&args.mosquitto_bin, &dir, passwd)?;
                 let label = format!("{name}, {auth}: {what}");
@@ -288,8 +297,12 @@ fn subscribe_benches(
         t.row(cells);
     }
     let verdict = |ok: bool| if ok { "met" } else { "MISSED" };
-    let sub = phases.iter().find(|p| p.label == "activation broker: reconnects + SUBSCRIBE");
-    let conn = phases.iter().find(|p| p.label == "activation broker: reconnects, connect only");
+    let sub = phases
+        .iter()
+        .find(|p| p.label == "activation broker: reconnects + SUBSCRIBE");
+    let conn = phases
+        .iter()
+        .find(|p| p.label == "activation broker: reconnects, connect only");
     if let (Some(sub), Some(conn)) = (sub, conn) {
         t.note(format!(
             "activation broker, reconnects: connect + SUBSCRIBE at {:.2}x the rate of connect alone.",
@@ -315,7 +328,13 @@ fn subscribe_benches(
     // Benchmark 3.
     let mut r = Table::new(
         &format!("Benchmark 3: RSS per idle device, {n} devices"),
-        &["server and phase", "devices", "before MB", "with devices MB", "KB per device"],
+        &[
+            "server and phase",
+            "devices",
+            "before MB",
+            "with devices MB",
+            "KB per device",
+        ],
     );
     r.setting(format!("the phases of benchmark 1; {client}"));
     r.setting("KB per device = (server VmRSS with the phase's devices connected, subscribed if the phase subscribes, and idle − VmRSS of the freshly started server right before the phase) / devices; each reading once stable (three readings 1 s apart within 0.5 %)");
@@ -389,7 +408,11 @@ fn telemetry_run(
     } else {
         None
     };
-    let tag = if with_backend { "backend" } else { "no backend" };
+    let tag = if with_backend {
+        "backend"
+    } else {
+        "no backend"
+    };
     let (pub_phase, held) = load.phase(
         &format!("{tag}: publishers, first activations"),
         c.min(np),
@@ -475,7 +498,14 @@ fn telemetry_bench(
     for (k, with_backend) in [true, false].into_iter().enumerate() {
         check_stop()?;
         let dir = tmp.join(format!("broker-telemetry-{k}"));
-        runs.push(telemetry_run(args, load, bin, &dir, with_backend, settings)?);
+        runs.push(telemetry_run(
+            args,
+            load,
+            bin,
+            &dir,
+            with_backend,
+            settings,
+        )?);
     }
 
     let mut t = Table::new(
@@ -517,8 +547,16 @@ fn telemetry_bench(
                 format!("{:.2}", m.ms(0.99)),
                 m.sent.to_string(),
                 m.acked.to_string(),
-                if r.backend { m.received.to_string() } else { "no backend".into() },
-                if r.backend { m.duplicates.to_string() } else { "no backend".into() },
+                if r.backend {
+                    m.received.to_string()
+                } else {
+                    "no backend".into()
+                },
+                if r.backend {
+                    m.duplicates.to_string()
+                } else {
+                    "no backend".into()
+                },
                 format!("{:.1}", m.server_us()),
                 ratio(Some(m.rate()), Some(r.none.rate())),
             ]);
@@ -526,7 +564,11 @@ fn telemetry_bench(
     }
     for r in &runs {
         let x = r.with.rate() / r.none.rate().max(1e-9);
-        let tag = if r.backend { "backend subscribed" } else { "no backend" };
+        let tag = if r.backend {
+            "backend subscribed"
+        } else {
+            "no backend"
+        };
         t.note(format!(
             "{tag}: with {} idle subscribed devices held / with none ≥ 0.9: {x:.2}, {}",
             r.devices.accepted,
@@ -561,7 +603,10 @@ fn telemetry_bench(
                 m.elapsed.as_secs_f64()
             ));
             if let Some(e) = &m.first_error {
-                t.note(format!("{}: {} publishers failed (first: {e})", m.label, m.errors));
+                t.note(format!(
+                    "{}: {} publishers failed (first: {e})",
+                    m.label, m.errors
+                ));
             }
         }
         for p in [&r.publishers, &r.devices] {
