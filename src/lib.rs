@@ -3,6 +3,7 @@
 
 pub mod account_auth;
 pub mod admin;
+pub mod bench;
 pub mod clock;
 pub mod config;
 pub mod credentials;
