@@ -12,11 +12,12 @@ use activation_broker::config::Config;
 use activation_broker::credentials::sign;
 use activation_broker::events::{Event as BusEvent, EventKind};
 use activation_broker::ledger::Command;
+use common::broker::v5::{incoming, puback, suback};
 use common::broker::{start_broker, v4, v5, WAIT};
 use common::wire::{read_packet, RawConnect};
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::v5::{AsyncClient, MqttOptions};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -64,38 +65,6 @@ async fn wrong_passwords_naming_a_device_do_not_lock_it_out() {
         codes.push(connack(t.addr(), 5, "rev.victim", &u, &p).await);
     }
     assert!(codes.contains(&Some(0x9F)), "{codes:?}");
-    let _ = v4::code;
-}
-
-/// The next packet the broker sends this MQTT 5 client.
-async fn incoming(el: &mut EventLoop) -> Packet {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(p)) => return p,
-                Ok(Event::Outgoing(_)) => {}
-                Err(e) => panic!("connection failed: {e}"),
-            }
-        }
-    })
-    .await
-    .expect("packet in time")
-}
-
-async fn puback(el: &mut EventLoop) -> PubAckReason {
-    loop {
-        if let Packet::PubAck(a) = incoming(el).await {
-            return a.reason;
-        }
-    }
-}
-
-async fn suback(el: &mut EventLoop) -> SubscribeReasonCode {
-    loop {
-        if let Packet::SubAck(a) = incoming(el).await {
-            return a.return_codes[0];
-        }
-    }
 }
 
 /// Finding 2: a namespace template that could reach the admin topics is a
