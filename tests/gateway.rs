@@ -1287,43 +1287,8 @@ async fn connect_rate() {
         .listen(cfg, Arc::new(AcceptAll))
         .await
         .expect("listen");
-    let addr = listener.local_addr();
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let start = std::time::Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..CONCURRENCY {
-        let next = next.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut held = Vec::new();
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= N {
-                    return held;
-                }
-                let dk = format!("d{i}");
-                let mut s = raw(addr).await;
-                s.write_all(&connect_bytes(
-                    4,
-                    &format!("p.{dk}"),
-                    &format!("p&{dk}"),
-                    60,
-                    None,
-                ))
-                .await
-                .expect("send");
-                let mut ack = [0u8; 4];
-                s.read_exact(&mut ack).await.expect("CONNACK");
-                assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
-                held.push(s);
-            }
-        }));
-    }
-    let mut held = Vec::new();
-    for t in tasks {
-        held.extend(t.await.expect("task"));
-    }
+    let (held, secs) = flood(listener.local_addr(), "d", N, CONCURRENCY, 60, false).await;
     let total = held.len();
-    let secs = start.elapsed().as_secs_f64();
     println!(
         "{total} connections in {secs:.2} s: {:.0} CONNACKs/s, {} online",
         total as f64 / secs,
@@ -1340,8 +1305,8 @@ async fn connect_rate() {
     assert_eq!(gateway.online().len(), N);
 }
 
-/// Connects `n` devices `p.{prefix}{i}` through `concurrency` workers, each
-/// waiting for its CONNACK and, with `subscribe`, then subscribing to its
+/// Connects `n` devices `p.{prefix}{i}` (keep alive `keep_alive` s) through
+/// `concurrency` workers, each waiting for its CONNACK and, with `subscribe`, then subscribing to its
 /// command topic (QoS 1) and waiting for the SUBACK. Returns the held
 /// sockets and the seconds taken.
 async fn flood(
@@ -1349,6 +1314,7 @@ async fn flood(
     prefix: &str,
     n: usize,
     concurrency: usize,
+    keep_alive: u16,
     subscribe: bool,
 ) -> (Vec<TcpStream>, f64) {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -1369,7 +1335,7 @@ async fn flood(
                     4,
                     &format!("p.{dk}"),
                     &format!("p&{dk}"),
-                    600,
+                    keep_alive,
                     None,
                 ))
                 .await
@@ -1448,7 +1414,7 @@ async fn connect_and_subscribe_rate() {
         .await
         .expect("listen");
     let before = rss_kb();
-    let (held, secs) = flood(listener.local_addr(), "d", n, CONCURRENCY, subscribe).await;
+    let (held, secs) = flood(listener.local_addr(), "d", n, CONCURRENCY, 600, subscribe).await;
     // Measurement only: let the RSS settle (bounded).
     let mut rss = rss_kb();
     for _ in 0..20 {
