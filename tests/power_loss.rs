@@ -118,7 +118,6 @@ fn power_loss_keeps_every_acknowledged_activation() {
     };
     for cycle in 0..cycles {
         let broker = ChildBroker::start(&bin, &config, &data, None);
-        // The power fails at a random moment of the flood.
         let cf = cycles_spec.flood(&broker, cycle, &mut next, &mut rng);
         let delay = cf.delay_ms;
         freeze_ms.push(delay);
