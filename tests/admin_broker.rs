@@ -9,10 +9,11 @@ use activation_broker::admin::accounts::{hash_password, AccountConfig, RoleConfi
 use activation_broker::admin::cli::{self, AdminCliArgs, EXIT_FAILURE, EXIT_NOT_OK};
 use activation_broker::credentials::client_id;
 use bytes::Bytes;
+use common::broker::v5::{incoming, puback, suback};
 use common::broker::*;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PublishProperties, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, EventLoop};
+use rumqttc::v5::{AsyncClient, EventLoop};
 use serde_json::{json, Map, Value};
 
 fn account(name: &str, password: &str, role: RoleConfig, events: bool) -> AccountConfig {
@@ -55,29 +56,6 @@ fn cli_args(
         timeout: 10,
         action: action.into(),
         params: params.iter().map(|s| (*s).to_owned()).collect(),
-    }
-}
-
-/// The next packet the broker sends this client.
-async fn incoming(el: &mut EventLoop) -> Packet {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(p)) => return p,
-                Ok(Event::Outgoing(_)) => {}
-                Err(e) => panic!("connection failed: {e}"),
-            }
-        }
-    })
-    .await
-    .expect("packet in time")
-}
-
-async fn suback(el: &mut EventLoop) -> SubscribeReasonCode {
-    loop {
-        if let Packet::SubAck(a) = incoming(el).await {
-            return a.return_codes[0];
-        }
     }
 }
 
@@ -207,12 +185,7 @@ async fn accounts_reach_only_their_own_admin_topics() {
     )
     .await
     .expect("queued");
-    loop {
-        if let Packet::PubAck(a) = incoming(&mut dash_el).await {
-            assert_eq!(a.reason, PubAckReason::NotAuthorized);
-            break;
-        }
-    }
+    assert_eq!(puback(&mut dash_el).await, PubAckReason::NotAuthorized);
     // Its own request is served.
     dash.publish(
         "admin/v1/dash/request",

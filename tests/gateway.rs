@@ -12,7 +12,7 @@ use activation_broker::clock::Clock;
 use activation_broker::events::{Event as BusEvent, EventBus, EventKind};
 use activation_broker::gateway::{
     router_config, Acl, Admission, AuthFuture, Authenticator, ConnectInfo, DisconnectReason,
-    Gateway, Identity, ListenerConfig, RefusalCode, Rejection, RouterHandle,
+    Gateway, Identity, Listener, ListenerConfig, RefusalCode, Rejection, RouterHandle,
 };
 use bytes::{BufMut, BytesMut};
 use rumqttd::protocol::{self as wire, Protocol};
@@ -1269,16 +1269,10 @@ impl Authenticator for AcceptAll {
     }
 }
 
-/// Connection rate: `cargo test --release --test gateway -- --ignored
-/// --nocapture connect_rate`. Holds every connection open until the end.
-#[tokio::test(flavor = "multi_thread")]
-#[ignore]
-async fn connect_rate() {
-    const N: usize = 8000;
-    const CONCURRENCY: usize = 256;
-    let router = RouterHandle::spawn(0, router_config(N + 10));
-    let bus = EventBus::new(65536);
-    let mut events = bus.subscribe();
+/// A gateway over a router configured for `connections`, publishing on
+/// `bus`, with one `devices` listener on a free port admitting every device.
+async fn accept_all_gateway(connections: usize, bus: EventBus) -> (Gateway, Listener) {
+    let router = RouterHandle::spawn(0, router_config(connections));
     let gateway = Gateway::start(router, bus, Clock::system())
         .await
         .expect("gateway");
@@ -1287,43 +1281,21 @@ async fn connect_rate() {
         .listen(cfg, Arc::new(AcceptAll))
         .await
         .expect("listen");
-    let addr = listener.local_addr();
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let start = std::time::Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..CONCURRENCY {
-        let next = next.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut held = Vec::new();
-            loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if i >= N {
-                    return held;
-                }
-                let dk = format!("d{i}");
-                let mut s = raw(addr).await;
-                s.write_all(&connect_bytes(
-                    4,
-                    &format!("p.{dk}"),
-                    &format!("p&{dk}"),
-                    60,
-                    None,
-                ))
-                .await
-                .expect("send");
-                let mut ack = [0u8; 4];
-                s.read_exact(&mut ack).await.expect("CONNACK");
-                assert_eq!(ack, [0x20, 0x02, 0x00, 0x00]);
-                held.push(s);
-            }
-        }));
-    }
-    let mut held = Vec::new();
-    for t in tasks {
-        held.extend(t.await.expect("task"));
-    }
+    (gateway, listener)
+}
+
+/// Connection rate: `cargo test --release --test gateway -- --ignored
+/// --nocapture connect_rate`. Holds every connection open until the end.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore]
+async fn connect_rate() {
+    const N: usize = 8000;
+    const CONCURRENCY: usize = 256;
+    let bus = EventBus::new(65536);
+    let mut events = bus.subscribe();
+    let (gateway, listener) = accept_all_gateway(N + 10, bus).await;
+    let (held, secs) = flood(listener.local_addr(), "d", N, CONCURRENCY, 60, false).await;
     let total = held.len();
-    let secs = start.elapsed().as_secs_f64();
     println!(
         "{total} connections in {secs:.2} s: {:.0} CONNACKs/s, {} online",
         total as f64 / secs,
@@ -1340,8 +1312,8 @@ async fn connect_rate() {
     assert_eq!(gateway.online().len(), N);
 }
 
-/// Connects `n` devices `p.{prefix}{i}` through `concurrency` workers, each
-/// waiting for its CONNACK and, with `subscribe`, then subscribing to its
+/// Connects `n` devices `p.{prefix}{i}` (keep alive `keep_alive` s) through
+/// `concurrency` workers, each waiting for its CONNACK and, with `subscribe`, then subscribing to its
 /// command topic (QoS 1) and waiting for the SUBACK. Returns the held
 /// sockets and the seconds taken.
 async fn flood(
@@ -1349,6 +1321,7 @@ async fn flood(
     prefix: &str,
     n: usize,
     concurrency: usize,
+    keep_alive: u16,
     subscribe: bool,
 ) -> (Vec<TcpStream>, f64) {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -1369,7 +1342,7 @@ async fn flood(
                     4,
                     &format!("p.{dk}"),
                     &format!("p&{dk}"),
-                    600,
+                    keep_alive,
                     None,
                 ))
                 .await
@@ -1438,17 +1411,9 @@ async fn connect_and_subscribe_rate() {
          process on the same runtime, {} CPUs, subscribe: {subscribe}",
         std::thread::available_parallelism().map_or(1, |p| p.get())
     );
-    let router = RouterHandle::spawn(0, router_config(n + 10));
-    let gateway = Gateway::start(router, EventBus::new(65536), Clock::system())
-        .await
-        .expect("gateway");
-    let cfg = ListenerConfig::new("devices", "127.0.0.1:0".parse().expect("addr"));
-    let listener = gateway
-        .listen(cfg, Arc::new(AcceptAll))
-        .await
-        .expect("listen");
+    let (gateway, listener) = accept_all_gateway(n + 10, EventBus::new(65536)).await;
     let before = rss_kb();
-    let (held, secs) = flood(listener.local_addr(), "d", n, CONCURRENCY, subscribe).await;
+    let (held, secs) = flood(listener.local_addr(), "d", n, CONCURRENCY, 600, subscribe).await;
     // Measurement only: let the RSS settle (bounded).
     let mut rss = rss_kb();
     for _ in 0..20 {
@@ -1528,15 +1493,7 @@ async fn bad_tls_files_are_a_clear_error() {
 
 #[tokio::test]
 async fn full_router_refuses_with_server_unavailable() {
-    let router = RouterHandle::spawn(0, router_config(1));
-    let gateway = Gateway::start(router, EventBus::new(16), Clock::system())
-        .await
-        .expect("gateway");
-    let cfg = ListenerConfig::new("devices", "127.0.0.1:0".parse().expect("addr"));
-    let listener = gateway
-        .listen(cfg, Arc::new(AcceptAll))
-        .await
-        .expect("listen");
+    let (gateway, listener) = accept_all_gateway(1, EventBus::new(16)).await;
     let addr = listener.local_addr();
     let _first = raw_connected(addr, 5, "a", 30, None).await;
     let mut s = raw(addr).await;
@@ -1613,15 +1570,7 @@ async fn random_bytes_after_connect_never_leak_sessions() {
     use rand::{Rng, SeedableRng};
     let bus = EventBus::new(65_536);
     let mut events = bus.subscribe();
-    let router = RouterHandle::spawn(0, router_config(1000));
-    let gateway = Gateway::start(router, bus, Clock::system())
-        .await
-        .expect("gateway");
-    let cfg = ListenerConfig::new("devices", "127.0.0.1:0".parse().expect("addr"));
-    let listener = gateway
-        .listen(cfg, Arc::new(AcceptAll))
-        .await
-        .expect("listen");
+    let (gateway, listener) = accept_all_gateway(1000, bus).await;
     let addr = listener.local_addr();
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     const N: usize = 300;

@@ -235,19 +235,19 @@ fn cli(args: &[&str]) -> (std::process::ExitStatus, String, String) {
     )
 }
 
-/// A device CONNECT with a wrong password from 127.0.0.1; the CLI's exit
-/// status (mosquitto_pub fails on any refusal).
-fn bad_login(port: u16) -> bool {
-    let user = format!("p&d&{}", activation_broker::clock::Clock::system().now());
+/// Device `p.d` logs in from 127.0.0.1 with `user`/`pass` (MQTT 3.1.1)
+/// and publishes one message with mosquitto_pub, which fails on any
+/// refusal.
+fn device_login(port: u16, user: &str, pass: &str) -> std::process::Output {
     Process::new("mosquitto_pub")
         .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "mqttv311"])
         .args([
             "-i",
             "p.d",
             "-u",
-            &user,
+            user,
             "-P",
-            "wrong",
+            pass,
             "-t",
             "devices/p/d/t",
             "-m",
@@ -255,8 +255,13 @@ fn bad_login(port: u16) -> bool {
         ])
         .output()
         .expect("mosquitto_pub (apt-get install mosquitto-clients)")
-        .status
-        .success()
+}
+
+/// A device CONNECT with a wrong password from 127.0.0.1; the CLI's exit
+/// status.
+fn bad_login(port: u16) -> bool {
+    let user = format!("p&d&{}", activation_broker::clock::Clock::system().now());
+    device_login(port, &user, "wrong").status.success()
 }
 
 /// Three failed logins ban 127.0.0.1: the ban is logged (source, reason,
@@ -308,24 +313,7 @@ fn bans_are_logged_listed_and_lifted() {
         &secret,
         activation_broker::clock::Clock::system().now(),
     );
-    let good_login = || {
-        Process::new("mosquitto_pub")
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "mqttv311"])
-            .args([
-                "-i",
-                "p.d",
-                "-u",
-                &user,
-                "-P",
-                &pass,
-                "-t",
-                "devices/p/d/t",
-                "-m",
-                "x",
-            ])
-            .output()
-            .expect("mosquitto_pub")
-    };
+    let good_login = || device_login(port, &user, &pass);
     let out = good_login();
     assert!(
         !out.status.success(),

@@ -21,14 +21,14 @@
 mod common;
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::child::{broker_bin, open_offline, prepare_store, write_config, ChildBroker};
-use common::flood::{accepted, connack_code, sim_bin, wait_first_ack, Flood, FloodSpec};
+use common::child::{broker_bin, prepare_store, write_config, ChildBroker};
+use common::flood::{
+    accepted, check_store, connack_code, env_u64, flood_name, print_setup, sim_bin, Cycles,
+};
 use common::lazyfs::{self, LazyFs};
 use rand::seq::SliceRandom;
-use rand::Rng;
 
 const PK: &str = "power";
 const CODES: u64 = 200_000;
@@ -37,37 +37,6 @@ const VALIDITY: u64 = 365 * 24 * 3600;
 /// Earlier cycles' devices reconnected after each restart, besides all of
 /// the last cycle's.
 const OLDER_SAMPLE: usize = 200;
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-/// Opens the store offline and checks it after a power failure; returns
-/// the codes consumed.
-fn check_store(data: &Path, acked: &HashSet<String>, what: &str) -> u64 {
-    let ledger = open_offline(data);
-    let product = ledger
-        .product(PK)
-        .unwrap_or_else(|e| panic!("{what}: the product is gone after the power failure: {e}"));
-    assert_eq!(product.product_key, PK);
-    ledger
-        .check_invariants()
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    let c = ledger.counters();
-    assert_eq!(c.total, CODES, "{what}: the order's codes are gone");
-    assert_eq!(c.total, c.consumed + c.available + c.forfeited, "{what}");
-    for dk in acked {
-        let d = ledger
-            .device(PK, dk)
-            .unwrap_or_else(|e| panic!("{what}: acknowledged device {dk} lost: {e}"));
-        assert_eq!(d.codes.len(), 1, "{what}: {dk} holds exactly one code");
-    }
-    assert!(c.consumed >= acked.len() as u64, "{what}");
-    c.consumed
-}
 
 /// Reconnects `devices` over the wire, 64 at a time; panics unless every
 /// one gets CONNACK 0.
@@ -124,19 +93,13 @@ fn power_loss_keeps_every_acknowledged_activation() {
     let data = fs.mnt.join("data");
     let bin = broker_bin();
     let sim = sim_bin();
-    eprintln!(
-        "LazyFS {}, broker {}, flood by {}",
-        lazyfs_bin.display(),
-        bin.display(),
-        sim.as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "the in-process rumqttc loop".into())
-    );
+    eprintln!("LazyFS {}", lazyfs_bin.display());
+    print_setup(&bin, sim.as_deref());
     let secret = prepare_store(&data, PK, CODES, VALIDITY);
     // A power failure right after the store was created and stocked.
     fs.clear_cache();
     fs.remount();
-    let mut last_consumed = check_store(&data, &HashSet::new(), "after setup");
+    let mut last_consumed = check_store(&data, PK, CODES, &HashSet::new(), "after setup");
     let config = write_config(dir.path(), 10);
     let mut rng = rand::thread_rng();
     let mut acked: HashSet<String> = HashSet::new();
@@ -144,33 +107,19 @@ fn power_loss_keeps_every_acknowledged_activation() {
     let mut reconnected = 0usize;
     let started = Instant::now();
     let mut next = 1u64;
+    let cycles_spec = Cycles {
+        dir: dir.path(),
+        pk: PK,
+        secret: &secret,
+        prefix: "p-",
+        per_cycle,
+        rate,
+        sim: sim.as_deref(),
+    };
     for cycle in 0..cycles {
         let broker = ChildBroker::start(&bin, &config, &data, None);
-        let file = dir.path().join(format!("accepted-{cycle}.txt"));
-        // Half the range was admitted before (reconnects), half is new.
-        let start = next.saturating_sub(per_cycle / 2).max(1);
-        next = start + per_cycle;
-        let flood = Flood::start(
-            &FloodSpec {
-                addr: broker.addr,
-                pk: PK,
-                secret: &secret,
-                prefix: "p-",
-                start,
-                devices: per_cycle,
-                rate,
-                protocol: if cycle % 2 == 0 { "5" } else { "4" },
-                accepted_file: &file,
-            },
-            sim.as_deref(),
-        );
-        assert!(
-            wait_first_ack(&file),
-            "cycle {cycle}: no device was admitted\n{}",
-            broker.log_tail()
-        );
-        let delay = rng.gen_range(0..1_500u64);
-        std::thread::sleep(Duration::from_millis(delay));
+        let cf = cycles_spec.flood(&broker, cycle, &mut next, &mut rng);
+        let delay = cf.delay_ms;
         freeze_ms.push(delay);
         // The power fails: the broker stops where it is, unsynced bytes
         // are gone, the process is gone.
@@ -180,13 +129,13 @@ fn power_loss_keeps_every_acknowledged_activation() {
         }
         fs.clear_cache();
         broker.kill9();
-        flood.finish();
+        cf.flood.finish();
         fs.remount();
-        let this_cycle = accepted(&file);
+        let this_cycle = accepted(&cf.file);
         let older: Vec<String> = acked.iter().cloned().collect();
         acked.extend(this_cycle.iter().cloned());
         let what = format!("cycle {cycle}");
-        let consumed = check_store(&data, &acked, &what);
+        let consumed = check_store(&data, PK, CODES, &acked, &what);
         assert!(
             consumed >= last_consumed,
             "{what}: consumption went back from {last_consumed} to {consumed}"
@@ -201,7 +150,7 @@ fn power_loss_keeps_every_acknowledged_activation() {
         let broker = ChildBroker::start(&bin, &config, &data, None);
         reconnect_all(broker.addr, &secret, &sample, &what);
         broker.stop(Duration::from_secs(30));
-        let after = check_store(&data, &acked, &what);
+        let after = check_store(&data, PK, CODES, &acked, &what);
         assert_eq!(
             after,
             consumed,
@@ -230,7 +179,7 @@ fn power_loss_keeps_every_acknowledged_activation() {
         "freeze_ms_min": freeze_ms.iter().min(),
         "freeze_ms_max": freeze_ms.iter().max(),
         "seconds": (secs * 10.0).round() / 10.0,
-        "flood": if sim.is_some() { "activation-sim" } else { "in-process rumqttc" },
+        "flood": flood_name(sim.as_deref()),
         "broker": bin.display().to_string(),
     });
     eprintln!("{report}");

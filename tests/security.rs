@@ -6,17 +6,14 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use activation_broker::credentials::{device_credentials, sign, user_name};
 use activation_broker::ledger::{AuthMode, Command, Outcome};
 use common::broker::{start_broker, v4, v5, TestBroker, WAIT};
-use common::wire::{raise_nofile, read_packet, snapshot, RawConnect};
+use common::wire::{raise_nofile, raw_connack, snapshot};
 use rumqttc::{Event, Packet, QoS};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 const PK: &str = "sec";
 
@@ -24,16 +21,6 @@ fn unlimited(c: &mut activation_broker::config::Config) {
     c.gate.source_rate = 0.0;
     c.gate.device_rate = 0.0;
     c.gate.ban_after_failures = 0;
-}
-
-/// One raw CONNECT; the CONNACK code (`None`: closed without one).
-async fn connack(addr: SocketAddr, level: u8, id: &str, user: &str, pass: &str) -> Option<u8> {
-    let mut s = TcpStream::connect(addr).await.ok()?;
-    s.write_all(&RawConnect::new(level, id, user, pass).encode())
-        .await
-        .ok()?;
-    let p = read_packet(&mut s, WAIT).await?;
-    (p.first() == Some(&0x20)).then(|| p[3])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,7 +84,11 @@ async fn ten_thousand_forged_stale_future_and_replayed_connects_consume_nothing(
                 }
             };
             let level = if n % 2 == 0 { 4 } else { 5 };
-            (kind, level, connack(addr, level, &id, &user, &pass).await)
+            (
+                kind,
+                level,
+                raw_connack(addr, level, &id, &user, &pass).await,
+            )
         }));
     }
     let mut by_outcome = std::collections::BTreeMap::new();
@@ -163,18 +154,24 @@ async fn device_secret_products_refuse_unregistered_and_product_signed_devices()
         let bad = if level == 4 { 0x04 } else { 0x86 };
         // Unregistered DeviceKey signing with the product secret.
         let (u, pw) = device_credentials("ds", "unreg", &p.secret, t.clock.now());
-        assert_eq!(connack(addr, level, "ds.unreg", &u, &pw).await, Some(bad));
+        assert_eq!(
+            raw_connack(addr, level, "ds.unreg", &u, &pw).await,
+            Some(bad)
+        );
         // Unregistered DeviceKey signing with a registered device's secret.
         let (u, pw) = device_credentials("ds", "unreg", &reg_secret, t.clock.now());
-        assert_eq!(connack(addr, level, "ds.unreg", &u, &pw).await, Some(bad));
+        assert_eq!(
+            raw_connack(addr, level, "ds.unreg", &u, &pw).await,
+            Some(bad)
+        );
         // The registered device signing with the product secret.
         let (u, pw) = device_credentials("ds", "reg", &p.secret, t.clock.now());
-        assert_eq!(connack(addr, level, "ds.reg", &u, &pw).await, Some(bad));
+        assert_eq!(raw_connack(addr, level, "ds.reg", &u, &pw).await, Some(bad));
     }
     assert_eq!(snapshot(&t.broker.ledger), before, "nothing consumed");
     // Its own secret admits it (one code).
     let (u, pw) = device_credentials("ds", "reg", &reg_secret, t.clock.now());
-    assert_eq!(connack(addr, 5, "ds.reg", &u, &pw).await, Some(0));
+    assert_eq!(raw_connack(addr, 5, "ds.reg", &u, &pw).await, Some(0));
     assert_eq!(snapshot(&t.broker.ledger).counters.1, before.counters.1 + 1);
     eprintln!(
         "RELIABILITY: 6 CONNECTs (v4, v5: an unregistered device signing with the product secret or a registered device's secret; the registered device signing with the product secret) refused 0x04/0x86, codes consumed by them 0; the registered device with its own secret: CONNACK 0, {} code consumed",

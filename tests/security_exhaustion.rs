@@ -16,7 +16,7 @@ use activation_broker::gateway::{
     router_config, AuthFuture, Authenticator, ConnectInfo, Gateway, ListenerConfig, RouterHandle,
 };
 use common::broker::{start_broker, TestBroker, WAIT};
-use common::wire::{read_packet, until_closed, RawConnect};
+use common::wire::{read_connack, read_packet, until_closed, RawConnect};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -38,9 +38,7 @@ fn ops_account() -> AccountConfig {
 async fn send_connect(addr: SocketAddr, connect: &RawConnect) -> (Option<u8>, TcpStream) {
     let mut s = TcpStream::connect(addr).await.expect("tcp connect");
     s.write_all(&connect.encode()).await.expect("send CONNECT");
-    let code = read_packet(&mut s, WAIT)
-        .await
-        .and_then(|p| (p.first() == Some(&0x20)).then(|| p[3]));
+    let code = read_connack(&mut s).await;
     (code, s)
 }
 

@@ -5,33 +5,20 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
 use activation_broker::admin::accounts::{hash_password, AccountConfig, RoleConfig};
 use activation_broker::config::Config;
 use activation_broker::credentials::sign;
 use activation_broker::events::{Event as BusEvent, EventKind};
 use activation_broker::ledger::Command;
-use common::broker::{start_broker, v4, v5, WAIT};
-use common::wire::{read_packet, RawConnect};
+use common::broker::v5::{incoming, puback, suback};
+use common::broker::{start_broker, v4, v5};
+use common::wire::raw_connack;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::v5::{AsyncClient, MqttOptions};
 use serde_json::json;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 const PK: &str = "rev";
-
-/// One raw CONNECT; the CONNACK code (`None`: closed without one).
-async fn connack(addr: SocketAddr, level: u8, id: &str, user: &str, pass: &str) -> Option<u8> {
-    let mut s = TcpStream::connect(addr).await.ok()?;
-    s.write_all(&RawConnect::new(level, id, user, pass).encode())
-        .await
-        .ok()?;
-    let p = read_packet(&mut s, WAIT).await?;
-    (p.first() == Some(&0x20)).then(|| p[3])
-}
 
 /// Finding 1: the device's attempt bucket (burst 10 by default) is charged
 /// only by attempts that carry its valid signature. Twenty CONNECTs naming
@@ -47,7 +34,7 @@ async fn wrong_passwords_naming_a_device_do_not_lock_it_out() {
         let bad = if level == 4 { 0x04 } else { 0x86 };
         let forged = sign("not-the-secret", &u);
         assert_eq!(
-            connack(t.addr(), level, "rev.victim", &u, &forged).await,
+            raw_connack(t.addr(), level, "rev.victim", &u, &forged).await,
             Some(bad),
             "attempt {n}"
         );
@@ -61,41 +48,9 @@ async fn wrong_passwords_naming_a_device_do_not_lock_it_out() {
     let mut codes = Vec::new();
     for _ in 0..12 {
         let (u, p) = t.creds(PK, "victim", &secret);
-        codes.push(connack(t.addr(), 5, "rev.victim", &u, &p).await);
+        codes.push(raw_connack(t.addr(), 5, "rev.victim", &u, &p).await);
     }
     assert!(codes.contains(&Some(0x9F)), "{codes:?}");
-    let _ = v4::code;
-}
-
-/// The next packet the broker sends this MQTT 5 client.
-async fn incoming(el: &mut EventLoop) -> Packet {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            match el.poll().await {
-                Ok(Event::Incoming(p)) => return p,
-                Ok(Event::Outgoing(_)) => {}
-                Err(e) => panic!("connection failed: {e}"),
-            }
-        }
-    })
-    .await
-    .expect("packet in time")
-}
-
-async fn puback(el: &mut EventLoop) -> PubAckReason {
-    loop {
-        if let Packet::PubAck(a) = incoming(el).await {
-            return a.reason;
-        }
-    }
-}
-
-async fn suback(el: &mut EventLoop) -> SubscribeReasonCode {
-    loop {
-        if let Packet::SubAck(a) = incoming(el).await {
-            return a.return_codes[0];
-        }
-    }
 }
 
 /// Finding 2: a namespace template that could reach the admin topics is a
@@ -266,7 +221,11 @@ async fn unknown_account_names_cost_one_argon2_verification_like_known_ones() {
         (5, "ops", "wrong", Some(0x86)),
         (5, "ops", "ops-pw", Some(0x00)),
     ] {
-        assert_eq!(connack(addr, level, "c", name, pass).await, code, "{name}");
+        assert_eq!(
+            raw_connack(addr, level, "c", name, pass).await,
+            code,
+            "{name}"
+        );
         let now = accounts.verifications();
         assert_eq!(now, seen + 1, "{name}/{pass}: one argon2 verification");
         seen = now;

@@ -2,12 +2,14 @@
 //! servers under test as child processes (`child.rs`, `targets.rs`), what
 //! `/proc` says about them (`procfs.rs`), the MQTT load client (`load.rs`
 //! connections and subscriptions, `telemetry.rs` QoS 1 publishers and a
-//! backend subscriber) and the markdown report (`report.rs`).
+//! backend subscriber), the markdown report (`report.rs`) and the shared
+//! command-line settings (`cli.rs`).
 //!
 //! Not used by the broker itself; it lives in the library so both bench
 //! binaries share one copy.
 
 pub mod child;
+pub mod cli;
 pub mod load;
 pub mod procfs;
 pub mod report;

@@ -135,3 +135,43 @@ pub fn kb_per(before_kb: u64, after_kb: u64, devices: u64) -> String {
         after_kb.saturating_sub(before_kb) as f64 / devices.max(1) as f64
     )
 }
+
+/// A server's VmRSS before and with a phase's devices connected.
+pub struct Rss {
+    pub label: String,
+    pub devices: u64,
+    pub before_kb: u64,
+    pub after_kb: u64,
+}
+
+impl Rss {
+    /// (after − before) / devices, in KB.
+    pub fn per_device(&self) -> f64 {
+        self.after_kb.saturating_sub(self.before_kb) as f64 / self.devices.max(1) as f64
+    }
+}
+
+/// The RSS-per-device table titled `title`, its first column headed
+/// `first`: one row per reading (the caller adds settings and notes).
+pub fn rss_table(title: &str, first: &str, rss: &[Rss]) -> Table {
+    let mut t = Table::new(
+        title,
+        &[
+            first,
+            "devices",
+            "before MB",
+            "with devices MB",
+            "KB per device",
+        ],
+    );
+    for s in rss {
+        t.row(vec![
+            s.label.clone(),
+            s.devices.to_string(),
+            mb(s.before_kb),
+            mb(s.after_kb),
+            kb_per(s.before_kb, s.after_kb, s.devices),
+        ]);
+    }
+    t
+}

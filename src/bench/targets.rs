@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
 
 use super::child::{free_port, ChildGuard};
 use super::load::{command_topic, plain_connect, signed_connect, subscribe, Device};
@@ -209,17 +210,9 @@ impl ActivationBroker {
         subscribe_command: bool,
     ) -> anyhow::Result<Vec<Device>> {
         let now = Clock::system().now();
-        range
-            .map(|i| {
-                let dk = format!("{prefix}{i}");
-                Ok(Device {
-                    connect: signed_connect(PRODUCT, &dk, &self.secret, now)?,
-                    subscribe: subscribe_command
-                        .then(|| subscribe(&command_topic(PRODUCT, &dk)))
-                        .transpose()?,
-                })
-            })
-            .collect()
+        devices(prefix, range, subscribe_command, |dk| {
+            signed_connect(PRODUCT, dk, &self.secret, now)
+        })
     }
 
     /// Stops the broker (SIGINT), reopens its store and returns the
@@ -358,21 +351,35 @@ impl Mosquitto {
         range: std::ops::Range<usize>,
         subscribe_command: bool,
     ) -> anyhow::Result<Vec<Device>> {
-        range
-            .map(|i| {
-                let dk = format!("{prefix}{i}");
-                let login = self
-                    .passwords
-                    .then(|| (dk.clone(), mosquitto_password(&dk)));
-                Ok(Device {
-                    connect: plain_connect(&client_id(PRODUCT, &dk), login)?,
-                    subscribe: subscribe_command
-                        .then(|| subscribe(&command_topic(PRODUCT, &dk)))
-                        .transpose()?,
-                })
-            })
-            .collect()
+        devices(prefix, range, subscribe_command, |dk| {
+            let login = self
+                .passwords
+                .then(|| (dk.to_owned(), mosquitto_password(dk)));
+            plain_connect(&client_id(PRODUCT, dk), login)
+        })
     }
+}
+
+/// Device `{prefix}{i}` of [`PRODUCT`] for every `i` in `range`, connecting
+/// with the CONNECT `connect` builds for its DeviceKey, each subscribing to
+/// its command topic if `subscribe_command`.
+fn devices(
+    prefix: &str,
+    range: std::ops::Range<usize>,
+    subscribe_command: bool,
+    connect: impl Fn(&str) -> anyhow::Result<Bytes>,
+) -> anyhow::Result<Vec<Device>> {
+    range
+        .map(|i| {
+            let dk = format!("{prefix}{i}");
+            Ok(Device {
+                connect: connect(&dk)?,
+                subscribe: subscribe_command
+                    .then(|| subscribe(&command_topic(PRODUCT, &dk)))
+                    .transpose()?,
+            })
+        })
+        .collect()
 }
 
 /// The hidden flag that makes a bench binary serve rumqttd's stock listener.

@@ -16,20 +16,20 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
 
+use activation_broker::bench::check_stop;
 use activation_broker::bench::child::TempDir;
+use activation_broker::bench::cli::CommonArgs;
 use activation_broker::bench::load::{Held, Load, Phase};
 use activation_broker::bench::procfs::cpus;
 use activation_broker::bench::report::{
-    kb_per, mb, phase_cells, phase_notes, ratio, Table, PHASE_HEADERS,
+    phase_cells, phase_notes, ratio, rss_table, Rss, Table, PHASE_HEADERS,
 };
 use activation_broker::bench::targets::{
     broker_bin, mosquitto_name, mosquitto_settings, serve_stock_rumqttd, ActivationBroker,
     BrokerSpec, Mosquitto, StockRumqttd,
 };
-use activation_broker::bench::{check_stop, stop_on_ctrl_c};
 use anyhow::bail;
 use clap::Parser;
 
@@ -45,34 +45,17 @@ struct Args {
     /// value, the first is the headline.
     #[arg(long, value_delimiter = ',', default_value = "64,500")]
     concurrency: Vec<usize>,
-    /// Worker threads of the client runtime.
-    #[arg(long, default_value_t = 1)]
-    client_threads: usize,
-    /// `[devices] io_threads` of the activation broker (0: its default, one
-    /// per CPU).
-    #[arg(long, default_value_t = 0)]
-    io_threads: usize,
+    #[command(flatten)]
+    common: CommonArgs,
     /// Skip (c).
     #[arg(long)]
     skip_rumqttd: bool,
     /// Skip (d) and Mosquitto anonymous.
     #[arg(long)]
     skip_mosquitto: bool,
-    /// The activation-broker binary (default: next to this one).
-    #[arg(long)]
-    broker_bin: Option<PathBuf>,
-    /// The Mosquitto binary.
-    #[arg(long, default_value = "/usr/sbin/mosquitto")]
-    mosquitto_bin: PathBuf,
     /// Seconds allowed for one connection to get its CONNACK.
     #[arg(long, default_value_t = 30)]
     timeout_secs: u64,
-    /// Print where each measured process's RSS is (from /proc/PID/smaps).
-    #[arg(long)]
-    smaps: bool,
-    /// Record each phase with `perf record -g -p SERVER` into `DIR/<phase>.data`.
-    #[arg(long, value_name = "DIR")]
-    perf: Option<PathBuf>,
     /// Internal: run rumqttd's stock v4 `Server` (no auth) on this address
     /// and nothing else; the bench starts itself with it for target (c)
     /// (`targets::STOCK_RUMQTTD_FLAG`).
@@ -85,26 +68,11 @@ fn main() -> anyhow::Result<()> {
     if let Some(addr) = args.serve_stock_rumqttd {
         return serve_stock_rumqttd(addr);
     }
-    if let Err(e) = activation_broker::limits::raise_open_file_limit() {
-        eprintln!("warning: cannot raise the open-file limit: {e}");
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.client_threads.max(1))
-        .enable_all()
-        .build()?;
-    stop_on_ctrl_c(&rt);
+    let rt = args.common.runtime()?;
     let result = run(&args, &rt);
     // Held sockets are closed before the runtime goes.
     drop(rt);
     result
-}
-
-/// RSS of a server before and with devices connected.
-struct Rss {
-    label: String,
-    devices: u64,
-    before_kb: u64,
-    after_kb: u64,
 }
 
 /// Everything measured at one concurrency level.
@@ -132,25 +100,23 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     if args.concurrency.is_empty() || args.concurrency.contains(&0) {
         bail!("--concurrency needs values of at least 1");
     }
-    let bin = broker_bin(args.broker_bin.as_deref())?;
+    let bin = broker_bin(args.common.broker_bin.as_deref())?;
     let tmp = TempDir::new("connect-bench")?;
-    let mut load = Load::new(rt, Duration::from_secs(args.timeout_secs));
-    load.smaps = args.smaps;
-    load.perf = args.perf.clone();
+    let load = args.common.load(rt, args.timeout_secs);
     let spec = BrokerSpec {
         codes: args.devices as u64,
-        io_threads: args.io_threads,
+        io_threads: args.common.io_threads,
         account: None,
     };
     let mosquitto = if args.skip_mosquitto {
         Err("skipped: --skip-mosquitto".to_owned())
-    } else if !args.mosquitto_bin.is_file() {
+    } else if !args.common.mosquitto_bin.is_file() {
         Err(format!(
             "skipped: {} is not installed (apt-get install mosquitto)",
-            args.mosquitto_bin.display()
+            args.common.mosquitto_bin.display()
         ))
     } else {
-        Ok(mosquitto_name(&args.mosquitto_bin))
+        Ok(mosquitto_name(&args.common.mosquitto_bin))
     };
     let mut levels = Vec::new();
     for (k, &c) in args.concurrency.iter().enumerate() {
@@ -180,7 +146,7 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
             "{} devices per phase, MQTT 3.1.1 clean sessions, loopback, {} CPUs shared by the client and the server, client on {} thread(s); latency: socket open → CONNACK",
             args.devices,
             cpus(),
-            args.client_threads.max(1)
+            args.common.client_threads.max(1)
         ),
         spec.describe(),
         match &mosquitto {
@@ -315,13 +281,13 @@ fn mosquitto_phases(
 ) -> anyhow::Result<()> {
     let n = args.devices;
     let dir = dir.join("mosquitto");
-    let passwd = Mosquitto::write_passwd(&args.mosquitto_bin, &dir, "dev-", 0..n)?;
+    let passwd = Mosquitto::write_passwd(&args.common.mosquitto_bin, &dir, "dev-", 0..n)?;
     for (label, passwd) in [
         (format!("(d) {name}, password file"), Some(passwd.as_path())),
         (format!("{name}, anonymous"), None),
     ] {
         check_stop()?;
-        let mut m = Mosquitto::start(&args.mosquitto_bin, &dir, passwd)?;
+        let mut m = Mosquitto::start(&args.common.mosquitto_bin, &dir, passwd)?;
         let pid = m.pid();
         let (idle_kb, _) = load.settle(pid)?;
         let (phase, held): (Phase, Held) =
@@ -398,28 +364,14 @@ fn print_level(level: &Level, headline: bool, settings: &[String]) {
     phase_notes(&mut t, &phases);
     t.print();
 
-    let mut r = Table::new(
+    let mut r = rss_table(
         &format!("RSS per idle connected device, after the {c}-in-flight phases"),
-        &[
-            "RSS",
-            "devices",
-            "before MB",
-            "with devices MB",
-            "KB per device",
-        ],
+        "RSS",
+        &level.rss,
     );
     r.setting("RSS per device = (VmRSS with the devices connected and idle − VmRSS before) / devices, each read once stable (three readings 1 s apart within 0.5 %); for the activation broker \"before\" is before the first connect, so its rows include the devices' ledger records, except \"connections only\", whose \"before\" is the same devices activated but disconnected.");
-    for s in &level.rss {
-        r.row(vec![
-            s.label.clone(),
-            s.devices.to_string(),
-            mb(s.before_kb),
-            mb(s.after_kb),
-            kb_per(s.before_kb, s.after_kb, s.devices),
-        ]);
-    }
     if let Some(s) = level.rss.first() {
-        let kb = s.after_kb.saturating_sub(s.before_kb) as f64 / s.devices.max(1) as f64;
+        let kb = s.per_device();
         r.note(format!(
             "RSS per idle connected device ≤ 25 KB: {kb:.1} KB with its ledger records, {}",
             verdict(kb <= 25.0)

@@ -179,7 +179,9 @@ pub mod v4 {
 
 pub mod v5 {
     use super::*;
-    use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet};
+    use rumqttc::v5::mqttbytes::v5::{
+        ConnectReturnCode, Packet, PubAckReason, SubscribeReasonCode,
+    };
     use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
 
     pub fn code(c: ConnectReturnCode) -> u8 {
@@ -212,6 +214,39 @@ pub mod v5 {
     }
 
     connect_fn!();
+
+    /// The next packet the broker sends this client.
+    pub async fn incoming(el: &mut EventLoop) -> Packet {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                match el.poll().await {
+                    Ok(Event::Incoming(p)) => return p,
+                    Ok(Event::Outgoing(_)) => {}
+                    Err(e) => panic!("connection failed: {e}"),
+                }
+            }
+        })
+        .await
+        .expect("packet in time")
+    }
+
+    /// The reason code of the next PUBACK.
+    pub async fn puback(el: &mut EventLoop) -> PubAckReason {
+        loop {
+            if let Packet::PubAck(a) = incoming(el).await {
+                return a.reason;
+            }
+        }
+    }
+
+    /// The first reason code of the next SUBACK.
+    pub async fn suback(el: &mut EventLoop) -> SubscribeReasonCode {
+        loop {
+            if let Packet::SubAck(a) = incoming(el).await {
+                return a.return_codes[0];
+            }
+        }
+    }
 }
 
 /// Raw MQTT 5 CONNECT; returns the CONNACK's reason code and Reason String.

@@ -2,8 +2,11 @@
 //! DeviceKey that got CONNACK 0 in an "accepted file", one per line:
 //! `activation-sim flood --accepted-file` when the simulator is built
 //! beside the broker binary, otherwise a small rumqttc loop in this process.
+//! Also what the crash and power-loss cycles share: starting one cycle's
+//! flood and checking the store offline after it.
 #![allow(dead_code)]
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
@@ -12,7 +15,131 @@ use std::time::{Duration, Instant};
 use activation_broker::clock::Clock;
 use activation_broker::credentials::device_credentials;
 
-use super::child::broker_bin;
+use rand::Rng;
+
+use super::child::{broker_bin, open_offline, ChildBroker};
+
+/// The environment variable `name` as a number, or `default`.
+pub fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// What floods: `"activation-sim"` or the in-process stand-in.
+pub fn flood_name(sim: Option<&Path>) -> &'static str {
+    if sim.is_some() {
+        "activation-sim"
+    } else {
+        "in-process rumqttc"
+    }
+}
+
+/// Prints which broker binary runs and what floods it.
+pub fn print_setup(bin: &Path, sim: Option<&Path>) {
+    eprintln!(
+        "broker {}, flood by {}",
+        bin.display(),
+        sim.map(|p| p.display().to_string())
+            .unwrap_or_else(|| "the in-process rumqttc loop".into())
+    );
+}
+
+/// One crash/power-loss cycle's flood, running, and the random moment to
+/// interrupt it.
+pub struct CycleFlood {
+    pub flood: Flood,
+    /// The accepted file, `accepted-{cycle}.txt`.
+    pub file: PathBuf,
+    /// How long after the first acknowledgement it was interrupted.
+    pub delay_ms: u64,
+}
+
+/// What every cycle of a crash/power-loss test floods.
+pub struct Cycles<'a> {
+    /// Where the accepted files go.
+    pub dir: &'a Path,
+    pub pk: &'a str,
+    pub secret: &'a str,
+    pub prefix: &'a str,
+    pub per_cycle: u64,
+    /// Connects per second.
+    pub rate: u64,
+    pub sim: Option<&'a Path>,
+}
+
+impl Cycles<'_> {
+    /// Starts cycle `cycle`'s flood of `per_cycle` devices
+    /// `{prefix}{start..}` against `broker`: half the range was used by the
+    /// cycle before (reconnects: they must consume nothing), half is new
+    /// (`next` moves on); MQTT 5 on even cycles, 3.1.1 on odd ones. Waits
+    /// (bounded) for the first acknowledgement, then sleeps a random
+    /// 0–1500 ms: the moment to interrupt.
+    pub fn flood(
+        &self,
+        broker: &ChildBroker,
+        cycle: u64,
+        next: &mut u64,
+        rng: &mut impl Rng,
+    ) -> CycleFlood {
+        let file = self.dir.join(format!("accepted-{cycle}.txt"));
+        let start = next.saturating_sub(self.per_cycle / 2).max(1);
+        *next = start + self.per_cycle;
+        let flood = Flood::start(
+            &FloodSpec {
+                addr: broker.addr,
+                pk: self.pk,
+                secret: self.secret,
+                prefix: self.prefix,
+                start,
+                devices: self.per_cycle,
+                rate: self.rate,
+                protocol: if cycle % 2 == 0 { "5" } else { "4" },
+                accepted_file: &file,
+            },
+            self.sim,
+        );
+        assert!(
+            wait_first_ack(&file),
+            "cycle {cycle}: no device was admitted\n{}",
+            broker.log_tail()
+        );
+        let delay_ms = rng.gen_range(0..1_500u64);
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        CycleFlood {
+            flood,
+            file,
+            delay_ms,
+        }
+    }
+}
+
+/// Opens the store at `data` offline after a crash or power failure and
+/// checks it: product `pk` is there, the SPEC invariants hold, all `codes`
+/// of its order are accounted for, and every acknowledged device holds
+/// exactly one code. Returns the codes consumed.
+pub fn check_store(data: &Path, pk: &str, codes: u64, acked: &HashSet<String>, what: &str) -> u64 {
+    let ledger = open_offline(data);
+    let product = ledger
+        .product(pk)
+        .unwrap_or_else(|e| panic!("{what}: the product is gone after the failure: {e}"));
+    assert_eq!(product.product_key, pk);
+    ledger
+        .check_invariants()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let c = ledger.counters();
+    assert_eq!(c.total, codes, "{what}: the order's codes are gone");
+    assert_eq!(c.total, c.consumed + c.available + c.forfeited, "{what}");
+    for dk in acked {
+        let d = ledger
+            .device(pk, dk)
+            .unwrap_or_else(|e| panic!("{what}: acknowledged device {dk} lost: {e}"));
+        assert_eq!(d.codes.len(), 1, "{what}: {dk} holds exactly one code");
+    }
+    assert!(c.consumed >= acked.len() as u64, "{what}");
+    c.consumed
+}
 
 /// `activation-sim` beside the broker binary (same target directory), if
 /// built; `ACTIVATION_SIM_BIN` overrides it.

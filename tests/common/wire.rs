@@ -10,7 +10,7 @@ use activation_broker::ledger::Ledger;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::broker::{v4, TestBroker};
+use super::broker::{v4, TestBroker, WAIT};
 
 /// Raises the soft open-file limit to the hard limit; returns the new soft limit.
 pub fn raise_nofile() -> u64 {
@@ -218,4 +218,26 @@ pub async fn read_packet(s: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> 
 /// The CONNACK code in what a server sent (`None`: no CONNACK).
 pub fn connack_code(bytes: &[u8]) -> Option<u8> {
     (bytes.first() == Some(&0x20) && bytes.len() >= 4).then(|| bytes[3])
+}
+
+/// The CONNACK code of the next packet on `s` (`None`: closed, or no
+/// complete CONNACK within [`WAIT`]).
+pub async fn read_connack(s: &mut TcpStream) -> Option<u8> {
+    read_packet(s, WAIT).await.as_deref().and_then(connack_code)
+}
+
+/// One raw CONNECT on a new socket; the CONNACK code (`None`: closed
+/// without one).
+pub async fn raw_connack(
+    addr: SocketAddr,
+    level: u8,
+    id: &str,
+    user: &str,
+    pass: &str,
+) -> Option<u8> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    s.write_all(&RawConnect::new(level, id, user, pass).encode())
+        .await
+        .ok()?;
+    read_connack(&mut s).await
 }

@@ -24,14 +24,11 @@
 mod subscribe;
 mod telemetry;
 
-use std::path::PathBuf;
-use std::time::Duration;
-
+use activation_broker::bench::check_stop;
 use activation_broker::bench::child::TempDir;
-use activation_broker::bench::load::Load;
+use activation_broker::bench::cli::CommonArgs;
 use activation_broker::bench::procfs::{cpus, nofile_limit};
 use activation_broker::bench::targets::broker_bin;
-use activation_broker::bench::{check_stop, stop_on_ctrl_c};
 use anyhow::bail;
 use clap::Parser;
 
@@ -58,12 +55,8 @@ struct Args {
     /// Seconds each telemetry measurement publishes.
     #[arg(long, default_value_t = 10)]
     publish_secs: u64,
-    /// Worker threads of the client runtime.
-    #[arg(long, default_value_t = 1)]
-    client_threads: usize,
-    /// `[devices] io_threads` of the activation broker (0: one per CPU).
-    #[arg(long, default_value_t = 0)]
-    io_threads: usize,
+    #[command(flatten)]
+    common: CommonArgs,
     /// Run only benchmark 2 (telemetry).
     #[arg(long)]
     skip_subscribe: bool,
@@ -73,34 +66,15 @@ struct Args {
     /// Leave Mosquitto out of benchmark 1.
     #[arg(long)]
     skip_mosquitto: bool,
-    /// The activation-broker binary (default: next to this one).
-    #[arg(long)]
-    broker_bin: Option<PathBuf>,
-    /// The Mosquitto binary.
-    #[arg(long, default_value = "/usr/sbin/mosquitto")]
-    mosquitto_bin: PathBuf,
     /// Seconds allowed for one device's CONNACK and SUBACK, and for the
     /// last PUBACKs and backend messages after a telemetry window.
     #[arg(long, default_value_t = 30)]
     timeout_secs: u64,
-    /// Print where the server's RSS is (from /proc/PID/smaps) at each reading.
-    #[arg(long)]
-    smaps: bool,
-    /// Record each phase with `perf record -g -p SERVER` into `DIR/<phase>.data`.
-    #[arg(long, value_name = "DIR")]
-    perf: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    if let Err(e) = activation_broker::limits::raise_open_file_limit() {
-        eprintln!("warning: cannot raise the open-file limit: {e}");
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.client_threads.max(1))
-        .enable_all()
-        .build()?;
-    stop_on_ctrl_c(&rt);
+    let rt = args.common.runtime()?;
     let result = run(&args, &rt);
     drop(rt);
     result
@@ -118,15 +92,13 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
             nofile_limit()
         );
     }
-    let bin = broker_bin(args.broker_bin.as_deref())?;
+    let bin = broker_bin(args.common.broker_bin.as_deref())?;
     let tmp = TempDir::new("dataplane-bench")?;
-    let mut load = Load::new(rt, Duration::from_secs(args.timeout_secs));
-    load.smaps = args.smaps;
-    load.perf = args.perf.clone();
+    let load = args.common.load(rt, args.timeout_secs);
     let client = format!(
         "{} CPUs shared by the client and the server, client on {} thread(s), MQTT 3.1.1 clean sessions, loopback, RLIMIT_NOFILE {} per process",
         cpus(),
-        args.client_threads.max(1),
+        args.common.client_threads.max(1),
         nofile_limit()
     );
     if !args.skip_subscribe {

@@ -6,7 +6,7 @@ use std::path::Path;
 use activation_broker::bench::check_stop;
 use activation_broker::bench::load::{Device, Held, Load, Phase};
 use activation_broker::bench::report::{
-    kb_per, mb, phase_cells, phase_notes, ratio, Table, PHASE_HEADERS,
+    phase_cells, phase_notes, ratio, rss_table, Rss, Table, PHASE_HEADERS,
 };
 use activation_broker::bench::targets::{
     mosquitto_name, mosquitto_settings, ActivationBroker, BrokerSpec, Mosquitto, PRODUCT,
@@ -14,20 +14,6 @@ use activation_broker::bench::targets::{
 use anyhow::bail;
 
 use crate::Args;
-
-/// RSS before and after a phase.
-struct Rss {
-    label: String,
-    devices: u64,
-    before_kb: u64,
-    after_kb: u64,
-}
-
-impl Rss {
-    fn per_device(&self) -> f64 {
-        self.after_kb.saturating_sub(self.before_kb) as f64 / self.devices.max(1) as f64
-    }
-}
 
 /// Runs a phase on a settled server, holds its devices until the server's
 /// RSS is stable again, then releases them and waits for the server to
@@ -65,7 +51,7 @@ pub fn benches(
     let c = args.concurrency;
     let spec = BrokerSpec {
         codes: n as u64,
-        io_threads: args.io_threads,
+        io_threads: args.common.io_threads,
         account: None,
     };
     let mut phases = Vec::new();
@@ -99,21 +85,21 @@ pub fn benches(
     }
     let mut mosquitto = None;
     if args.skip_mosquitto {
-    } else if !args.mosquitto_bin.is_file() {
+    } else if !args.common.mosquitto_bin.is_file() {
         eprintln!(
             "Mosquitto skipped: {} is not installed (apt-get install mosquitto)",
-            args.mosquitto_bin.display()
+            args.common.mosquitto_bin.display()
         );
     } else {
-        let name = mosquitto_name(&args.mosquitto_bin);
+        let name = mosquitto_name(&args.common.mosquitto_bin);
         let dir = tmp.join("mosquitto");
-        let passwd = Mosquitto::write_passwd(&args.mosquitto_bin, &dir, "dev-", 0..n)?;
+        let passwd = Mosquitto::write_passwd(&args.common.mosquitto_bin, &dir, "dev-", 0..n)?;
         for (auth, passwd) in [
             ("password file", Some(passwd.as_path())),
             ("anonymous", None),
         ] {
             for (what, subscribe) in [("connect only", false), ("connect + SUBSCRIBE", true)] {
-                let mut m = Mosquitto::start(&args.mosquitto_bin, &dir, passwd)?;
+                let mut m = Mosquitto::start(&args.common.mosquitto_bin, &dir, passwd)?;
                 let label = format!("{name}, {auth}: {what}");
                 let devices = m.devices("dev-", 0..n, subscribe)?;
                 let (p, r) = measured_phase(load, &label, c, m.pid(), m.addr, devices)?;
@@ -195,28 +181,14 @@ pub fn benches(
     t.print();
 
     // Benchmark 3.
-    let mut r = Table::new(
+    let mut r = rss_table(
         &format!("Benchmark 3: RSS per idle device, {n} devices"),
-        &[
-            "server and phase",
-            "devices",
-            "before MB",
-            "with devices MB",
-            "KB per device",
-        ],
+        "server and phase",
+        &rss,
     );
     r.setting(format!("the phases of benchmark 1; {client}"));
     r.setting("KB per device = (server VmRSS with the phase's devices connected, subscribed if the phase subscribes, and idle − VmRSS of the freshly started server right before the phase) / devices; each reading once stable (three readings 1 s apart within 0.5 %)");
     r.setting("activation broker: the first row's growth includes the devices' ledger records; the reconnect rows start from a broker restarted with the devices already activated (their records loaded)");
-    for s in &rss {
-        r.row(vec![
-            s.label.clone(),
-            s.devices.to_string(),
-            mb(s.before_kb),
-            mb(s.after_kb),
-            kb_per(s.before_kb, s.after_kb, s.devices),
-        ]);
-    }
     if let Some(s) = rss
         .iter()
         .find(|s| s.label == "activation broker: reconnects + SUBSCRIBE")

@@ -43,7 +43,7 @@ fn telemetry_run(
     let password = format!("bench-{}", std::process::id());
     let spec = BrokerSpec {
         codes: (n + np) as u64,
-        io_threads: args.io_threads,
+        io_threads: args.common.io_threads,
         account: with_backend.then(|| Account {
             name: BACKEND.into(),
             password: password.clone(),
