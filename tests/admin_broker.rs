@@ -5,7 +5,7 @@
 
 mod common;
 
-use activation_broker::admin::accounts::{hash_password, AccountConfig, RoleConfig};
+use activation_broker::admin::accounts::RoleConfig;
 use activation_broker::admin::cli::{self, AdminCliArgs, EXIT_FAILURE, EXIT_NOT_OK};
 use activation_broker::credentials::client_id;
 use bytes::Bytes;
@@ -15,17 +15,6 @@ use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PublishProperties, Subscr
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, EventLoop};
 use serde_json::{json, Map, Value};
-
-fn account(name: &str, password: &str, role: RoleConfig, events: bool) -> AccountConfig {
-    AccountConfig {
-        name: name.into(),
-        password_hash: hash_password(password),
-        role,
-        publish: Vec::new(),
-        subscribe: Vec::new(),
-        events,
-    }
-}
 
 async fn broker() -> TestBroker {
     start_broker(|c| {

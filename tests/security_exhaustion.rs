@@ -9,13 +9,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use activation_broker::admin::accounts::{hash_password, AccountConfig, RoleConfig};
+use activation_broker::admin::accounts::{AccountConfig, RoleConfig};
 use activation_broker::clock::Clock;
 use activation_broker::events::EventBus;
 use activation_broker::gateway::{
     router_config, AuthFuture, Authenticator, ConnectInfo, Gateway, ListenerConfig, RouterHandle,
 };
-use common::broker::{start_broker, TestBroker, WAIT};
+use common::broker::{account, start_broker, TestBroker, WAIT};
 use common::wire::{read_connack, read_packet, until_closed, RawConnect};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -23,14 +23,7 @@ use tokio::net::TcpStream;
 const PK: &str = "exh";
 
 fn ops_account() -> AccountConfig {
-    AccountConfig {
-        name: "ops".into(),
-        password_hash: hash_password("ops-pw"),
-        role: RoleConfig::Named("viewer".into()),
-        publish: Vec::new(),
-        subscribe: Vec::new(),
-        events: false,
-    }
+    account("ops", "ops-pw", RoleConfig::Named("viewer".into()), false)
 }
 
 /// Sends `connect` on a new socket; the CONNACK code (`None`: closed

@@ -5,13 +5,13 @@
 
 mod common;
 
-use activation_broker::admin::accounts::{hash_password, AccountConfig, RoleConfig};
+use activation_broker::admin::accounts::RoleConfig;
 use activation_broker::config::Config;
 use activation_broker::credentials::sign;
 use activation_broker::events::{Event as BusEvent, EventKind};
 use activation_broker::ledger::Command;
 use common::broker::v5::{incoming, puback, suback};
-use common::broker::{start_broker, v4, v5};
+use common::broker::{account, start_broker, v4, v5};
 use common::wire::raw_connack;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
 use rumqttc::v5::mqttbytes::QoS;
@@ -66,14 +66,12 @@ async fn devices_cannot_drive_the_admin_plane_whatever_the_templates_say() {
     let t = start_broker(|c| {
         c.namespace.publish = vec!["#".into()];
         c.namespace.subscribe = vec!["#".into()];
-        c.accounts = vec![AccountConfig {
-            name: "admin".into(),
-            password_hash: hash_password("admin-pw"),
-            role: RoleConfig::Named("admin".into()),
-            publish: Vec::new(),
-            subscribe: Vec::new(),
-            events: false,
-        }];
+        c.accounts = vec![account(
+            "admin",
+            "admin-pw",
+            RoleConfig::Named("admin".into()),
+            false,
+        )];
     })
     .await;
     let secret = t.product(PK, 10, 86_400).await;
@@ -201,14 +199,12 @@ async fn a_deletion_lost_to_a_lagging_event_stream_still_disconnects() {
 #[tokio::test]
 async fn unknown_account_names_cost_one_argon2_verification_like_known_ones() {
     let t = start_broker(|c| {
-        c.accounts = vec![AccountConfig {
-            name: "ops".into(),
-            password_hash: hash_password("ops-pw"),
-            role: RoleConfig::Named("viewer".into()),
-            publish: Vec::new(),
-            subscribe: Vec::new(),
-            events: false,
-        }];
+        c.accounts = vec![account(
+            "ops",
+            "ops-pw",
+            RoleConfig::Named("viewer".into()),
+            false,
+        )];
     })
     .await;
     let addr = t.broker.accounts_addr();

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use activation_broker::admin::accounts::{hash_password, AccountConfig, RoleConfig};
 use activation_broker::clock::{Clock, ManualClock};
 use activation_broker::config::Config;
 use activation_broker::credentials::{client_id, device_credentials};
@@ -21,6 +22,19 @@ pub struct TestBroker {
     pub broker: Broker,
     pub clock: Arc<ManualClock>,
     pub dir: tempfile::TempDir,
+}
+
+/// An account `name` with `password` (argon2-hashed) and `role`, no topic
+/// rules of its own; with `events`, it receives the event topics.
+pub fn account(name: &str, password: &str, role: RoleConfig, events: bool) -> AccountConfig {
+    AccountConfig {
+        name: name.into(),
+        password_hash: hash_password(password),
+        role,
+        publish: Vec::new(),
+        subscribe: Vec::new(),
+        events,
+    }
 }
 
 pub async fn start_broker(tweak: impl FnOnce(&mut Config)) -> TestBroker {

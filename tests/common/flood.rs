@@ -95,7 +95,7 @@ impl Cycles<'_> {
                 start,
                 devices: self.per_cycle,
                 rate: self.rate,
-                protocol: if cycle % 2 == 0 { "5" } else { "4" },
+                protocol: if cycle.is_multiple_of(2) { "5" } else { "4" },
                 accepted_file: &file,
             },
             self.sim,
