@@ -205,7 +205,7 @@ async fn connect_from(
     local: &str,
     front: SocketAddr,
     connect: &RawConnect,
-) -> (Option<u8>, SocketAddr) {
+) -> (Option<u8>, SocketAddr, TcpStream) {
     let sock = tokio::net::TcpSocket::new_v4().expect("socket");
     sock.bind(format!("{local}:0").parse().expect("addr"))
         .expect("bind a loopback address");
@@ -215,7 +215,7 @@ async fn connect_from(
     let code = read_packet(&mut s, WAIT)
         .await
         .and_then(|p| (p.first() == Some(&0x20)).then(|| p[3]));
-    (code, me)
+    (code, me, s)
 }
 
 /// HAProxy itself in front of the broker (`send-proxy-v2`): bans follow
@@ -278,7 +278,9 @@ async fn behind_a_real_haproxy_bans_follow_the_client() {
         Some(0x05),
         "127.0.0.3 is banned"
     );
-    let (code, me) = connect_from("127.0.0.2", front, &good).await;
+    // The stream stays open while the session is looked up: dropping it
+    // would end the session.
+    let (code, me, _open) = connect_from("127.0.0.2", front, &good).await;
     assert_eq!(code, Some(0), "127.0.0.2 behind the same HAProxy is not");
     let session = t.broker.gateway.online().get("px.h").expect("online");
     assert_eq!(session.peer, me, "the broker sees the client's own address");
