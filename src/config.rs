@@ -29,6 +29,8 @@ pub struct Config {
     pub router: RouterSection,
     pub events: EventsSection,
     pub account_limits: AccountLimits,
+    /// The HTTP listener: admin API, console, metrics (`[http]`).
+    pub http: HttpSection,
     /// The log's level and format (`[log]`).
     pub log: crate::logging::LogSection,
     /// Operator and application accounts (`[[accounts]]`). None: the first
@@ -118,6 +120,37 @@ impl Default for AccountLimits {
     }
 }
 
+/// `[http]`: the admin API (`POST /api/v1`), the console (`/`) and
+/// Prometheus metrics (`/metrics`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSection {
+    /// Off: no HTTP listener at all.
+    pub enabled: bool,
+    pub bind: SocketAddr,
+    /// Optional HTTPS listener beside the plain one.
+    pub tls: Option<TlsSection>,
+    /// Largest request body accepted, in bytes (then 413).
+    pub max_body_bytes: usize,
+    /// Seconds a console login stays valid.
+    pub session_secs: u64,
+    /// Serve `/metrics` (without credentials, like most exporters).
+    pub metrics: bool,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        HttpSection {
+            enabled: true,
+            bind: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls: None,
+            max_body_bytes: 256 * 1024,
+            session_secs: 8 * 3600,
+            metrics: true,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EventsSection {
@@ -146,6 +179,7 @@ impl Default for Config {
             router: RouterSection::default(),
             events: EventsSection::default(),
             account_limits: AccountLimits::default(),
+            http: HttpSection::default(),
             log: crate::logging::LogSection::default(),
             accounts: Vec::new(),
         }
@@ -321,6 +355,15 @@ impl Config {
         }
         if self.router.reserved_for_accounts >= self.router.max_connections {
             return Err("router.reserved_for_accounts must be below router.max_connections".into());
+        }
+        if !(1024..=crate::admin::MAX_PAYLOAD_BYTES).contains(&self.http.max_body_bytes) {
+            return Err(format!(
+                "http.max_body_bytes must be between 1024 and {}",
+                crate::admin::MAX_PAYLOAD_BYTES
+            ));
+        }
+        if self.http.session_secs == 0 {
+            return Err("http.session_secs must be at least 1".into());
         }
         if self.account_limits.max_pending_logins == 0 {
             return Err("account_limits.max_pending_logins must be at least 1".into());

@@ -305,6 +305,20 @@ impl Gate {
         GateRefusal::BadCredentials(why)
     }
 
+    /// Why `source` is refused now, if it is banned. For other login paths
+    /// (the HTTP listener) that share the devices' bans.
+    pub fn banned(&self, source: IpAddr) -> Option<String> {
+        self.bans.banned(source, self.clock.now()).then(|| {
+            format!("source {source} is banned after repeated failed logins")
+        })
+    }
+
+    /// Counts a failed login of `source` (another login path, e.g. an HTTP
+    /// account login) towards its ban, like a failed device credential.
+    pub fn login_failed(&self, source: IpAddr, why: &str) {
+        self.bans.failed(source, self.clock.now(), why);
+    }
+
     /// The sources banned now.
     pub fn bans(&self) -> Vec<Ban> {
         self.bans.list(self.clock.now())

@@ -12,6 +12,7 @@ pub mod enforcer;
 pub mod events;
 pub mod gate;
 pub mod gateway;
+pub mod http;
 pub mod ledger;
 pub mod limits;
 pub mod logging;

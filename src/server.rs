@@ -18,6 +18,7 @@ use crate::enforcer::Enforcer;
 use crate::events::EventBus;
 use crate::gate::Gate;
 use crate::gateway::{router_config_with, Gateway, Listener, RouterHandle};
+use crate::http::{HttpServer, HttpState};
 use crate::ledger::{Ledger, LedgerOptions};
 
 /// A running broker.
@@ -33,6 +34,9 @@ pub struct Broker {
     /// Accounts listeners: plain first, then TLS if configured.
     pub account_listeners: Vec<Listener>,
     pub accounts: Arc<Accounts>,
+    /// The HTTP listener (admin API, console, metrics), unless `[http]
+    /// enabled = false`.
+    pub http: Option<HttpServer>,
     admin: AdminService,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -59,6 +63,13 @@ impl Broker {
         clock: Clock,
         accounts: Arc<Accounts>,
     ) -> anyhow::Result<Broker> {
+        // Claimed first: a taken HTTP address refuses the start before any
+        // other listener is up.
+        let http_binding = if config.http.enabled {
+            Some(HttpServer::bind(&config.http)?)
+        } else {
+            None
+        };
         let events = EventBus::new(config.events.capacity);
         let options = LedgerOptions {
             max_batch: config.ledger.max_batch,
@@ -93,13 +104,30 @@ impl Broker {
             account_listeners.push(gateway.listen(l, account_auth.clone()).await?);
         }
         let router = gateway.router().clone();
-        let admin = AdminService::start(
-            AdminContext::new(ledger.clone(), config.ledger.near_expiry_days)
-                .with_gate(gate.clone()),
-            accounts.clone(),
-            move |id| Ok(router.link_blocking(id, true)?),
-        )
+        let admin_ctx = AdminContext::new(ledger.clone(), config.ledger.near_expiry_days)
+            .with_gate(gate.clone());
+        let admin = AdminService::start(admin_ctx.clone(), accounts.clone(), move |id| {
+            Ok(router.link_blocking(id, true)?)
+        })
         .await?;
+        let http = if let Some(binding) = http_binding {
+            Some(
+                HttpServer::serve(
+                    binding,
+                    HttpState::new(
+                    admin_ctx,
+                    accounts.clone(),
+                    gate.clone(),
+                    events.clone(),
+                    gateway.clone(),
+                    config.http.clone(),
+                    ),
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
         let enforcer = Enforcer {
             gate: gate.clone(),
             online: gateway.online(),
@@ -121,6 +149,7 @@ impl Broker {
             device_listeners,
             account_listeners,
             accounts,
+            http,
             admin,
             tasks,
         })
@@ -136,11 +165,19 @@ impl Broker {
         self.account_listeners[0].local_addr()
     }
 
+    /// The plain HTTP listener's address, if it is enabled.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(HttpServer::local_addr)
+    }
+
     /// Stops accepting, drops every connection (their I/O threads end) and
     /// ends background tasks.
     pub fn shutdown(&self) {
         for l in self.device_listeners.iter().chain(&self.account_listeners) {
             l.close();
+        }
+        if let Some(h) = &self.http {
+            h.shutdown();
         }
         self.admin.shutdown();
         for t in &self.tasks {

@@ -58,6 +58,7 @@ fn fixed_port_config(dir: &std::path::Path, name: &str, devices: u16, accounts: 
         format!(
             "[devices]\nbind = \"127.0.0.1:{devices}\"\nio_threads = 2\n\
              [accounts_listener]\nbind = \"127.0.0.1:{accounts}\"\nio_threads = 2\n\
+             [http]\nbind = \"127.0.0.1:0\"\n\
              [gate]\nsource_rate = 0.0\ndevice_rate = 0.0\nban_after_failures = 0\n"
         ),
     )
@@ -156,6 +157,7 @@ fn tls_broker(dir: &Path) -> (ChildBroker, u16, String, PathBuf) {
             "[devices]\nbind = \"127.0.0.1:0\"\n\
              tls = {{ bind = \"127.0.0.1:{tls_port}\", cert = \"{}\", key = \"{}\" }}\n\
              [accounts_listener]\nbind = \"127.0.0.1:0\"\n\
+             [http]\nbind = \"127.0.0.1:0\"\n\
              [gate]\nsource_rate = 0.0\ndevice_rate = 0.0\nban_after_failures = 0\n",
             certs.join("server.pem").display(),
             certs.join("server.key").display()
@@ -280,6 +282,7 @@ fn bans_are_logged_listed_and_lifted() {
         &config,
         format!(
             "[devices]\nbind = \"127.0.0.1:0\"\n[accounts_listener]\nbind = \"127.0.0.1:{acc}\"\n\
+             [http]\nbind = \"127.0.0.1:0\"\n\
              [gate]\nsource_rate = 0.0\ndevice_rate = 0.0\nban_after_failures = 3\n\
              ban_window_secs = 600\nban_secs = 3600\n\
              [[accounts]]\nname = \"ops\"\npassword_hash = \"{h}\"\nrole = \"admin\"\n\
@@ -513,7 +516,8 @@ fn logs_are_plain_or_json_and_name_the_accounts() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let listeners =
-        "[devices]\nbind = \"127.0.0.1:0\"\n[accounts_listener]\nbind = \"127.0.0.1:0\"\n";
+        "[devices]\nbind = \"127.0.0.1:0\"\n[accounts_listener]\nbind = \"127.0.0.1:0\"\n\
+         [http]\nbind = \"127.0.0.1:0\"\n";
 
     // Text, generated admin.
     let text = dir.path().join("text.toml");

@@ -24,6 +24,7 @@ async fn broker_with(pk: &str, codes: u64) -> (Fixture, String) {
     };
     config.devices.bind = "127.0.0.1:0".parse().expect("addr");
     config.accounts_listener.bind = "127.0.0.1:0".parse().expect("addr");
+    config.http.bind = "127.0.0.1:0".parse().expect("addr");
     let broker = Broker::start(config, Clock::system())
         .await
         .expect("broker");
@@ -238,6 +239,7 @@ async fn setup_over_the_admin_topics_then_flood_with_device_secrets() {
     };
     config.devices.bind = "127.0.0.1:0".parse().expect("addr");
     config.accounts_listener.bind = "127.0.0.1:0".parse().expect("addr");
+    config.http.bind = "127.0.0.1:0".parse().expect("addr");
     config.accounts = vec![AccountConfig {
         name: "ops".into(),
         password_hash: hash_password("ops-pw"),

@@ -102,6 +102,8 @@ bind = "127.0.0.1:{port}"
 io_threads = {io_threads}
 [accounts_listener]
 bind = "127.0.0.1:{accounts_port}"
+[http]
+bind = "127.0.0.1:0"
 [gate]
 source_rate = 0.0
 device_rate = 0.0

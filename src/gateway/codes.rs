@@ -32,6 +32,19 @@ pub enum RefusalCode {
 }
 
 impl RefusalCode {
+    /// The `result` label of `activation_connects_total` (the activation
+    /// gate's refusals on the device listener; the same codes elsewhere).
+    pub fn metric_result(self) -> &'static str {
+        match self {
+            RefusalCode::ClientIdNotValid | RefusalCode::BadUserNameOrPassword => "bad_credentials",
+            RefusalCode::Banned => "banned",
+            RefusalCode::ConnectionRateExceeded => "rate_limited",
+            RefusalCode::QuotaExceeded => "no_code",
+            RefusalCode::NotAuthorized => "expired",
+            RefusalCode::ServerUnavailable | RefusalCode::ServerBusy => "unavailable",
+        }
+    }
+
     /// The MQTT 5 CONNACK reason code byte.
     pub fn v5_code(self) -> u8 {
         match self {

@@ -60,13 +60,14 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let cfg = &ctx.config;
+    let started = std::time::Instant::now();
     let mut rbuf = BytesMut::new();
     // Boxed: the task's future is as large as its largest state, and the
     // handshake's (or the end's) would otherwise stay allocated for the
     // whole life of every idle connection.
     let admitted = match Box::pin(handshake(&mut stream, peer, &ctx, &mut rbuf)).await {
         Ok(a) => a,
-        Err(refusal) => return Box::pin(refuse(&mut stream, peer, cfg, refusal)).await,
+        Err(refusal) => return Box::pin(refuse(&mut stream, peer, cfg, refusal, started)).await,
     };
     let Admitted {
         codec,
@@ -127,6 +128,7 @@ where
     let connack_sent = flush(&mut stream, &mut session.wbuf, cfg.write_timeout)
         .await
         .is_ok();
+    connack_metrics(cfg, "accepted", started);
 
     tracing::debug!(%peer, %client_id, protocol = version.as_str(), session_present, "connected");
     if let Identity::Device {
@@ -134,6 +136,7 @@ where
         device_key,
     } = &admission.identity
     {
+        metrics::gauge!("activation_online_devices").increment(1);
         gw.events.publish(
             Event::new(EventKind::DeviceConnected, gw.clock.now())
                 .device(product_key, device_key)
@@ -184,6 +187,7 @@ where
             device_key,
         } = &admission.identity
         {
+            metrics::gauge!("activation_online_devices").decrement(1);
             gw.events.publish(
                 Event::new(EventKind::DeviceDisconnected, gw.clock.now())
                     .device(product_key, device_key)
@@ -195,12 +199,32 @@ where
     .await;
 }
 
+/// Counts a CONNACK in `activation_connects_total` and observes the time
+/// from the accepted connection to it in `activation_connack_seconds`
+/// (the `metrics` facade: no I/O, no lock held).
+fn connack_metrics(cfg: &ListenerConfig, result: &'static str, started: std::time::Instant) {
+    metrics::counter!("activation_connects_total", "listener" => cfg.name.clone(), "result" => result)
+        .increment(1);
+    metrics::histogram!("activation_connack_seconds", "listener" => cfg.name.clone())
+        .record(started.elapsed().as_secs_f64());
+}
+
 /// Answers a refused handshake and closes the socket.
-async fn refuse<S>(stream: &mut S, peer: SocketAddr, cfg: &ListenerConfig, refusal: Refusal)
-where
+async fn refuse<S>(
+    stream: &mut S,
+    peer: SocketAddr,
+    cfg: &ListenerConfig,
+    refusal: Refusal,
+    started: std::time::Instant,
+) where
     S: AsyncWrite + Unpin,
 {
     let mut w = BytesMut::new();
+    let result = match &refusal {
+        Refusal::Close(_) => None,
+        Refusal::UnsupportedVersion => Some("unsupported_protocol"),
+        Refusal::Connack { rejection, .. } => Some(rejection.code.metric_result()),
+    };
     match refusal {
         Refusal::Close(why) => {
             tracing::debug!(%peer, why, "connection closed before CONNACK");
@@ -222,6 +246,9 @@ where
         }
     }
     let _ = write_out(stream, &mut w, cfg.write_timeout).await;
+    if let Some(result) = result {
+        connack_metrics(cfg, result, started);
+    }
     close(stream).await;
 }
 

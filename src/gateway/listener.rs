@@ -298,7 +298,9 @@ fn is_resource_exhaustion(e: &std::io::Error) -> bool {
     )
 }
 
-fn load_tls(cfg: &TlsConfig) -> Result<TlsAcceptor, GatewayError> {
+/// The TLS acceptor of a certificate and key (PEM files); also used by the
+/// HTTP listener.
+pub fn load_tls(cfg: &TlsConfig) -> Result<TlsAcceptor, GatewayError> {
     let open = |p: &std::path::Path| {
         std::fs::File::open(p)
             .map(BufReader::new)

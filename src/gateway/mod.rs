@@ -80,6 +80,7 @@ use rumqttd::Notification;
 pub use acl::{Acl, AclError, AclTemplate, SubscribeVerdict, DEFAULT_DEVICE_TEMPLATE};
 pub use codes::{DisconnectReason, RefusalCode};
 pub use lingering::SessionExpiry;
+pub use listener::load_tls;
 pub use online::{OnlineRegistry, SessionInfo};
 pub use router_link::{
     router_config, router_config_with, LinkClosed, RouterHandle, RouterLink, RouterLinkRx,

@@ -300,12 +300,19 @@ fn commit_batch(ctx: &WriterContext, pending: &mut Vec<Request>) -> Result<(), L
         return Ok(());
     }
     let mut batch = sled::Batch::default();
+    let started = std::time::Instant::now();
     let written = st.drain_dirty(&mut batch).and_then(|dirty| {
         ctx.tree.apply_batch(batch)?;
         ctx.db.flush()?;
         ctx.files.sync()?;
         Ok(dirty)
     });
+    if written.is_ok() {
+        // Metrics facade: an observation each, no I/O (src/http/metrics.rs).
+        metrics::histogram!("activation_ledger_commit_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("activation_ledger_batch_size").record(replies.len() as f64);
+    }
     match written {
         Ok(dirty) => {
             for pk in &dirty.products {

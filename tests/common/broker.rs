@@ -45,6 +45,7 @@ pub async fn start_broker(tweak: impl FnOnce(&mut Config)) -> TestBroker {
     };
     config.devices.bind = "127.0.0.1:0".parse().expect("addr");
     config.accounts_listener.bind = "127.0.0.1:0".parse().expect("addr");
+    config.http.bind = "127.0.0.1:0".parse().expect("addr");
     tweak(&mut config);
     let (clock, handle) = Clock::manual(T0);
     let broker = Broker::start(config, clock).await.expect("broker starts");

@@ -74,6 +74,7 @@ pub fn write_config(dir: &Path, connect_timeout_secs: u64) -> PathBuf {
             "[devices]\nbind = \"127.0.0.1:0\"\nconnect_timeout_secs = {connect_timeout_secs}\n\
              max_pending_per_source = 0\n\
              [accounts_listener]\nbind = \"127.0.0.1:0\"\n\
+             [http]\nbind = \"127.0.0.1:0\"\n\
              [gate]\nsource_rate = 0.0\ndevice_rate = 0.0\nban_after_failures = 0\n"
         ),
     )

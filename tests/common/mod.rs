@@ -76,5 +76,6 @@ impl TestLedger {
 pub mod broker;
 pub mod child;
 pub mod flood;
+pub mod http;
 pub mod lazyfs;
 pub mod wire;
