@@ -349,11 +349,17 @@ async fn credentials_status_codes_limits_and_sessions() {
 
     // Requests over HTTP are in the audit log under their account.
     let r = web
-        .api("ops", "ops-pw", &json!({"Action": "DescribeAuditLog", "Account": "dash"}))
+        .api("ops", "ops-pw", &json!({"Action": "CreateProduct", "ProductKey": "audited"}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = web
+        .api("ops", "ops-pw", &json!({"Action": "DescribeAuditLog", "Account": "ops"}))
         .await;
     let items = r.json()["Items"].as_array().expect("items").clone();
     assert!(
-        items.iter().any(|i| i["Action"] == "CreateProduct" && i["Code"] == "Forbidden"),
+        items
+            .iter()
+            .any(|i| i["Action"] == "CreateProduct" && i["Code"] == "OK" && i["Account"] == "ops"),
         "{items:?}"
     );
 }
