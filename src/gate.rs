@@ -308,9 +308,9 @@ impl Gate {
     /// Why `source` is refused now, if it is banned. For other login paths
     /// (the HTTP listener) that share the devices' bans.
     pub fn banned(&self, source: IpAddr) -> Option<String> {
-        self.bans.banned(source, self.clock.now()).then(|| {
-            format!("source {source} is banned after repeated failed logins")
-        })
+        self.bans
+            .banned(source, self.clock.now())
+            .then(|| format!("source {source} is banned after repeated failed logins"))
     }
 
     /// Counts a failed login of `source` (another login path, e.g. an HTTP

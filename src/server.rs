@@ -115,12 +115,12 @@ impl Broker {
                 HttpServer::serve(
                     binding,
                     HttpState::new(
-                    admin_ctx,
-                    accounts.clone(),
-                    gate.clone(),
-                    events.clone(),
-                    gateway.clone(),
-                    config.http.clone(),
+                        admin_ctx,
+                        accounts.clone(),
+                        gate.clone(),
+                        events.clone(),
+                        gateway.clone(),
+                        config.http.clone(),
                     ),
                 )
                 .await?,

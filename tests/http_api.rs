@@ -109,7 +109,12 @@ fn comparable(mut v: Value, generated_id: bool) -> Value {
 }
 
 /// Connects device `pk`/`dk` to `b` and leaves it online.
-async fn device(b: &TestBroker, pk: &str, dk: &str, secret: &str) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+async fn device(
+    b: &TestBroker,
+    pk: &str,
+    dk: &str,
+    secret: &str,
+) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
     let (user, pass) = device_credentials(pk, dk, secret, b.clock.now());
     let c = v4::connect(b.addr(), &client_id(pk, dk), &user, &pass)
         .await
@@ -161,7 +166,12 @@ async fn every_action_answers_the_same_over_http_and_mqtt() {
                 )
                 .await;
             let code = m["Code"].as_str().unwrap_or("").to_owned();
-            assert_eq!(h.status, status_of(&code).as_u16(), "step {n} status: {}", h.body);
+            assert_eq!(
+                h.status,
+                status_of(&code).as_u16(),
+                "step {n} status: {}",
+                h.body
+            );
             assert_eq!(h.header("content-type"), Some("application/json"));
             let hv = h.json();
             assert_eq!(
@@ -180,24 +190,51 @@ async fn every_action_answers_the_same_over_http_and_mqtt() {
     }
 
     both!(json!({"Action": "DescribeActivationSummary", "RequestId": "s0"}));
-    let (m1, h1) = both!(json!({"Action": "CreateProduct", "RequestId": "p1", "ProductKey": "p1", "Name": "Lamp"}));
-    let (m2, h2) = both!(json!({"Action": "CreateProduct", "RequestId": "p2", "ProductKey": "p2", "Name": "Valve", "AuthMode": "device-secret"}));
-    let (m3, h3) = both!(json!({"Action": "RegisterDevices", "RequestId": "r1", "ProductKey": "p2", "DeviceKeys": ["d1", "d2"]}));
-    both!(json!({"Action": "CreateOrder", "RequestId": "o1", "OrderId": "o1", "Quantity": 10, "ValiditySeconds": 31_536_000}));
-    both!(json!({"Action": "CreateOrder", "RequestId": "o2", "OrderId": "o2", "Quantity": 5, "ValiditySeconds": 864_000, "ProductKey": "p1"}));
+    let (m1, h1) = both!(
+        json!({"Action": "CreateProduct", "RequestId": "p1", "ProductKey": "p1", "Name": "Lamp"})
+    );
+    let (m2, h2) = both!(
+        json!({"Action": "CreateProduct", "RequestId": "p2", "ProductKey": "p2", "Name": "Valve", "AuthMode": "device-secret"})
+    );
+    let (m3, h3) = both!(
+        json!({"Action": "RegisterDevices", "RequestId": "r1", "ProductKey": "p2", "DeviceKeys": ["d1", "d2"]})
+    );
+    both!(
+        json!({"Action": "CreateOrder", "RequestId": "o1", "OrderId": "o1", "Quantity": 10, "ValiditySeconds": 31_536_000})
+    );
+    both!(
+        json!({"Action": "CreateOrder", "RequestId": "o2", "OrderId": "o2", "Quantity": 5, "ValiditySeconds": 864_000, "ProductKey": "p1"})
+    );
     // The same ClientToken twice: one order, the same answer.
-    both!(json!({"Action": "CreateOrder", "ClientToken": "once", "OrderId": "o3", "Quantity": 2, "ValiditySeconds": 31_536_000}));
-    both!(json!({"Action": "CreateOrder", "ClientToken": "once", "OrderId": "o3", "Quantity": 2, "ValiditySeconds": 31_536_000}));
+    both!(
+        json!({"Action": "CreateOrder", "ClientToken": "once", "OrderId": "o3", "Quantity": 2, "ValiditySeconds": 31_536_000})
+    );
+    both!(
+        json!({"Action": "CreateOrder", "ClientToken": "once", "OrderId": "o3", "Quantity": 2, "ValiditySeconds": 31_536_000})
+    );
     both!(json!({"Action": "DescribeUnassignedActivationCodes", "RequestId": "u"}));
-    both!(json!({"Action": "AssignActivationCodes", "RequestId": "a0", "ProductKey": "p2", "Quantity": 99, "ValiditySeconds": 31_536_000, "DryRun": true}));
-    both!(json!({"Action": "AssignActivationCodes", "RequestId": "a1", "ProductKey": "p2", "Quantity": 3, "ValiditySeconds": 31_536_000, "DryRun": true}));
-    both!(json!({"Action": "AssignActivationCodes", "RequestId": "a2", "ProductKey": "p2", "Quantity": 3, "ValiditySeconds": 31_536_000}));
-    both!(json!({"Action": "AssignActivationCodes", "RequestId": "a3", "ProductKey": "p1", "Quantity": 1, "ValiditySeconds": 31_536_000}));
+    both!(
+        json!({"Action": "AssignActivationCodes", "RequestId": "a0", "ProductKey": "p2", "Quantity": 99, "ValiditySeconds": 31_536_000, "DryRun": true})
+    );
+    both!(
+        json!({"Action": "AssignActivationCodes", "RequestId": "a1", "ProductKey": "p2", "Quantity": 3, "ValiditySeconds": 31_536_000, "DryRun": true})
+    );
+    both!(
+        json!({"Action": "AssignActivationCodes", "RequestId": "a2", "ProductKey": "p2", "Quantity": 3, "ValiditySeconds": 31_536_000})
+    );
+    both!(
+        json!({"Action": "AssignActivationCodes", "RequestId": "a3", "ProductKey": "p1", "Quantity": 1, "ValiditySeconds": 31_536_000})
+    );
 
     // Real devices consume codes on both brokers.
     let _m_lamp = device(&over_mqtt, "p1", "lamp-1", &secret_of(&m1, "ProductSecret")).await;
     let _h_lamp = device(&over_http, "p1", "lamp-1", &secret_of(&h1, "ProductSecret")).await;
-    let d1 = |v: &Value| v["DeviceSecrets"][0]["DeviceSecret"].as_str().expect("secret").to_owned();
+    let d1 = |v: &Value| {
+        v["DeviceSecrets"][0]["DeviceSecret"]
+            .as_str()
+            .expect("secret")
+            .to_owned()
+    };
     let _m_d1 = device(&over_mqtt, "p2", "d1", &d1(&m3)).await;
     let _h_d1 = device(&over_http, "p2", "d1", &d1(&h3)).await;
     let _ = (m2, h2);
@@ -206,22 +243,38 @@ async fn every_action_answers_the_same_over_http_and_mqtt() {
     both!(json!({"Action": "DescribeProducts", "RequestId": "dp"}));
     both!(json!({"Action": "DescribeProducts", "RequestId": "dp2", "Name": "lam"}));
     both!(json!({"Action": "DescribeActivationCodes", "RequestId": "c1", "ProductKey": "p1"}));
-    both!(json!({"Action": "DescribeActivationCodes", "RequestId": "c2", "DeviceKey": "d1", "ActivateFrom": "2026-01-01"}));
-    both!(json!({"Action": "DescribeActivationHistory", "RequestId": "h", "ProductKey": "p1", "DeviceKey": "lamp-1"}));
+    both!(
+        json!({"Action": "DescribeActivationCodes", "RequestId": "c2", "DeviceKey": "d1", "ActivateFrom": "2026-01-01"})
+    );
+    both!(
+        json!({"Action": "DescribeActivationHistory", "RequestId": "h", "ProductKey": "p1", "DeviceKey": "lamp-1"})
+    );
     both!(json!({"Action": "DescribeNearExpiryDevices", "RequestId": "ne", "WithinDays": 30}));
     both!(json!({"Action": "DescribeAssignmentHistory", "RequestId": "ah", "ProductKey": "p2"}));
     both!(json!({"Action": "DescribeOrders", "RequestId": "do"}));
     both!(json!({"Action": "DescribeDevices", "RequestId": "dd", "ProductKey": "p2"}));
-    both!(json!({"Action": "DescribeDevice", "RequestId": "d", "ProductKey": "p1", "DeviceKey": "lamp-1"}));
-    both!(json!({"Action": "SetAutoRenewal", "RequestId": "ar", "ProductKey": "p1", "Enabled": false}));
-    both!(json!({"Action": "AddAutoRenewalBlacklist", "RequestId": "bl", "ProductKey": "p2", "DeviceKeys": ["d2"]}));
+    both!(
+        json!({"Action": "DescribeDevice", "RequestId": "d", "ProductKey": "p1", "DeviceKey": "lamp-1"})
+    );
+    both!(
+        json!({"Action": "SetAutoRenewal", "RequestId": "ar", "ProductKey": "p1", "Enabled": false})
+    );
+    both!(
+        json!({"Action": "AddAutoRenewalBlacklist", "RequestId": "bl", "ProductKey": "p2", "DeviceKeys": ["d2"]})
+    );
     both!(json!({"Action": "DescribeAutoRenewal", "RequestId": "da", "ProductKey": "p2"}));
-    both!(json!({"Action": "RemoveAutoRenewalBlacklist", "RequestId": "rb", "ProductKey": "p2", "DeviceKeys": ["d2"]}));
+    both!(
+        json!({"Action": "RemoveAutoRenewalBlacklist", "RequestId": "rb", "ProductKey": "p2", "DeviceKeys": ["d2"]})
+    );
     both!(json!({"Action": "DescribeBans", "RequestId": "db"}));
     both!(json!({"Action": "RemoveBan", "RequestId": "rm", "Source": "10.9.9.9"}));
-    both!(json!({"Action": "DeleteDevice", "RequestId": "del", "ProductKey": "p1", "DeviceKey": "lamp-1"}));
+    both!(
+        json!({"Action": "DeleteDevice", "RequestId": "del", "ProductKey": "p1", "DeviceKey": "lamp-1"})
+    );
     both!(json!({"Action": "DeleteProduct", "RequestId": "dpr", "ProductKey": "p2"}));
-    both!(json!({"Action": "DeleteProduct", "RequestId": "dpr2", "ProductKey": "p2", "Confirm": true}));
+    both!(
+        json!({"Action": "DeleteProduct", "RequestId": "dpr2", "ProductKey": "p2", "Confirm": true})
+    );
     both!(json!({"Action": "DescribeActivationSummary", "RequestId": "s2"}));
 
     // Refusals answer alike too: unknown action and parameter, bad JSON,
@@ -230,8 +283,20 @@ async fn every_action_answers_the_same_over_http_and_mqtt() {
     both!(json!({"Action": "DescribeProducts", "RequestId": "x2", "Typo": 1}));
     step!("ops", ops, b"{not json".to_vec());
     step!("ops", ops, b"[1, 2]".to_vec());
-    step!("dash", dash, json!({"Action": "CreateOrder", "RequestId": "f", "Quantity": 1, "ValiditySeconds": 60}).to_string().into_bytes());
-    step!("dash", dash, json!({"Action": "DescribeProducts", "RequestId": "v"}).to_string().into_bytes());
+    step!(
+        "dash",
+        dash,
+        json!({"Action": "CreateOrder", "RequestId": "f", "Quantity": 1, "ValiditySeconds": 60})
+            .to_string()
+            .into_bytes()
+    );
+    step!(
+        "dash",
+        dash,
+        json!({"Action": "DescribeProducts", "RequestId": "v"})
+            .to_string()
+            .into_bytes()
+    );
 
     // The audit log holds the same entries, whichever plane they came by.
     both!(json!({"Action": "DescribeAuditLog", "RequestId": "log", "PageSize": 100}));
@@ -254,16 +319,26 @@ async fn credentials_status_codes_limits_and_sessions() {
 
     // No credentials: 401 with a Basic challenge (none for the console's own requests).
     let r = web
-        .request("POST", "/api/v1", &[("content-type", "application/json")], summary.clone())
+        .request(
+            "POST",
+            "/api/v1",
+            &[("content-type", "application/json")],
+            summary.clone(),
+        )
         .await;
     assert_eq!(r.status, 401, "{}", r.body);
-    assert!(r.header("www-authenticate").is_some_and(|h| h.starts_with("Basic")));
+    assert!(r
+        .header("www-authenticate")
+        .is_some_and(|h| h.starts_with("Basic")));
     assert_eq!(r.json()["Code"], "Forbidden");
     let r = web
         .request(
             "POST",
             "/api/v1",
-            &[("content-type", "application/json"), ("x-requested-with", "console")],
+            &[
+                ("content-type", "application/json"),
+                ("x-requested-with", "console"),
+            ],
             summary.clone(),
         )
         .await;
@@ -271,14 +346,23 @@ async fn credentials_status_codes_limits_and_sessions() {
     assert!(r.header("www-authenticate").is_none());
 
     // A viewer may read, not write: 403 Forbidden naming the action.
-    let r = web.api("dash", "dash-pw", &json!({"Action": "DescribeProducts"})).await;
+    let r = web
+        .api("dash", "dash-pw", &json!({"Action": "DescribeProducts"}))
+        .await;
     assert_eq!((r.status, r.json()["Code"].clone()), (200, json!("OK")));
     let r = web
-        .api("dash", "dash-pw", &json!({"Action": "CreateProduct", "ProductKey": "x"}))
+        .api(
+            "dash",
+            "dash-pw",
+            &json!({"Action": "CreateProduct", "ProductKey": "x"}),
+        )
         .await;
     assert_eq!(r.status, 403);
     assert_eq!(r.json()["Code"], "Forbidden");
-    assert!(r.json()["Message"].as_str().expect("message").contains("CreateProduct"));
+    assert!(r.json()["Message"]
+        .as_str()
+        .expect("message")
+        .contains("CreateProduct"));
 
     // Bad JSON: InvalidParameter (400). Wrong content type: 415. Too big: 413.
     let auth = basic("ops", "ops-pw");
@@ -286,43 +370,90 @@ async fn credentials_status_codes_limits_and_sessions() {
         .request(
             "POST",
             "/api/v1",
-            &[("authorization", &auth), ("content-type", "application/json")],
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
             "{\"Action\":",
         )
         .await;
-    assert_eq!((r.status, r.json()["Code"].clone()), (400, json!("InvalidParameter")));
+    assert_eq!(
+        (r.status, r.json()["Code"].clone()),
+        (400, json!("InvalidParameter"))
+    );
     let r = web
-        .request("POST", "/api/v1", &[("authorization", &auth), ("content-type", "text/plain")], summary.clone())
+        .request(
+            "POST",
+            "/api/v1",
+            &[("authorization", &auth), ("content-type", "text/plain")],
+            summary.clone(),
+        )
         .await;
-    assert_eq!((r.status, r.json()["Code"].clone()), (415, json!("InvalidParameter")));
+    assert_eq!(
+        (r.status, r.json()["Code"].clone()),
+        (415, json!("InvalidParameter"))
+    );
     let big = json!({"Action": "DescribeProducts", "Name": "x".repeat(5000)}).to_string();
     let r = web
-        .request("POST", "/api/v1", &[("authorization", &auth), ("content-type", "application/json")], big)
+        .request(
+            "POST",
+            "/api/v1",
+            &[
+                ("authorization", &auth),
+                ("content-type", "application/json"),
+            ],
+            big,
+        )
         .await;
-    assert_eq!((r.status, r.json()["Code"].clone()), (413, json!("InvalidParameter")));
+    assert_eq!(
+        (r.status, r.json()["Code"].clone()),
+        (413, json!("InvalidParameter"))
+    );
     assert!(r.body.contains("4096"), "{}", r.body);
     // NotFound.* is 404 with the same envelope.
     let r = web
-        .api("ops", "ops-pw", &json!({"Action": "DescribeDevice", "ProductKey": "nope", "DeviceKey": "d"}))
+        .api(
+            "ops",
+            "ops-pw",
+            &json!({"Action": "DescribeDevice", "ProductKey": "nope", "DeviceKey": "d"}),
+        )
         .await;
     assert_eq!(r.status, 404);
-    assert!(r.json()["Code"].as_str().expect("code").starts_with("NotFound"));
+    assert!(r.json()["Code"]
+        .as_str()
+        .expect("code")
+        .starts_with("NotFound"));
 
     // The console's login: a session cookie that then works alone; logout ends it.
     let r = web
-        .request("POST", "/api/login", &[("content-type", "application/json")], json!({"Account": "ops", "Password": "nope"}).to_string())
+        .request(
+            "POST",
+            "/api/login",
+            &[("content-type", "application/json")],
+            json!({"Account": "ops", "Password": "nope"}).to_string(),
+        )
         .await;
     assert_eq!(r.status, 401);
     assert!(r.header("set-cookie").is_none());
     let r = web
-        .request("POST", "/api/login", &[("content-type", "application/json")], json!({"Account": "dash", "Password": "dash-pw"}).to_string())
+        .request(
+            "POST",
+            "/api/login",
+            &[("content-type", "application/json")],
+            json!({"Account": "dash", "Password": "dash-pw"}).to_string(),
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["Role"], "viewer");
     let actions = r.json()["Actions"].as_array().expect("actions").clone();
-    assert!(actions.contains(&json!("DescribeProducts")) && !actions.contains(&json!("CreateOrder")));
+    assert!(
+        actions.contains(&json!("DescribeProducts")) && !actions.contains(&json!("CreateOrder"))
+    );
     let cookie = r.header("set-cookie").expect("cookie").to_owned();
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
     let cookie = cookie.split(';').next().expect("pair").to_owned();
     let with_cookie = |body: String| {
         let cookie = cookie.clone();
@@ -338,22 +469,41 @@ async fn credentials_status_codes_limits_and_sessions() {
         }
     };
     let r = with_cookie(summary.clone()).await;
-    assert_eq!((r.status, r.json()["Code"].clone()), (200, json!("OK")), "{}", r.body);
-    let r = with_cookie(json!({"Action": "CreateOrder", "Quantity": 1, "ValiditySeconds": 60}).to_string()).await;
+    assert_eq!(
+        (r.status, r.json()["Code"].clone()),
+        (200, json!("OK")),
+        "{}",
+        r.body
+    );
+    let r = with_cookie(
+        json!({"Action": "CreateOrder", "Quantity": 1, "ValiditySeconds": 60}).to_string(),
+    )
+    .await;
     assert_eq!(r.status, 403, "the session has the account's role");
-    let r = web.request("GET", "/api/session", &[("cookie", &cookie)], "").await;
+    let r = web
+        .request("GET", "/api/session", &[("cookie", &cookie)], "")
+        .await;
     assert_eq!(r.json()["Account"], "dash");
-    web.request("POST", "/api/logout", &[("cookie", &cookie)], "").await;
+    web.request("POST", "/api/logout", &[("cookie", &cookie)], "")
+        .await;
     let r = with_cookie(summary.clone()).await;
     assert_eq!(r.status, 401, "logged out");
 
     // Requests over HTTP are in the audit log under their account.
     let r = web
-        .api("ops", "ops-pw", &json!({"Action": "CreateProduct", "ProductKey": "audited"}))
+        .api(
+            "ops",
+            "ops-pw",
+            &json!({"Action": "CreateProduct", "ProductKey": "audited"}),
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     let r = web
-        .api("ops", "ops-pw", &json!({"Action": "DescribeAuditLog", "Account": "ops"}))
+        .api(
+            "ops",
+            "ops-pw",
+            &json!({"Action": "DescribeAuditLog", "Account": "ops"}),
+        )
         .await;
     let items = r.json()["Items"].as_array().expect("items").clone();
     assert!(
@@ -381,7 +531,10 @@ async fn failed_http_logins_ban_the_source_like_failed_device_logins() {
     let before = b.broker.accounts.verifications();
     let r = web.api("ops", "ops-pw", &q).await;
     assert_eq!(r.status, 403, "{}", r.body);
-    assert!(r.json()["Message"].as_str().expect("msg").contains("banned"));
+    assert!(r.json()["Message"]
+        .as_str()
+        .expect("msg")
+        .contains("banned"));
     assert_eq!(b.broker.accounts.verifications(), before);
     // The same ban as devices get: it shows in DescribeBans (over MQTT) and
     // RemoveBan lifts it.
@@ -390,7 +543,11 @@ async fn failed_http_logins_ban_the_source_like_failed_device_logins() {
     assert_eq!(bans["TotalCount"], 1, "{bans}");
     assert_eq!(bans["Items"][0]["Source"], "127.0.0.1");
     let lifted = ops
-        .call(json!({"Action": "RemoveBan", "Source": "127.0.0.1"}).to_string().as_bytes())
+        .call(
+            json!({"Action": "RemoveBan", "Source": "127.0.0.1"})
+                .to_string()
+                .as_bytes(),
+        )
         .await;
     assert_eq!(lifted["Code"], "OK", "{lifted}");
     let r = web.api("ops", "ops-pw", &q).await;
@@ -415,12 +572,19 @@ async fn a_second_broker_on_the_same_http_address_is_refused() {
         .err()
         .expect("refused");
     let text = format!("{e:#}");
-    assert!(text.contains(&addr.to_string()) && text.contains("already in use"), "{text}");
+    assert!(
+        text.contains(&addr.to_string()) && text.contains("already in use"),
+        "{text}"
+    );
     // The first one still serves.
-    let r = http(&first).api("ops", "ops-pw", &json!({"Action": "DescribeProducts"})).await;
+    let r = http(&first)
+        .api("ops", "ops-pw", &json!({"Action": "DescribeProducts"}))
+        .await;
     assert_eq!(r.status, 200);
     // Disabled: no listener at all.
     config.http.enabled = false;
-    let b = activation_broker::server::Broker::start(config, clock).await.expect("starts");
+    let b = activation_broker::server::Broker::start(config, clock)
+        .await
+        .expect("starts");
     assert!(b.http_addr().is_none());
 }

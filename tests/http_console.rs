@@ -53,7 +53,10 @@ impl Driver {
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "chromedriver never listened");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "chromedriver never listened"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         Driver { child, port }
@@ -133,7 +136,11 @@ async fn wait_shown(c: &Client, css: &str) -> fantoccini::elements::Element {
 }
 
 async fn click(c: &Client, css: &str) {
-    wait_shown(c, css).await.click().await.unwrap_or_else(|e| panic!("click {css}: {e}"));
+    wait_shown(c, css)
+        .await
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("click {css}: {e}"));
 }
 
 async fn type_into(c: &Client, css: &str, text: &str) {
@@ -149,7 +156,12 @@ async fn the_console_in_a_real_browser() {
         return;
     }
     let b = start_broker(|c| {
-        c.accounts = vec![account("ops", "ops-pw", RoleConfig::Named("admin".into()), true)];
+        c.accounts = vec![account(
+            "ops",
+            "ops-pw",
+            RoleConfig::Named("admin".into()),
+            true,
+        )];
     })
     .await;
     let web = Http::new(b.broker.http_addr().expect("http"));
@@ -187,7 +199,11 @@ async fn the_console_in_a_real_browser() {
         let dk = format!("lamp-{i}");
         let (user, pass) = b.creds("lamps", &dk, &secret);
         let id = activation_broker::credentials::client_id("lamps", &dk);
-        devices.push(v4::connect(b.addr(), &id, &user, &pass).await.expect("device connects"));
+        devices.push(
+            v4::connect(b.addr(), &id, &user, &pass)
+                .await
+                .expect("device connects"),
+        );
     }
     wait_text(&c, "#card-consumed", |t| t == "3").await;
     let s = api(json!({"Action": "DescribeActivationSummary"})).await;
@@ -201,7 +217,10 @@ async fn the_console_in_a_real_browser() {
         let want = s[key].to_string();
         wait_text(&c, card, |t| t == want).await;
     }
-    wait_text(&c, "#events", |t| t.contains("device/activated") && t.contains("lamp-3")).await;
+    wait_text(&c, "#events", |t| {
+        t.contains("device/activated") && t.contains("lamp-3")
+    })
+    .await;
 
     // Assign through the dialog: the dry run shows the maximum assignable;
     // too many is refused before anything happens; then confirm.
@@ -217,19 +236,34 @@ async fn the_console_in_a_real_browser() {
     type_into(&c, "#assign-validity", "31536000").await;
     click(&c, "#assign-dry-run").await;
     wait_text(&c, "#assign-max", |t| t == "20").await;
-    wait_text(&c, "#assign-error", |t| t.contains("InsufficientActivationCodes")).await;
-    let confirm = c.find(Locator::Css("#assign-confirm")).await.expect("confirm");
-    assert!(!confirm.is_enabled().await.expect("enabled?"), "no confirm after a refused dry run");
+    wait_text(&c, "#assign-error", |t| {
+        t.contains("InsufficientActivationCodes")
+    })
+    .await;
+    let confirm = c
+        .find(Locator::Css("#assign-confirm"))
+        .await
+        .expect("confirm");
+    assert!(
+        !confirm.is_enabled().await.expect("enabled?"),
+        "no confirm after a refused dry run"
+    );
     type_into(&c, "#assign-quantity", "12").await;
     click(&c, "#assign-dry-run").await;
     wait_text(&c, "#assign-max", |t| t == "20").await;
     let deadline = tokio::time::Instant::now() + WAIT;
     while !confirm.is_enabled().await.expect("enabled?") {
-        assert!(tokio::time::Instant::now() < deadline, "confirm never enabled");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "confirm never enabled"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let before = api(json!({"Action": "DescribeProducts", "ProductKey": "pumps"})).await;
-    assert_eq!(before["Items"][0]["Total"], 0, "the dry run assigned nothing");
+    assert_eq!(
+        before["Items"][0]["Total"], 0,
+        "the dry run assigned nothing"
+    );
     click(&c, "#assign-confirm").await;
     wait_text(&c, "#assign-result", |t| t.contains("Assigned 12")).await;
     let after = api(json!({"Action": "DescribeProducts", "ProductKey": "pumps"})).await;
@@ -242,22 +276,37 @@ async fn the_console_in_a_real_browser() {
 
     // The assignment history tab shows it.
     click(&c, "#tab-assignments").await;
-    wait_text(&c, "#assignments-table tbody", |t| t.contains("pumps") && t.contains("12")).await;
+    wait_text(&c, "#assignments-table tbody", |t| {
+        t.contains("pumps") && t.contains("12")
+    })
+    .await;
 
     // Details of lamps: find lamp-2 by DeviceKey; its activation history.
     click(&c, "#tab-products").await;
     click(&c, "#products-table button[data-product=\"lamps\"]").await;
     wait_shown(&c, "#pane-details").await;
-    wait_text(&c, "#details-codes tbody", |t| t.contains("lamp-1") && t.contains("lamp-3")).await;
+    wait_text(&c, "#details-codes tbody", |t| {
+        t.contains("lamp-1") && t.contains("lamp-3")
+    })
+    .await;
     type_into(&c, "#details-device-key", "lamp-2").await;
     click(&c, "#details-search").await;
-    wait_text(&c, "#details-codes tbody", |t| t.contains("lamp-2") && !t.contains("lamp-1")).await;
+    wait_text(&c, "#details-codes tbody", |t| {
+        t.contains("lamp-2") && !t.contains("lamp-1")
+    })
+    .await;
     let rows = c
         .find_all(Locator::Css("#details-codes tbody tr[data-device]"))
         .await
         .expect("rows");
-    let codes = api(json!({"Action": "DescribeActivationCodes", "ProductKey": "lamps", "DeviceKey": "lamp-2"})).await;
-    assert_eq!(rows.len() as u64, codes["TotalRecordCount"].as_u64().expect("count"));
+    let codes = api(
+        json!({"Action": "DescribeActivationCodes", "ProductKey": "lamps", "DeviceKey": "lamp-2"}),
+    )
+    .await;
+    assert_eq!(
+        rows.len() as u64,
+        codes["TotalRecordCount"].as_u64().expect("count")
+    );
     let id = codes["Items"][0]["Id"].to_string();
     let first = rows[0].text().await.expect("row text");
     assert!(first.contains(id.trim_matches('"')), "{first} vs {id}");
@@ -275,10 +324,16 @@ async fn the_console_in_a_real_browser() {
             if r["Enabled"] == want {
                 break;
             }
-            assert!(tokio::time::Instant::now() < deadline, "renewal never became {want}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "renewal never became {want}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        wait_text(&c, "#details-renewal-state", |t| t == if want { "on" } else { "off" }).await;
+        wait_text(&c, "#details-renewal-state", |t| {
+            t == if want { "on" } else { "off" }
+        })
+        .await;
     }
     // The blacklist: add a device.
     type_into(&c, "#blacklist-device", "lamp-1").await;

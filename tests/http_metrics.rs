@@ -35,14 +35,21 @@ fn get(s: &HashMap<String, f64>, key: &str) -> f64 {
 async fn scrape(web: &Http) -> HashMap<String, f64> {
     let r = web.get("/metrics").await;
     assert_eq!(r.status, 200);
-    assert!(r.header("content-type").is_some_and(|c| c.starts_with("text/plain")));
+    assert!(r
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("text/plain")));
     samples(&r.body)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_agree_with_the_summary_after_a_flood() {
     let b = start_broker(|c| {
-        c.accounts = vec![account("ops", "ops-pw", RoleConfig::Named("admin".into()), false)];
+        c.accounts = vec![account(
+            "ops",
+            "ops-pw",
+            RoleConfig::Named("admin".into()),
+            false,
+        )];
     })
     .await;
     let web = Http::new(b.broker.http_addr().expect("http"));
@@ -104,15 +111,25 @@ async fn metrics_agree_with_the_summary_after_a_flood() {
     }
     for p in products["Items"].as_array().expect("items") {
         let pk = p["ProductKey"].as_str().expect("pk");
-        for (state, key) in [("total", "Total"), ("consumed", "Consumed"), ("available", "Available")] {
+        for (state, key) in [
+            ("total", "Total"),
+            ("consumed", "Consumed"),
+            ("available", "Available"),
+        ] {
             assert_eq!(
-                get(&s, &format!("activation_codes{{product=\"{pk}\",state=\"{state}\"}}")),
+                get(
+                    &s,
+                    &format!("activation_codes{{product=\"{pk}\",state=\"{state}\"}}")
+                ),
                 p[key].as_f64().expect("number"),
                 "{pk} {state}"
             );
         }
     }
-    assert_eq!(get(&s, "activation_codes{state=\"consumed\"}"), CODES as f64);
+    assert_eq!(
+        get(&s, "activation_codes{state=\"consumed\"}"),
+        CODES as f64
+    );
     assert_eq!(get(&s, "activation_products"), 2.0);
 
     // Every CONNACK counted by result.
@@ -132,7 +149,10 @@ async fn metrics_agree_with_the_summary_after_a_flood() {
     );
     assert!(s.contains_key("activation_connack_seconds_bucket{listener=\"devices\",le=\"0.005\"}"));
     assert_eq!(get(&s, "activation_online_devices"), CODES as f64);
-    assert_eq!(get(&s, "activation_sessions{state=\"online\"}"), CODES as f64);
+    assert_eq!(
+        get(&s, "activation_sessions{state=\"online\"}"),
+        CODES as f64
+    );
     // Group commit: at least one batch, each consumption in one.
     assert!(get(&s, "activation_ledger_commit_seconds_count") >= 1.0);
     assert!(get(&s, "activation_ledger_batch_size_sum") >= CODES as f64);
@@ -151,7 +171,10 @@ async fn metrics_agree_with_the_summary_after_a_flood() {
         if get(&s, "activation_online_devices") == (CODES as usize - gone) as f64 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "online gauge never fell");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "online gauge never fell"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }

@@ -63,7 +63,11 @@ impl Sessions {
         if map.len() >= MAX_SESSIONS {
             map.retain(|_, (_, until)| *until > now);
             if map.len() >= MAX_SESSIONS {
-                if let Some(oldest) = map.iter().min_by_key(|(_, (_, u))| *u).map(|(k, _)| k.clone()) {
+                if let Some(oldest) = map
+                    .iter()
+                    .min_by_key(|(_, (_, u))| *u)
+                    .map(|(k, _)| k.clone())
+                {
                     map.remove(&oldest);
                 }
             }
@@ -111,7 +115,8 @@ impl Default for LoginSlots {
 
 /// A refusal: its HTTP status and the admin-envelope-shaped JSON body.
 pub fn refusal(status: StatusCode, code: &str, message: &str) -> Response {
-    let body = json!({ "RequestId": crate::admin::new_request_id(), "Code": code, "Message": message });
+    let body =
+        json!({ "RequestId": crate::admin::new_request_id(), "Code": code, "Message": message });
     (status, Json(body)).into_response()
 }
 
@@ -218,7 +223,11 @@ pub async fn verify(
 
 /// The account of a request: its session cookie, else its Basic
 /// credentials; 401 without either.
-pub async fn account(st: &Shared, headers: &HeaderMap, peer: Peer) -> Result<Arc<Account>, Response> {
+pub async fn account(
+    st: &Shared,
+    headers: &HeaderMap,
+    peer: Peer,
+) -> Result<Arc<Account>, Response> {
     if let Some(token) = session_token(headers) {
         if let Some(a) = st.sessions.get(token).and_then(|n| st.accounts.get(&n)) {
             return Ok(a);
@@ -325,9 +334,15 @@ mod tests {
     #[test]
     fn cookie_and_basic_headers() {
         let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, HeaderValue::from_static("a=1; ab_session=xyz; b=2"));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; ab_session=xyz; b=2"),
+        );
         assert_eq!(session_token(&h), Some("xyz"));
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic b3BzOnMzY3I6dA=="));
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic b3BzOnMzY3I6dA=="),
+        );
         assert_eq!(basic(&h), Ok(Some(("ops".into(), "s3cr:t".into()))));
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
         assert!(basic(&h).is_err());

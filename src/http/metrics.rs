@@ -81,10 +81,7 @@ fn describe() {
         Unit::Seconds,
         "From an accepted connection (TLS done) to its CONNACK written, by listener"
     );
-    describe_gauge!(
-        "activation_online_devices",
-        "Devices connected now"
-    );
+    describe_gauge!("activation_online_devices", "Devices connected now");
     describe_histogram!(
         "activation_ledger_commit_seconds",
         Unit::Seconds,
@@ -153,8 +150,15 @@ pub async fn render(st: &Shared) -> Result<String, crate::admin::AdminError> {
     }
     for (pk, total, consumed, available) in &products {
         let pk = escape(pk);
-        for (state, v) in [("total", total), ("consumed", consumed), ("available", available)] {
-            let _ = writeln!(out, "activation_codes{{product=\"{pk}\",state=\"{state}\"}} {v}");
+        for (state, v) in [
+            ("total", total),
+            ("consumed", consumed),
+            ("available", available),
+        ] {
+            let _ = writeln!(
+                out,
+                "activation_codes{{product=\"{pk}\",state=\"{state}\"}} {v}"
+            );
         }
     }
     let _ = writeln!(out, "# HELP activation_products Live products");
@@ -165,13 +169,19 @@ pub async fn render(st: &Shared) -> Result<String, crate::admin::AdminError> {
         "# HELP activation_near_expiry_devices Devices whose code expires within the near-expiry window ([ledger] near_expiry_days)"
     );
     let _ = writeln!(out, "# TYPE activation_near_expiry_devices gauge");
-    let _ = writeln!(out, "activation_near_expiry_devices {}", summary.near_expiry);
+    let _ = writeln!(
+        out,
+        "activation_near_expiry_devices {}",
+        summary.near_expiry
+    );
     Ok(out)
 }
 
 /// A label value in the text format: `\`, `"` and newlines escaped.
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 pub async fn scrape(State(st): State<Shared>) -> Response {

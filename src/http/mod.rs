@@ -252,7 +252,8 @@ async fn serve_connection(
     };
     match tls {
         Some(acceptor) => {
-            let Ok(Ok(stream)) = tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await
+            let Ok(Ok(stream)) =
+                tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream)).await
             else {
                 return;
             };
