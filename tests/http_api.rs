@@ -588,3 +588,54 @@ async fn a_second_broker_on_the_same_http_address_is_refused() {
         .expect("starts");
     assert!(b.http_addr().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_over_tls() {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+    use std::sync::Arc;
+
+    let certs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let b = broker(|c| {
+        c.http.tls = Some(activation_broker::config::TlsSection {
+            bind: "127.0.0.1:0".parse().expect("addr"),
+            cert: certs.join("server.pem"),
+            key: certs.join("server.key"),
+        });
+    })
+    .await;
+    let addr = b.broker.http.as_ref().and_then(|h| h.tls_addr()).expect("https listener");
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    let pem = std::fs::read(certs.join("ca.pem")).expect("ca");
+    for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+        roots.add(cert.expect("pem")).expect("root");
+    }
+    let config = tokio_rustls::rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect("localhost".try_into().expect("name"), tcp)
+        .await
+        .expect("TLS handshake");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("HTTP/1.1");
+    tokio::spawn(conn);
+    let req = hyper::Request::post("/api/v1")
+        .header("host", "localhost")
+        .header("authorization", basic("ops", "ops-pw"))
+        .header("content-type", "application/json")
+        .body(Full::new(bytes::Bytes::from(
+            json!({"Action": "DescribeActivationSummary", "RequestId": "tls"}).to_string(),
+        )))
+        .expect("request");
+    let resp = tokio::time::timeout(WAIT, send.send_request(req))
+        .await
+        .expect("in time")
+        .expect("answer");
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    let v: Value = serde_json::from_slice(&body).expect("JSON");
+    assert_eq!((v["RequestId"].clone(), v["Code"].clone()), (json!("tls"), json!("OK")));
+}
