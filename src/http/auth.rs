@@ -114,10 +114,17 @@ impl Default for LoginSlots {
 }
 
 /// A refusal: its HTTP status and the admin-envelope-shaped JSON body.
-pub fn refusal(status: StatusCode, code: &str, message: &str) -> Response {
-    let body =
-        json!({ "RequestId": crate::admin::new_request_id(), "Code": code, "Message": message });
-    (status, Json(body)).into_response()
+pub fn refusal(status: StatusCode, code: &'static str, message: &str) -> Response {
+    let answer = crate::admin::respond(
+        crate::admin::new_request_id(),
+        Err(crate::admin::AdminError::new(code, message)),
+    );
+    let mut r = (status, crate::admin::envelope_text(&answer, false)).into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 fn unauthorized(headers: &HeaderMap, message: &str) -> Response {
