@@ -604,7 +604,12 @@ async fn the_api_over_tls() {
         });
     })
     .await;
-    let addr = b.broker.http.as_ref().and_then(|h| h.tls_addr()).expect("https listener");
+    let addr = b
+        .broker
+        .http
+        .as_ref()
+        .and_then(|h| h.tls_addr())
+        .expect("https listener");
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
     let pem = std::fs::read(certs.join("ca.pem")).expect("ca");
     for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
@@ -637,5 +642,8 @@ async fn the_api_over_tls() {
     assert_eq!(resp.status(), 200);
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     let v: Value = serde_json::from_slice(&body).expect("JSON");
-    assert_eq!((v["RequestId"].clone(), v["Code"].clone()), (json!("tls"), json!("OK")));
+    assert_eq!(
+        (v["RequestId"].clone(), v["Code"].clone()),
+        (json!("tls"), json!("OK"))
+    );
 }
