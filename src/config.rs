@@ -445,5 +445,11 @@ mod tests {
         }
         let e = Config::parse("[gate]\nsource_rate = -1.0\n", "t").unwrap_err();
         assert!(e.to_string().contains("gate.source_rate"), "{e}");
+        let e = Config::parse("[http]\nmax_body_bytes = 10\n", "t").unwrap_err();
+        assert!(e.to_string().contains("http.max_body_bytes"), "{e}");
+        let e = Config::parse("[http]\nbind = \"localhost\"\n", "t").unwrap_err();
+        assert!(e.to_string().contains("bind"), "{e}");
+        let c = Config::parse("[http]\nenabled = false\n", "t").expect("parses");
+        assert!(!c.http.enabled);
     }
 }
