@@ -410,6 +410,15 @@ async fn credentials_status_codes_limits_and_sessions() {
         (413, json!("InvalidParameter"))
     );
     assert!(r.body.contains("4096"), "{}", r.body);
+    let r = web
+        .request(
+            "POST",
+            "/api/login",
+            &[("content-type", "application/json")],
+            "x".repeat(5000),
+        )
+        .await;
+    assert_eq!(r.status, 413, "the login's body is limited too");
     // NotFound.* is 404 with the same envelope.
     let r = web
         .api(

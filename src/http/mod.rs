@@ -95,7 +95,10 @@ pub fn router(state: Shared) -> Router {
     if state.config.metrics {
         r = r.route("/metrics", get(metrics::scrape));
     }
-    r.merge(console::routes()).with_state(state)
+    // Every body extractor (the login's included) stops at the limit;
+    // `POST /api/v1` reads its body itself and answers 413 in the envelope.
+    let limit = axum::extract::DefaultBodyLimit::max(state.config.max_body_bytes);
+    r.merge(console::routes()).layer(limit).with_state(state)
 }
 
 /// Bound, not yet serving, HTTP listeners.
