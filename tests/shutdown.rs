@@ -1,8 +1,9 @@
 //! Wills at a graceful stop, black-box against the broker binary (issue
 //! 17): at SIGTERM an MQTT 5 device gets DISCONNECT 0x8B "server shutting
-//! down", an MQTT 3.1.1 device's connection is closed, and the wills of
-//! both reach a backend subscriber (mosquitto_sub on the accounts
-//! listener) before the broker exits 0.
+//! down", an MQTT 3.1.1 device's connection is closed, a will still waiting
+//! out its MQTT 5 Will Delay Interval goes out at once, and all three wills
+//! reach a backend subscriber (mosquitto_sub on the accounts listener)
+//! before the broker exits 0.
 
 mod common;
 
@@ -43,20 +44,22 @@ fn sigterm_sends_the_wills_to_subscribers_and_tells_mqtt5_clients() {
              [accounts_listener]\nbind = \"127.0.0.1:{acc}\"\n\
              [gate]\nsource_rate = 0.0\ndevice_rate = 0.0\nban_after_failures = 0\n\
              [[accounts]]\nname = \"backend\"\npassword_hash = \"{hash}\"\n\
-             subscribe = [\"devices/#\"]\n"
+             subscribe = [\"devices/#\"]\nevents = true\n"
         ),
     )
     .expect("config");
     let mut broker = ChildBroker::start(&broker_bin(), &config, &data, None);
     let addr = broker.addr;
 
-    // The backend: mosquitto_sub, until two messages or its connection ends.
+    // The backend: mosquitto_sub, until four messages (d3's
+    // `device/disconnected` event and three wills) or its connection ends.
     // Line-buffered: its lines are read as they come.
     let mut sub = Process::new("stdbuf")
         .args(["-oL", "mosquitto_sub"])
         .args(["-h", "127.0.0.1", "-p", &acc.to_string(), "-V", "mqttv311"])
         .args(["-i", "backend-1", "-u", "backend", "-P", "backend-pw"])
-        .args(["-t", "devices/+/+/status", "-q", "1", "-v", "-d", "-C", "2"])
+        .args(["-t", "devices/+/+/status", "-q", "1", "-v", "-d", "-C", "4"])
+        .args(["-t", "admin/v1/events/device/disconnected"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -70,6 +73,7 @@ fn sigterm_sends_the_wills_to_subscribers_and_tells_mqtt5_clients() {
             }
         }
     });
+    // One SUBSCRIBE with both filters.
     loop {
         let line = lines.recv_timeout(WAIT).expect("mosquitto_sub subscribes");
         if line.contains("SUBACK") {
@@ -123,6 +127,47 @@ fn sigterm_sends_the_wills_to_subscribers_and_tells_mqtt5_clients() {
             }
         }
     });
+
+    // Device d3, MQTT 5: its will waits 600 s after its connection is lost,
+    // its session 600 s. It is lost; the broker sees it gone (the event).
+    let (u3, p3) = device_credentials("p", "d3", &secret, now);
+    let mut o = rumqttc::v5::MqttOptions::new("p.d3", "127.0.0.1", addr.port());
+    o.set_credentials(u3, p3);
+    o.set_session_expiry_interval(Some(600));
+    o.set_last_will(rumqttc::v5::mqttbytes::v5::LastWill::new(
+        "devices/p/d3/status",
+        "d3 gone",
+        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+        false,
+        Some(rumqttc::v5::mqttbytes::v5::LastWillProperties {
+            delay_interval: Some(600),
+            payload_format_indicator: None,
+            message_expiry_interval: None,
+            content_type: None,
+            response_topic: None,
+            correlation_data: None,
+            user_properties: Vec::new(),
+        }),
+    ));
+    let (d3, mut el3) = rumqttc::v5::AsyncClient::new(o, 8);
+    rt.block_on(async {
+        loop {
+            use rumqttc::v5::mqttbytes::v5::Packet;
+            match tokio::time::timeout(WAIT, el3.poll()).await {
+                Ok(Ok(rumqttc::v5::Event::Incoming(Packet::ConnAck(_)))) => break,
+                Ok(Ok(_)) => continue,
+                other => panic!("d3 CONNACK: {other:?}"),
+            }
+        }
+    });
+    // The socket closed without DISCONNECT.
+    drop((d3, el3));
+    loop {
+        let line = lines.recv_timeout(WAIT).expect("d3's device/disconnected");
+        if line.starts_with("admin/v1/events/device/disconnected") && line.contains("\"d3\"") {
+            break;
+        }
+    }
 
     // SIGTERM; the devices' event loops see their connections end.
     let pid = broker.pid();
@@ -183,7 +228,7 @@ fn sigterm_sends_the_wills_to_subscribers_and_tells_mqtt5_clients() {
     assert!(!d1_end.contains("no end"), "d1: {d1_end}");
 
     let mut got = Vec::new();
-    while got.len() < 2 {
+    while got.len() < 3 {
         match lines.recv_timeout(WAIT) {
             Ok(line) if line.starts_with("devices/") => got.push(line),
             Ok(_) => {}
@@ -193,12 +238,16 @@ fn sigterm_sends_the_wills_to_subscribers_and_tells_mqtt5_clients() {
     got.sort();
     assert_eq!(
         got,
-        ["devices/p/d1/status d1 gone", "devices/p/d2/status d2 gone"],
-        "the backend received both wills:\n{log}"
+        [
+            "devices/p/d1/status d1 gone",
+            "devices/p/d2/status d2 gone",
+            "devices/p/d3/status d3 gone"
+        ],
+        "the backend received every will:\n{log}"
     );
     let _ = sub.wait();
     assert!(
-        log.contains("sessions ended") && log.contains("wills=2"),
+        log.contains("sessions ended") && log.contains("wills=3"),
         "{log}"
     );
 }

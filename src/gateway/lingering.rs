@@ -107,6 +107,8 @@ impl Shared {
             Some(Duration::ZERO)
         };
         let will_in = match expires_in {
+            // The server stops: the session ends with it, and so its will's wait.
+            _ if self.stopping.load(Ordering::SeqCst) => Duration::ZERO,
             Some(e) => will_delay.min(e),
             None => will_delay,
         };

@@ -338,6 +338,8 @@ pub(crate) struct Shared {
     /// Connections between their unregistration and the end of their will
     /// (`shutdown.rs`).
     ending: AtomicUsize,
+    /// A graceful stop is under way: wills go out without their delay.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Client id of the gateway's own link. Contains NUL, which no accepted
@@ -400,6 +402,7 @@ impl Gateway {
                 wills: tokio::sync::Mutex::new(tx),
                 wills_published: AtomicU64::new(0),
                 ending: AtomicUsize::new(0),
+                stopping: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }

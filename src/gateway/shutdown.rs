@@ -6,7 +6,8 @@
 //!    "Server shutting down", MQTT 3.1.1 connections are closed; neither
 //!    sent DISCONNECT, so each will is published (MQTT 3.1.1 §3.1.2.5,
 //!    MQTT 5 §3.1.2.5). Wills still waiting out an MQTT 5 Will Delay
-//!    Interval go out now too: the session ends with the server. This
+//!    Interval go out now too, and from now on a connection that ends
+//!    publishes its will without waiting: the session ends with the server. This
 //!    phase ends when no device is online, no connection is still ending
 //!    and every such will is handed to the router (or at the deadline).
 //! 2. If wills went out and accounts (backends) are still connected, they
@@ -21,6 +22,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::{DisconnectReason, Gateway, Identity, Shared};
@@ -73,27 +75,30 @@ impl Gateway {
         let gw = &self.shared;
         let deadline = Instant::now() + limit;
         let wills_before = gw.wills_published.load(Ordering::SeqCst);
+        // From here a connection that ends publishes its will at once.
+        gw.stopping.store(true, Ordering::SeqCst);
         let online = gw.online.clone();
         let devices = online.disconnect_matching(
             |s| is_device(&s.identity),
             DisconnectReason::ServerShuttingDown,
             MESSAGE,
         );
-        let delayed = gw.end_delayed_wills();
-        let mut complete = true;
-        for done in delayed {
-            if tokio::time::timeout_at(deadline, done).await.is_err() {
-                complete = false;
-            }
-        }
-        // A handshake in flight may register a device after the first call.
-        complete &= wait(deadline, || {
+        // Delayed wills go out now. Each turn looks again: a session may have
+        // started lingering just before `stopping` was set. A handshake in
+        // flight may register a device after the first call.
+        let mut delayed = Vec::new();
+        let mut complete = wait(deadline, || {
+            delayed.extend(gw.end_delayed_wills());
+            delayed.retain_mut(|done| {
+                matches!(done.try_recv(), Err(oneshot::error::TryRecvError::Empty))
+            });
             online.disconnect_matching(
                 |s| is_device(&s.identity),
                 DisconnectReason::ServerShuttingDown,
                 MESSAGE,
             ) == 0
                 && gw.ending.load(Ordering::SeqCst) == 0
+                && delayed.is_empty()
         })
         .await;
         let wills = gw.wills_published.load(Ordering::SeqCst) - wills_before;
