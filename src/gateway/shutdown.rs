@@ -31,7 +31,7 @@ use super::{DisconnectReason, Gateway, Identity, Shared};
 /// the router, for it to forward them.
 pub const WILL_DELIVERY: Duration = Duration::from_millis(500);
 /// How often the stop checks whether its sessions have ended.
-const POLL: Duration = Duration::from_millis(10);
+const POLL: Duration = Duration::from_millis(20);
 const MESSAGE: &str = "server shutting down";
 
 /// Counts a connection from the moment it starts ending (unregistered) to
@@ -96,7 +96,11 @@ impl Gateway {
                 |s| is_device(&s.identity),
                 DisconnectReason::ServerShuttingDown,
                 MESSAGE,
-            ) == 0
+            );
+            // A session stays registered until its end has begun (`Ending`).
+            online
+                .client_ids_where(|s| is_device(&s.identity))
+                .is_empty()
                 && gw.ending.load(Ordering::SeqCst) == 0
                 && delayed.is_empty()
         })
@@ -108,8 +112,8 @@ impl Gateway {
         let others =
             online.disconnect_matching(|_| true, DisconnectReason::ServerShuttingDown, MESSAGE);
         complete &= wait(deadline, || {
-            online.disconnect_matching(|_| true, DisconnectReason::ServerShuttingDown, MESSAGE) == 0
-                && gw.ending.load(Ordering::SeqCst) == 0
+            online.disconnect_matching(|_| true, DisconnectReason::ServerShuttingDown, MESSAGE);
+            online.is_empty() && gw.ending.load(Ordering::SeqCst) == 0
         })
         .await;
         Stopped {
