@@ -373,3 +373,72 @@ fn an_unknown_store_format_version_is_refused_at_start() {
         .expect("get");
     assert_eq!(v.as_deref(), Some(&1u32.to_be_bytes()[..]));
 }
+
+/// Backups taken while devices activate concurrently are each one instant
+/// of the ledger: every one restores (the restore loads it and checks the
+/// counters' invariants), holds as many devices as consumed codes, and the
+/// consumptions they hold never go backwards; the one taken after the
+/// flood holds all of it.
+#[test]
+fn backups_under_concurrent_activations_are_consistent() {
+    const TASKS: u32 = 8;
+    const PER_TASK: u32 = 200;
+    let t = common::open_ledger();
+    t.stocked("p", u64::from(TASKS * PER_TASK), 3600);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let paths: Vec<PathBuf> = (0..6).map(|i| dir.path().join(format!("b{i}"))).collect();
+    rt.block_on(async {
+        let flood: Vec<_> = (0..TASKS)
+            .map(|task| {
+                let ledger = t.ledger.clone();
+                tokio::spawn(async move {
+                    for i in 0..PER_TASK {
+                        let dk = format!("d{task}-{i}");
+                        ledger.connect("p", &dk).await.expect("admitted");
+                    }
+                })
+            })
+            .collect();
+        for path in &paths[..5] {
+            t.ledger.backup(path).await.expect("backup");
+        }
+        for f in flood {
+            f.await.expect("flood task");
+        }
+        t.ledger.backup(&paths[5]).await.expect("backup");
+    });
+    let mut last = 0;
+    for (i, path) in paths.iter().enumerate() {
+        let data = dir.path().join(format!("restored{i}"));
+        let store = data.join("ledger");
+        activation_broker::ledger::restore(path, &store, false)
+            .unwrap_or_else(|e| panic!("backup {i}: {e}"));
+        let ledger = common::child::open_offline(&data);
+        ledger
+            .check_invariants()
+            .unwrap_or_else(|e| panic!("backup {i}: {e}"));
+        let consumed = ledger.counters().consumed;
+        let filter = activation_broker::ledger::DeviceFilter {
+            product_key: "p".into(),
+            device_key_prefix: None,
+        };
+        let page = activation_broker::ledger::PageRequest::new(1, 1).expect("page");
+        let devices = ledger
+            .devices(&filter, page)
+            .unwrap_or_else(|e| panic!("backup {i}: {e}"))
+            .total;
+        assert_eq!(consumed, devices, "backup {i}");
+        assert!(consumed >= last, "backup {i}: {consumed} after {last}");
+        last = consumed;
+    }
+    assert_eq!(
+        last,
+        u64::from(TASKS * PER_TASK),
+        "the last backup holds the whole flood"
+    );
+}
