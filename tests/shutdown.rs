@@ -19,6 +19,16 @@ use common::child::{broker_bin, prepare_store, ChildBroker};
 const WAIT: Duration = Duration::from_secs(10);
 const STOP: Duration = Duration::from_secs(30);
 
+/// A child process killed when the test ends, passed or not.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     l.local_addr().expect("addr").port()
@@ -66,6 +76,7 @@ fn sigterm_sends_the_wills_to_subscribers_and_tells_mqtt5_clients() {
         .expect("mosquitto_sub (apt-get install mosquitto-clients)");
     let (lines_tx, lines) = mpsc::channel::<String>();
     let out = sub.stdout.take().expect("stdout");
+    let sub = Reaped(sub);
     std::thread::spawn(move || {
         for line in BufReader::new(out).lines().map_while(Result::ok) {
             if lines_tx.send(line).is_err() {
@@ -245,7 +256,7 @@ fn sigterm_sends_the_wills_to_subscribers_and_tells_mqtt5_clients() {
         ],
         "the backend received every will:\n{log}"
     );
-    let _ = sub.wait();
+    drop(sub);
     assert!(
         log.contains("sessions ended") && log.contains("wills=3"),
         "{log}"
