@@ -64,6 +64,32 @@ enum Cmd {
     /// Operator CLI: run an admin action over the admin topics, `events`
     /// to stream events, or `actions` to list them.
     Admin(AdminCliArgs),
+    /// Restore the ledger from a backup (`admin BackupLedger` or `backup`)
+    /// into a data directory whose broker is stopped. The backup is checked
+    /// whole first; a store in use by a running broker is refused, and any
+    /// other existing store too unless `--force` (it is then moved aside,
+    /// not deleted).
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+        /// The broker's data directory (the ledger is its `ledger/`).
+        #[arg(long, alias = "data")]
+        data_dir: PathBuf,
+        /// Replace an existing store (moved aside to `ledger.replaced-<time>`).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Back up the ledger of a stopped broker to a new file (a running
+    /// broker is backed up with `admin BackupLedger`).
+    Backup {
+        /// The broker's data directory.
+        #[arg(long, alias = "data")]
+        data_dir: PathBuf,
+        /// The backup file to create (never replaces a file).
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Print the argon2 hash of a password (from --password or stdin) for `[[accounts]]`.
     HashPassword {
         #[arg(long)]
@@ -109,6 +135,12 @@ fn main() -> ExitCode {
             print!("{}", activation_broker::config::DEFAULT_CONFIG);
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Restore {
+            from,
+            data_dir,
+            force,
+        } => restore(&from, &data_dir, force),
+        Cmd::Backup { data_dir, out } => backup(&data_dir, &out),
         Cmd::Admin(args) => rt.block_on(admin::cli::run(args)).map(exit_code),
         Cmd::HashPassword { password } => {
             let mut params = Vec::new();
@@ -147,6 +179,50 @@ fn describe(e: &anyhow::Error) -> String {
 fn exit_code(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
+
+/// The ledger's directory in a data directory.
+fn ledger_dir(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join(activation_broker::server::LEDGER_DIR)
+}
+
+fn restore(
+    from: &std::path::Path,
+    data_dir: &std::path::Path,
+    force: bool,
+) -> anyhow::Result<ExitCode> {
+    let dir = ledger_dir(data_dir);
+    let r = activation_broker::ledger::restore(from, &dir, force)?;
+    println!(
+        "restored {} records (store format version {}, taken at {} UTC) from {} into {}",
+        r.records,
+        r.format_version,
+        activation_broker::clock::format_time(r.taken_at),
+        from.display(),
+        dir.display()
+    );
+    if let Some(aside) = r.moved_aside {
+        println!("the store it replaced was moved to {}", aside.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn backup(data_dir: &std::path::Path, out: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let dir = ledger_dir(data_dir);
+    let info = activation_broker::ledger::backup_stopped(&dir, out)?;
+    println!(
+        "backed up {} records (store format version {}, {} bytes, sha256 {}) from {} to {}",
+        info.records,
+        info.format_version,
+        info.bytes,
+        info.sha256,
+        dir.display(),
+        info.path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Longest graceful stop of the sessions (their wills out) at SIGTERM/SIGINT.
+const STOP_LIMIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Exit status after the ledger's store failed (see `Ledger::failed`).
 const STORE_FAILED: u8 = 3;
@@ -190,7 +266,14 @@ async fn serve(mut config: Config, data: Option<PathBuf>, demo: bool) -> anyhow:
         }
     }
     tracing::info!("shutting down");
-    broker.shutdown();
+    let stopped = broker.stop(STOP_LIMIT).await;
+    tracing::info!(
+        devices = stopped.devices,
+        accounts = stopped.others,
+        wills = stopped.wills,
+        complete = stopped.complete,
+        "sessions ended"
+    );
     broker.ledger.flush()?;
     Ok(ExitCode::SUCCESS)
 }

@@ -21,6 +21,12 @@ use crate::gateway::{router_config_with, Gateway, Listener, RouterHandle};
 use crate::http::{HttpServer, HttpState};
 use crate::ledger::{Ledger, LedgerOptions};
 
+/// The ledger's store, in the data directory.
+pub const LEDGER_DIR: &str = "ledger";
+
+/// Where `BackupLedger` writes, in the data directory.
+pub const BACKUP_DIR: &str = "backups";
+
 /// A running broker.
 pub struct Broker {
     pub config: Config,
@@ -76,7 +82,7 @@ impl Broker {
             pool_low_threshold: config.ledger.pool_low_threshold,
             ..LedgerOptions::default()
         };
-        let path = config.data_dir.join("ledger");
+        let path = config.data_dir.join(LEDGER_DIR);
         let (c, e) = (clock.clone(), events.clone());
         let ledger = tokio::task::spawn_blocking(move || Ledger::open(&path, options, c, e))
             .await?
@@ -105,7 +111,8 @@ impl Broker {
         }
         let router = gateway.router().clone();
         let admin_ctx = AdminContext::new(ledger.clone(), config.ledger.near_expiry_days)
-            .with_gate(gate.clone());
+            .with_gate(gate.clone())
+            .with_backup_dir(config.data_dir.join(BACKUP_DIR));
         let admin = AdminService::start(admin_ctx.clone(), accounts.clone(), move |id| {
             Ok(router.link_blocking(id, true)?)
         })
@@ -168,6 +175,21 @@ impl Broker {
     /// The plain HTTP listener's address, if it is enabled.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http.as_ref().map(HttpServer::local_addr)
+    }
+
+    /// Stops gracefully (SIGTERM/SIGINT): stops accepting, ends every
+    /// session as the protocol says for a server going away (MQTT 5:
+    /// DISCONNECT 0x8B; MQTT 3.1.1: the socket closed) so that their wills
+    /// go out, devices first while accounts still receive them
+    /// (`gateway/shutdown.rs`), then [`Broker::shutdown`]. Sessions still
+    /// open after `limit` are dropped.
+    pub async fn stop(&self, limit: std::time::Duration) -> crate::gateway::Stopped {
+        for l in self.device_listeners.iter().chain(&self.account_listeners) {
+            l.shutdown();
+        }
+        let stopped = self.gateway.stop_sessions(limit).await;
+        self.shutdown();
+        stopped
     }
 
     /// Stops accepting, drops every connection (their I/O threads end) and

@@ -68,6 +68,8 @@ pub struct AdminContext {
     pub near_expiry_days: u64,
     /// The activation gate, for DescribeBans and RemoveBan.
     pub gate: Option<Arc<Gate>>,
+    /// Where BackupLedger writes its files.
+    pub backup_dir: Option<std::path::PathBuf>,
 }
 
 impl AdminContext {
@@ -76,7 +78,21 @@ impl AdminContext {
             ledger,
             near_expiry_days,
             gate: None,
+            backup_dir: None,
         }
+    }
+
+    /// With the directory BackupLedger writes its files to.
+    pub fn with_backup_dir(mut self, dir: std::path::PathBuf) -> Self {
+        self.backup_dir = Some(dir);
+        self
+    }
+
+    /// The backup directory, or `ServiceUnavailable` if this context has none.
+    pub fn backup_dir(&self) -> Result<&std::path::Path, AdminError> {
+        self.backup_dir
+            .as_deref()
+            .ok_or_else(|| AdminError::unavailable("no backup directory in this admin context"))
     }
 
     /// With the gate whose bans DescribeBans and RemoveBan see.

@@ -170,6 +170,7 @@ where
         let _ = flush(&mut stream, &mut session.wbuf, Duration::from_secs(1)).await;
         close(&mut stream).await;
 
+        let _ending = super::shutdown::Ending::start(&gw);
         guard.finish(end.link_gone).await;
         if !end.taken_over {
             gw.connection_ended(Ended {

@@ -74,6 +74,9 @@ enum Fate {
     Resumed,
     /// Clean start: the old session is over; its will goes out now.
     Ended,
+    /// The server stops: the session ends with it, its will goes out now;
+    /// told when it is out.
+    ServerStopping(oneshot::Sender<()>),
 }
 
 pub(crate) struct Lingering {
@@ -104,6 +107,8 @@ impl Shared {
             Some(Duration::ZERO)
         };
         let will_in = match expires_in {
+            // The server stops: the session ends with it, and so its will's wait.
+            _ if self.stopping.load(Ordering::SeqCst) => Duration::ZERO,
             Some(e) => will_delay.min(e),
             None => will_delay,
         };
@@ -163,6 +168,28 @@ impl Shared {
                 Fate::Resumed
             });
         }
+    }
+
+    /// At a graceful stop: every lingering session still waiting out a
+    /// will delay ends now and publishes its will; each receiver resolves
+    /// when its will is handed to the router.
+    pub(crate) fn end_delayed_wills(&self) -> Vec<oneshot::Receiver<()>> {
+        let mut lingering = self.lingering.lock();
+        let pending: Vec<String> = lingering
+            .iter()
+            .filter(|(_, l)| l.will_pending)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut done = Vec::with_capacity(pending.len());
+        for id in pending {
+            if let Some(l) = lingering.remove(&id) {
+                let (tx, rx) = oneshot::channel();
+                if l.fate.send(Fate::ServerStopping(tx)).is_ok() {
+                    done.push(rx);
+                }
+            }
+        }
+        done
     }
 
     /// Whether lingering session `token` of `client_id` still waits for its
@@ -237,10 +264,16 @@ async fn linger(
             }
             f = &mut fate => Some(f),
         };
-        if matches!(settled, None | Some(Ok(Fate::Ended))) {
-            publish_will(&gw, will).await;
+        let was_settled = settled.is_some();
+        match settled {
+            None | Some(Ok(Fate::Ended)) => publish_will(&gw, will).await,
+            Some(Ok(Fate::ServerStopping(done))) => {
+                publish_will(&gw, will).await;
+                let _ = done.send(());
+            }
+            Some(Ok(Fate::Resumed)) | Some(Err(_)) => {}
         }
-        if settled.is_some() {
+        if was_settled {
             return;
         }
     }
@@ -272,11 +305,14 @@ pub(crate) async fn publish_will(gw: &Shared, (will, props): Will) {
         content_type: p.content_type,
     });
     let mut tx = gw.wills.lock().await;
-    if let Err(e) = tx
+    match tx
         .send(&mut vec![Packet::Publish(publish, properties)])
         .await
     {
-        tracing::warn!(error = %e, "cannot publish will");
+        Ok(()) => {
+            gw.wills_published.fetch_add(1, Ordering::SeqCst);
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot publish will"),
     }
 }
 

@@ -64,6 +64,7 @@ pub mod online;
 mod proxy;
 pub mod router_link;
 mod session;
+mod shutdown;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -86,6 +87,7 @@ pub use router_link::{
     router_config, router_config_with, LinkClosed, RouterHandle, RouterLink, RouterLinkRx,
     RouterLinkTx, INTERNAL_LINKS,
 };
+pub use shutdown::{Stopped, WILL_DELIVERY};
 
 use crate::clock::Clock;
 use crate::events::EventBus;
@@ -332,6 +334,13 @@ pub(crate) struct Shared {
     linked: AtomicUsize,
     /// The link wills are published through (wills outlive their link).
     wills: tokio::sync::Mutex<RouterLinkTx>,
+    /// Wills handed to the router so far.
+    wills_published: AtomicU64,
+    /// Connections between their unregistration and the end of their will
+    /// (`shutdown.rs`).
+    ending: AtomicUsize,
+    /// A graceful stop is under way: wills go out without their delay.
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Client id of the gateway's own link. Contains NUL, which no accepted
@@ -392,6 +401,9 @@ impl Gateway {
                 runtime: tokio::runtime::Handle::current(),
                 linked: AtomicUsize::new(0),
                 wills: tokio::sync::Mutex::new(tx),
+                wills_published: AtomicU64::new(0),
+                ending: AtomicUsize::new(0),
+                stopping: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }

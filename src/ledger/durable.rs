@@ -82,11 +82,7 @@ pub fn check_existing(dir: &Path) -> Result<(), LedgerError> {
         let entry = entry.map_err(|e| io_error("reading the store directory", dir, e))?;
         names.push(entry.file_name());
     }
-    let blobs_empty = fs::read_dir(dir.join(BLOBS))
-        .map(|mut d| d.next().is_none())
-        .unwrap_or(true);
-    let fresh = names.iter().all(|n| n == BLOBS) && blobs_empty;
-    if fresh {
+    if is_fresh(dir, &names) {
         return Ok(());
     }
     let refuse = |why: String| {
@@ -125,6 +121,28 @@ pub fn check_existing(dir: &Path) -> Result<(), LedgerError> {
         return Err(refuse(format!("{} is missing", db.display())));
     }
     Ok(())
+}
+
+/// Whether the directory with these entries holds no store: nothing, or
+/// only sled's empty `blobs/`.
+fn is_fresh(dir: &Path, names: &[std::ffi::OsString]) -> bool {
+    let blobs_empty = fs::read_dir(dir.join(BLOBS))
+        .map(|mut d| d.next().is_none())
+        .unwrap_or(true);
+    names.iter().all(|n| n == BLOBS) && blobs_empty
+}
+
+/// Whether `dir` holds a store (readable or not): anything besides an empty
+/// `blobs/`. A missing directory holds none.
+pub fn holds_store(dir: &Path) -> io::Result<bool> {
+    let names = match fs::read_dir(dir) {
+        Ok(d) => d
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<io::Result<Vec<_>>>()?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    Ok(!is_fresh(dir, &names))
 }
 
 /// A switch that makes the next durability steps fail as a failing disk

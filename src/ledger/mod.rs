@@ -10,12 +10,15 @@
 //! the write lock until its batch is flushed, so queries never see
 //! non-durable data either.
 
+mod backup;
 mod durable;
 mod fast;
 mod model;
 mod query;
+mod restore;
 mod state;
 mod store;
+mod version;
 mod writer;
 
 use std::path::Path;
@@ -35,10 +38,13 @@ pub use query::{
 
 use crate::clock::{Clock, Millis};
 use crate::events::EventBus;
+pub use backup::{BackupError, BackupInfo};
 use durable::StoreFiles;
 pub use durable::{create_private_dir, SyncFault, DIR_MODE, FILE_MODE};
 use fast::FastView;
+pub use restore::{backup_stopped, restore, Restored};
 use state::State;
+pub use version::{FORMAT_VERSION, OLDEST_READABLE};
 use writer::{Request, WriterHandle};
 
 /// Tunables of the ledger.
@@ -297,6 +303,7 @@ impl Ledger {
             .map_err(|e| {
                 LedgerError::Unavailable(format!("opening the store in {}: {e}", path.display()))
             })?;
+        version::check_and_record(&db, path)?;
         let tree = db.open_tree(store::TREE)?;
         db.flush()?;
         let files = Arc::new(StoreFiles::open(path, options.sync_fault.clone())?);
@@ -528,6 +535,25 @@ impl Ledger {
             .await?;
         rx.await
             .map_err(|_| LedgerError::Unavailable("ledger writer stopped".into()))?
+    }
+
+    /// Backs up the ledger to `path` (a new file): the writer takes the
+    /// snapshot between two batches (it is the only writer, so the snapshot
+    /// holds every batch before it whole and nothing of the next); the file
+    /// is written off the writer, on the blocking pool.
+    pub async fn backup(&self, path: &Path) -> Result<BackupInfo, BackupError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .writer
+            .send(Request::Snapshot { reply: tx })
+            .await?;
+        let snap = rx
+            .await
+            .map_err(|_| LedgerError::Unavailable("ledger writer stopped".into()))??;
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || backup::write(&path, &snap))
+            .await
+            .map_err(|e| BackupError(format!("writing the backup failed: {e}")))?
     }
 
     /// Read-only mode (maintenance, disk trouble drills): every write —

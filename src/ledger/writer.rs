@@ -15,6 +15,7 @@ use std::thread;
 use parking_lot::RwLock;
 use tokio::sync::{mpsc, oneshot};
 
+use super::backup::Snapshot;
 use super::durable::StoreFiles;
 use super::fast::FastView;
 use super::model::{CodeRecord, TokenRecord};
@@ -39,6 +40,11 @@ pub enum Request {
     TakeExpiring {
         window_ms: Millis,
         reply: oneshot::Sender<Result<Vec<CodeRecord>, LedgerError>>,
+    },
+    /// Every record as of now, for a backup: taken after every request
+    /// before it is committed and before any after it is applied.
+    Snapshot {
+        reply: oneshot::Sender<Result<Snapshot, LedgerError>>,
     },
     /// An operator action outside the ledger, for the audit log alone.
     Audit {
@@ -180,29 +186,52 @@ fn run(ctx: WriterContext, mut rx: mpsc::Receiver<Request>) {
     let mut poisoned: Option<LedgerError> = None;
     while let Some(first) = rx.blocking_recv() {
         pending.push(first);
-        while pending.len() < max_batch {
+        // A snapshot ends the batch: it follows the batch's commit.
+        while pending.len() < max_batch && !is_snapshot(pending.last()) {
             match rx.try_recv() {
                 Ok(r) => pending.push(r),
                 Err(_) => break,
             }
         }
+        let snapshot = match pending.pop() {
+            Some(Request::Snapshot { reply }) => Some(reply),
+            Some(other) => {
+                pending.push(other);
+                None
+            }
+            None => None,
+        };
         if let Some(e) = &poisoned {
             for r in pending.drain(..) {
                 answer_unavailable(r, e);
             }
-            continue;
-        }
-        if ctx.read_only.load(std::sync::atomic::Ordering::SeqCst) {
+        } else if ctx.read_only.load(std::sync::atomic::Ordering::SeqCst) {
             let e = LedgerError::Unavailable("the ledger is read-only".into());
             for r in pending.drain(..) {
                 answer_unavailable(r, &e);
             }
-            continue;
-        }
-        if let Err(stopped) = commit_batch(&ctx, &mut pending) {
+        } else if let Err(stopped) = commit_batch(&ctx, &mut pending) {
             poisoned = Some(stopped);
         }
+        if let Some(reply) = snapshot {
+            let _ = reply.send(match &poisoned {
+                // What the disk holds is unknown: no backup of it.
+                Some(e) => Err(e.clone()),
+                None => take_snapshot(&ctx),
+            });
+        }
     }
+}
+
+fn is_snapshot(r: Option<&Request>) -> bool {
+    matches!(r, Some(Request::Snapshot { .. }))
+}
+
+/// Every record of the tree, with the store's format version: the writer
+/// is between two batches, so nothing changes meanwhile.
+fn take_snapshot(ctx: &WriterContext) -> Result<Snapshot, LedgerError> {
+    let version = super::version::recorded(&ctx.db)?.unwrap_or(super::version::FORMAT_VERSION);
+    Ok(Snapshot::of(&ctx.tree, version, ctx.clock.now())?)
 }
 
 /// Stops the writer for good after the store failed with `e`: logs it and
@@ -233,6 +262,9 @@ fn answer_unavailable(r: Request, e: &LedgerError) {
             let _ = reply.send(Err(e.clone()));
         }
         Request::Audit { reply, .. } => {
+            let _ = reply.send(Err(e.clone()));
+        }
+        Request::Snapshot { reply } => {
             let _ = reply.send(Err(e.clone()));
         }
     }
@@ -291,6 +323,12 @@ fn commit_batch(ctx: &WriterContext, pending: &mut Vec<Request>) -> Result<(), L
             } => {
                 st.append_audit(entry, code, message, now);
                 replies.push(Reply::Audit(reply));
+            }
+            // `run` takes a snapshot out of its batch (it ends one).
+            Request::Snapshot { reply } => {
+                let _ = reply.send(Err(LedgerError::Unavailable(
+                    "a snapshot was taken into a batch".into(),
+                )));
             }
         }
     }

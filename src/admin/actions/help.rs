@@ -2,6 +2,7 @@
 //! lines at the top of its file, which name its parameters) and the format
 //! and limits of every parameter it names.
 
+use super::backup_ledger::MAX_FILE_NAME;
 use super::create_order::{MAX_QUANTITY, MAX_VALIDITY_SECS};
 use super::describe_near_expiry_devices::MAX_DAYS;
 use crate::admin::params::{MAX_KEYS, MAX_PAGE_NUMBER, MAX_PAGE_SIZE, MAX_TEXT_LEN};
@@ -63,6 +64,12 @@ fn formats() -> Vec<(&'static str, String)> {
         ("Enabled", "boolean".into()),
         ("UnassignedOnly", "boolean".into()),
         ("Source", "IP address (IPv4 or IPv6)".into()),
+        (
+            "FileName",
+            format!(
+                "file name [A-Za-z0-9._-], 1 to {MAX_FILE_NAME} characters, not starting with '.'"
+            ),
+        ),
         ("ActivateFrom", time.into()),
         ("ActivateTo", time.into()),
         ("ExpireFrom", time.into()),
@@ -118,8 +125,11 @@ pub fn help(name: &str, source: &str, list: bool) -> String {
     for (param, format) in formats() {
         let paging = list && (param == "PageNumber" || param == "PageSize");
         // Every ledger mutation is idempotent with a ClientToken.
-        let mutation_token =
-            param == "ClientToken" && !list && !name.starts_with("Describe") && name != "RemoveBan";
+        let mutation_token = param == "ClientToken"
+            && !list
+            && !name.starts_with("Describe")
+            && name != "RemoveBan"
+            && name != "BackupLedger";
         if words.iter().any(|w| w == param) || paging || mutation_token {
             out.push_str(&format!("  --{param:<18} {format}\n"));
             any = true;

@@ -11,6 +11,7 @@ use crate::ledger::CodeFilter;
 
 mod add_auto_renewal_blacklist;
 mod assign_activation_codes;
+mod backup_ledger;
 mod create_order;
 mod create_product;
 mod delete_device;
@@ -118,6 +119,7 @@ actions! {
     DeleteDevice => delete_device, Delete;
     DeleteProduct => delete_product, Delete;
     RemoveBan => remove_ban, Delete;
+    BackupLedger => backup_ledger, Create;
 }
 
 /// `admin <Action> --help`: what the action does and the format and

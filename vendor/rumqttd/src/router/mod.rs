@@ -28,6 +28,8 @@ mod retained;
 mod routing;
 mod scheduler;
 pub(crate) mod shared_subs;
+#[cfg(test)]
+mod stale_events_tests;
 mod waiters;
 
 pub use alertlog::Alert;

@@ -427,7 +427,10 @@ impl Router {
         let client_id = match &self.obufs.get(id) {
             Some(v) => v.client_id.clone(),
             None => {
-                error!("no-connection id {} is already gone", id);
+                // Normal: the router already ended this connection (its
+                // DISCONNECT came in its data, or a takeover), then the
+                // link's own Disconnect event arrived. Nothing is lost.
+                debug!("no-connection id {} is already gone", id);
                 return;
             }
         };
@@ -563,7 +566,12 @@ impl Router {
         let incoming = match self.ibufs.get_mut(id) {
             Some(v) => v,
             None => {
-                error!("no-connection id {} is already gone", id);
+                // Normal: a link pushes each packet into its buffer and then
+                // sends one DeviceData event; the router takes the whole
+                // buffer at the first event. When that buffer ended with a
+                // DISCONNECT, the connection is gone by the time the events
+                // of the packets already taken arrive. Nothing is lost.
+                debug!("no-connection id {} is already gone", id);
                 return;
             }
         };
