@@ -50,6 +50,7 @@ fn config(dir: &Path, accounts_port: u16) -> PathBuf {
         format!(
             "[devices]\nbind = \"127.0.0.1:0\"\n\
              [accounts_listener]\nbind = \"127.0.0.1:{accounts_port}\"\n\
+             [http]\nbind = \"127.0.0.1:0\"\n\
              [gate]\nsource_rate = 0.0\ndevice_rate = 0.0\nban_after_failures = 0\n\
              [[accounts]]\nname = \"ops\"\npassword_hash = \"{}\"\nrole = \"admin\"\n",
             hash.trim()
@@ -332,7 +333,8 @@ fn an_unknown_store_format_version_is_refused_at_start() {
     let config = dir.path().join("c.toml");
     std::fs::write(
         &config,
-        "[devices]\nbind = \"127.0.0.1:0\"\n[accounts_listener]\nbind = \"127.0.0.1:0\"\n",
+        "[devices]\nbind = \"127.0.0.1:0\"\n[accounts_listener]\nbind = \"127.0.0.1:0\"\n\
+         [http]\nbind = \"127.0.0.1:0\"\n",
     )
     .expect("config");
     let out = Process::new(broker_bin())

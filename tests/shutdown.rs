@@ -52,6 +52,7 @@ fn sigterm_sends_the_wills_to_subscribers_and_tells_mqtt5_clients() {
         format!(
             "[devices]\nbind = \"127.0.0.1:0\"\n\
              [accounts_listener]\nbind = \"127.0.0.1:{acc}\"\n\
+             [http]\nbind = \"127.0.0.1:0\"\n\
              [gate]\nsource_rate = 0.0\ndevice_rate = 0.0\nban_after_failures = 0\n\
              [[accounts]]\nname = \"backend\"\npassword_hash = \"{hash}\"\n\
              subscribe = [\"devices/#\"]\nevents = true\n"
