@@ -309,6 +309,25 @@ fn backup_while_running_and_restore() {
     stop(broker);
 }
 
+/// Opens the store with sled once the ledger just dropped in this process
+/// has let go of it: sled's background I/O threads hold the store's file
+/// lock for a moment after the last handle is dropped.
+fn open_released(store: &Path) -> sled::Db {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match sled::open(store) {
+            Ok(db) => return db,
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(e) => panic!("open the store {}: {e}", store.display()),
+        }
+    }
+}
+
 /// A store whose recorded format version is newer than this broker reads
 /// is refused at start, naming both; a store without one (made before
 /// versions were recorded) is version 1 and gets it written.
@@ -319,7 +338,7 @@ fn an_unknown_store_format_version_is_refused_at_start() {
     prepare_store(&data, "p", 1, 3600);
     let store = data.join("ledger");
     {
-        let db = sled::open(&store).expect("open the store");
+        let db = open_released(&store);
         let meta = db.open_tree("meta").expect("meta");
         assert_eq!(
             meta.get("format_version").expect("get").as_deref(),
@@ -360,14 +379,14 @@ fn an_unknown_store_format_version_is_refused_at_start() {
 
     // A store from before versions were recorded opens and gets version 1.
     {
-        let db = sled::open(&store).expect("open the store");
+        let db = open_released(&store);
         db.drop_tree("meta").expect("drop meta");
         db.flush().expect("flush");
     }
     let ledger = common::child::open_offline(&data);
     assert!(ledger.product("p").is_ok());
     drop(ledger);
-    let db = sled::open(&store).expect("open the store");
+    let db = open_released(&store);
     let v = db
         .open_tree("meta")
         .expect("meta")
