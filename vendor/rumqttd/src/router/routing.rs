@@ -9,7 +9,7 @@ use crate::router::scheduler::{PauseReason, Tracker};
 use crate::router::{ConnectionEvents, Forward};
 use crate::segments::Position;
 use crate::*;
-use flume::{bounded, Receiver, RecvError, Sender, TryRecvError};
+use flume::{bounded, Receiver, RecvError, RecvTimeoutError, Sender, TryRecvError};
 use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::Utf8Error;
@@ -55,6 +55,10 @@ pub enum RouterError {
 
 // TODO: set this to some appropriate value
 const TOPIC_ALIAS_MAX: u16 = 4096;
+
+#[path = "flow.rs"]
+mod flow;
+use flow::{passes_pause, readers_at_risk, Flow};
 
 /// Why a publish was not stored (answered with reason 0x97, Quota exceeded)
 #[derive(Error, Debug)]
@@ -112,6 +116,8 @@ pub struct Router {
     last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
     /// Client ids exempt from the per-client caps
     quota_exempt: HashSet<String>,
+    /// Publishers paused for lagging QoS 1/2 readers (`flow.rs`)
+    flow: Flow,
 }
 
 impl Router {
@@ -131,6 +137,7 @@ impl Router {
         };
 
         let max_connections = config.max_connections;
+        let flow = Flow::new(config.max_publisher_stall_ms);
         let quota_exempt = config.quota_exempt_clients.iter().cloned().collect();
         Router {
             id: router_id,
@@ -157,6 +164,7 @@ impl Router {
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
             quota_exempt,
+            flow,
         }
     }
 
@@ -210,8 +218,19 @@ impl Router {
         // Block on incoming events if there are no ready connections for consumption
         if self.consume().is_none() {
             // trace!("{}:: {:20} {:20} {:?}", self.id, "", "done-await", self.readyqueue);
-            let (id, data) = self.router_rx.recv()?;
-            self.events(id, data);
+            // Publishers waiting for a reader are resumed at the end of
+            // their stall even if nothing else happens
+            match self.flow.deadline() {
+                None => {
+                    let (id, data) = self.router_rx.recv()?;
+                    self.events(id, data);
+                }
+                Some(deadline) => match self.router_rx.recv_deadline(deadline) {
+                    Ok((id, data)) => self.events(id, data),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return Err(RouterError::Disconnected),
+                },
+            }
         }
 
         // Try reading more from connections in a non-blocking
@@ -240,6 +259,8 @@ impl Router {
         for _ in 0..100 {
             self.consume();
         }
+
+        self.resume_publishers();
 
         // self.send_all_alerts();
         Ok(())
@@ -284,6 +305,7 @@ impl Router {
         incoming: Incoming,
         mut outgoing: Outgoing,
     ) {
+        outgoing.set_max_inflight(self.config.max_outgoing_inflight);
         let client_id = outgoing.client_id.clone();
         if let Err(err) = validate_clientid(&client_id) {
             error!("Invalid client_id: {}", err);
@@ -434,6 +456,7 @@ impl Router {
 
         let span = tracing::info_span!("incoming_disconnect", client_id);
         let _guard = span.enter();
+        self.flow.forget(id);
 
         // must handle last will before sending disconnect packet
         // as the disconnecting client might have subscribed to will topic.
@@ -582,7 +605,16 @@ impl Router {
 
         // info!("{:15.15}[I] {:20} count = {}", client_id, "packets", packets.len());
 
+        // A publisher paused for a lagging reader (`flow.rs`): its packets
+        // wait in its link's buffer, in order, but for acks and DISCONNECT
+        let mut paused = self.flow.is_paused(id);
+        let mut held = VecDeque::new();
+
         for packet in packets.drain(0..) {
+            if paused && !passes_pause(&packet) {
+                held.push_back(packet);
+                continue;
+            }
             match packet {
                 Packet::Publish(publish, properties) => {
                     let span = tracing::error_span!("publish", topic = ?publish.topic, pkid = publish.pkid);
@@ -630,16 +662,8 @@ impl Router {
                     // multiple commit logs.
 
                     match qos {
-                        QoS::AtLeastOnce => {
-                            let puback = PubAck {
-                                pkid,
-                                reason: PubAckReason::Success,
-                            };
-
-                            let ackslog = self.ackslog.get_mut(id).unwrap();
-                            ackslog.puback(puback);
-                            force_ack = true;
-                        }
+                        // Acknowledged once stored (below)
+                        QoS::AtLeastOnce => {}
                         QoS::ExactlyOnce => {
                             let pubrec = PubRec {
                                 pkid,
@@ -656,23 +680,55 @@ impl Router {
                         }
                     };
 
-                    self.router_meters.total_publishes += 1;
-
-                    // Try to append publish to commitlog
+                    // Try to append publish to commitlog, unless that drops
+                    // entries an online QoS 1/2 reader has not read
+                    let (flow, scheduler, shared, subscriptions) = (
+                        &mut self.flow,
+                        &self.scheduler,
+                        &self.shared_subscriptions,
+                        &self.subscription_map,
+                    );
+                    let mut may_drop = |idx: FilterIdx, filter: &str, drop: (u64, u64)| {
+                        flow.may_drop(idx, || {
+                            readers_at_risk(scheduler, shared, subscriptions, idx, filter, drop)
+                        })
+                    };
                     match append_to_commitlog(
                         id,
                         publish.clone(),
-                        properties,
+                        properties.clone(),
                         &mut self.datalog,
                         &mut self.notifications,
                         &mut self.connections,
                         &self.quota_exempt,
+                        &mut may_drop,
                     ) {
-                        Ok(_offset) => {
+                        Ok(Appended::Blocked(idx)) => {
+                            let filter = self
+                                .datalog
+                                .native
+                                .get(idx)
+                                .map_or_else(String::new, |d| d.filter().to_owned());
+                            self.flow.pause(id, idx, &filter);
+                            paused = true;
+                            held.push_back(Packet::Publish(publish, properties));
+                            continue;
+                        }
+                        Ok(Appended::Stored) => {
                             // Even if one of the data in the batch is appended to commitlog,
                             // set new data. This triggers notifications to wake waiters.
                             // Don't overwrite this flag to false if it is already true.
                             new_data = true;
+                            self.router_meters.total_publishes += 1;
+                            if qos == QoS::AtLeastOnce {
+                                let puback = PubAck {
+                                    pkid,
+                                    reason: PubAckReason::Success,
+                                };
+                                let ackslog = self.ackslog.get_mut(id).unwrap();
+                                ackslog.puback(puback);
+                                force_ack = true;
+                            }
                         }
                         Err(e) => {
                             // Disconnect on bad publishes
@@ -818,6 +874,7 @@ impl Router {
                             let ackslog = self.ackslog.get_mut(id).unwrap();
                             ackslog.unsuback(unsuback);
                             self.scheduler.untrack(id, filter);
+                            self.flow.reader_left();
                             if let Some(idx) = self.datalog.filter_idx(&filter_path) {
                                 self.datalog.remove_waiters_for_id(id, idx, group);
                             }
@@ -888,7 +945,8 @@ impl Router {
                         }
                     };
 
-                    // Try to append publish to commitlog
+                    // Try to append publish to commitlog (a released QoS 2
+                    // publish is not held back: its PUBREL completes now)
                     match append_to_commitlog(
                         id,
                         publish,
@@ -897,8 +955,9 @@ impl Router {
                         &mut self.notifications,
                         &mut self.connections,
                         &self.quota_exempt,
+                        &mut |_, _, _| true,
                     ) {
-                        Ok(_offset) => {
+                        Ok(_) => {
                             // Even if one of the data in the batch is appended to commitlog,
                             // set new data. This triggers notifications to wake waiters.
                             // Don't overwrite this flag to false if it is already true.
@@ -955,6 +1014,14 @@ impl Router {
         // let one burst give every link a large buffer
         shrink_idle(&mut packets);
         self.cache = Some(packets);
+
+        // Held packets go back in front of what the link sent meanwhile
+        if let Some(incoming) = self.ibufs.get(id).filter(|_| !held.is_empty()) {
+            let mut buffer = incoming.buffer.lock();
+            while let Some(packet) = held.pop_back() {
+                buffer.push_front(packet);
+            }
+        }
 
         // Prepare AcksRequest in tracker if router is operating in a
         // single node mode or force ack request for subscriptions
@@ -1158,14 +1225,16 @@ impl Router {
                 None => None,
             };
 
-            match forward_device_data(
+            let status = forward_device_data(
                 &mut request,
                 datalog,
                 outgoing,
                 alertlog,
                 connection,
                 shared_group,
-            ) {
+            );
+            self.flow.advanced(request.filter_idx);
+            match status {
                 ConsumeStatus::BufferFull => {
                     requests.push_back(request);
                     self.scheduler.pause(id, PauseReason::Busy);
@@ -1293,6 +1362,20 @@ impl Router {
     }
 }
 
+/// What became of a publish handed to [`append_to_commitlog`].
+enum Appended {
+    /// Stored in the log of every matching filter (none: dropped)
+    Stored,
+    /// Not stored: appending to this filter's full log would drop entries
+    /// `may_drop` protects
+    Blocked(FilterIdx),
+}
+
+/// Stores a publish in the log of every filter matching its topic (and as
+/// the topic's retained message). `may_drop(filter index, filter, (head
+/// segment, its end))` is asked first for each filter whose next append
+/// drops the log's oldest segment; if it says no, nothing is stored.
+#[allow(clippy::too_many_arguments)]
 fn append_to_commitlog(
     id: ConnectionId,
     mut publish: Publish,
@@ -1301,7 +1384,8 @@ fn append_to_commitlog(
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     connections: &mut Slab<Connection>,
     quota_exempt: &HashSet<String>,
-) -> Result<Offset, RouterError> {
+    may_drop: &mut dyn FnMut(FilterIdx, &str, (u64, u64)) -> bool,
+) -> Result<Appended, RouterError> {
     let connection = connections.get_mut(id).unwrap();
 
     let topic_alias = properties.as_mut().and_then(|p| {
@@ -1337,6 +1421,20 @@ fn append_to_commitlog(
         }
     }
 
+    // rumqttd 0.20.0's `DataLog::matches` always returned `Some`, so its
+    // branches creating a dynamic filter (`connection.dynamic_filters`) or
+    // failing with `NoMatchingFilters` never ran: a publish no filter
+    // matches is dropped here and leaves no state, as it did then.
+    let filter_idxs = datalog.matches(topic);
+    for &filter_idx in &filter_idxs {
+        let data = &datalog.native[filter_idx];
+        if let Some(drop) = data.log.next_append_drops() {
+            if !may_drop(filter_idx, data.filter(), drop) {
+                return Ok(Appended::Blocked(filter_idx));
+            }
+        }
+    }
+
     if publish.payload.is_empty() {
         datalog.remove_from_retained_publishes(topic);
     } else if publish.retain {
@@ -1358,13 +1456,6 @@ fn append_to_commitlog(
     publish.retain = false;
     let pkid = publish.pkid;
 
-    // rumqttd 0.20.0's `DataLog::matches` always returned `Some`, so its
-    // branches creating a dynamic filter (`connection.dynamic_filters`) or
-    // failing with `NoMatchingFilters` never ran: a publish no filter
-    // matches is dropped here and leaves no state, as it did then.
-    let filter_idxs = datalog.matches(topic);
-
-    let mut o = (0, 0);
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
         let publish_data = (publish.clone(), properties.clone());
@@ -1373,12 +1464,9 @@ fn append_to_commitlog(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
         );
-
-        o = offset;
     }
 
-    // error!("{:15.15}[E] {:20} topic = {}", connections[id].client_id, "no-filter", topic);
-    Ok(o)
+    Ok(Appended::Stored)
 }
 
 fn append_will_message(
@@ -1627,19 +1715,24 @@ fn forward_device_data(
         }
     }
 
-    if start != request.cursor {
+    // The log dropped entries this reader had not read (an offline
+    // session, a QoS 0 reader, or a reader past its stall: `flow.rs`)
+    let lost = start.1.saturating_sub(request.cursor.1);
+    if lost > 0 {
         let error = format!(
-            "Read cursor start jumped from {:?} to {:?} on {}",
-            request.cursor, start, request.filter
+            "Read cursor start jumped from {:?} to {:?} on {}, {} messages lost",
+            request.cursor, start, request.filter, lost
         );
 
         warn!(
+            client_id = outgoing.client_id,
             request_cursor = ?request.cursor,
             start_cursor = ?start,
+            lost,
             error
         );
 
-        let alert = alert::cursorjump(&outgoing.client_id, &request.filter, 0);
+        let alert = alert::cursorjump(&outgoing.client_id, &request.filter, lost as usize);
         alertlog.log(alert);
     }
 

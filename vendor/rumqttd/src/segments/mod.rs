@@ -5,7 +5,7 @@ mod segment;
 pub mod utils;
 
 use segment::{Segment, SegmentPosition};
-use tracing::warn;
+use tracing::{debug, warn};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Position {
@@ -162,6 +162,23 @@ where
         }
     }
 
+    /// Whether the next [`Self::append`] drops the oldest segment from
+    /// memory: `Some((head, end))`, that segment's index and the absolute
+    /// offset it ends at (the first offset kept). A reader whose cursor is
+    /// `(head, o)` with `o < end` would lose `end - o` entries.
+    pub fn next_append_drops(&self) -> Option<(u64, u64)> {
+        if self.active_segment().size() < self.max_segment_size as u64
+            || self.memory_segments_count() < self.max_mem_segments
+        {
+            return None;
+        }
+        let end = match self.segments.get(1) {
+            Some(next) => next.absolute_offset,
+            None => self.active_segment().next_offset(),
+        };
+        Some((self.head, end))
+    }
+
     #[inline]
     pub fn last(&self) -> Option<T> {
         self.active_segment().last()
@@ -185,7 +202,8 @@ where
 
         if cursor.0 < self.head {
             let head_absolute_offset = self.segments.front().unwrap().absolute_offset;
-            warn!(
+            // Logged once, with the count lost, by the router's reader
+            debug!(
                 "given index {} less than head {}, jumping to head",
                 cursor.0, head_absolute_offset
             );
