@@ -52,6 +52,11 @@ fn telemetry_run(
             password: password.clone(),
             subscribe: vec![BACKEND_FILTER.into()],
         }),
+        // The baseline may not know the setting
+        router: args
+            .router_inflight
+            .filter(|_| broker_label == "this build")
+            .map(|n| format!("max_inflight_per_session = {n}")),
     };
     let broker = ActivationBroker::start(bin, dir, &spec)?;
     let (pid, addr) = (broker.pid(), broker.addr);
@@ -222,7 +227,10 @@ pub fn bench(args: &Args, load: &Load, bin: &Path, tmp: &Path, client: &str) -> 
                     "no backend".into()
                 },
                 if r.backend {
-                    format!("{:.0}", m.received as f64 / m.elapsed.as_secs_f64().max(1e-9))
+                    format!(
+                        "{:.0}",
+                        m.received as f64 / m.elapsed.as_secs_f64().max(1e-9)
+                    )
                 } else {
                     "no backend".into()
                 },

@@ -21,7 +21,7 @@
 //! filter are looked at only when its log is full (about once per segment
 //! appended) and while publishers wait for it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
@@ -30,7 +30,7 @@ use super::{extract_group, Router};
 use crate::protocol::Packet;
 use crate::router::scheduler::Scheduler;
 use crate::router::shared_subs::SharedGroup;
-use crate::router::FilterIdx;
+use crate::router::{DataRequest, FilterIdx};
 use crate::{ConnectionId, Filter};
 
 /// Publishers paused on the filters they publish into.
@@ -139,7 +139,10 @@ impl Flow {
     /// When the router must look at the blocked filters even if nothing
     /// happens: the earliest end of a stall.
     pub(super) fn deadline(&self) -> Option<Instant> {
-        self.blocked.values().map(|b| b.since + self.max_stall).min()
+        self.blocked
+            .values()
+            .map(|b| b.since + self.max_stall)
+            .min()
     }
 
     fn due(&self, now: Instant) -> bool {
@@ -147,49 +150,69 @@ impl Flow {
     }
 }
 
+/// Where the requests of online readers are: `Router::scheduler`'s
+/// trackers, and `Router::notifications` (woken from the waiters by an
+/// append of the batch being handled). A request parked in the waiters has
+/// read everything: any append wakes it.
+pub(super) struct Readers<'a> {
+    pub(super) scheduler: &'a Scheduler,
+    pub(super) woken: &'a VecDeque<(ConnectionId, DataRequest)>,
+    pub(super) shared: &'a HashMap<String, SharedGroup>,
+    pub(super) subscriptions: &'a HashMap<Filter, HashSet<ConnectionId>>,
+}
+
+impl Readers<'_> {
+    /// The pending QoS 1/2 requests of connection `id` on filter `idx`.
+    fn requests(&self, id: ConnectionId, idx: FilterIdx) -> impl Iterator<Item = &DataRequest> {
+        let tracked = self
+            .scheduler
+            .trackers
+            .get(id)
+            .into_iter()
+            .flat_map(|t| t.data_requests.iter());
+        let woken = self
+            .woken
+            .iter()
+            .filter(move |(w, _)| *w == id)
+            .map(|(_, r)| r);
+        tracked
+            .chain(woken)
+            .filter(move |r| r.filter_idx == idx && r.qos > 0)
+    }
+}
+
 /// Online QoS 1/2 readers of filter `idx` (`filter`) whose cursor is in
 /// the segment the next append drops (`(head, end)`, see
 /// `CommitLog::next_append_drops`), shared groups counted once.
 pub(super) fn readers_at_risk(
-    scheduler: &Scheduler,
-    shared: &HashMap<String, SharedGroup>,
-    subscriptions: &HashMap<Filter, HashSet<ConnectionId>>,
+    readers: &Readers<'_>,
     idx: FilterIdx,
     filter: &str,
     (head, end): (u64, u64),
 ) -> usize {
+    let Readers {
+        shared,
+        subscriptions,
+        ..
+    } = readers;
     let at_risk = |cursor: (u64, u64)| cursor.0 == head && cursor.1 < end;
-    // An online reader's pending request is in its tracker (a parked one
-    // has read everything)
-    let online_reader = |id: &ConnectionId, key: &str| {
-        scheduler.trackers.get(*id).is_some_and(|t| {
-            t.data_requests
-                .iter()
-                .any(|r| r.filter_idx == idx && r.qos > 0 && r.filter == key)
-        })
-    };
     let mut n = 0;
     if let Some(ids) = subscriptions.get(filter) {
         for id in ids {
-            let Some(tracker) = scheduler.trackers.get(*id) else {
-                continue;
-            };
-            n += tracker
-                .data_requests
-                .iter()
-                .filter(|r| r.filter_idx == idx && r.qos > 0 && r.group.is_none())
-                .filter(|r| at_risk(r.cursor))
+            n += readers
+                .requests(*id, idx)
+                .filter(|r| r.group.is_none() && at_risk(r.cursor))
                 .count();
         }
     }
-    for (key, group) in shared {
+    for (key, group) in shared.iter() {
         if !at_risk(group.cursor) || extract_group(key).is_none_or(|(_, f)| f != filter) {
             continue;
         }
-        if subscriptions
-            .get(key)
-            .is_some_and(|ids| ids.iter().any(|id| online_reader(id, key)))
-        {
+        if subscriptions.get(key).is_some_and(|ids| {
+            ids.iter()
+                .any(|id| readers.requests(*id, idx).any(|r| r.filter == *key))
+        }) {
             n += 1;
         }
     }
@@ -210,15 +233,14 @@ impl Router {
         for idx in idxs {
             let (risk, filter) = match self.datalog.native.get(idx) {
                 Some(data) => {
+                    let readers = Readers {
+                        scheduler: &self.scheduler,
+                        woken: &self.notifications,
+                        shared: &self.shared_subscriptions,
+                        subscriptions: &self.subscription_map,
+                    };
                     let risk = data.log.next_append_drops().map_or(0, |drop| {
-                        readers_at_risk(
-                            &self.scheduler,
-                            &self.shared_subscriptions,
-                            &self.subscription_map,
-                            idx,
-                            data.filter(),
-                            drop,
-                        )
+                        readers_at_risk(&readers, idx, data.filter(), drop)
                     });
                     (risk, data.filter().to_owned())
                 }

@@ -126,7 +126,10 @@ fn a_slow_qos1_reader_receives_every_message_and_its_publishers_wait() {
     // fills and the publisher is paused with the rest in its link.
     let acked = pubacks_until_quiet(&mut publisher, Duration::from_millis(300));
     assert!(acked <= LOG_HOLDS, "{acked} stored past a full log");
-    assert!(!publisher.tx.buffer().is_empty(), "the rest waits in the link");
+    assert!(
+        !publisher.tx.buffer().is_empty(),
+        "the rest waits in the link"
+    );
 
     // As it reads on, the publisher resumes; nothing is lost or repeated.
     let got = read_and_ack_until(&mut reader, MESSAGES - 1);
@@ -149,7 +152,10 @@ fn a_stalled_reader_is_jumped_after_the_stall() {
 
     // Reading on, it jumps past what it lost and gets the latest.
     let got = read_and_ack_until(&mut reader, MESSAGES - 1);
-    assert!(got.len() < MESSAGES as usize, "the stalled reader lost none");
+    assert!(
+        got.len() < MESSAGES as usize,
+        "the stalled reader lost none"
+    );
     assert!(got.windows(2).all(|w| w[0] < w[1]), "out of order: {got:?}");
 }
 

@@ -58,7 +58,7 @@ const TOPIC_ALIAS_MAX: u16 = 4096;
 
 #[path = "flow.rs"]
 mod flow;
-use flow::{passes_pause, readers_at_risk, Flow};
+use flow::{passes_pause, readers_at_risk, Flow, Readers};
 
 /// Why a publish was not stored (answered with reason 0x97, Quota exceeded)
 #[derive(Error, Debug)]
@@ -688,11 +688,21 @@ impl Router {
                         &self.shared_subscriptions,
                         &self.subscription_map,
                     );
-                    let mut may_drop = |idx: FilterIdx, filter: &str, drop: (u64, u64)| {
-                        flow.may_drop(idx, || {
-                            readers_at_risk(scheduler, shared, subscriptions, idx, filter, drop)
-                        })
-                    };
+                    let mut may_drop =
+                        |idx: FilterIdx,
+                         filter: &str,
+                         drop: (u64, u64),
+                         woken: &VecDeque<(ConnectionId, DataRequest)>| {
+                            flow.may_drop(idx, || {
+                                let readers = Readers {
+                                    scheduler,
+                                    woken,
+                                    shared,
+                                    subscriptions,
+                                };
+                                readers_at_risk(&readers, idx, filter, drop)
+                            })
+                        };
                     match append_to_commitlog(
                         id,
                         publish.clone(),
@@ -955,7 +965,7 @@ impl Router {
                         &mut self.notifications,
                         &mut self.connections,
                         &self.quota_exempt,
-                        &mut |_, _, _| true,
+                        &mut |_, _, _, _| true,
                     ) {
                         Ok(_) => {
                             // Even if one of the data in the batch is appended to commitlog,
@@ -1373,8 +1383,9 @@ enum Appended {
 
 /// Stores a publish in the log of every filter matching its topic (and as
 /// the topic's retained message). `may_drop(filter index, filter, (head
-/// segment, its end))` is asked first for each filter whose next append
-/// drops the log's oldest segment; if it says no, nothing is stored.
+/// segment, its end), notifications)` is asked first for each filter whose
+/// next append drops the log's oldest segment; if it says no, nothing is
+/// stored.
 #[allow(clippy::too_many_arguments)]
 fn append_to_commitlog(
     id: ConnectionId,
@@ -1384,7 +1395,12 @@ fn append_to_commitlog(
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     connections: &mut Slab<Connection>,
     quota_exempt: &HashSet<String>,
-    may_drop: &mut dyn FnMut(FilterIdx, &str, (u64, u64)) -> bool,
+    may_drop: &mut dyn FnMut(
+        FilterIdx,
+        &str,
+        (u64, u64),
+        &VecDeque<(ConnectionId, DataRequest)>,
+    ) -> bool,
 ) -> Result<Appended, RouterError> {
     let connection = connections.get_mut(id).unwrap();
 
@@ -1429,7 +1445,7 @@ fn append_to_commitlog(
     for &filter_idx in &filter_idxs {
         let data = &datalog.native[filter_idx];
         if let Some(drop) = data.log.next_append_drops() {
-            if !may_drop(filter_idx, data.filter(), drop) {
+            if !may_drop(filter_idx, data.filter(), drop, notifications) {
                 return Ok(Appended::Blocked(filter_idx));
             }
         }
