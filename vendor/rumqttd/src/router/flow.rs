@@ -206,7 +206,7 @@ pub(super) fn readers_at_risk(
         }
     }
     for (key, group) in shared.iter() {
-        if !at_risk(group.cursor) || extract_group(key).is_none_or(|(_, f)| f != filter) {
+        if !at_risk(group.cursor) || !extract_group(key).is_some_and(|(_, f)| f == filter) {
             continue;
         }
         if subscriptions.get(key).is_some_and(|ids| {

@@ -1372,6 +1372,11 @@ impl Router {
     }
 }
 
+/// Whether an append may drop the oldest segment of a filter's log: (filter
+/// index, filter, (head segment, its end), the router's notifications).
+type MayDrop<'a> =
+    dyn FnMut(FilterIdx, &str, (u64, u64), &VecDeque<(ConnectionId, DataRequest)>) -> bool + 'a;
+
 /// What became of a publish handed to [`append_to_commitlog`].
 enum Appended {
     /// Stored in the log of every matching filter (none: dropped)
@@ -1395,12 +1400,7 @@ fn append_to_commitlog(
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     connections: &mut Slab<Connection>,
     quota_exempt: &HashSet<String>,
-    may_drop: &mut dyn FnMut(
-        FilterIdx,
-        &str,
-        (u64, u64),
-        &VecDeque<(ConnectionId, DataRequest)>,
-    ) -> bool,
+    may_drop: &mut MayDrop<'_>,
 ) -> Result<Appended, RouterError> {
     let connection = connections.get_mut(id).unwrap();
 
