@@ -148,16 +148,20 @@ where
             // Read absolute_offset before applying memory retention, in case there is only 1
             // segment allowed.
             let absolute_offset = self.active_segment().next_offset();
+            let filled = self.active_segment().len() as usize;
             // If active segment is full and segments are full, apply retention policy.
-            if self.memory_segments_count() >= self.max_mem_segments {
-                self.segments.pop_front();
+            let storage = if self.memory_segments_count() >= self.max_mem_segments {
                 self.head += 1;
-            }
+                self.segments.pop_front().map(|dropped| dropped.data)
+            } else {
+                None
+            };
+            let storage = storage.unwrap_or_else(|| Vec::with_capacity(filled));
 
             // Pushing a new segment into segments and updating the tail automatically changes
             // the active segment to a new empty one.
             self.segments
-                .push_back(Segment::with_offset(absolute_offset));
+                .push_back(Segment::with_storage(absolute_offset, storage));
             self.tail += 1;
         }
     }
