@@ -162,28 +162,30 @@ pub(super) struct Readers<'a> {
 }
 
 impl Readers<'_> {
-    /// The pending QoS 1/2 requests of connection `id` on filter `idx`.
-    fn requests(&self, id: ConnectionId, idx: FilterIdx) -> impl Iterator<Item = &DataRequest> {
-        let tracked = self
-            .scheduler
+    /// The pending QoS 1/2 requests on filter `idx` in connection `id`'s
+    /// tracker.
+    fn tracked(&self, id: ConnectionId, idx: FilterIdx) -> impl Iterator<Item = &DataRequest> {
+        self.scheduler
             .trackers
             .get(id)
             .into_iter()
-            .flat_map(|t| t.data_requests.iter());
-        let woken = self
-            .woken
+            .flat_map(|t| t.data_requests.iter())
+            .filter(move |r| r.filter_idx == idx && r.qos > 0)
+    }
+
+    /// The woken QoS 1/2 requests on filter `idx`.
+    fn woken(&self, idx: FilterIdx) -> impl Iterator<Item = &DataRequest> {
+        self.woken
             .iter()
-            .filter(move |(w, _)| *w == id)
-            .map(|(_, r)| r);
-        tracked
-            .chain(woken)
+            .map(|(_, r)| r)
             .filter(move |r| r.filter_idx == idx && r.qos > 0)
     }
 }
 
 /// Online QoS 1/2 readers of filter `idx` (`filter`) whose cursor is in
 /// the segment the next append drops (`(head, end)`, see
-/// `CommitLog::next_append_drops`), shared groups counted once.
+/// `CommitLog::next_append_drops`), shared groups counted once. Costs the
+/// filter's subscribers, the woken requests and the share groups.
 pub(super) fn readers_at_risk(
     readers: &Readers<'_>,
     idx: FilterIdx,
@@ -196,23 +198,37 @@ pub(super) fn readers_at_risk(
         ..
     } = readers;
     let at_risk = |cursor: (u64, u64)| cursor.0 == head && cursor.1 < end;
-    let mut n = 0;
+    let mut n = readers
+        .woken(idx)
+        .filter(|r| r.group.is_none() && at_risk(r.cursor))
+        .count();
     if let Some(ids) = subscriptions.get(filter) {
         for id in ids {
             n += readers
-                .requests(*id, idx)
+                .tracked(*id, idx)
                 .filter(|r| r.group.is_none() && at_risk(r.cursor))
                 .count();
         }
     }
+    if shared.is_empty() {
+        return n;
+    }
+    // Share groups on this filter with an online QoS 1/2 member
+    let woken_groups: HashSet<&str> = readers
+        .woken(idx)
+        .filter(|r| r.group.is_some())
+        .map(|r| r.filter.as_str())
+        .collect();
     for (key, group) in shared.iter() {
         if !at_risk(group.cursor) || !extract_group(key).is_some_and(|(_, f)| f == filter) {
             continue;
         }
-        if subscriptions.get(key).is_some_and(|ids| {
-            ids.iter()
-                .any(|id| readers.requests(*id, idx).any(|r| r.filter == *key))
-        }) {
+        let online = woken_groups.contains(key.as_str())
+            || subscriptions.get(key).is_some_and(|ids| {
+                ids.iter()
+                    .any(|id| readers.tracked(*id, idx).any(|r| r.filter == *key))
+            });
+        if online {
             n += 1;
         }
     }

@@ -116,9 +116,18 @@ fn read_and_ack_until(reader: &mut Client, last: u64) -> Vec<u64> {
 
 #[test]
 fn a_slow_qos1_reader_receives_every_message_and_its_publishers_wait() {
+    slow_reader("t/+");
+}
+
+#[test]
+fn a_slow_share_group_receives_every_message_and_its_publishers_wait() {
+    slow_reader("$share/g/t/+");
+}
+
+fn slow_reader(filter: &str) {
     let connect = router(flow_config(60_000));
     let mut reader = connect("reader");
-    subscribe_qos(&mut reader, "t/+", QoS::AtLeastOnce);
+    subscribe_qos(&mut reader, filter, QoS::AtLeastOnce);
     let mut publisher = connect("publisher");
     publish_all(&mut publisher);
 
