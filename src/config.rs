@@ -100,6 +100,13 @@ pub struct RouterSection {
     pub max_retained_per_client: usize,
     /// Bytes all retained messages may take (over it: PUBACK 0x97).
     pub max_retained_bytes: usize,
+    /// QoS 1/2 messages the router sends one session before it must
+    /// acknowledge (1–65535).
+    pub max_inflight_per_session: u16,
+    /// Milliseconds publishers may be paused for an online QoS 1/2
+    /// subscriber that lags by a whole filter log; past it the subscriber
+    /// loses the oldest messages (logged) and the publishers resume.
+    pub max_publisher_stall_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -233,6 +240,8 @@ impl Default for RouterSection {
             reserved_for_accounts: 1_000,
             max_retained_per_client: 100,
             max_retained_bytes: 64 * 1024 * 1024,
+            max_inflight_per_session: 1_000,
+            max_publisher_stall_ms: 5_000,
         }
     }
 }
@@ -364,6 +373,12 @@ impl Config {
         }
         if self.http.session_secs == 0 {
             return Err("http.session_secs must be at least 1".into());
+        }
+        if self.router.max_inflight_per_session == 0 {
+            return Err("router.max_inflight_per_session must be between 1 and 65535".into());
+        }
+        if !(1..=3_600_000).contains(&self.router.max_publisher_stall_ms) {
+            return Err("router.max_publisher_stall_ms must be between 1 and 3600000".into());
         }
         if self.account_limits.max_pending_logins == 0 {
             return Err("account_limits.max_pending_logins must be at least 1".into());

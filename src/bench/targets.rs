@@ -49,6 +49,8 @@ pub struct BrokerSpec {
     /// `[devices] io_threads` (0: one per CPU).
     pub io_threads: usize,
     pub account: Option<Account>,
+    /// `[router]` settings (TOML lines) other than the defaults.
+    pub router: Option<String>,
 }
 
 impl BrokerSpec {
@@ -58,6 +60,9 @@ impl BrokerSpec {
             "the activation broker runs its embedded default config except: loopback ports, `[devices] io_threads = {}` (0: one per CPU), and the gate's rate limits and bans off (`source_rate = 0`, `device_rate = 0`, `ban_after_failures = 0`: every CONNECT comes from a few 127.x addresses and each device reconnects within seconds)",
             self.io_threads
         );
+        if let Some(r) = &self.router {
+            s += &format!("; `[router] {}`", r.replace('\n', ", "));
+        }
         if let Some(a) = &self.account {
             s += &format!(
                 "; one account `{}` (role none) may subscribe to {}",
@@ -87,6 +92,8 @@ struct Launch {
     io_threads: usize,
     /// `[[accounts]]` tables of the config.
     accounts: String,
+    /// `[router]` lines of the config.
+    router: String,
 }
 
 impl Launch {
@@ -108,10 +115,12 @@ bind = "127.0.0.1:0"
 source_rate = 0.0
 device_rate = 0.0
 ban_after_failures = 0
+{router}
 {accounts}"#,
             data = self.data.display(),
             io_threads = self.io_threads,
             accounts = self.accounts,
+            router = self.router,
         );
         let config_file = self.dir.join("broker.toml");
         std::fs::write(&config_file, config)?;
@@ -176,6 +185,10 @@ impl ActivationBroker {
             data,
             io_threads: spec.io_threads,
             accounts,
+            router: spec
+                .router
+                .as_ref()
+                .map_or_else(String::new, |r| format!("[router]\n{r}\n")),
         };
         let (child, addr, accounts_addr) = launch.start()?;
         Ok(ActivationBroker {

@@ -107,6 +107,7 @@ fn run(args: &Args, rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
         codes: args.devices as u64,
         io_threads: args.common.io_threads,
         account: None,
+        router: None,
     };
     let mosquitto = if args.skip_mosquitto {
         Err("skipped: --skip-mosquitto".to_owned())

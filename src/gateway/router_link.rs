@@ -8,8 +8,11 @@
 //!   and the last one with the notification, so the router wakes once per
 //!   batch. `LinkTx::send` awaits room in the router's bounded event
 //!   channel (patched: upstream blocks the thread). While the router has
-//!   not taken earlier packets of this link, a sender waits (bounded), which
-//!   is the TCP backpressure of a publish flood.
+//!   not taken earlier packets of this link, a sender waits, which is the
+//!   TCP backpressure of a publish flood and of the router's flow control
+//!   (a publisher paused for a lagging QoS 1/2 subscriber, for at most
+//!   `[router] max_publisher_stall_ms`); it stops waiting when the router
+//!   drops the link.
 //! - Receiving: after `Notification::Unschedule` the router sends nothing
 //!   more on the link until it is woken ([`RouterLinkRx::wake`]); a
 //!   connection wakes it once what it received is written out.
@@ -41,9 +44,8 @@ pub const INTERNAL_LINKS: usize = 16;
 /// (TCP backpressure for publish floods).
 const MAX_PENDING_TO_ROUTER: usize = 1024;
 
-/// How long a sender waits for the router to take a link's backlog (a link
-/// the router has dropped never drains).
-const BACKLOG_WAIT: Duration = Duration::from_secs(1);
+/// Longest pause between two looks at a waiting link's backlog.
+const BACKLOG_POLL: Duration = Duration::from_millis(16);
 
 type LinkFuture = Pin<Box<dyn Future<Output = Result<RouterLink, GatewayError>> + Send>>;
 type BuildFn = dyn Fn(String, bool) -> LinkFuture + Send + Sync;
@@ -164,6 +166,8 @@ pub fn router_config_with(section: &crate::config::RouterSection) -> RouterConfi
         shared_subscriptions_strategy: Default::default(),
         max_retained_per_client: section.max_retained_per_client,
         max_retained_bytes: section.max_retained_bytes,
+        max_outgoing_inflight: section.max_inflight_per_session.max(1),
+        max_publisher_stall_ms: section.max_publisher_stall_ms,
         quota_exempt_clients: vec![
             WILL_LINK_ID.to_owned(),
             crate::admin::service::ADMIN_CLIENT_ID.to_owned(),
@@ -234,9 +238,15 @@ impl RouterLink {
     }
 
     /// Closes the link with a DISCONNECT: a session the router stores is
-    /// kept (a clean one ends).
-    pub async fn close(mut self) -> Result<(), LinkClosed> {
-        self.tx.send(&mut vec![disconnect_packet()]).await
+    /// kept (a clean one ends). It does not wait for a backlog: the router
+    /// takes a DISCONNECT even from a paused publisher (what it held, never
+    /// acknowledged, is dropped).
+    pub async fn close(self) -> Result<(), LinkClosed> {
+        let mut tx = self.tx.tx;
+        tx.send(disconnect_packet())
+            .await
+            .map(drop)
+            .map_err(|_| LinkClosed)
     }
 }
 
@@ -265,16 +275,20 @@ impl RouterLinkTx {
     /// Hands `packets` (emptied) to the router in one batch: all but the
     /// last straight into the link's buffer, the last with the
     /// notification. Waits while the router has more than
-    /// `MAX_PENDING_TO_ROUTER` packets of this link still to take (at most
-    /// `BACKLOG_WAIT`) and for room in its event channel; never blocks the
-    /// thread.
+    /// `MAX_PENDING_TO_ROUTER` packets of this link still to take (as long
+    /// as the router holds the link: a paused publisher) and for room in
+    /// its event channel; never blocks the thread.
     pub async fn send(&mut self, packets: &mut Vec<Packet>) -> Result<(), LinkClosed> {
         let Some(last) = packets.pop() else {
             return Ok(());
         };
-        let waited = tokio::time::Instant::now();
-        while self.tx.buffer().len() >= MAX_PENDING_TO_ROUTER && waited.elapsed() < BACKLOG_WAIT {
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        let mut pause = Duration::from_millis(1);
+        while self.tx.buffer().len() >= MAX_PENDING_TO_ROUTER {
+            if !self.tx.is_linked() {
+                return Err(LinkClosed);
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(BACKLOG_POLL);
         }
         self.tx.buffer().extend(packets.drain(..));
         self.tx.send(last).await.map(drop).map_err(|_| LinkClosed)

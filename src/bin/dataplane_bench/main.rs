@@ -66,6 +66,15 @@ struct Args {
     /// Leave Mosquitto out of benchmark 1.
     #[arg(long)]
     skip_mosquitto: bool,
+    /// Another activation-broker binary (e.g. an earlier build) measured
+    /// in benchmark 2 with the backend subscribed, in the same run, as the
+    /// baseline.
+    #[arg(long, value_name = "PATH")]
+    baseline_bin: Option<std::path::PathBuf>,
+    /// `[router] max_inflight_per_session` of this build in benchmark 2
+    /// (default: the embedded config's).
+    #[arg(long, value_name = "N")]
+    router_inflight: Option<u16>,
     /// Seconds allowed for one device's CONNACK and SUBACK, and for the
     /// last PUBACKs and backend messages after a telemetry window.
     #[arg(long, default_value_t = 30)]

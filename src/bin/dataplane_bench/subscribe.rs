@@ -53,6 +53,7 @@ pub fn benches(
         codes: n as u64,
         io_threads: args.common.io_threads,
         account: None,
+        router: None,
     };
     let mut phases = Vec::new();
     let mut rss = Vec::new();

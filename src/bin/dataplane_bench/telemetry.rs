@@ -20,6 +20,8 @@ const BACKEND_FILTER: &str = "devices/+/+/telemetry";
 /// One broker's telemetry measurements: with no other device, then with
 /// the idle subscribed devices held.
 struct TelemetryRun {
+    /// Which binary: "this build" or the baseline.
+    broker: String,
     backend: bool,
     publishers: Phase,
     devices: Phase,
@@ -38,6 +40,7 @@ fn telemetry_run(
     dir: &Path,
     with_backend: bool,
     settings: Settings,
+    broker_label: &str,
 ) -> anyhow::Result<TelemetryRun> {
     let (n, np, c) = (args.devices, args.publishers, args.concurrency);
     let password = format!("bench-{}", std::process::id());
@@ -49,6 +52,11 @@ fn telemetry_run(
             password: password.clone(),
             subscribe: vec![BACKEND_FILTER.into()],
         }),
+        // The baseline may not know the setting
+        router: args
+            .router_inflight
+            .filter(|_| broker_label == "this build")
+            .map(|n| format!("max_inflight_per_session = {n}")),
     };
     let broker = ActivationBroker::start(bin, dir, &spec)?;
     let (pid, addr) = (broker.pid(), broker.addr);
@@ -64,9 +72,9 @@ fn telemetry_run(
         None
     };
     let tag = if with_backend {
-        "backend"
+        format!("{broker_label}, backend")
     } else {
-        "no backend"
+        format!("{broker_label}, no backend")
     };
     let (pub_phase, held) = load.phase(
         &format!("{tag}: publishers, first activations"),
@@ -123,6 +131,7 @@ fn telemetry_run(
     drop(devices_held);
     let (consumed, _) = broker.stop_and_check()?;
     Ok(TelemetryRun {
+        broker: broker_label.to_owned(),
         backend: with_backend,
         publishers: pub_phase,
         devices: devices_phase,
@@ -143,8 +152,12 @@ pub fn bench(args: &Args, load: &Load, bin: &Path, tmp: &Path, client: &str) -> 
         window: Duration::from_secs(args.publish_secs.max(1)),
         drain: Duration::from_secs(args.timeout_secs),
     };
+    let mut passes = vec![(bin, "this build", true), (bin, "this build", false)];
+    if let Some(baseline) = &args.baseline_bin {
+        passes.push((baseline.as_path(), "baseline", true));
+    }
     let mut runs = Vec::new();
-    for (k, with_backend) in [true, false].into_iter().enumerate() {
+    for (k, (bin, label, with_backend)) in passes.into_iter().enumerate() {
         check_stop()?;
         let dir = tmp.join(format!("broker-telemetry-{k}"));
         runs.push(telemetry_run(
@@ -154,12 +167,14 @@ pub fn bench(args: &Args, load: &Load, bin: &Path, tmp: &Path, client: &str) -> 
             &dir,
             with_backend,
             settings,
+            label,
         )?);
     }
 
     let mut t = Table::new(
         &format!("Benchmark 2: telemetry QoS 1 from {np} publishers, with and without {n} idle subscribed devices"),
         &[
+            "broker",
             "backend subscribed",
             "held devices",
             "publishers",
@@ -171,6 +186,7 @@ pub fn bench(args: &Args, load: &Load, bin: &Path, tmp: &Path, client: &str) -> 
             "sent",
             "acked",
             "backend received",
+            "backend msgs/s",
             "backend duplicates",
             "server CPU µs/msg",
             "vs no other device",
@@ -179,13 +195,22 @@ pub fn bench(args: &Args, load: &Load, bin: &Path, tmp: &Path, client: &str) -> 
     t.setting(format!("{np} publisher devices, each keeping {} QoS 1 PUBLISHes of {} bytes unacknowledged on `devices/{PRODUCT}/pub-{{i}}/telemetry` for {} s; msgs/s acked = PUBACKs received within the window / the window; latency: PUBLISH written → PUBACK read; {client}", settings.inflight, settings.payload, settings.window.as_secs()));
     t.setting(format!("backend subscribed: a backend account (`{BACKEND}`, accounts listener) subscribed to `{BACKEND_FILTER}` at QoS 1 acknowledges and counts every message by its payload's run, publisher and sequence number; after the window the bench waits for the last PUBACKs and until the backend has every message sent (or nothing arrives for {} s). Without: the same on a broker with no account and no subscriber matching the telemetry topics", settings.drain.as_secs()));
     t.setting(format!("held devices: connected (first activations, {c} in flight) and subscribed to `devices/{PRODUCT}/{{DK}}/command` with the publishers connected, then idle"));
-    t.setting("each of the two rows pairs runs on its own freshly started broker");
+    t.setting("each pair of rows runs on its own freshly started broker");
+    t.setting("backend msgs/s = messages the backend received / the time from the window's start until it had every message sent (or gave up)");
+    t.setting(format!("broker: \"this build\" is {}", bin.display()));
+    if let Some(b) = &args.baseline_bin {
+        t.setting(format!(
+            "broker: \"baseline\" is {} (the same settings; measured in the same run, after this build)",
+            b.display()
+        ));
+    }
     if let Some(r) = runs.first() {
         t.setting(r.spec.describe());
     }
     for r in &runs {
         for (m, held) in [(&r.none, 0), (&r.with, r.devices.accepted)] {
             t.row(vec![
+                r.broker.clone(),
                 if r.backend { "yes" } else { "no" }.into(),
                 held.to_string(),
                 m.publishers.to_string(),
@@ -202,6 +227,14 @@ pub fn bench(args: &Args, load: &Load, bin: &Path, tmp: &Path, client: &str) -> 
                     "no backend".into()
                 },
                 if r.backend {
+                    format!(
+                        "{:.0}",
+                        m.received as f64 / m.elapsed.as_secs_f64().max(1e-9)
+                    )
+                } else {
+                    "no backend".into()
+                },
+                if r.backend {
                     m.duplicates.to_string()
                 } else {
                     "no backend".into()
@@ -211,12 +244,27 @@ pub fn bench(args: &Args, load: &Load, bin: &Path, tmp: &Path, client: &str) -> 
             ]);
         }
     }
+    let this = |backend: bool| {
+        runs.iter()
+            .find(|r| r.broker == "this build" && r.backend == backend)
+    };
+    if let (Some(yes), Some(no)) = (this(true), this(false)) {
+        for (m_yes, m_no) in [(&yes.none, &no.none), (&yes.with, &no.with)] {
+            t.note(format!(
+                "this build: msgs/s acked with the backend / without: {:.0} / {:.0} = {:.2} ({})",
+                m_yes.rate(),
+                m_no.rate(),
+                m_yes.rate() / m_no.rate().max(1e-9),
+                m_no.label
+            ));
+        }
+    }
     for r in &runs {
         let x = r.with.rate() / r.none.rate().max(1e-9);
         let tag = if r.backend {
-            "backend subscribed"
+            format!("{}, backend subscribed", r.broker)
         } else {
-            "no backend"
+            format!("{}, no backend", r.broker)
         };
         t.note(format!(
             "{tag}: with {} idle subscribed devices held / with none ≥ 0.9: {x:.2}, {}",

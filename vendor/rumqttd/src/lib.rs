@@ -218,6 +218,18 @@ pub struct RouterConfig {
     /// publish on behalf of many clients, e.g. a gateway's will link).
     #[serde(default)]
     pub quota_exempt_clients: Vec<String>,
+    /// QoS 1/2 publishes the router keeps unacknowledged towards one
+    /// connection (packet ids `1..=max_outgoing_inflight`); 0.20.0 fixed
+    /// it at 100.
+    #[serde(default = "RouterConfig::default_max_outgoing_inflight")]
+    pub max_outgoing_inflight: u16,
+    /// How long publishers into a filter may stay paused for an online
+    /// QoS 1/2 reader that would otherwise lose messages (the log is full
+    /// up to its unread entries). Past it the reader is treated like an
+    /// offline one: the log drops its oldest segment, the reader's cursor
+    /// jumps (logged with the count lost) and the publishers resume.
+    #[serde(default = "RouterConfig::default_max_publisher_stall_ms")]
+    pub max_publisher_stall_ms: u64,
 }
 
 impl RouterConfig {
@@ -230,6 +242,17 @@ impl RouterConfig {
 
     fn default_max_retained_bytes() -> usize {
         Self::DEFAULT_MAX_RETAINED_BYTES
+    }
+
+    pub const DEFAULT_MAX_OUTGOING_INFLIGHT: u16 = 100;
+    pub const DEFAULT_MAX_PUBLISHER_STALL_MS: u64 = 5_000;
+
+    fn default_max_outgoing_inflight() -> u16 {
+        Self::DEFAULT_MAX_OUTGOING_INFLIGHT
+    }
+
+    fn default_max_publisher_stall_ms() -> u64 {
+        Self::DEFAULT_MAX_PUBLISHER_STALL_MS
     }
 }
 
@@ -246,6 +269,8 @@ impl Default for RouterConfig {
             max_retained_per_client: Self::DEFAULT_MAX_RETAINED_PER_CLIENT,
             max_retained_bytes: Self::DEFAULT_MAX_RETAINED_BYTES,
             quota_exempt_clients: Vec::new(),
+            max_outgoing_inflight: Self::DEFAULT_MAX_OUTGOING_INFLIGHT,
+            max_publisher_stall_ms: Self::DEFAULT_MAX_PUBLISHER_STALL_MS,
         }
     }
 }

@@ -205,6 +205,14 @@ impl LinkTx {
         self.recv_buffer.lock()
     }
 
+    /// Whether the router still holds this link: it drops its end of the
+    /// link's buffer when it disconnects the link (or stops), so a sender
+    /// waiting for the router to take its backlog can tell a paused link
+    /// (flow control) from a dropped one.
+    pub fn is_linked(&self) -> bool {
+        Arc::strong_count(&self.recv_buffer) > 1
+    }
+
     /// Send raw device data
     fn push(&mut self, data: Packet) -> Result<usize, LinkError> {
         let len = {

@@ -15,8 +15,9 @@ use crate::{
 
 use super::{Forward, IncomingMeter, OutgoingMeter};
 
-const MAX_INFLIGHT: usize = 100;
-const MAX_PKID: u16 = MAX_INFLIGHT as u16;
+/// Publishes a link may have unacknowledged by default (0.20.0's fixed
+/// window); the router sets `RouterConfig::max_outgoing_inflight`.
+pub(crate) const MAX_INFLIGHT: usize = 100;
 
 #[derive(Debug)]
 pub struct Incoming {
@@ -65,6 +66,9 @@ pub struct Outgoing {
     pub(crate) unacked_pubrels: VecDeque<u16>,
     /// Last packet id
     last_pkid: u16,
+    /// Most unacknowledged QoS 1/2 publishes (packet ids cycle through
+    /// `1..=max_inflight`; acks come in order)
+    max_inflight: u16,
     /// Metrics of outgoing messages of this connection
     pub(crate) meter: OutgoingMeter,
 }
@@ -86,6 +90,7 @@ impl Outgoing {
             unacked_pubrels,
             handle,
             last_pkid: 0,
+            max_inflight: MAX_INFLIGHT as u16,
             meter: Default::default(),
         };
 
@@ -98,7 +103,16 @@ impl Outgoing {
     }
 
     pub fn free_slots(&self) -> usize {
-        MAX_INFLIGHT - self.inflight_buffer.len()
+        usize::from(self.max_inflight).saturating_sub(self.inflight_buffer.len())
+    }
+
+    /// Sets the inflight window (at least 1). Packet ids restart after the
+    /// ones in flight, so ids stay unique while the window changes.
+    pub(crate) fn set_max_inflight(&mut self, max: u16) {
+        self.max_inflight = max.max(1);
+        if self.last_pkid >= self.max_inflight {
+            self.last_pkid = 0;
+        }
     }
 
     /// The send buffer, locked. The link swaps it with its own receive
@@ -147,7 +161,7 @@ impl Outgoing {
                 .push_back((self.last_pkid, filter_idx, p.cursor));
 
             // Place max pkid packet at index 0
-            if self.last_pkid == MAX_PKID {
+            if self.last_pkid >= self.max_inflight {
                 self.last_pkid = 0;
             }
 
@@ -159,10 +173,10 @@ impl Outgoing {
         let buffer_count = buffer.len();
         let inflight_count = self.inflight_buffer.len();
 
-        if inflight_count > MAX_INFLIGHT {
+        if inflight_count > usize::from(self.max_inflight) {
             warn!(
                 "More inflight publishes than max allowed, inflight count = {}, max allowed = {}",
-                inflight_count, MAX_INFLIGHT
+                inflight_count, self.max_inflight
             );
         }
 

@@ -540,3 +540,6 @@ fn one_share_name_on_two_filters_makes_two_groups() {
     assert_eq!(receive_until(&mut a, "1", 1), vec!["a=1"]);
     assert_eq!(sorted(receive_until(&mut any, "2", 1)), vec!["a=1", "b=2"]);
 }
+
+#[path = "flow_tests.rs"]
+mod flow_tests;

@@ -316,6 +316,11 @@ where
         }
     }
 
+    /// The filter this log holds the publishes of
+    pub fn filter(&self) -> &str {
+        &self.filter
+    }
+
     /// Writes to all the filters that are mapped to this publish topic
     /// and wakes up consumers that are matching this topic (if they exist)
     pub fn append(

@@ -9,7 +9,7 @@ use crate::router::scheduler::{PauseReason, Tracker};
 use crate::router::{ConnectionEvents, Forward};
 use crate::segments::Position;
 use crate::*;
-use flume::{bounded, Receiver, RecvError, Sender, TryRecvError};
+use flume::{bounded, Receiver, RecvError, RecvTimeoutError, Sender, TryRecvError};
 use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::Utf8Error;
@@ -55,6 +55,10 @@ pub enum RouterError {
 
 // TODO: set this to some appropriate value
 const TOPIC_ALIAS_MAX: u16 = 4096;
+
+#[path = "flow.rs"]
+mod flow;
+use flow::{passes_pause, readers_at_risk, Flow, Readers};
 
 /// Why a publish was not stored (answered with reason 0x97, Quota exceeded)
 #[derive(Error, Debug)]
@@ -112,6 +116,8 @@ pub struct Router {
     last_wills: HashMap<String, (LastWill, Option<LastWillProperties>)>,
     /// Client ids exempt from the per-client caps
     quota_exempt: HashSet<String>,
+    /// Publishers paused for lagging QoS 1/2 readers (`flow.rs`)
+    flow: Flow,
 }
 
 impl Router {
@@ -131,6 +137,7 @@ impl Router {
         };
 
         let max_connections = config.max_connections;
+        let flow = Flow::new(config.max_publisher_stall_ms);
         let quota_exempt = config.quota_exempt_clients.iter().cloned().collect();
         Router {
             id: router_id,
@@ -157,6 +164,7 @@ impl Router {
             shared_subscriptions: HashMap::new(),
             last_wills: HashMap::new(),
             quota_exempt,
+            flow,
         }
     }
 
@@ -210,8 +218,19 @@ impl Router {
         // Block on incoming events if there are no ready connections for consumption
         if self.consume().is_none() {
             // trace!("{}:: {:20} {:20} {:?}", self.id, "", "done-await", self.readyqueue);
-            let (id, data) = self.router_rx.recv()?;
-            self.events(id, data);
+            // Publishers waiting for a reader are resumed at the end of
+            // their stall even if nothing else happens
+            match self.flow.deadline() {
+                None => {
+                    let (id, data) = self.router_rx.recv()?;
+                    self.events(id, data);
+                }
+                Some(deadline) => match self.router_rx.recv_deadline(deadline) {
+                    Ok((id, data)) => self.events(id, data),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return Err(RouterError::Disconnected),
+                },
+            }
         }
 
         // Try reading more from connections in a non-blocking
@@ -241,12 +260,14 @@ impl Router {
             self.consume();
         }
 
+        self.resume_publishers();
+
         // self.send_all_alerts();
         Ok(())
     }
 
     fn events(&mut self, id: ConnectionId, data: Event) {
-        let span = tracing::error_span!("[>] incoming", connection_id = id);
+        let span = tracing::trace_span!("[>] incoming", connection_id = id);
         let _guard = span.enter();
 
         match data {
@@ -284,6 +305,7 @@ impl Router {
         incoming: Incoming,
         mut outgoing: Outgoing,
     ) {
+        outgoing.set_max_inflight(self.config.max_outgoing_inflight);
         let client_id = outgoing.client_id.clone();
         if let Err(err) = validate_clientid(&client_id) {
             error!("Invalid client_id: {}", err);
@@ -437,6 +459,7 @@ impl Router {
 
         let span = tracing::info_span!("incoming_disconnect", client_id);
         let _guard = span.enter();
+        self.flow.forget(id);
 
         // must handle last will before sending disconnect packet
         // as the disconnecting client might have subscribed to will topic.
@@ -577,7 +600,7 @@ impl Router {
         };
 
         let client_id = incoming.client_id.clone();
-        let span = tracing::error_span!("incoming_payload", client_id);
+        let span = tracing::trace_span!("incoming_payload", client_id);
         let _guard = span.enter();
 
         // Instead of exchanging, we should just append new incoming packets inside cache
@@ -590,10 +613,19 @@ impl Router {
 
         // info!("{:15.15}[I] {:20} count = {}", client_id, "packets", packets.len());
 
+        // A publisher paused for a lagging reader (`flow.rs`): its packets
+        // wait in its link's buffer, in order, but for acks and DISCONNECT
+        let mut paused = self.flow.is_paused(id);
+        let mut held = VecDeque::new();
+
         for packet in packets.drain(0..) {
+            if paused && !passes_pause(&packet) {
+                held.push_back(packet);
+                continue;
+            }
             match packet {
                 Packet::Publish(publish, properties) => {
-                    let span = tracing::error_span!("publish", topic = ?publish.topic, pkid = publish.pkid);
+                    let span = tracing::trace_span!("publish", topic = ?publish.topic, pkid = publish.pkid);
                     let _guard = span.enter();
 
                     let qos = publish.qos;
@@ -638,16 +670,8 @@ impl Router {
                     // multiple commit logs.
 
                     match qos {
-                        QoS::AtLeastOnce => {
-                            let puback = PubAck {
-                                pkid,
-                                reason: PubAckReason::Success,
-                            };
-
-                            let ackslog = self.ackslog.get_mut(id).unwrap();
-                            ackslog.puback(puback);
-                            force_ack = true;
-                        }
+                        // Acknowledged once stored (below)
+                        QoS::AtLeastOnce => {}
                         QoS::ExactlyOnce => {
                             let pubrec = PubRec {
                                 pkid,
@@ -664,23 +688,65 @@ impl Router {
                         }
                     };
 
-                    self.router_meters.total_publishes += 1;
-
-                    // Try to append publish to commitlog
+                    // Try to append publish to commitlog, unless that drops
+                    // entries an online QoS 1/2 reader has not read
+                    let (flow, scheduler, shared, subscriptions) = (
+                        &mut self.flow,
+                        &self.scheduler,
+                        &self.shared_subscriptions,
+                        &self.subscription_map,
+                    );
+                    let mut may_drop =
+                        |idx: FilterIdx,
+                         filter: &str,
+                         drop: (u64, u64),
+                         woken: &VecDeque<(ConnectionId, DataRequest)>| {
+                            flow.may_drop(idx, || {
+                                let readers = Readers {
+                                    scheduler,
+                                    woken,
+                                    shared,
+                                    subscriptions,
+                                };
+                                readers_at_risk(&readers, idx, filter, drop)
+                            })
+                        };
                     match append_to_commitlog(
                         id,
                         publish.clone(),
-                        properties,
+                        properties.clone(),
                         &mut self.datalog,
                         &mut self.notifications,
                         &mut self.connections,
                         &self.quota_exempt,
+                        &mut may_drop,
                     ) {
-                        Ok(_offset) => {
+                        Ok(Appended::Blocked(idx)) => {
+                            let filter = self
+                                .datalog
+                                .native
+                                .get(idx)
+                                .map_or_else(String::new, |d| d.filter().to_owned());
+                            self.flow.pause(id, idx, &filter);
+                            paused = true;
+                            held.push_back(Packet::Publish(publish, properties));
+                            continue;
+                        }
+                        Ok(Appended::Stored) => {
                             // Even if one of the data in the batch is appended to commitlog,
                             // set new data. This triggers notifications to wake waiters.
                             // Don't overwrite this flag to false if it is already true.
                             new_data = true;
+                            self.router_meters.total_publishes += 1;
+                            if qos == QoS::AtLeastOnce {
+                                let puback = PubAck {
+                                    pkid,
+                                    reason: PubAckReason::Success,
+                                };
+                                let ackslog = self.ackslog.get_mut(id).unwrap();
+                                ackslog.puback(puback);
+                                force_ack = true;
+                            }
                         }
                         Err(e) => {
                             // Disconnect on bad publishes
@@ -826,6 +892,7 @@ impl Router {
                             let ackslog = self.ackslog.get_mut(id).unwrap();
                             ackslog.unsuback(unsuback);
                             self.scheduler.untrack(id, filter);
+                            self.flow.reader_left();
                             if let Some(idx) = self.datalog.filter_idx(&filter_path) {
                                 self.datalog.remove_waiters_for_id(id, idx, group);
                             }
@@ -834,7 +901,7 @@ impl Router {
                     }
                 }
                 Packet::PubAck(puback, _) => {
-                    let span = tracing::info_span!("puback", pkid = puback.pkid);
+                    let span = tracing::trace_span!("puback", pkid = puback.pkid);
                     let _guard = span.enter();
 
                     let outgoing = self.obufs.get_mut(id).unwrap();
@@ -848,7 +915,7 @@ impl Router {
                     self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
                 }
                 Packet::PubRec(pubrec, _) => {
-                    let span = tracing::info_span!("pubrec", pkid = pubrec.pkid);
+                    let span = tracing::trace_span!("pubrec", pkid = pubrec.pkid);
                     let _guard = span.enter();
 
                     let outgoing = self.obufs.get_mut(id).unwrap();
@@ -870,7 +937,7 @@ impl Router {
                     self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
                 }
                 Packet::PubRel(pubrel, None) => {
-                    let span = tracing::info_span!("pubrel", pkid = pubrel.pkid);
+                    let span = tracing::trace_span!("pubrel", pkid = pubrel.pkid);
                     let _guard = span.enter();
 
                     let ackslog = self.ackslog.get_mut(id).unwrap();
@@ -896,7 +963,8 @@ impl Router {
                         }
                     };
 
-                    // Try to append publish to commitlog
+                    // Try to append publish to commitlog (a released QoS 2
+                    // publish is not held back: its PUBREL completes now)
                     match append_to_commitlog(
                         id,
                         publish,
@@ -905,8 +973,9 @@ impl Router {
                         &mut self.notifications,
                         &mut self.connections,
                         &self.quota_exempt,
+                        &mut |_, _, _, _| true,
                     ) {
-                        Ok(_offset) => {
+                        Ok(_) => {
                             // Even if one of the data in the batch is appended to commitlog,
                             // set new data. This triggers notifications to wake waiters.
                             // Don't overwrite this flag to false if it is already true.
@@ -925,7 +994,7 @@ impl Router {
                     self.scheduler.reschedule(id, ScheduleReason::IncomingAck);
                 }
                 Packet::PubComp(pubcomp, _) => {
-                    let span = tracing::info_span!("pubcomp", pkid = pubcomp.pkid);
+                    let span = tracing::trace_span!("pubcomp", pkid = pubcomp.pkid);
                     let _guard = span.enter();
 
                     let outgoing = self.obufs.get_mut(id).unwrap();
@@ -963,6 +1032,14 @@ impl Router {
         // let one burst give every link a large buffer
         shrink_idle(&mut packets);
         self.cache = Some(packets);
+
+        // Held packets go back in front of what the link sent meanwhile
+        if let Some(incoming) = self.ibufs.get(id).filter(|_| !held.is_empty()) {
+            let mut buffer = incoming.buffer.lock();
+            while let Some(packet) = held.pop_back() {
+                buffer.push_front(packet);
+            }
+        }
 
         // Prepare AcksRequest in tracker if router is operating in a
         // single node mode or force ack request for subscriptions
@@ -1113,7 +1190,7 @@ impl Router {
     fn consume(&mut self) -> Option<()> {
         let (id, mut requests) = self.scheduler.poll()?;
 
-        let span = tracing::info_span!("[<] outgoing", connection_id = id);
+        let span = tracing::trace_span!("[<] outgoing", connection_id = id);
         let _guard = span.enter();
 
         let outgoing = match self.obufs.get_mut(id) {
@@ -1166,14 +1243,16 @@ impl Router {
                 None => None,
             };
 
-            match forward_device_data(
+            let status = forward_device_data(
                 &mut request,
                 datalog,
                 outgoing,
                 alertlog,
                 connection,
                 shared_group,
-            ) {
+            );
+            self.flow.advanced(request.filter_idx);
+            match status {
                 ConsumeStatus::BufferFull => {
                     requests.push_back(request);
                     self.scheduler.pause(id, PauseReason::Busy);
@@ -1301,6 +1380,26 @@ impl Router {
     }
 }
 
+/// Whether an append may drop the oldest segment of a filter's log: (filter
+/// index, filter, (head segment, its end), the router's notifications).
+type MayDrop<'a> =
+    dyn FnMut(FilterIdx, &str, (u64, u64), &VecDeque<(ConnectionId, DataRequest)>) -> bool + 'a;
+
+/// What became of a publish handed to [`append_to_commitlog`].
+enum Appended {
+    /// Stored in the log of every matching filter (none: dropped)
+    Stored,
+    /// Not stored: appending to this filter's full log would drop entries
+    /// `may_drop` protects
+    Blocked(FilterIdx),
+}
+
+/// Stores a publish in the log of every filter matching its topic (and as
+/// the topic's retained message). `may_drop(filter index, filter, (head
+/// segment, its end), notifications)` is asked first for each filter whose
+/// next append drops the log's oldest segment; if it says no, nothing is
+/// stored.
+#[allow(clippy::too_many_arguments)]
 fn append_to_commitlog(
     id: ConnectionId,
     mut publish: Publish,
@@ -1309,7 +1408,8 @@ fn append_to_commitlog(
     notifications: &mut VecDeque<(ConnectionId, DataRequest)>,
     connections: &mut Slab<Connection>,
     quota_exempt: &HashSet<String>,
-) -> Result<Offset, RouterError> {
+    may_drop: &mut MayDrop<'_>,
+) -> Result<Appended, RouterError> {
     let connection = connections.get_mut(id).unwrap();
 
     let topic_alias = properties.as_mut().and_then(|p| {
@@ -1345,6 +1445,20 @@ fn append_to_commitlog(
         }
     }
 
+    // rumqttd 0.20.0's `DataLog::matches` always returned `Some`, so its
+    // branches creating a dynamic filter (`connection.dynamic_filters`) or
+    // failing with `NoMatchingFilters` never ran: a publish no filter
+    // matches is dropped here and leaves no state, as it did then.
+    let filter_idxs = datalog.matches(topic);
+    for &filter_idx in &filter_idxs {
+        let data = &datalog.native[filter_idx];
+        if let Some(drop) = data.log.next_append_drops() {
+            if !may_drop(filter_idx, data.filter(), drop, notifications) {
+                return Ok(Appended::Blocked(filter_idx));
+            }
+        }
+    }
+
     if publish.payload.is_empty() {
         datalog.remove_from_retained_publishes(topic);
     } else if publish.retain {
@@ -1366,13 +1480,6 @@ fn append_to_commitlog(
     publish.retain = false;
     let pkid = publish.pkid;
 
-    // rumqttd 0.20.0's `DataLog::matches` always returned `Some`, so its
-    // branches creating a dynamic filter (`connection.dynamic_filters`) or
-    // failing with `NoMatchingFilters` never ran: a publish no filter
-    // matches is dropped here and leaves no state, as it did then.
-    let filter_idxs = datalog.matches(topic);
-
-    let mut o = (0, 0);
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
         let publish_data = (publish.clone(), properties.clone());
@@ -1381,12 +1488,9 @@ fn append_to_commitlog(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
         );
-
-        o = offset;
     }
 
-    // error!("{:15.15}[E] {:20} topic = {}", connections[id].client_id, "no-filter", topic);
-    Ok(o)
+    Ok(Appended::Stored)
 }
 
 fn append_will_message(
@@ -1493,7 +1597,7 @@ fn validate_and_set_topic_alias(
 /// We write everything to outgoing buf with out worrying about buffer size
 /// because acks most certainly won't cause memory bloat
 fn ack_device_data(ackslog: &mut AckLog, outgoing: &mut Outgoing) -> bool {
-    let span = tracing::info_span!("outgoing_ack", client_id = outgoing.client_id);
+    let span = tracing::trace_span!("outgoing_ack", client_id = outgoing.client_id);
     let _guard = span.enter();
 
     let acks = ackslog.readv();
@@ -1550,7 +1654,7 @@ fn forward_device_data(
     connection: &mut Connection,
     shared_group: Option<&mut SharedGroup>,
 ) -> ConsumeStatus {
-    let span = tracing::info_span!("outgoing_publish", client_id = outgoing.client_id);
+    let span = tracing::trace_span!("outgoing_publish", client_id = outgoing.client_id);
     let _guard = span.enter();
 
     if let Some(ref shared_group) = shared_group {
@@ -1635,19 +1739,24 @@ fn forward_device_data(
         }
     }
 
-    if start != request.cursor {
+    // The log dropped entries this reader had not read (an offline
+    // session, a QoS 0 reader, or a reader past its stall: `flow.rs`)
+    let lost = start.1.saturating_sub(request.cursor.1);
+    if lost > 0 {
         let error = format!(
-            "Read cursor start jumped from {:?} to {:?} on {}",
-            request.cursor, start, request.filter
+            "Read cursor start jumped from {:?} to {:?} on {}, {} messages lost",
+            request.cursor, start, request.filter, lost
         );
 
         warn!(
+            client_id = outgoing.client_id,
             request_cursor = ?request.cursor,
             start_cursor = ?start,
+            lost,
             error
         );
 
-        let alert = alert::cursorjump(&outgoing.client_id, &request.filter, 0);
+        let alert = alert::cursorjump(&outgoing.client_id, &request.filter, lost as usize);
         alertlog.log(alert);
     }
 

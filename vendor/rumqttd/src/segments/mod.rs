@@ -5,7 +5,7 @@ mod segment;
 pub mod utils;
 
 use segment::{Segment, SegmentPosition};
-use tracing::warn;
+use tracing::{debug, warn};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Position {
@@ -148,18 +148,39 @@ where
             // Read absolute_offset before applying memory retention, in case there is only 1
             // segment allowed.
             let absolute_offset = self.active_segment().next_offset();
+            let filled = self.active_segment().len() as usize;
             // If active segment is full and segments are full, apply retention policy.
-            if self.memory_segments_count() >= self.max_mem_segments {
-                self.segments.pop_front();
+            let storage = if self.memory_segments_count() >= self.max_mem_segments {
                 self.head += 1;
-            }
+                self.segments.pop_front().map(|dropped| dropped.data)
+            } else {
+                None
+            };
+            let storage = storage.unwrap_or_else(|| Vec::with_capacity(filled));
 
             // Pushing a new segment into segments and updating the tail automatically changes
             // the active segment to a new empty one.
             self.segments
-                .push_back(Segment::with_offset(absolute_offset));
+                .push_back(Segment::with_storage(absolute_offset, storage));
             self.tail += 1;
         }
+    }
+
+    /// Whether the next [`Self::append`] drops the oldest segment from
+    /// memory: `Some((head, end))`, that segment's index and the absolute
+    /// offset it ends at (the first offset kept). A reader whose cursor is
+    /// `(head, o)` with `o < end` would lose `end - o` entries.
+    pub fn next_append_drops(&self) -> Option<(u64, u64)> {
+        if self.active_segment().size() < self.max_segment_size as u64
+            || self.memory_segments_count() < self.max_mem_segments
+        {
+            return None;
+        }
+        let end = match self.segments.get(1) {
+            Some(next) => next.absolute_offset,
+            None => self.active_segment().next_offset(),
+        };
+        Some((self.head, end))
     }
 
     #[inline]
@@ -185,7 +206,8 @@ where
 
         if cursor.0 < self.head {
             let head_absolute_offset = self.segments.front().unwrap().absolute_offset;
-            warn!(
+            // Logged once, with the count lost, by the router's reader
+            debug!(
                 "given index {} less than head {}, jumping to head",
                 cursor.0, head_absolute_offset
             );

@@ -27,14 +27,18 @@ impl<T> Segment<T>
 where
     T: Storage + Clone,
 {
-    pub(crate) fn with_offset(absolute_offset: u64) -> Self {
+    /// An empty segment at `absolute_offset` storing into `data` (emptied):
+    /// a busy log reuses the storage of the segment it dropped, or sizes a
+    /// new one like the last, instead of growing it entry by entry again.
+    pub(crate) fn with_storage(absolute_offset: u64, mut data: Vec<T>) -> Self {
+        data.clear();
         Self {
-            // Grows on demand: a filter nobody publishes to holds no slots
-            data: Vec::new(),
+            data,
             absolute_offset,
             total_size: 0,
         }
     }
+
     pub(crate) fn new() -> Self {
         Self {
             // Grows on demand: a filter nobody publishes to holds no slots
