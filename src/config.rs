@@ -278,7 +278,7 @@ impl Config {
         ] {
             for t in list {
                 let pattern = crate::gateway::acl::template_pattern(t);
-                if crate::admin::accounts::reaches_admin_topics(&pattern) {
+                if crate::admin::accounts::template_reaches_admin_topics(&pattern) {
                     return Err(format!(
                         "{key}: {t:?} could reach the admin topics (admin/#) or $-topics; \
                          start each template with a literal level other than \"admin\", \

@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::{
     DisconnectReasonCode, Packet, PingResp, PubAck, PubAckProperties, PubAckReason, PubComp,
-    PubCompReason, PubRec, PubRecProperties, PubRecReason, Publish, PublishProperties, SubAck,
+    PubCompReason, PubRec, PubRecProperties, PubRecReason, Publish, PublishProperties, QoS, SubAck,
     Subscribe, SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use rumqttd::Notification;
@@ -118,6 +118,9 @@ pub(crate) struct Session<'a> {
     pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
     /// QoS 2 PUBLISHes dropped by the ACL whose PUBREL we answer ourselves.
     denied_qos2: HashSet<u16>,
+    /// QoS 2 deliveries from the router withheld by `deny_subscribe`, whose
+    /// PUBREL from the router we answer ourselves.
+    withheld_qos2: HashSet<u16>,
     /// Whether the session has its router link (clean sessions get it on
     /// their first SUBSCRIBE or PUBLISH).
     pub(crate) linked: bool,
@@ -143,6 +146,7 @@ impl<'a> Session<'a> {
             aliases: HashMap::new(),
             pending_subacks: HashMap::new(),
             denied_qos2: HashSet::new(),
+            withheld_qos2: HashSet::new(),
             linked,
             session_expiry,
         }
@@ -428,9 +432,57 @@ impl<'a> Session<'a> {
                 }
                 Some(End::router(&why))
             }
+            Some(Packet::Publish(publish, _)) if !self.may_receive(&publish.topic) => {
+                self.withhold(&publish);
+                None
+            }
+            Some(Packet::PubRel(rel, _)) if self.withheld_qos2.remove(&rel.pkid) => {
+                self.to_router.push(Packet::PubComp(
+                    PubComp {
+                        pkid: rel.pkid,
+                        reason: PubCompReason::Success,
+                    },
+                    None,
+                ));
+                None
+            }
             Some(p) => {
                 self.write(p);
                 None
+            }
+        }
+    }
+
+    /// Whether a message on `topic` may be delivered (`deny_subscribe`
+    /// carves topics out of wider subscriptions).
+    fn may_receive(&self, topic: &[u8]) -> bool {
+        self.acl.deny_subscribe.is_empty()
+            || std::str::from_utf8(topic).is_ok_and(|t| self.acl.may_receive(t))
+    }
+
+    /// Drops a delivery the session may not receive, acknowledging it to
+    /// the router as the client would have.
+    fn withhold(&mut self, publish: &Publish) {
+        tracing::debug!(topic = %String::from_utf8_lossy(&publish.topic), "delivery withheld by deny_subscribe");
+        let pkid = publish.pkid();
+        match publish.qos() {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self.to_router.push(Packet::PubAck(
+                PubAck {
+                    pkid,
+                    reason: PubAckReason::Success,
+                },
+                None,
+            )),
+            QoS::ExactlyOnce => {
+                self.withheld_qos2.insert(pkid);
+                self.to_router.push(Packet::PubRec(
+                    PubRec {
+                        pkid,
+                        reason: PubRecReason::Success,
+                    },
+                    None,
+                ));
             }
         }
     }

@@ -218,6 +218,11 @@ pub struct RouterConfig {
     /// publish on behalf of many clients, e.g. a gateway's will link).
     #[serde(default)]
     pub quota_exempt_clients: Vec<String>,
+    /// First topic levels that a filter starting with a wildcard (`+`, `#`)
+    /// does not match, as MQTT 4.7.2 says of topics starting with `$`:
+    /// with `["admin"]`, `#` and `+/x` never match `admin/x`; `admin/#` does.
+    #[serde(default)]
+    pub wildcard_excluded_levels: Vec<String>,
 }
 
 impl RouterConfig {
@@ -246,6 +251,7 @@ impl Default for RouterConfig {
             max_retained_per_client: Self::DEFAULT_MAX_RETAINED_PER_CLIENT,
             max_retained_bytes: Self::DEFAULT_MAX_RETAINED_BYTES,
             quota_exempt_clients: Vec::new(),
+            wildcard_excluded_levels: Vec::new(),
         }
     }
 }

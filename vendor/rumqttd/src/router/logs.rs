@@ -70,9 +70,10 @@ impl DataLog {
     pub fn new(config: RouterConfig) -> io::Result<DataLog> {
         let mut native = Slab::new();
         let mut filter_indexes = HashMap::new();
-        let mut index = FilterIndex::new();
+        let mut index = FilterIndex::with_excluded_levels(&config.wildcard_excluded_levels);
         let retained =
-            RetainedStore::new(config.max_retained_per_client, config.max_retained_bytes);
+            RetainedStore::new(config.max_retained_per_client, config.max_retained_bytes)
+                .with_excluded_levels(&config.wildcard_excluded_levels);
 
         if let Some(warmup_filters) = config.initialized_filters.clone() {
             for filter in warmup_filters {
