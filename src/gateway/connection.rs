@@ -439,6 +439,15 @@ where
                 _ = std::future::ready(()) => None,
             };
         }
+        // Acks the session gave on the client's behalf (withheld deliveries).
+        if !session.to_router.is_empty() {
+            if let Some(link) = self.guard.link.as_mut() {
+                if link.tx().send(&mut session.to_router).await.is_err() {
+                    end = end.or(Some(End::router("router link closed")));
+                }
+            }
+            session.to_router = Vec::new();
+        }
         if flush(self.stream, &mut session.wbuf, self.cfg.write_timeout)
             .await
             .is_err()

@@ -13,7 +13,7 @@
 //!   the SUBACK, the others go to the router and the codes are merged back
 //!   in order.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::{
@@ -118,8 +118,15 @@ pub(crate) struct Session<'a> {
     pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
     /// QoS 2 PUBLISHes dropped by the ACL whose PUBREL we answer ourselves.
     denied_qos2: HashSet<u16>,
-    /// QoS 2 deliveries from the router withheld by `deny_subscribe`, whose
-    /// PUBREL from the router we answer ourselves.
+    /// QoS 1/2 deliveries of the router awaiting their PUBACK/PUBREC, in
+    /// the router's order (it takes acks only in that order); `Some(qos)`
+    /// for one withheld by `deny_subscribe`, acked here once its turn comes.
+    /// Kept only for sessions with a `deny_subscribe` list.
+    await_ack: VecDeque<(u16, Option<QoS>)>,
+    /// The router's PUBRELs awaiting PUBCOMP, in its order; `true` for a
+    /// withheld delivery's, completed here once its turn comes.
+    await_comp: VecDeque<(u16, bool)>,
+    /// Withheld QoS 2 deliveries whose PUBREL is still to come.
     withheld_qos2: HashSet<u16>,
     /// Whether the session has its router link (clean sessions get it on
     /// their first SUBSCRIBE or PUBLISH).
@@ -146,6 +153,8 @@ impl<'a> Session<'a> {
             aliases: HashMap::new(),
             pending_subacks: HashMap::new(),
             denied_qos2: HashSet::new(),
+            await_ack: VecDeque::new(),
+            await_comp: VecDeque::new(),
             withheld_qos2: HashSet::new(),
             linked,
             session_expiry,
@@ -172,11 +181,15 @@ impl<'a> Session<'a> {
         match packet {
             Packet::Publish(publish, props) => self.on_publish(publish, props, peeked),
             Packet::PubAck(a, _) => {
+                let pkid = a.pkid;
                 self.forward_if_linked(Packet::PubAck(a, None));
+                self.acked(pkid);
                 None
             }
             Packet::PubRec(a, _) => {
+                let pkid = a.pkid;
                 self.forward_if_linked(Packet::PubRec(a, None));
+                self.acked(pkid);
                 None
             }
             Packet::PubRel(r, _) => {
@@ -202,7 +215,12 @@ impl<'a> Session<'a> {
                 None
             }
             Packet::PubComp(c, _) => {
+                let pkid = c.pkid;
                 self.forward_if_linked(Packet::PubComp(c, None));
+                if self.await_comp.front().is_some_and(|(p, _)| *p == pkid) {
+                    self.await_comp.pop_front();
+                    self.release_comps();
+                }
                 None
             }
             Packet::Subscribe(s, props) => self.on_subscribe(s, props),
@@ -436,14 +454,23 @@ impl<'a> Session<'a> {
                 self.withhold(&publish);
                 None
             }
-            Some(Packet::PubRel(rel, _)) if self.withheld_qos2.remove(&rel.pkid) => {
-                self.to_router.push(Packet::PubComp(
-                    PubComp {
-                        pkid: rel.pkid,
-                        reason: PubCompReason::Success,
-                    },
-                    None,
-                ));
+            Some(Packet::Publish(publish, props)) => {
+                if publish.qos() != QoS::AtMostOnce && !self.acl.deny_subscribe.is_empty() {
+                    self.await_ack.push_back((publish.pkid(), None));
+                }
+                self.write(Packet::Publish(publish, props));
+                None
+            }
+            Some(Packet::PubRel(rel, props)) => {
+                let withheld = self.withheld_qos2.remove(&rel.pkid);
+                if !self.acl.deny_subscribe.is_empty() {
+                    self.await_comp.push_back((rel.pkid, withheld));
+                }
+                if withheld {
+                    self.release_comps();
+                } else {
+                    self.write(Packet::PubRel(rel, props));
+                }
                 None
             }
             Some(p) => {
@@ -460,21 +487,28 @@ impl<'a> Session<'a> {
             || std::str::from_utf8(topic).is_ok_and(|t| self.acl.may_receive(t))
     }
 
-    /// Drops a delivery the session may not receive, acknowledging it to
-    /// the router as the client would have.
-    fn withhold(&mut self, publish: &Publish) {
-        tracing::debug!(topic = %String::from_utf8_lossy(&publish.topic), "delivery withheld by deny_subscribe");
-        let pkid = publish.pkid();
-        match publish.qos() {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self.to_router.push(Packet::PubAck(
-                PubAck {
-                    pkid,
-                    reason: PubAckReason::Success,
-                },
-                None,
-            )),
-            QoS::ExactlyOnce => {
+    /// The client acked delivery `pkid`: withheld deliveries right behind
+    /// it are acked now.
+    fn acked(&mut self, pkid: u16) {
+        if self.await_ack.front().is_some_and(|(p, _)| *p == pkid) {
+            self.await_ack.pop_front();
+            self.release_acks();
+        }
+    }
+
+    /// Acks to the router the withheld deliveries at the head of the queue.
+    fn release_acks(&mut self) {
+        while let Some(&(pkid, Some(qos))) = self.await_ack.front() {
+            self.await_ack.pop_front();
+            if qos == QoS::AtLeastOnce {
+                self.to_router.push(Packet::PubAck(
+                    PubAck {
+                        pkid,
+                        reason: PubAckReason::Success,
+                    },
+                    None,
+                ));
+            } else {
                 self.withheld_qos2.insert(pkid);
                 self.to_router.push(Packet::PubRec(
                     PubRec {
@@ -484,6 +518,32 @@ impl<'a> Session<'a> {
                     None,
                 ));
             }
+        }
+    }
+
+    /// Completes to the router the withheld deliveries at the head of the
+    /// PUBREL queue.
+    fn release_comps(&mut self) {
+        while let Some(&(pkid, true)) = self.await_comp.front() {
+            self.await_comp.pop_front();
+            self.to_router.push(Packet::PubComp(
+                PubComp {
+                    pkid,
+                    reason: PubCompReason::Success,
+                },
+                None,
+            ));
+        }
+    }
+
+    /// Drops a delivery the session may not receive, acknowledging it to
+    /// the router as the client would have, in the router's order.
+    fn withhold(&mut self, publish: &Publish) {
+        tracing::debug!(topic = %String::from_utf8_lossy(&publish.topic), pkid = publish.pkid(), "delivery withheld by deny_subscribe");
+        if publish.qos() != QoS::AtMostOnce {
+            self.await_ack
+                .push_back((publish.pkid(), Some(publish.qos())));
+            self.release_acks();
         }
     }
 }
