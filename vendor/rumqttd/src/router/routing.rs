@@ -1681,7 +1681,8 @@ fn forward_device_data(
     let forwards = publishes
         .into_iter()
         .map(|((mut publish, mut properties), offset)| {
-            publish.qos = protocol::qos(qos).unwrap();
+            // MQTT 3.8.4: the lower of the published and the granted QoS.
+            publish.qos = protocol::qos(qos.min(publish.qos as u8)).unwrap_or(publish.qos);
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {
