@@ -13,19 +13,20 @@
 //!   the SUBACK, the others go to the router and the codes are merged back
 //!   in order.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 
 use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::{
-    DisconnectReasonCode, Packet, PingResp, PubAck, PubAckProperties, PubAckReason, PubComp,
-    PubCompReason, PubRec, PubRecProperties, PubRecReason, Publish, PublishProperties, QoS, SubAck,
-    Subscribe, SubscribeProperties, SubscribeReasonCode, UnsubAck, UnsubAckReason,
+    DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
+    PubRecReason, Publish, PublishProperties, SubAck, Subscribe, SubscribeProperties,
+    SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use rumqttd::Notification;
 
 use super::acl::{valid_topic_name, Acl, SubscribeVerdict};
 use super::codec::Codec;
 use super::codes::DisconnectReason;
+use super::delivery::{ClientLimits, Delivery, Out};
 use super::lingering::SessionExpiry;
 use super::{ListenerConfig, ProtocolVersion};
 
@@ -42,6 +43,9 @@ pub(crate) struct End {
     pub(crate) link_gone: bool,
     /// DISCONNECT to send to an MQTT 5 client.
     pub(crate) notify: Option<(DisconnectReason, String)>,
+    /// The client broke the protocol: drain its input briefly after the
+    /// DISCONNECT so that it reads it (see `codec::close_lingering`).
+    pub(crate) linger: bool,
 }
 
 impl End {
@@ -52,6 +56,7 @@ impl End {
             taken_over: false,
             link_gone: false,
             notify: None,
+            linger: false,
         }
     }
 
@@ -62,6 +67,7 @@ impl End {
             taken_over: false,
             link_gone: false,
             notify: None,
+            linger: false,
         }
     }
 
@@ -73,6 +79,8 @@ impl End {
             taken_over: false,
             link_gone: false,
             notify: Some((reason, message)),
+            // A silent client is likely gone: nothing to drain.
+            linger: reason != DisconnectReason::KeepAliveTimeout,
         }
     }
 
@@ -87,6 +95,7 @@ impl End {
             taken_over: reason == DisconnectReason::SessionTakenOver,
             link_gone: false,
             notify: Some((reason, message)),
+            linger: false,
         }
     }
 
@@ -97,6 +106,7 @@ impl End {
             taken_over: false,
             link_gone: true,
             notify: None,
+            linger: false,
         }
     }
 }
@@ -118,16 +128,11 @@ pub(crate) struct Session<'a> {
     pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
     /// QoS 2 PUBLISHes dropped by the ACL whose PUBREL we answer ourselves.
     denied_qos2: HashSet<u16>,
-    /// QoS 1/2 deliveries of the router awaiting their PUBACK/PUBREC, in
-    /// the router's order (it takes acks only in that order); `Some(qos)`
-    /// for one withheld by `deny_subscribe`, acked here once its turn comes.
-    /// Kept only for sessions with a `deny_subscribe` list.
-    await_ack: VecDeque<(u16, Option<QoS>)>,
-    /// The router's PUBRELs awaiting PUBCOMP, in its order; `true` for a
-    /// withheld delivery's, completed here once its turn comes.
-    await_comp: VecDeque<(u16, bool)>,
-    /// Withheld QoS 2 deliveries whose PUBREL is still to come.
-    withheld_qos2: HashSet<u16>,
+    /// Deliveries from the router on their way to the client.
+    delivery: Delivery,
+    /// QoS 1/2 PUBLISHes of an MQTT 5 client not yet acked to it (its
+    /// count is bounded by the listener's Receive Maximum).
+    inbound: HashSet<u16>,
     /// Whether the session has its router link (clean sessions get it on
     /// their first SUBSCRIBE or PUBLISH).
     pub(crate) linked: bool,
@@ -143,6 +148,7 @@ impl<'a> Session<'a> {
         wbuf: BytesMut,
         linked: bool,
         session_expiry: SessionExpiry,
+        limits: ClientLimits,
     ) -> Self {
         Session {
             codec,
@@ -153,9 +159,8 @@ impl<'a> Session<'a> {
             aliases: HashMap::new(),
             pending_subacks: HashMap::new(),
             denied_qos2: HashSet::new(),
-            await_ack: VecDeque::new(),
-            await_comp: VecDeque::new(),
-            withheld_qos2: HashSet::new(),
+            delivery: Delivery::new(limits, !acl.deny_subscribe.is_empty()),
+            inbound: HashSet::new(),
             linked,
             session_expiry,
         }
@@ -183,13 +188,15 @@ impl<'a> Session<'a> {
             Packet::PubAck(a, _) => {
                 let pkid = a.pkid;
                 self.forward_if_linked(Packet::PubAck(a, None));
-                self.acked(pkid);
+                self.deliver(|d, out| d.client_acked(pkid, true, out));
                 None
             }
             Packet::PubRec(a, _) => {
                 let pkid = a.pkid;
+                // A PUBREC with an error code ends the exchange (MQTT 5 4.9).
+                let done = (a.reason as u8) >= 0x80;
                 self.forward_if_linked(Packet::PubRec(a, None));
-                self.acked(pkid);
+                self.deliver(|d, out| d.client_acked(pkid, done, out));
                 None
             }
             Packet::PubRel(r, _) => {
@@ -217,10 +224,7 @@ impl<'a> Session<'a> {
             Packet::PubComp(c, _) => {
                 let pkid = c.pkid;
                 self.forward_if_linked(Packet::PubComp(c, None));
-                if self.await_comp.front().is_some_and(|(p, _)| *p == pkid) {
-                    self.await_comp.pop_front();
-                    self.release_comps();
-                }
+                self.deliver(|d, out| d.client_completed(pkid, out));
                 None
             }
             Packet::Subscribe(s, props) => self.on_subscribe(s, props),
@@ -318,12 +322,25 @@ impl<'a> Session<'a> {
             ));
         }
         if self.acl.may_publish(topic) {
+            if let (true, Some((1 | 2, pkid))) = (self.v5(), peeked) {
+                self.inbound.insert(pkid);
+                if self.inbound.len() > usize::from(self.cfg.receive_maximum) {
+                    return Some(End::violation(
+                        DisconnectReason::ReceiveMaximumExceeded,
+                        format!(
+                            "more than {} QoS 1/2 PUBLISHes awaiting their acks",
+                            self.cfg.receive_maximum
+                        ),
+                    ));
+                }
+            }
             self.to_router.push(Packet::Publish(publish, props));
             return None;
         }
+        // The reason code says it (0x87); no Reason String, which some
+        // clients' PUBACK parsers refuse (e.g. the Paho test suite's).
         tracing::debug!(topic, "PUBLISH outside the ACL dropped");
         let (qos, pkid) = peeked.unwrap_or((0, 0));
-        let reason = format!("not authorized to publish to {topic}");
         let v5 = self.v5();
         match qos {
             1 => self.write(Packet::PubAck(
@@ -335,10 +352,7 @@ impl<'a> Session<'a> {
                         PubAckReason::Success
                     },
                 },
-                v5.then(|| PubAckProperties {
-                    reason_string: Some(reason),
-                    user_properties: Vec::new(),
-                }),
+                None,
             )),
             2 => {
                 self.denied_qos2.insert(pkid);
@@ -351,10 +365,7 @@ impl<'a> Session<'a> {
                             PubRecReason::Success
                         },
                     },
-                    v5.then(|| PubRecProperties {
-                        reason_string: Some(reason),
-                        user_properties: Vec::new(),
-                    }),
+                    None,
                 ));
             }
             _ => {}
@@ -450,27 +461,23 @@ impl<'a> Session<'a> {
                 }
                 Some(End::router(&why))
             }
-            Some(Packet::Publish(publish, _)) if !self.may_receive(&publish.topic) => {
-                self.withhold(&publish);
-                None
-            }
             Some(Packet::Publish(publish, props)) => {
-                if publish.qos() != QoS::AtMostOnce && !self.acl.deny_subscribe.is_empty() {
-                    self.await_ack.push_back((publish.pkid(), None));
-                }
-                self.write(Packet::Publish(publish, props));
+                let receivable = self.may_receive(&publish.topic);
+                self.deliver(|d, out| d.publish(publish, props, receivable, out));
                 None
             }
             Some(Packet::PubRel(rel, props)) => {
-                let withheld = self.withheld_qos2.remove(&rel.pkid);
-                if !self.acl.deny_subscribe.is_empty() {
-                    self.await_comp.push_back((rel.pkid, withheld));
-                }
-                if withheld {
-                    self.release_comps();
-                } else {
-                    self.write(Packet::PubRel(rel, props));
-                }
+                self.deliver(|d, out| d.pubrel(rel, props, out));
+                None
+            }
+            Some(Packet::PubAck(ack, props)) => {
+                self.inbound.remove(&ack.pkid);
+                self.write(Packet::PubAck(ack, props));
+                None
+            }
+            Some(Packet::PubComp(comp, props)) => {
+                self.inbound.remove(&comp.pkid);
+                self.write(Packet::PubComp(comp, props));
                 None
             }
             Some(p) => {
@@ -487,63 +494,13 @@ impl<'a> Session<'a> {
             || std::str::from_utf8(topic).is_ok_and(|t| self.acl.may_receive(t))
     }
 
-    /// The client acked delivery `pkid`: withheld deliveries right behind
-    /// it are acked now.
-    fn acked(&mut self, pkid: u16) {
-        if self.await_ack.front().is_some_and(|(p, _)| *p == pkid) {
-            self.await_ack.pop_front();
-            self.release_acks();
-        }
-    }
-
-    /// Acks to the router the withheld deliveries at the head of the queue.
-    fn release_acks(&mut self) {
-        while let Some(&(pkid, Some(qos))) = self.await_ack.front() {
-            self.await_ack.pop_front();
-            if qos == QoS::AtLeastOnce {
-                self.to_router.push(Packet::PubAck(
-                    PubAck {
-                        pkid,
-                        reason: PubAckReason::Success,
-                    },
-                    None,
-                ));
-            } else {
-                self.withheld_qos2.insert(pkid);
-                self.to_router.push(Packet::PubRec(
-                    PubRec {
-                        pkid,
-                        reason: PubRecReason::Success,
-                    },
-                    None,
-                ));
-            }
-        }
-    }
-
-    /// Completes to the router the withheld deliveries at the head of the
-    /// PUBREL queue.
-    fn release_comps(&mut self) {
-        while let Some(&(pkid, true)) = self.await_comp.front() {
-            self.await_comp.pop_front();
-            self.to_router.push(Packet::PubComp(
-                PubComp {
-                    pkid,
-                    reason: PubCompReason::Success,
-                },
-                None,
-            ));
-        }
-    }
-
-    /// Drops a delivery the session may not receive, acknowledging it to
-    /// the router as the client would have, in the router's order.
-    fn withhold(&mut self, publish: &Publish) {
-        tracing::debug!(topic = %String::from_utf8_lossy(&publish.topic), pkid = publish.pkid(), "delivery withheld by deny_subscribe");
-        if publish.qos() != QoS::AtMostOnce {
-            self.await_ack
-                .push_back((publish.pkid(), Some(publish.qos())));
-            self.release_acks();
-        }
+    /// Runs `f` on the delivery state with this session's outputs.
+    fn deliver(&mut self, f: impl FnOnce(&mut Delivery, &mut Out<'_>)) {
+        let mut out = Out {
+            codec: &self.codec,
+            wbuf: &mut self.wbuf,
+            to_router: &mut self.to_router,
+        };
+        f(&mut self.delivery, &mut out);
     }
 }
