@@ -301,7 +301,7 @@ impl LinkTx {
             qos: QoS::AtMostOnce,
             nolocal: false,
             preserve_retain: false,
-            retain_forward_rule: RetainForwardRule::Never,
+            retain_forward_rule: RetainForwardRule::OnNewSubscribe,
         }];
 
         let subscribe = Subscribe { pkid: 0, filters };
@@ -317,7 +317,7 @@ impl LinkTx {
             qos: QoS::AtMostOnce,
             nolocal: false,
             preserve_retain: false,
-            retain_forward_rule: RetainForwardRule::Never,
+            retain_forward_rule: RetainForwardRule::OnNewSubscribe,
         }];
 
         let subscribe = Subscribe { pkid: 0, filters };
