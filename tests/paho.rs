@@ -39,8 +39,14 @@ struct Outcome {
     failed: Vec<String>,
 }
 
+/// One suite at a time: the suite's clients give the CONNACK 0.5 s, and
+/// two suites at once (each login an argon2 verification) on a loaded CI
+/// machine miss it now and then.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Starts a broker and runs the suite for `version` (`v311` or `v5`).
 async fn run_suite(version: &str) -> Outcome {
+    let _one = ONE_AT_A_TIME.lock().await;
     if std::process::Command::new("python3")
         .arg("--version")
         .output()
@@ -57,6 +63,10 @@ async fn run_suite(version: &str) -> Outcome {
     config.devices.bind = "127.0.0.1:0".parse().expect("addr");
     config.accounts_listener.bind = "127.0.0.1:0".parse().expect("addr");
     config.accounts = vec![paho_account()];
+    // MQTT 5 Server Keep Alive (the suite expects 60 for a keepalive of
+    // 120) and a Receive Maximum the suite can exceed in a few seconds.
+    config.accounts_listener.max_keep_alive_secs = 60;
+    config.accounts_listener.receive_maximum = 100;
     let broker = Broker::start(config, Clock::system())
         .await
         .expect("broker starts");
@@ -140,6 +150,11 @@ async fn paho_v5() {
     assert!(passed >= V5_FLOOR, "5.0: {passed}/27, floor {V5_FLOOR}");
 }
 
-/// The floors reached (raised as the broker passes more).
+/// The floors: 3.1.1 passes 10/10; 5.0 passes 25/27 when the machine is
+/// quiet (fails `subscribe_failure`, which wants SUBACK 0x80 where this
+/// broker answers 0x87 Not authorized, and `subscribe_identifiers`, which
+/// wants one delivery for overlapping subscriptions); one or two timing-
+/// sensitive tests (3 s waits, a 0.5 s CONNACK deadline) may miss on a
+/// loaded machine, hence the margin.
 const V311_FLOOR: usize = 10;
-const V5_FLOOR: usize = 13;
+const V5_FLOOR: usize = 23;
