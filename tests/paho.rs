@@ -71,6 +71,11 @@ async fn run_suite(version: &str) -> Outcome {
         .await
         .expect("broker starts");
     let port = broker.accounts_addr().port();
+    println!(
+        "paho {version}: accounts listener 127.0.0.1:{port} (max_keep_alive_secs 60, \
+         receive_maximum 100), account paho: publish [#], subscribe [#], \
+         deny_subscribe [test/nosubscribe]; run.sh, 40 s per test"
+    );
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/paho-interop/run.sh");
     let mut child = tokio::process::Command::new("bash")
         .arg(&script)

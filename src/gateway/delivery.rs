@@ -60,6 +60,13 @@ pub(crate) struct Delivery {
     /// Whether deliveries may be withheld (a deny list or a packet size
     /// limit): only then is the router's order of acks recorded.
     track: bool,
+    /// Allocated at the first delivery that needs it: an idle session
+    /// (most devices) carries none of it.
+    state: Option<Box<State>>,
+}
+
+#[derive(Default)]
+struct State {
     /// QoS 1/2 deliveries awaiting PUBACK/PUBREC, in the router's order;
     /// `Some(qos)` for a withheld one, acked here when its turn comes.
     await_ack: VecDeque<(u16, Option<QoS>)>,
@@ -82,13 +89,12 @@ impl Delivery {
         Delivery {
             limits,
             track: withholds || limits.max_packet_size.is_some(),
-            await_ack: VecDeque::new(),
-            await_comp: VecDeque::new(),
-            withheld_qos2: HashSet::new(),
-            in_flight: 0,
-            held: VecDeque::new(),
-            aliases: HashMap::new(),
+            state: None,
         }
+    }
+
+    fn state(&mut self) -> &mut State {
+        self.state.get_or_insert_with(Box::default)
     }
 
     /// A PUBLISH from the router; `receivable` is the ACL's verdict on its
@@ -112,8 +118,9 @@ impl Delivery {
                 "delivery withheld"
             );
             if qos != QoS::AtMostOnce {
-                self.await_ack.push_back((publish.pkid(), Some(qos)));
-                self.release_acks(out);
+                let state = self.state();
+                state.await_ack.push_back((publish.pkid(), Some(qos)));
+                state.release_acks(out);
             }
             return;
         }
@@ -121,11 +128,13 @@ impl Delivery {
             self.write(publish, props, out);
             return;
         }
-        if self.track {
-            self.await_ack.push_back((publish.pkid(), None));
+        let (track, max) = (self.track, usize::from(self.limits.receive_maximum));
+        let state = self.state();
+        if track {
+            state.await_ack.push_back((publish.pkid(), None));
         }
-        if self.in_flight >= usize::from(self.limits.receive_maximum) || !self.held.is_empty() {
-            self.held.push_back((publish, props));
+        if state.in_flight >= max || !state.held.is_empty() {
+            state.held.push_back((publish, props));
         } else {
             self.write(publish, props, out);
         }
@@ -138,12 +147,16 @@ impl Delivery {
         props: Option<PubRelProperties>,
         out: &mut Out<'_>,
     ) {
-        let withheld = self.withheld_qos2.remove(&rel.pkid);
+        let Some(state) = self.state.as_mut() else {
+            out.codec.write(Packet::PubRel(rel, props), out.wbuf);
+            return;
+        };
+        let withheld = state.withheld_qos2.remove(&rel.pkid);
         if self.track {
-            self.await_comp.push_back((rel.pkid, withheld));
+            state.await_comp.push_back((rel.pkid, withheld));
         }
         if withheld {
-            self.release_comps(out);
+            state.release_comps(out);
         } else {
             out.codec.write(Packet::PubRel(rel, props), out.wbuf);
         }
@@ -151,9 +164,12 @@ impl Delivery {
 
     /// The client's PUBACK (QoS 1 done) or PUBREC (QoS 2 received).
     pub(crate) fn client_acked(&mut self, pkid: u16, done: bool, out: &mut Out<'_>) {
-        if self.await_ack.front().is_some_and(|(p, _)| *p == pkid) {
-            self.await_ack.pop_front();
-            self.release_acks(out);
+        let Some(state) = self.state.as_mut() else {
+            return;
+        };
+        if state.await_ack.front().is_some_and(|(p, _)| *p == pkid) {
+            state.await_ack.pop_front();
+            state.release_acks(out);
         }
         if done {
             self.slot_freed(out);
@@ -162,9 +178,12 @@ impl Delivery {
 
     /// The client's PUBCOMP (QoS 2 done).
     pub(crate) fn client_completed(&mut self, pkid: u16, out: &mut Out<'_>) {
-        if self.await_comp.front().is_some_and(|(p, _)| *p == pkid) {
-            self.await_comp.pop_front();
-            self.release_comps(out);
+        let Some(state) = self.state.as_mut() else {
+            return;
+        };
+        if state.await_comp.front().is_some_and(|(p, _)| *p == pkid) {
+            state.await_comp.pop_front();
+            state.release_comps(out);
         }
         self.slot_freed(out);
     }
@@ -179,12 +198,18 @@ impl Delivery {
     }
 
     fn slot_freed(&mut self, out: &mut Out<'_>) {
-        self.in_flight = self.in_flight.saturating_sub(1);
-        while self.in_flight < usize::from(self.limits.receive_maximum) {
-            let Some((publish, props)) = self.held.pop_front() else {
+        let max = usize::from(self.limits.receive_maximum);
+        let state = self.state();
+        state.in_flight = state.in_flight.saturating_sub(1);
+        while self.state().in_flight < max {
+            let Some((publish, props)) = self.state().held.pop_front() else {
                 break;
             };
             self.write(publish, props, out);
+        }
+        // Back to idle: the memory goes back too.
+        if self.state.as_ref().is_some_and(|s| s.is_idle()) {
+            self.state = None;
         }
     }
 
@@ -195,21 +220,23 @@ impl Delivery {
         out: &mut Out<'_>,
     ) {
         if publish.qos() != QoS::AtMostOnce {
-            self.in_flight += 1;
+            self.state().in_flight += 1;
         }
         if let Some(p) = props.as_mut() {
             // Aliases are this connection's, never the router's.
             p.topic_alias = None;
         }
-        if self.limits.topic_alias_max > 0 {
-            let alias = match self.aliases.get(&publish.topic) {
+        let alias_max = usize::from(self.limits.topic_alias_max);
+        if alias_max > 0 {
+            let aliases = &mut self.state().aliases;
+            let alias = match aliases.get(&publish.topic) {
                 Some(&a) => {
                     publish.topic = Bytes::new();
                     Some(a)
                 }
-                None if self.aliases.len() < usize::from(self.limits.topic_alias_max) => {
-                    let a = self.aliases.len() as u16 + 1;
-                    self.aliases.insert(publish.topic.clone(), a);
+                None if aliases.len() < alias_max => {
+                    let a = aliases.len() as u16 + 1;
+                    aliases.insert(publish.topic.clone(), a);
                     Some(a)
                 }
                 None => None,
@@ -221,6 +248,17 @@ impl Delivery {
             }
         }
         out.codec.write(Packet::Publish(publish, props), out.wbuf);
+    }
+}
+
+impl State {
+    fn is_idle(&self) -> bool {
+        self.in_flight == 0
+            && self.await_ack.is_empty()
+            && self.await_comp.is_empty()
+            && self.withheld_qos2.is_empty()
+            && self.held.is_empty()
+            && self.aliases.is_empty()
     }
 
     /// Acks to the router the withheld deliveries at the head of the queue.

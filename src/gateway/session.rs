@@ -131,8 +131,9 @@ pub(crate) struct Session<'a> {
     /// Deliveries from the router on their way to the client.
     delivery: Delivery,
     /// QoS 1/2 PUBLISHes of an MQTT 5 client not yet acked to it (its
-    /// count is bounded by the listener's Receive Maximum).
-    inbound: HashSet<u16>,
+    /// count is bounded by the listener's Receive Maximum; kept only when
+    /// that is below 65535, the most packet ids there are).
+    inbound: Option<Box<HashSet<u16>>>,
     /// Whether the session has its router link (clean sessions get it on
     /// their first SUBSCRIBE or PUBLISH).
     pub(crate) linked: bool,
@@ -160,7 +161,7 @@ impl<'a> Session<'a> {
             pending_subacks: HashMap::new(),
             denied_qos2: HashSet::new(),
             delivery: Delivery::new(limits, !acl.deny_subscribe.is_empty()),
-            inbound: HashSet::new(),
+            inbound: None,
             linked,
             session_expiry,
         }
@@ -322,9 +323,11 @@ impl<'a> Session<'a> {
             ));
         }
         if self.acl.may_publish(topic) {
-            if let (true, Some((1 | 2, pkid))) = (self.v5(), peeked) {
-                self.inbound.insert(pkid);
-                if self.inbound.len() > usize::from(self.cfg.receive_maximum) {
+            let max = self.cfg.receive_maximum;
+            if let (true, true, Some((1 | 2, pkid))) = (self.v5(), max < u16::MAX, peeked) {
+                let inbound = self.inbound.get_or_insert_with(Box::default);
+                inbound.insert(pkid);
+                if inbound.len() > usize::from(max) {
                     return Some(End::violation(
                         DisconnectReason::ReceiveMaximumExceeded,
                         format!(
@@ -471,12 +474,16 @@ impl<'a> Session<'a> {
                 None
             }
             Some(Packet::PubAck(ack, props)) => {
-                self.inbound.remove(&ack.pkid);
+                if let Some(inbound) = self.inbound.as_mut() {
+                    inbound.remove(&ack.pkid);
+                }
                 self.write(Packet::PubAck(ack, props));
                 None
             }
             Some(Packet::PubComp(comp, props)) => {
-                self.inbound.remove(&comp.pkid);
+                if let Some(inbound) = self.inbound.as_mut() {
+                    inbound.remove(&comp.pkid);
+                }
                 self.write(Packet::PubComp(comp, props));
                 None
             }
