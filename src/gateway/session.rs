@@ -133,6 +133,8 @@ pub(crate) struct Session<'a> {
     /// QoS 1/2 PUBLISHes of an MQTT 5 client not yet acked to it (its
     /// count is bounded by the listener's Receive Maximum; kept only when
     /// that is below 65535, the most packet ids there are).
+    /// (Boxed: 8 bytes in every idle session instead of a set's 48.)
+    #[allow(clippy::box_collection)]
     inbound: Option<Box<HashSet<u16>>>,
     /// Whether the session has its router link (clean sessions get it on
     /// their first SUBSCRIBE or PUBLISH).
