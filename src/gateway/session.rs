@@ -197,7 +197,10 @@ impl<'a> Session<'a> {
             Packet::PubRec(a, _) => {
                 let pkid = a.pkid;
                 // A PUBREC with an error code ends the exchange (MQTT 5 4.9).
-                let done = (a.reason as u8) >= 0x80;
+                let done = !matches!(
+                    a.reason,
+                    PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+                );
                 self.forward_if_linked(Packet::PubRec(a, None));
                 self.deliver(|d, out| d.client_acked(pkid, done, out));
                 None
@@ -487,6 +490,20 @@ impl<'a> Session<'a> {
                     inbound.remove(&comp.pkid);
                 }
                 self.write(Packet::PubComp(comp, props));
+                None
+            }
+            // A refused QoS 2 PUBLISH (e.g. 0x97 over a retained quota)
+            // ends at its PUBREC.
+            Some(Packet::PubRec(rec, props))
+                if !matches!(
+                    rec.reason,
+                    PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+                ) =>
+            {
+                if let Some(inbound) = self.inbound.as_mut() {
+                    inbound.remove(&rec.pkid);
+                }
+                self.write(Packet::PubRec(rec, props));
                 None
             }
             Some(p) => {
