@@ -161,7 +161,8 @@ impl Authenticator for AccountAuthenticator {
                 acl: Acl {
                     publish: rules.publish,
                     subscribe: rules.subscribe,
-                    deny: Vec::new(),
+                    deny_publish: rules.deny_publish,
+                    deny_subscribe: rules.deny_subscribe,
                 },
             })
         })

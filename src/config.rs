@@ -58,6 +58,10 @@ pub struct ListenerSection {
     pub max_pending_per_source: usize,
     /// Connections start with a PROXY protocol v2 header (load balancer).
     pub proxy_protocol: bool,
+    /// Longest keepalive granted (MQTT 5 Server Keep Alive); 0 = the client's.
+    pub max_keep_alive_secs: u16,
+    /// Unacknowledged QoS 1/2 PUBLISHes an MQTT 5 client may have in flight.
+    pub receive_maximum: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -208,6 +212,8 @@ impl Default for ListenerSection {
             auth_timeout_secs: 10,
             max_pending_per_source: 1024,
             proxy_protocol: false,
+            max_keep_alive_secs: 0,
+            receive_maximum: 65535,
         }
     }
 }
@@ -321,7 +327,7 @@ impl Config {
         ] {
             for t in list {
                 let pattern = crate::gateway::acl::template_pattern(t);
-                if crate::admin::accounts::reaches_admin_topics(&pattern) {
+                if crate::admin::accounts::template_reaches_admin_topics(&pattern) {
                     return Err(format!(
                         "{key}: {t:?} could reach the admin topics (admin/#) or $-topics; \
                          start each template with a literal level other than \"admin\", \
@@ -410,6 +416,8 @@ impl ListenerSection {
             l.auth_timeout = std::time::Duration::from_secs(self.auth_timeout_secs);
             l.max_pending_per_source = self.max_pending_per_source;
             l.proxy_protocol = self.proxy_protocol;
+            l.max_keep_alive_secs = self.max_keep_alive_secs;
+            l.receive_maximum = self.receive_maximum;
             l
         };
         let mut out = vec![base(self.bind, None, "")];

@@ -28,6 +28,8 @@ fn account(
         role,
         publish: publish.iter().map(|s| s.to_string()).collect(),
         subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+        deny_publish: Vec::new(),
+        deny_subscribe: Vec::new(),
         events,
     }
 }

@@ -39,6 +39,8 @@ fn config(name: &str, role: RoleConfig) -> AccountConfig {
         role,
         publish: Vec::new(),
         subscribe: Vec::new(),
+        deny_publish: Vec::new(),
+        deny_subscribe: Vec::new(),
         events: false,
     }
 }
@@ -135,7 +137,7 @@ fn bad_account_configs_name_the_key() {
         ),
         (
             AccountConfig {
-                subscribe: vec!["#".into()],
+                subscribe: vec!["admin/#".into()],
                 ..config("ops", RoleConfig::Named("admin".into()))
             },
             "accounts.subscribe",
@@ -243,6 +245,8 @@ async fn listener(password: &str) -> Listener {
         role: RoleConfig::Named("admin".into()),
         publish: Vec::new(),
         subscribe: Vec::new(),
+        deny_publish: Vec::new(),
+        deny_subscribe: Vec::new(),
         events: true,
     };
     let t = start_broker(|c| c.accounts = vec![cfg]).await;

@@ -111,7 +111,7 @@ async fn broker_with(tune: impl FnOnce(&mut ListenerConfig)) -> Broker {
         Acl {
             publish: vec!["devices/#".into()],
             subscribe: vec!["devices/#".into()],
-            deny: Vec::new(),
+            ..Acl::default()
         },
     );
     let auth = AllowList {

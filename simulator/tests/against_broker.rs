@@ -246,6 +246,8 @@ async fn setup_over_the_admin_topics_then_flood_with_device_secrets() {
         role: RoleConfig::Named("admin".into()),
         publish: Vec::new(),
         subscribe: Vec::new(),
+        deny_publish: Vec::new(),
+        deny_subscribe: Vec::new(),
         events: false,
     }];
     let broker = Broker::start(config, Clock::system())

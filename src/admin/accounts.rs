@@ -8,9 +8,15 @@
 //! password_hash = "$argon2id$v=19$..."   # activation-broker admin hash-password
 //! role = "admin"            # "admin" | "viewer" | "none" | ["DescribeProducts", ...]
 //! publish = ["devices/+/+/command/#"]
-//! subscribe = ["devices/#"]
+//! subscribe = ["#"]         # every data topic: `#` never reaches admin/…
+//! deny_subscribe = ["devices/+/+/secrets/#"]   # checked before `subscribe`
+//! deny_publish = []                            # checked before `publish`
 //! events = true             # may read admin/v1/events/#
 //! ```
+//!
+//! Admin topics behave like MQTT's `$` topics: a filter whose first level
+//! is a wildcard never matches `admin/…` (see `gateway::acl`), so `#` and
+//! `+/+` are data-topic rights; a right naming `admin/…` is refused.
 //!
 //! With no account configured, the first start creates `admin` (role admin,
 //! events) with a random password, prints `admin password: <password>`
@@ -31,6 +37,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use super::actions::{access_of, Access, ACTIONS};
+use crate::gateway::acl::{filters_overlap, topic_matches, valid_filter};
 
 /// File under the data dir holding the generated `admin` account.
 pub const GENERATED_FILE: &str = "accounts.toml";
@@ -81,6 +88,13 @@ pub struct AccountConfig {
     pub publish: Vec<String>,
     #[serde(default)]
     pub subscribe: Vec<String>,
+    /// Topics carved out of `publish` (checked first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_publish: Vec<String>,
+    /// Topics carved out of `subscribe` (checked first): no subscription
+    /// inside them, no delivery from them through a wider one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deny_subscribe: Vec<String>,
     #[serde(default)]
     pub events: bool,
 }
@@ -156,6 +170,10 @@ pub struct Account {
     pub publish: Vec<String>,
     /// Extra topic filters it may subscribe to (data topics).
     pub subscribe: Vec<String>,
+    /// Topics it may not publish to, whatever `publish` says.
+    pub deny_publish: Vec<String>,
+    /// Topics it may not subscribe to or receive, whatever `subscribe` says.
+    pub deny_subscribe: Vec<String>,
     /// May read `admin/v1/events/#`.
     pub events: bool,
 }
@@ -165,6 +183,8 @@ pub struct Account {
 pub struct TopicRules {
     pub publish: Vec<String>,
     pub subscribe: Vec<String>,
+    pub deny_publish: Vec<String>,
+    pub deny_subscribe: Vec<String>,
 }
 
 impl Account {
@@ -176,6 +196,8 @@ impl Account {
             role,
             publish: Vec::new(),
             subscribe: Vec::new(),
+            deny_publish: Vec::new(),
+            deny_subscribe: Vec::new(),
             events: false,
         }
     }
@@ -193,14 +215,20 @@ impl Account {
                 c.name
             );
         }
-        for (key, list) in [("publish", &c.publish), ("subscribe", &c.subscribe)] {
+        for (key, list) in [
+            ("publish", &c.publish),
+            ("subscribe", &c.subscribe),
+            ("deny_publish", &c.deny_publish),
+            ("deny_subscribe", &c.deny_subscribe),
+        ] {
             for f in list {
                 if let Err(why) = check_filter(f) {
                     bail!("accounts.{key} of account {}: {f:?} {why}", c.name);
                 }
-                if reaches_admin_topics(f) {
+                if !key.starts_with("deny") && reaches_admin_topics(f) {
                     bail!(
-                        "accounts.{key} of account {}: {f:?} reaches the admin topics; list data topics only",
+                        "accounts.{key} of account {}: {f:?} names the admin topics (admin/…) or a $-topic; \
+                         list data topics only (wildcards such as \"#\" never match admin/…)",
                         c.name
                     );
                 }
@@ -212,6 +240,8 @@ impl Account {
             role: Role::from_config(&c.role, &c.name)?,
             publish: c.publish.clone(),
             subscribe: c.subscribe.clone(),
+            deny_publish: c.deny_publish.clone(),
+            deny_subscribe: c.deny_subscribe.clone(),
             events: c.events,
         })
     }
@@ -248,7 +278,12 @@ impl Account {
             subscribe.push(EVENTS_FILTER.to_owned());
         }
         subscribe.extend(self.subscribe.iter().cloned());
-        TopicRules { publish, subscribe }
+        TopicRules {
+            publish,
+            subscribe,
+            deny_publish: self.deny_publish.clone(),
+            deny_subscribe: self.deny_subscribe.clone(),
+        }
     }
 
     /// Whether the admin service may answer on `topic`, an MQTT 5 Response
@@ -270,7 +305,9 @@ impl Account {
         {
             return true;
         }
-        !topic.starts_with("admin/") && self.publish.iter().any(|f| filter_matches(f, topic))
+        !topic.starts_with("admin/")
+            && !self.deny_publish.iter().any(|f| topic_matches(topic, f))
+            && self.publish.iter().any(|f| topic_matches(topic, f))
     }
 }
 
@@ -280,10 +317,17 @@ pub const EVENTS_FILTER: &str = "admin/v1/events/#";
 pub const ADMIN_FILTER: &str = "admin/#";
 
 /// Whether topic filter `f` (valid) could reach an admin topic or a
-/// `$`-topic: the data-topic lists of accounts and the device namespace
-/// templates (with placeholder levels as `+`) must not.
+/// `$`-topic: the data-topic lists of accounts must not. Filters starting
+/// with a wildcard never do (they skip `admin/…` as they skip `$…`).
 pub fn reaches_admin_topics(f: &str) -> bool {
-    f.starts_with('$') || crate::gateway::acl::filters_overlap(f, ADMIN_FILTER)
+    f.starts_with('$') || filters_overlap(f, ADMIN_FILTER)
+}
+
+/// Whether a device namespace template's pattern (placeholder levels as
+/// `+`, see `gateway::acl::template_pattern`) could reach an admin topic
+/// once rendered: a placeholder at the first level could render as `admin`.
+pub fn template_reaches_admin_topics(pattern: &str) -> bool {
+    pattern.starts_with('+') || pattern.starts_with('#') || reaches_admin_topics(pattern)
 }
 
 pub fn request_topic(account: &str) -> String {
@@ -310,37 +354,10 @@ fn check_filter(f: &str) -> Result<(), &'static str> {
     if f.contains('\0') {
         return Err("contains NUL");
     }
-    let levels: Vec<&str> = f.split('/').collect();
-    for (i, l) in levels.iter().enumerate() {
-        if l.contains('#') && (*l != "#" || i + 1 != levels.len()) {
-            return Err("may use # only as the whole last level");
-        }
-        if l.contains('+') && *l != "+" {
-            return Err("may use + only as a whole level");
-        }
+    if !valid_filter(f) {
+        return Err("may use # only as the whole last level and + only as a whole level");
     }
     Ok(())
-}
-
-/// MQTT topic-filter matching (`+` one level, `#` the rest).
-pub fn filter_matches(filter: &str, topic: &str) -> bool {
-    let mut t = topic.split('/');
-    for f in filter.split('/') {
-        match f {
-            "#" => return true,
-            "+" => {
-                if t.next().is_none() {
-                    return false;
-                }
-            }
-            level => {
-                if t.next() != Some(level) {
-                    return false;
-                }
-            }
-        }
-    }
-    t.next().is_none()
 }
 
 /// The accounts file format: `[[accounts]]` tables.
@@ -506,6 +523,8 @@ fn bootstrap(data_dir: &Path, path: &Path, out: &mut dyn Write) -> anyhow::Resul
         role: RoleConfig::Named("admin".into()),
         publish: Vec::new(),
         subscribe: Vec::new(),
+        deny_publish: Vec::new(),
+        deny_subscribe: Vec::new(),
         events: true,
     };
     let file = AccountsFile {
@@ -553,19 +572,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn filters_match_like_mqtt() {
-        assert!(filter_matches("devices/#", "devices/p/d/x"));
-        assert!(filter_matches(
-            "devices/+/+/command/#",
-            "devices/p/d/command/reboot"
-        ));
-        assert!(!filter_matches(
-            "devices/+/+/command/#",
-            "devices/p/d/telemetry"
-        ));
-        assert!(filter_matches("a/+", "a/b"));
-        assert!(!filter_matches("a/+", "a/b/c"));
-        assert!(!filter_matches("a/b", "a"));
+    fn wildcard_rights_are_data_rights() {
+        let mut c = AccountConfig {
+            name: "app".into(),
+            password_hash: hash_password("pw"),
+            role: RoleConfig::default(),
+            publish: vec!["#".into()],
+            subscribe: vec!["#".into(), "+/+".into(), "+/C".into()],
+            deny_publish: vec!["test/ro".into()],
+            deny_subscribe: vec!["test/nosubscribe".into()],
+            events: false,
+        };
+        let a = Account::from_config(&c).expect("# is a data right");
+        assert!(a.may_receive_on("data/x"));
+        assert!(!a.may_receive_on("test/ro"));
+        for bad in ["admin/#", "admin/v1/other/request", "$SYS/#", "a/#/b"] {
+            c.subscribe = vec![bad.into()];
+            assert!(Account::from_config(&c).is_err(), "{bad}");
+        }
+        c.subscribe = vec!["#".into()];
+        c.deny_subscribe = vec!["a/#/b".into()];
+        assert!(Account::from_config(&c).is_err());
+        assert!(!template_reaches_admin_topics("devices/+/+/#"));
+        assert!(template_reaches_admin_topics("+/+/#"));
+        assert!(template_reaches_admin_topics("admin/+/#"));
     }
 
     #[test]

@@ -2,13 +2,44 @@
 //! filters it may subscribe to. Implements MQTT topic-name / topic-filter
 //! validation and matching, filter containment (a subscription is allowed
 //! only if every topic it can match is inside an allowed filter), shared
-//! subscriptions (`$share/{group}/{filter}`), and namespace templates such as
+//! subscriptions (`$share/{group}/{filter}`), deny lists checked before the
+//! allow lists, and namespace templates such as
 //! `devices/{ProductKey}/{DeviceKey}/#`.
+//!
+//! One matching rule everywhere (the ACLs of devices and accounts, config
+//! validation, and the router through `RouterConfig::wildcard_excluded_levels`):
+//! a filter whose first level is a wildcard never matches a topic whose first
+//! level starts with `$` (MQTT §4.7.2) or is `admin` (the admin plane's
+//! topics behave like `$` topics). Only filters naming `admin/…` reach them.
 
 use std::fmt;
 
 /// The default device namespace template (SPEC §3).
 pub const DEFAULT_DEVICE_TEMPLATE: &str = "devices/{ProductKey}/{DeviceKey}/#";
+
+/// First topic levels that filters starting with a wildcard do not match,
+/// besides those starting with `$` (given to the router as
+/// `wildcard_excluded_levels`).
+pub const WILDCARD_EXCLUDED_LEVELS: &[&str] = &["admin"];
+
+/// Whether a wildcard at the first level skips the first level `level`.
+pub fn excluded_from_wildcards(level: &str) -> bool {
+    level.starts_with('$') || WILDCARD_EXCLUDED_LEVELS.contains(&level)
+}
+
+fn first_level(f: &str) -> &str {
+    f.split('/').next().unwrap_or(f)
+}
+
+fn starts_with_wildcard(f: &str) -> bool {
+    f.starts_with('+') || f.starts_with('#')
+}
+
+/// `f` starts with a wildcard and `g`'s first level is one wildcards skip:
+/// nothing `g` matches is matched by `f`.
+fn wildcard_skips(f: &str, g: &str) -> bool {
+    starts_with_wildcard(f) && excluded_from_wildcards(first_level(g))
+}
 
 /// What one session may do with topics. Filters are concrete MQTT topic
 /// filters (templates already rendered).
@@ -18,10 +49,13 @@ pub struct Acl {
     pub publish: Vec<String>,
     /// A SUBSCRIBE filter is allowed if it is contained in one of these.
     pub subscribe: Vec<String>,
-    /// Topics out of reach whatever the lists above say: no PUBLISH to a
-    /// topic matching one of these filters, no subscription to a filter that
-    /// could match a topic they match (e.g. `admin/#` for devices).
-    pub deny: Vec<String>,
+    /// Checked before `publish`: no PUBLISH to a topic matching one of these.
+    pub deny_publish: Vec<String>,
+    /// Checked before `subscribe`: no subscription to a filter contained in
+    /// one of these, and no delivery of a message whose topic matches one
+    /// (so `#` minus `test/secret` is `subscribe = ["#"]`,
+    /// `deny_subscribe = ["test/secret"]`).
+    pub deny_subscribe: Vec<String>,
 }
 
 /// The verdict on one subscription filter.
@@ -45,13 +79,15 @@ impl Acl {
         Acl {
             publish: filters.clone(),
             subscribe: filters,
-            deny: Vec::new(),
+            ..Acl::default()
         }
     }
 
-    /// This ACL with `filters` out of reach whatever it allows.
+    /// This ACL with `filters` out of reach (both directions) whatever it allows.
     pub fn denying(mut self, filters: &[&str]) -> Self {
-        self.deny.extend(filters.iter().map(|f| (*f).to_owned()));
+        let filters = filters.iter().map(|f| (*f).to_owned());
+        self.deny_publish.extend(filters.clone());
+        self.deny_subscribe.extend(filters);
         self
     }
 
@@ -65,8 +101,14 @@ impl Acl {
     /// May the session publish to `topic`? Invalid topic names never are.
     pub fn may_publish(&self, topic: &str) -> bool {
         valid_topic_name(topic)
+            && !self.deny_publish.iter().any(|d| topic_matches(topic, d))
             && self.publish.iter().any(|f| topic_matches(topic, f))
-            && !self.deny.iter().any(|d| topic_matches(topic, d))
+    }
+
+    /// May the session be sent a message published to `topic` (through a
+    /// subscription that overlaps a `deny_subscribe` filter)?
+    pub fn may_receive(&self, topic: &str) -> bool {
+        !self.deny_subscribe.iter().any(|d| topic_matches(topic, d))
     }
 
     /// May the session subscribe to `filter` (possibly `$share/{group}/…`)?
@@ -81,7 +123,7 @@ impl Acl {
         }
         // `$`-topics (e.g. `$SYS/#`) are not served by the router; no
         // session may subscribe to them, whatever its filters say.
-        if inner.starts_with('$') || self.deny.iter().any(|d| filters_overlap(inner, d)) {
+        if inner.starts_with('$') || self.deny_subscribe.iter().any(|d| filter_within(inner, d)) {
             return SubscribeVerdict::NotAuthorized;
         }
         if self.subscribe.iter().any(|a| filter_within(inner, a)) {
@@ -131,9 +173,9 @@ pub fn valid_filter(filter: &str) -> bool {
 }
 
 /// Does topic name `topic` match filter `filter`? A filter starting with a
-/// wildcard does not match topics starting with `$` (MQTT §4.7.2).
+/// wildcard does not match topics starting with `$` (MQTT §4.7.2) or `admin/`.
 pub fn topic_matches(topic: &str, filter: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+    if wildcard_skips(filter, topic) {
         return false;
     }
     let mut t = topic.split('/');
@@ -152,9 +194,8 @@ pub fn topic_matches(topic: &str, filter: &str) -> bool {
 /// Is every topic matched by filter `f` also matched by filter `a`? Both
 /// must be valid filters.
 pub fn filter_within(f: &str, a: &str) -> bool {
-    if f.starts_with('$') && !a.starts_with('$') {
-        // `a` starts with a wildcard (which never matches `$` topics) or a
-        // literal level that cannot equal a `$` level.
+    if wildcard_skips(a, f) {
+        // `f` names a first level (`$…`, `admin`) that `a`'s wildcard skips.
         return false;
     }
     let mut fl = f.split('/');
@@ -184,10 +225,8 @@ pub fn filter_within(f: &str, a: &str) -> bool {
 
 /// Could one topic name match both filters `a` and `b` (both valid)?
 pub fn filters_overlap(a: &str, b: &str) -> bool {
-    // Wildcards at the first level never match `$` topics.
-    let dollar = |f: &str| f.starts_with('$');
-    let wild = |f: &str| f.starts_with('+') || f.starts_with('#');
-    if (dollar(a) && wild(b)) || (dollar(b) && wild(a)) {
+    // Wildcards at the first level never match `$` or `admin` topics.
+    if wildcard_skips(a, b) || wildcard_skips(b, a) {
         return false;
     }
     let (mut al, mut bl) = (a.split('/'), b.split('/'));
@@ -280,7 +319,7 @@ impl AclTemplate {
         Ok(Acl {
             publish: render_all(&self.publish)?,
             subscribe: render_all(&self.subscribe)?,
-            deny: Vec::new(),
+            ..Acl::default()
         })
     }
 }
@@ -362,26 +401,36 @@ mod tests {
         assert!(!filter_within("a/b/c", "+/+"));
         assert!(!filter_within("$SYS/#", "+/#"));
         assert!(!filter_within("$SYS/x", "#"));
+        // Admin topics are like `$` topics: only a literal `admin` level
+        // contains them.
+        assert!(!filter_within("admin/#", "#"));
+        assert!(!filter_within("admin/v1/x/request", "+/v1/+/request"));
+        assert!(filter_within("admin/v1/x/request", "admin/+/+/request"));
+        assert!(filter_within("administrator/x", "#"));
     }
 
     #[test]
     fn overlap() {
         let admin = "admin/#";
+        for f in ["admin", "admin/v1/x/request", "admin/+", "admin/#"] {
+            assert!(filters_overlap(f, admin), "{f}");
+            assert!(filters_overlap(admin, f), "{f}");
+        }
+        // A wildcard at the first level never reaches the admin topics.
         for f in [
             "#",
             "+",
             "+/#",
-            "admin",
-            "admin/v1/x/request",
             "+/v1/#",
-            "admin/+",
+            "devices/#",
+            "devices/+/+/#",
+            "$SYS/#",
+            "+/+/+/x/#",
         ] {
-            assert!(filters_overlap(f, admin), "{f}");
-            assert!(filters_overlap(admin, f), "{f}");
+            assert!(!filters_overlap(f, admin), "{f}");
+            assert!(!filters_overlap(admin, f), "{f}");
         }
-        for f in ["devices/#", "devices/+/+/#", "$SYS/#", "+/+/+/x/#"] {
-            assert_eq!(filters_overlap(f, admin), f == "+/+/+/x/#", "{f}");
-        }
+        assert!(filters_overlap("#", "administrator/x"));
         assert!(!filters_overlap("a/b", "a/b/c"));
         assert!(filters_overlap("a/b", "a/b/#"));
         assert!(!filters_overlap("a/+", "a"));
@@ -392,18 +441,43 @@ mod tests {
 
     #[test]
     fn deny_wins_over_the_lists() {
-        let acl = Acl::both(vec!["#".into()]).denying(&["admin/#"]);
+        let mut acl = Acl::both(vec!["#".into(), "admin/v1/x/#".into()]).denying(&["admin/#"]);
+        acl.deny_subscribe.push("test/secret/#".into());
+        acl.deny_publish.push("test/ro".into());
         assert!(acl.may_publish("devices/p/d"));
-        assert!(!acl.may_publish("admin/v1/admin/request"));
+        assert!(acl.may_publish("test/secret/x"));
+        assert!(!acl.may_publish("test/ro"));
+        assert!(!acl.may_publish("admin/v1/x/request"));
         assert!(!acl.may_publish("admin"));
-        for f in ["#", "admin/#", "+/v1/+/request", "$share/g/admin/v1/#", "+"] {
+        for f in [
+            "admin/#",
+            "admin/v1/x/response",
+            "$share/g/admin/v1/#",
+            "test/secret",
+            "test/secret/+",
+            "$share/g/test/secret/x",
+        ] {
             assert_eq!(
                 acl.check_subscribe(f),
                 SubscribeVerdict::NotAuthorized,
                 "{f}"
             );
         }
-        assert_eq!(acl.check_subscribe("devices/#"), SubscribeVerdict::Allowed);
+        // Filters overlapping a denied one are allowed; what they would
+        // bring from the denied topics is not delivered.
+        for f in [
+            "#",
+            "+",
+            "+/v1/+/request",
+            "test/+/x",
+            "devices/#",
+            "test/ro",
+        ] {
+            assert_eq!(acl.check_subscribe(f), SubscribeVerdict::Allowed, "{f}");
+        }
+        assert!(!acl.may_receive("test/secret/x"));
+        assert!(!acl.may_receive("admin/v1/x/response"));
+        assert!(acl.may_receive("test/ro"));
     }
 
     #[test]

@@ -269,6 +269,29 @@ pub(crate) async fn close<S: AsyncWrite + Unpin>(stream: &mut S) {
     let _ = timeout(Duration::from_secs(1), stream.shutdown()).await;
 }
 
+/// Closes our side, then reads and discards what the client still sends
+/// until it closes too (at most `limit` and 64 KiB): closing a socket with
+/// unread input makes the kernel reset the connection, and the client may
+/// then lose the DISCONNECT we just sent (or fail writing its acks).
+pub(crate) async fn close_lingering<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    limit: Duration,
+) {
+    close(stream).await;
+    let _ = timeout(limit, async {
+        let mut sink = BytesMut::new();
+        let mut total = 0;
+        while total < 64 * 1024 {
+            match read_some(stream, &mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+            sink.clear();
+        }
+    })
+    .await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

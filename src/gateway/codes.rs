@@ -189,6 +189,8 @@ pub enum DisconnectReason {
     TopicAliasInvalid,
     /// 0x95: packet above the maximum packet size.
     PacketTooLarge,
+    /// 0x93: more unacknowledged QoS 1/2 PUBLISHes than the Receive Maximum.
+    ReceiveMaximumExceeded,
     /// 0x80: anything else.
     UnspecifiedError,
 }
@@ -208,6 +210,7 @@ impl DisconnectReason {
             DisconnectReason::TopicNameInvalid => 0x90,
             DisconnectReason::TopicAliasInvalid => 0x94,
             DisconnectReason::PacketTooLarge => 0x95,
+            DisconnectReason::ReceiveMaximumExceeded => 0x93,
             DisconnectReason::UnspecifiedError => 0x80,
         }
     }
@@ -225,6 +228,7 @@ impl DisconnectReason {
             DisconnectReason::TopicNameInvalid => "TopicNameInvalid",
             DisconnectReason::TopicAliasInvalid => "TopicAliasInvalid",
             DisconnectReason::PacketTooLarge => "PacketTooLarge",
+            DisconnectReason::ReceiveMaximumExceeded => "ReceiveMaximumExceeded",
             DisconnectReason::UnspecifiedError => "UnspecifiedError",
         }
     }
@@ -242,6 +246,9 @@ impl DisconnectReason {
             DisconnectReason::TopicNameInvalid => DisconnectReasonCode::TopicNameInvalid,
             DisconnectReason::TopicAliasInvalid => DisconnectReasonCode::TopicAliasInvalid,
             DisconnectReason::PacketTooLarge => DisconnectReasonCode::PacketTooLarge,
+            DisconnectReason::ReceiveMaximumExceeded => {
+                DisconnectReasonCode::ReceiveMaximumExceeded
+            }
             DisconnectReason::UnspecifiedError => DisconnectReasonCode::UnspecifiedError,
         }
     }

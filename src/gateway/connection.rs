@@ -31,7 +31,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 
-use super::codec::{close, peek_publish, read_some, write_out, Codec};
+use super::codec::{close, close_lingering, peek_publish, read_some, write_out, Codec};
 use super::codes::{self, DisconnectReason};
 use super::control::{Control, ControlRx};
 use super::handshake::{handshake, Admitted, Refusal};
@@ -80,6 +80,7 @@ where
         seq,
         link,
         ctrl_rx,
+        limits,
     } = admitted;
     let version = codec.version();
     let gw = ctx.gw.clone();
@@ -95,9 +96,22 @@ where
         link,
     };
 
+    // MQTT 5: a keepalive above the listener's longest (or none) is
+    // replaced by it, told in the CONNACK. MQTT 3.1.1 cannot be told.
+    let max_ka = cfg.max_keep_alive_secs;
+    let keep_alive = match version {
+        ProtocolVersion::V5
+            if max_ka > 0 && (connect.keep_alive == 0 || connect.keep_alive > max_ka) =>
+        {
+            max_ka
+        }
+        _ => connect.keep_alive,
+    };
     let connack_props = match version {
         ProtocolVersion::V4 => None,
         ProtocolVersion::V5 => Some(ConnAckProperties {
+            server_keep_alive: (keep_alive != connect.keep_alive).then_some(keep_alive),
+            receive_max: (cfg.receive_maximum < u16::MAX).then_some(cfg.receive_maximum),
             max_packet_size: u32::try_from(cfg.max_packet_size.saturating_add(5)).ok(),
             topic_alias_max: (cfg.topic_alias_max > 0).then_some(cfg.topic_alias_max),
             retain_available: Some(1),
@@ -117,6 +131,7 @@ where
         BytesMut::new(),
         linked,
         session_expiry,
+        limits,
     );
     session.write(Packet::ConnAck(
         ConnAck {
@@ -155,7 +170,7 @@ where
             cfg,
             links: &ctx.links,
         };
-        conn.run(&mut session, connect.keep_alive).await
+        conn.run(&mut session, keep_alive).await
     } else {
         End::closed("connection lost before CONNACK")
     };
@@ -168,7 +183,11 @@ where
             }
         }
         let _ = flush(&mut stream, &mut session.wbuf, Duration::from_secs(1)).await;
-        close(&mut stream).await;
+        if end.linger {
+            close_lingering(&mut stream, Duration::from_secs(1)).await;
+        } else {
+            close(&mut stream).await;
+        }
 
         let _ending = super::shutdown::Ending::start(&gw);
         guard.finish(end.link_gone).await;
@@ -466,6 +485,15 @@ where
                 n = next_notification(&mut self.guard.link) => Some(n),
                 _ = std::future::ready(()) => None,
             };
+        }
+        // Acks the session gave on the client's behalf (withheld deliveries).
+        if !session.to_router.is_empty() {
+            if let Some(link) = self.guard.link.as_mut() {
+                if link.tx().send(&mut session.to_router).await.is_err() {
+                    end = end.or(Some(End::router("router link closed")));
+                }
+            }
+            session.to_router = Vec::new();
         }
         if flush(self.stream, &mut session.wbuf, self.cfg.write_timeout)
             .await

@@ -32,6 +32,7 @@ use super::codec::{read_first, Codec, First};
 use super::codes::RefusalCode;
 use super::connection::ListenerCtx;
 use super::control::{control_channel, ControlRx};
+use super::delivery::ClientLimits;
 use super::lingering::{SessionExpiry, Will};
 use super::linking::Registration;
 use super::online::SessionInfo;
@@ -70,6 +71,8 @@ pub(crate) struct Admitted {
     /// Sessions the router stores are linked at once.
     pub(crate) link: Option<RouterLink>,
     pub(crate) ctrl_rx: ControlRx,
+    /// What an MQTT 5 client said it can receive.
+    pub(crate) limits: ClientLimits,
 }
 
 /// Reads the CONNECT (under the CONNECT timeout) and admits and registers
@@ -188,6 +191,14 @@ where
         connected_at: gw.clock.now(),
     };
     let stored = session.stored();
+    let limits = match props.as_ref() {
+        Some(p) if version == ProtocolVersion::V5 => ClientLimits {
+            receive_maximum: p.receive_maximum.unwrap_or(u16::MAX),
+            max_packet_size: p.max_packet_size.and_then(|n| usize::try_from(n).ok()),
+            topic_alias_max: p.topic_alias_max.unwrap_or(0),
+        },
+        _ => ClientLimits::NONE,
+    };
 
     // Register (and link, for sessions the router must know from the
     // start), serialised per client id so the registry and the router see
@@ -236,6 +247,7 @@ where
         seq,
         link,
         ctrl_rx,
+        limits,
     })
 }
 

@@ -18,7 +18,7 @@ use tokio::sync::MutexGuard;
 use super::control::ControlTx;
 use super::online::{OnlineRegistry, Reservation, SessionInfo};
 use super::router_link::RouterLink;
-use super::{GatewayError, Shared};
+use super::{GatewayError, Identity, Shared};
 
 /// A session that must be linked to the router at registration.
 pub(crate) type PendingLink = (SessionInfo, ControlTx, Reservation);
@@ -58,7 +58,10 @@ impl Shared {
 
     /// Registers a clean session that needs no router link yet (the client
     /// id has no stored session in the router). A session that must be
-    /// linked at once is handed back.
+    /// linked at once is handed back: stored sessions, and accounts (few,
+    /// and subscribing at once: linked at CONNECT, their first SUBSCRIBE
+    /// reaches the router without a link's round trip before it, in order
+    /// with other clients' packets that follow it).
     pub(crate) async fn register_unlinked(
         &self,
         session: SessionInfo,
@@ -66,7 +69,8 @@ impl Shared {
         reservation: Reservation,
     ) -> Registration {
         let _guard = self.stripe(&session.client_id).await;
-        if session.stored() || self.persistent.lock().contains(&session.client_id) {
+        let account = matches!(session.identity, Identity::Account { .. });
+        if account || session.stored() || self.persistent.lock().contains(&session.client_id) {
             return Registration::MustLink(Box::new((session, ctrl, reservation)));
         }
         match self.online.register_reserved(session, ctrl, reservation) {

@@ -55,6 +55,7 @@ mod codec;
 pub mod codes;
 mod connection;
 mod control;
+mod delivery;
 mod handshake;
 mod limits;
 mod lingering;
@@ -270,6 +271,12 @@ pub struct ListenerConfig {
     /// balancer); its source address is the client's for every limit, ban
     /// and event. A connection without a valid header is closed.
     pub proxy_protocol: bool,
+    /// Longest keepalive granted: a client asking for more, or for none,
+    /// gets this one (MQTT 5 Server Keep Alive); 0 = the client's.
+    pub max_keep_alive_secs: u16,
+    /// QoS 1/2 PUBLISHes an MQTT 5 client may have unacknowledged (Receive
+    /// Maximum); one more ends the connection with DISCONNECT 0x93.
+    pub receive_maximum: u16,
 }
 
 impl ListenerConfig {
@@ -288,6 +295,8 @@ impl ListenerConfig {
             auth_timeout: Duration::from_secs(10),
             max_pending_per_source: 1024,
             proxy_protocol: false,
+            max_keep_alive_secs: 0,
+            receive_maximum: 65535,
         }
     }
 }

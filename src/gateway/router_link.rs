@@ -172,6 +172,11 @@ pub fn router_config_with(section: &crate::config::RouterSection) -> RouterConfi
             WILL_LINK_ID.to_owned(),
             crate::admin::service::ADMIN_CLIENT_ID.to_owned(),
         ],
+        // Admin topics behave like `$` topics: `#` never reaches them.
+        wildcard_excluded_levels: super::acl::WILDCARD_EXCLUDED_LEVELS
+            .iter()
+            .map(|l| (*l).to_owned())
+            .collect(),
     }
 }
 

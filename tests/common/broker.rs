@@ -33,6 +33,8 @@ pub fn account(name: &str, password: &str, role: RoleConfig, events: bool) -> Ac
         role,
         publish: Vec::new(),
         subscribe: Vec::new(),
+        deny_publish: Vec::new(),
+        deny_subscribe: Vec::new(),
         events,
     }
 }

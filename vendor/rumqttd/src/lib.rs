@@ -230,6 +230,11 @@ pub struct RouterConfig {
     /// jumps (logged with the count lost) and the publishers resume.
     #[serde(default = "RouterConfig::default_max_publisher_stall_ms")]
     pub max_publisher_stall_ms: u64,
+    /// First topic levels that a filter starting with a wildcard (`+`, `#`)
+    /// does not match, as MQTT 4.7.2 says of topics starting with `$`:
+    /// with `["admin"]`, `#` and `+/x` never match `admin/x`; `admin/#` does.
+    #[serde(default)]
+    pub wildcard_excluded_levels: Vec<String>,
 }
 
 impl RouterConfig {
@@ -271,6 +276,7 @@ impl Default for RouterConfig {
             quota_exempt_clients: Vec::new(),
             max_outgoing_inflight: Self::DEFAULT_MAX_OUTGOING_INFLIGHT,
             max_publisher_stall_ms: Self::DEFAULT_MAX_PUBLISHER_STALL_MS,
+            wildcard_excluded_levels: Vec::new(),
         }
     }
 }

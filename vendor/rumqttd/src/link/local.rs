@@ -309,7 +309,7 @@ impl LinkTx {
             qos: QoS::AtMostOnce,
             nolocal: false,
             preserve_retain: false,
-            retain_forward_rule: RetainForwardRule::Never,
+            retain_forward_rule: RetainForwardRule::OnNewSubscribe,
         }];
 
         let subscribe = Subscribe { pkid: 0, filters };
@@ -325,7 +325,7 @@ impl LinkTx {
             qos: QoS::AtMostOnce,
             nolocal: false,
             preserve_retain: false,
-            retain_forward_rule: RetainForwardRule::Never,
+            retain_forward_rule: RetainForwardRule::OnNewSubscribe,
         }];
 
         let subscribe = Subscribe { pkid: 0, filters };

@@ -195,6 +195,16 @@ impl Publish {
         false
     }
 
+    /// The QoS it is sent with.
+    pub fn qos(&self) -> QoS {
+        self.qos
+    }
+
+    /// Its packet identifier (0 at QoS 0).
+    pub fn pkid(&self) -> u16 {
+        self.pkid
+    }
+
     /// Approximate length for meter
     pub fn len(&self) -> usize {
         let len = 2 + self.topic.len() + self.payload.len();

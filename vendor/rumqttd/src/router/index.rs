@@ -5,7 +5,9 @@
 //! whatever the number of filters. Matching follows [`crate::protocol::matches`]
 //! exactly: `+` matches one level, `#` the rest (zero levels included), a
 //! topic starting with `$` matches no filter, a topic level `#` matches only
-//! a `#` before it, and a filter ends at its first `#` level.
+//! a `#` before it, and a filter ends at its first `#` level. A topic whose
+//! first level is one of the index's excluded levels (e.g. `admin`) is
+//! matched only by filters whose first level is that literal level.
 
 use super::children::Children;
 use super::FilterIdx;
@@ -76,11 +78,22 @@ impl Node {
 pub struct FilterIndex {
     root: Node,
     len: usize,
+    /// First levels that filters starting with a wildcard do not match.
+    excluded: Vec<Box<str>>,
 }
 
 impl FilterIndex {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An index where filters starting with a wildcard do not match topics
+    /// whose first level is one of `excluded` (as with `$` topics).
+    pub fn with_excluded_levels(excluded: &[String]) -> Self {
+        FilterIndex {
+            excluded: excluded.iter().map(|l| l.as_str().into()).collect(),
+            ..Self::default()
+        }
     }
 
     /// Number of filters held.
@@ -130,6 +143,13 @@ impl FilterIndex {
             return;
         }
         let levels: Vec<&str> = topic.split('/').collect();
+        if self.excluded.iter().any(|l| **l == *levels[0]) {
+            // Only the literal first level: not the root's `+` and `#`.
+            if let Some(child) = self.root.children.get(levels[0]) {
+                child.collect(&levels[1..], out);
+            }
+            return;
+        }
         self.root.collect(&levels, out);
     }
 }
@@ -221,6 +241,20 @@ mod test {
         index.insert("$SYS/x", 2);
         assert_eq!(indexed(&index, "$SYS/x"), Vec::<usize>::new());
         assert_eq!(indexed(&index, "a/x"), vec![0, 1]);
+    }
+
+    #[test]
+    fn excluded_levels_match_only_literal_first_levels() {
+        let mut index = FilterIndex::with_excluded_levels(&["admin".to_owned()]);
+        index.insert("#", 0);
+        index.insert("+/v1/#", 1);
+        index.insert("admin/#", 2);
+        index.insert("admin/+/x", 3);
+        index.insert("+", 4);
+        assert_eq!(indexed(&index, "admin/v1/x"), vec![2, 3]);
+        assert_eq!(indexed(&index, "admin"), vec![2]);
+        assert_eq!(indexed(&index, "data/v1/x"), vec![0, 1]);
+        assert_eq!(indexed(&index, "administrator"), vec![0, 4]);
     }
 
     #[test]

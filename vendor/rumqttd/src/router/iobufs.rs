@@ -8,7 +8,7 @@ use parking_lot::{Mutex, MutexGuard};
 use tracing::{error, warn};
 
 use crate::{
-    protocol::Packet,
+    protocol::{Packet, QoS},
     router::{FilterIdx, MAX_CHANNEL_CAPACITY},
     Cursor, Notification,
 };
@@ -153,6 +153,13 @@ impl Outgoing {
         }
 
         for mut p in publishes {
+            // Delivered at the lower of the publish's and the
+            // subscription's QoS: a QoS 0 message takes no packet id.
+            if p.publish.qos == QoS::AtMostOnce {
+                self.meter.publish_count += 1;
+                buffer.push_back(Notification::Forward(p));
+                continue;
+            }
             // Index and pkid of current outgoing packet
             self.last_pkid += 1;
             p.publish.pkid = self.last_pkid;

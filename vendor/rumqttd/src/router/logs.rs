@@ -24,6 +24,8 @@ pub struct PublishData {
     pub publish: Publish,
     pub properties: Option<PublishProperties>,
     pub timestamp: Instant,
+    /// The connection that published it (for No Local subscriptions).
+    pub origin: Option<ConnectionId>,
 }
 
 impl From<PubWithProp> for PublishData {
@@ -32,9 +34,14 @@ impl From<PubWithProp> for PublishData {
             publish,
             properties,
             timestamp: Instant::now(),
+            origin: None,
         }
     }
 }
+
+/// A publish read from a commit log: the message, its publisher's
+/// connection, its offset.
+pub type ReadPublish = (PubWithProp, Option<ConnectionId>, Offset);
 
 // TODO: remove this from here
 impl Storage for PublishData {
@@ -70,9 +77,10 @@ impl DataLog {
     pub fn new(config: RouterConfig) -> io::Result<DataLog> {
         let mut native = Slab::new();
         let mut filter_indexes = HashMap::new();
-        let mut index = FilterIndex::new();
+        let mut index = FilterIndex::with_excluded_levels(&config.wildcard_excluded_levels);
         let retained =
-            RetainedStore::new(config.max_retained_per_client, config.max_retained_bytes);
+            RetainedStore::new(config.max_retained_per_client, config.max_retained_bytes)
+                .with_excluded_levels(&config.wildcard_excluded_levels);
 
         if let Some(warmup_filters) = config.initialized_filters.clone() {
             for filter in warmup_filters {
@@ -156,7 +164,7 @@ impl DataLog {
         filter_idx: FilterIdx,
         offset: Offset,
         len: u64,
-    ) -> io::Result<(Position, Vec<(PubWithProp, Offset)>)> {
+    ) -> io::Result<(Position, Vec<ReadPublish>)> {
         // unwrap to get index of `self.native` is fine here, because when a new subscribe packet
         // arrives in `Router::handle_device_payload`, it first calls the function
         // `next_native_offset` which creates a new commitlog if one doesn't exist. So any new
@@ -198,7 +206,13 @@ impl DataLog {
         // no need to include timestamp when returning
         let o = o
             .into_iter()
-            .map(|(pubdata, offset)| ((pubdata.publish, pubdata.properties), offset))
+            .map(|(pubdata, offset)| {
+                (
+                    (pubdata.publish, pubdata.properties),
+                    pubdata.origin,
+                    offset,
+                )
+            })
             .collect();
 
         Ok((next, o))

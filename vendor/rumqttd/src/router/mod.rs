@@ -203,6 +203,10 @@ pub struct DataRequest {
     max_count: usize,
     pub(crate) forward_retained: bool,
     pub(crate) group: Option<String>,
+    /// MQTT 5 No Local: not the subscriber's own publishes.
+    pub(crate) nolocal: bool,
+    /// MQTT 5 Retain As Published: keep the publish's retain flag (else 0).
+    pub(crate) preserve_retain: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

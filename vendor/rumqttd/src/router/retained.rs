@@ -5,7 +5,9 @@
 //! proportional to the filter's levels and what it matches (an exact filter
 //! walks one path), whatever the number of retained messages. Matching
 //! follows [`crate::protocol::matches`]: a topic starting with `$` matches no
-//! filter, a topic level `#` matches only a `#` before it.
+//! filter, a topic level `#` matches only a `#` before it; a wildcard at the
+//! first level does not match the store's excluded first levels (as
+//! [`super::index::FilterIndex`]).
 
 use std::collections::HashMap;
 use std::time::Instant;
@@ -69,11 +71,12 @@ impl Node {
         taken
     }
 
-    /// Topics (as level paths) under `prefix` matching `filter`.
+    /// Topics (as level paths) under `prefix` matching `filter`; at the
+    /// root, wildcards skip `$` levels and the `excluded` ones.
     fn collect(
         &self,
         filter: &[&str],
-        at_root: bool,
+        at_root: Option<&[Box<str>]>,
         path: &mut Vec<String>,
         out: &mut Vec<String>,
     ) {
@@ -87,40 +90,51 @@ impl Node {
             "#" => self.collect_all(at_root, path, out),
             "+" => {
                 for (name, child) in self.children.iter() {
-                    if name == "#" || (at_root && name.starts_with('$')) {
+                    if name == "#" || skipped_by_wildcard(at_root, name) {
                         continue;
                     }
                     path.push(name.to_string());
-                    child.collect(rest, false, path, out);
+                    child.collect(rest, None, path, out);
                     path.pop();
                 }
             }
             literal => {
-                if at_root && literal.starts_with('$') {
+                if at_root.is_some() && literal.starts_with('$') {
                     return;
                 }
                 if let Some(child) = self.children.get(literal) {
                     path.push(literal.to_owned());
-                    child.collect(rest, false, path, out);
+                    child.collect(rest, None, path, out);
                     path.pop();
                 }
             }
         }
     }
 
-    fn collect_all(&self, at_root: bool, path: &mut Vec<String>, out: &mut Vec<String>) {
+    fn collect_all(
+        &self,
+        at_root: Option<&[Box<str>]>,
+        path: &mut Vec<String>,
+        out: &mut Vec<String>,
+    ) {
         if self.msg.is_some() {
             out.push(path.join("/"));
         }
         for (name, child) in self.children.iter() {
-            if at_root && name.starts_with('$') {
+            if skipped_by_wildcard(at_root, name) {
                 continue;
             }
             path.push(name.to_string());
-            child.collect_all(false, path, out);
+            child.collect_all(None, path, out);
             path.pop();
         }
     }
+}
+
+/// Whether a wildcard at the root (`at_root` holds the excluded levels)
+/// skips the first level `name`.
+fn skipped_by_wildcard(at_root: Option<&[Box<str>]>, name: &str) -> bool {
+    at_root.is_some_and(|excluded| name.starts_with('$') || excluded.iter().any(|l| **l == *name))
 }
 
 /// The retained messages of a router.
@@ -132,6 +146,8 @@ pub struct RetainedStore {
     bytes: usize,
     max_per_client: usize,
     max_bytes: usize,
+    /// First levels that wildcards at the root do not match.
+    excluded: Vec<Box<str>>,
 }
 
 fn levels(topic: &str) -> Vec<&str> {
@@ -149,7 +165,15 @@ impl RetainedStore {
             bytes: 0,
             max_per_client,
             max_bytes,
+            excluded: Vec::new(),
         }
+    }
+
+    /// This store with first levels that a filter starting with a wildcard
+    /// does not match (as `$` levels).
+    pub fn with_excluded_levels(mut self, excluded: &[String]) -> Self {
+        self.excluded = excluded.iter().map(|l| l.as_str().into()).collect();
+        self
     }
 
     pub fn len(&self) -> usize {
@@ -238,8 +262,12 @@ impl RetainedStore {
         now: Instant,
     ) -> Vec<(Publish, Option<PublishProperties>)> {
         let mut topics = Vec::new();
-        self.root
-            .collect(&levels(filter), true, &mut Vec::new(), &mut topics);
+        self.root.collect(
+            &levels(filter),
+            Some(&self.excluded),
+            &mut Vec::new(),
+            &mut topics,
+        );
         let mut out = Vec::with_capacity(topics.len());
         for topic in topics {
             let Some(msg) = self.root.get(&levels(&topic)) else {
@@ -289,5 +317,28 @@ mod test {
         assert_eq!(store.matching("+", Instant::now()).len(), 1);
         assert_eq!(store.matching("c", Instant::now()).len(), 1);
         assert_eq!(store.matching("#", Instant::now()).len(), 1);
+    }
+
+    #[test]
+    fn excluded_levels_need_a_literal_first_level() {
+        let mut store = RetainedStore::new(10, 1 << 20).with_excluded_levels(&["admin".into()]);
+        for t in ["admin/x", "data/x"] {
+            store
+                .insert(t, Publish::new(t, "r", true), None, "x", false)
+                .unwrap();
+        }
+        let topics = |f: &str, store: &mut RetainedStore| -> Vec<String> {
+            let mut v: Vec<String> = store
+                .matching(f, Instant::now())
+                .into_iter()
+                .map(|(p, _)| String::from_utf8_lossy(&p.topic).into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(topics("#", &mut store), vec!["data/x"]);
+        assert_eq!(topics("+/x", &mut store), vec!["data/x"]);
+        assert_eq!(topics("admin/#", &mut store), vec!["admin/x"]);
+        assert_eq!(topics("admin/+", &mut store), vec!["admin/x"]);
     }
 }

@@ -1,3 +1,4 @@
+use crate::protocol::RetainForwardRule;
 use crate::protocol::{
     ConnAck, ConnAckProperties, ConnectReturnCode, Disconnect, DisconnectReasonCode, LastWill,
     LastWillProperties, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
@@ -5,6 +6,7 @@ use crate::protocol::{
     SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use crate::router::alertlog::alert;
+use crate::router::logs::PublishData;
 use crate::router::scheduler::{PauseReason, Tracker};
 use crate::router::{ConnectionEvents, Forward};
 use crate::segments::Position;
@@ -1150,14 +1152,18 @@ impl Router {
                 .insert(filter_path.clone(), subscription_id);
         }
 
-        // check is group is None because retained messages aren't sent
-        // for shared subscriptions
-        // TODO: use retain forward rules
-        let forward_retained = group.is_none();
-
         // call to `insert(_)` returns `true` if it didn't contain the filter_path already
         // i.e. its a new subscription
-        if connection.subscriptions.insert(filter_path.clone()) {
+        let new = connection.subscriptions.insert(filter_path.clone());
+        // Retained messages are not sent to shared subscriptions; otherwise
+        // as the subscription's Retain Handling says (MQTT 5 3.8.3.1).
+        let forward_retained = group.is_none()
+            && match filter.retain_forward_rule {
+                RetainForwardRule::OnEverySubscribe => true,
+                RetainForwardRule::OnNewSubscribe => new,
+                RetainForwardRule::Never => false,
+            };
+        if new {
             let request = DataRequest {
                 filter: filter_path.clone(),
                 filter_idx,
@@ -1165,19 +1171,36 @@ impl Router {
                 cursor,
                 read_count: 0,
                 max_count: 100,
-                // set true for new subscriptions
                 forward_retained,
                 group,
+                nolocal: filter.nolocal,
+                preserve_retain: filter.preserve_retain,
             };
 
             self.scheduler.track(id, request);
             self.scheduler.reschedule(id, ScheduleReason::NewFilter);
             debug_assert!(self.scheduler.check_tracker_duplicates(id).is_none())
+        } else {
+            // A subscription again: its options replace the old ones, and
+            // its request (tracked, or parked while caught up) sends the
+            // retained messages again if they are due.
+            let parked = match self.scheduler.request_mut(id, filter_path) {
+                Some(_) => None,
+                None => self
+                    .datalog
+                    .remove_waiters_for_id(id, filter_idx, group.clone()),
+            };
+            if let Some(request) = parked {
+                self.scheduler.track(id, request);
+            }
+            if let Some(request) = self.scheduler.request_mut(id, filter_path) {
+                request.qos = filter.qos as u8;
+                request.nolocal = filter.nolocal;
+                request.preserve_retain = filter.preserve_retain;
+                request.forward_retained |= forward_retained;
+            }
+            self.scheduler.reschedule(id, ScheduleReason::NewFilter);
         }
-
-        // TODO: figure out how we can update existing DataRequest
-        // helpful in re-subscriptions and forwarding retained messages on
-        // every subscribe
 
         let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
         meter.register_subscription(filter_path.clone());
@@ -1244,6 +1267,7 @@ impl Router {
             };
 
             let status = forward_device_data(
+                id,
                 &mut request,
                 datalog,
                 outgoing,
@@ -1475,15 +1499,15 @@ fn append_to_commitlog(
         }
     }
 
-    // after recording retained message, we also send that message to existing subscribers
-    // as normal publish message. Therefore we are setting retain to false
-    publish.retain = false;
+    // The retain flag stays as published: each subscription's Retain As
+    // Published option decides what its subscriber sees (forward_device_data).
     let pkid = publish.pkid;
 
     for filter_idx in filter_idxs {
         let datalog = datalog.native.get_mut(filter_idx).unwrap();
-        let publish_data = (publish.clone(), properties.clone());
-        let (offset, filter) = datalog.append(publish_data.into(), notifications);
+        let mut publish_data: PublishData = (publish.clone(), properties.clone()).into();
+        publish_data.origin = Some(id);
+        let (offset, filter) = datalog.append(publish_data, notifications);
         debug!(
             pkid,
             "Appended to commitlog: {}[{}, {})", filter, offset.0, offset.1,
@@ -1647,6 +1671,7 @@ enum ConsumeStatus {
 /// 2. `done`: whether the connection was busy or not.
 /// 3. `inflight_full`: whether the inflight requests were completely filled
 fn forward_device_data(
+    connection_id: ConnectionId,
     request: &mut DataRequest,
     datalog: &mut DataLog,
     outgoing: &mut Outgoing,
@@ -1700,7 +1725,11 @@ fn forward_device_data(
         let mut retained_publishes = datalog.read_retained_messages(&request.filter);
         retained_publishes.truncate(inflight_slots as usize);
 
-        publishes.extend(retained_publishes.into_iter().map(|p| (p, None)));
+        // Retained messages sent on a subscribe carry retain 1.
+        publishes.extend(retained_publishes.into_iter().map(|(mut p, props)| {
+            p.retain = true;
+            ((p, props), None)
+        }));
         inflight_slots -= publishes.len() as u64;
 
         // we only want to forward retained messages once
@@ -1716,10 +1745,17 @@ fn forward_device_data(
             }
         };
 
+    // No Local: not the subscriber's own publishes. Retain As Published:
+    // else a forwarded publish has retain 0 (MQTT 5 3.3.1.3).
+    let (nolocal, preserve_retain) = (request.nolocal, request.preserve_retain);
     publishes.extend(
         publishes_from_datalog
             .into_iter()
-            .map(|(p, offset)| (p, Some(offset))),
+            .filter(|(_, origin, _)| !(nolocal && *origin == Some(connection_id)))
+            .map(|((mut p, props), _, offset)| {
+                p.retain &= preserve_retain;
+                ((p, props), Some(offset))
+            }),
     );
 
     let (start, next, caughtup) = match next {
@@ -1798,7 +1834,8 @@ fn forward_device_data(
     let forwards = publishes
         .into_iter()
         .map(|((mut publish, mut properties), offset)| {
-            publish.qos = protocol::qos(qos).unwrap();
+            // MQTT 3.8.4: the lower of the published and the granted QoS.
+            publish.qos = protocol::qos(qos.min(publish.qos as u8)).unwrap_or(publish.qos);
 
             // if there is some topic alias to use, set it in publish properties
             if topic_alias.is_some() {

@@ -50,6 +50,15 @@ impl Scheduler {
         tracker.register_data_request(request);
     }
 
+    /// The tracked (not parked) request of connection `id` on `filter`.
+    pub fn request_mut(&mut self, id: ConnectionId, filter: &str) -> Option<&mut DataRequest> {
+        self.trackers
+            .get_mut(id)?
+            .data_requests
+            .iter_mut()
+            .find(|r| r.filter == filter)
+    }
+
     pub fn untrack(&mut self, id: ConnectionId, filter: &Filter) {
         let tracker = self.trackers.get_mut(id).unwrap();
         tracker.unregister_data_request(filter.clone());
