@@ -20,18 +20,8 @@ const PASSWORD: &str = "ops-pw";
 
 /// Runs `activation-broker ARGS…`; its success, stdout and stderr.
 fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = Process::new(broker_bin())
-        .args(args)
-        .env("NO_COLOR", "1")
-        .env_remove("ACTIVATION_ADMIN_PASSWORD")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run activation-broker");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let (status, out, err) = common::child::cli(args);
+    (status.success(), out, err)
 }
 
 fn free_port() -> u16 {

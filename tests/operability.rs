@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command as Process, Stdio};
 use std::time::{Duration, Instant};
 
-use common::child::{broker_bin, prepare_store, write_config, ChildBroker};
+use common::child::{broker_bin, cli, prepare_store, write_config, ChildBroker};
 
 const STOP: Duration = Duration::from_secs(30);
 
@@ -219,22 +219,6 @@ fn tls_clients_by_ip_address_or_without_sni_are_served() {
         "openssl s_client -noservername:\n{err}\n{}",
         broker.log_tail()
     );
-}
-
-/// Runs `activation-broker ARGS…`; its status, stdout and stderr.
-fn cli(args: &[&str]) -> (std::process::ExitStatus, String, String) {
-    let out = Process::new(broker_bin())
-        .args(args)
-        .env("NO_COLOR", "1")
-        .env_remove("ACTIVATION_ADMIN_PASSWORD")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run activation-broker");
-    (
-        out.status,
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 /// Device `p.d` logs in from 127.0.0.1 with `user`/`pass` (MQTT 3.1.1)

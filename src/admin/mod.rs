@@ -117,6 +117,24 @@ impl AdminContext {
         }
     }
 
+    /// Records `call` and its outcome in the audit log (for actions whose
+    /// outcome is not a ledger command, which the ledger audits itself),
+    /// then hands the outcome back.
+    pub async fn audited(
+        &self,
+        call: &Call,
+        result: Result<render::Data, AdminError>,
+    ) -> Result<render::Data, AdminError> {
+        let (code, message) = match &result {
+            Ok(_) => ("OK", String::new()),
+            Err(e) => (e.code, e.message.clone()),
+        };
+        self.ledger
+            .record_audit(Self::audit_entry(call), code, &message)
+            .await?;
+        result
+    }
+
     pub fn near_expiry_window_ms(&self) -> Millis {
         days_ms(self.near_expiry_days)
     }

@@ -24,6 +24,23 @@ pub fn broker_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_activation-broker")))
 }
 
+/// Runs `activation-broker ARGS…` to its end (colour off, no admin
+/// password from the environment); its status, stdout and stderr.
+pub fn cli(args: &[&str]) -> (std::process::ExitStatus, String, String) {
+    let out = Process::new(broker_bin())
+        .args(args)
+        .env("NO_COLOR", "1")
+        .env_remove("ACTIVATION_ADMIN_PASSWORD")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run activation-broker");
+    (
+        out.status,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Opens the store of data directory `data` offline (the broker keeps it in `data/ledger`).
 pub fn open_offline(data: &Path) -> Ledger {
     Ledger::open(

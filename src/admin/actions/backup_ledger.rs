@@ -47,14 +47,7 @@ impl BackupLedger {
 
     pub async fn apply(self, ctx: &AdminContext, call: &Call) -> Result<Data, AdminError> {
         let result = self.backup(ctx).await;
-        let (code, message) = match &result {
-            Ok(_) => ("OK", String::new()),
-            Err(e) => (e.code, e.message.clone()),
-        };
-        ctx.ledger
-            .record_audit(AdminContext::audit_entry(call), code, &message)
-            .await?;
-        result
+        ctx.audited(call, result).await
     }
 
     async fn backup(self, ctx: &AdminContext) -> Result<Data, AdminError> {

@@ -35,13 +35,6 @@ impl RemoveBan {
                 format!("source {} is not banned", self.source),
             )),
         };
-        let (code, message) = match &result {
-            Ok(_) => ("OK", String::new()),
-            Err(e) => (e.code, e.message.clone()),
-        };
-        ctx.ledger
-            .record_audit(AdminContext::audit_entry(call), code, &message)
-            .await?;
-        result
+        ctx.audited(call, result).await
     }
 }
