@@ -69,11 +69,6 @@ pub enum SubscribeVerdict {
 }
 
 impl Acl {
-    /// Nothing allowed.
-    pub fn deny_all() -> Self {
-        Acl::default()
-    }
-
     /// The same filters for publish and subscribe.
     pub fn both(filters: Vec<String>) -> Self {
         Acl {

@@ -162,8 +162,6 @@ pub enum Identity {
     },
     /// An operator or application account.
     Account { name: String },
-    /// Anything else (no events).
-    Anonymous,
 }
 
 impl Identity {
