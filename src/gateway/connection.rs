@@ -443,9 +443,18 @@ where
                 end = end.or(Some(e));
             }
         }
+        let sent = self.send_and_flush(session).await;
+        end.or(sent)
+    }
+
+    /// Hands the router what the session queued for it (nothing if the
+    /// link is not open) and writes out what it queued for the client; the
+    /// first failure, if any.
+    async fn send_and_flush(&mut self, session: &mut Session<'_>) -> Option<End> {
+        let mut end = None;
         if let Some(link) = self.guard.link.as_mut() {
             if link.tx().send(&mut session.to_router).await.is_err() {
-                end = end.or(Some(End::router("router link closed")));
+                end = Some(End::router("router link closed"));
             }
         }
         // Emptied by the send; its memory goes back too.
@@ -486,21 +495,10 @@ where
                 _ = std::future::ready(()) => None,
             };
         }
-        // Acks the session gave on the client's behalf (withheld deliveries).
-        if !session.to_router.is_empty() {
-            if let Some(link) = self.guard.link.as_mut() {
-                if link.tx().send(&mut session.to_router).await.is_err() {
-                    end = end.or(Some(End::router("router link closed")));
-                }
-            }
-            session.to_router = Vec::new();
-        }
-        if flush(self.stream, &mut session.wbuf, self.cfg.write_timeout)
-            .await
-            .is_err()
-        {
-            end = end.or(Some(End::closed("write failed or timed out")));
-        }
+        // Acks the session gave on the client's behalf (withheld
+        // deliveries) go to the router before the writes go out.
+        let sent = self.send_and_flush(session).await;
+        end = end.or(sent);
         if end.is_some() {
             return end;
         }
