@@ -24,14 +24,9 @@ fn cli(args: &[&str]) -> (bool, String, String) {
     (status.success(), out, err)
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-/// A config with an admin account `ops` on a fixed accounts port (one
-/// broker at a time uses it) and rate limits off.
-fn config(dir: &Path, accounts_port: u16) -> PathBuf {
+/// A config with an admin account `ops` (every listener on a free port,
+/// read back with `ChildBroker::listener`) and rate limits off.
+fn config(dir: &Path) -> PathBuf {
     let (ok, hash, err) = cli(&["hash-password", "--password", PASSWORD]);
     assert!(ok, "hash-password: {err}");
     let path = dir.join("broker.toml");
@@ -39,7 +34,7 @@ fn config(dir: &Path, accounts_port: u16) -> PathBuf {
         &path,
         format!(
             "[devices]\nbind = \"127.0.0.1:0\"\n\
-             [accounts_listener]\nbind = \"127.0.0.1:{accounts_port}\"\n\
+             [accounts_listener]\nbind = \"127.0.0.1:0\"\n\
              [http]\nbind = \"127.0.0.1:0\"\n\
              [gate]\nsource_rate = 0.0\ndevice_rate = 0.0\nban_after_failures = 0\n\
              [[accounts]]\nname = \"ops\"\npassword_hash = \"{}\"\nrole = \"admin\"\n",
@@ -48,6 +43,11 @@ fn config(dir: &Path, accounts_port: u16) -> PathBuf {
     )
     .expect("write config");
     path
+}
+
+/// The child broker's accounts (admin) listener port.
+fn accounts_port(broker: &ChildBroker) -> u16 {
+    broker.listener("accounts").port()
 }
 
 /// `admin ACTION…` as `ops`; the JSON response (the action must succeed).
@@ -143,9 +143,9 @@ fn backup_while_running_and_restore() {
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let secret = prepare_store(&data, "p", 100, 3600);
-    let acc = free_port();
-    let config = config(dir.path(), acc);
+    let config = config(dir.path());
     let broker = ChildBroker::start(&broker_bin(), &config, &data, None);
+    let acc = accounts_port(&broker);
 
     activate(&rt, &broker, &secret, 0, 20);
     let backup = admin(acc, &["BackupLedger", "--FileName", "snap.backup"]);
@@ -254,6 +254,7 @@ fn backup_while_running_and_restore() {
     assert!(ok, "restore: {out}{err}");
     assert!(out.contains("restored"), "{out}");
     let restored = ChildBroker::start(&broker_bin(), &config, &fresh, None);
+    let acc = accounts_port(&restored);
     let (devices, consumed) = devices_and_consumed(acc);
     assert_eq!(devices, names(0..20), "the snapshot's devices");
     assert_eq!(consumed, 20, "the snapshot's codes");
@@ -294,7 +295,7 @@ fn backup_while_running_and_restore() {
         "{out_text} vs {backup}"
     );
     let broker = ChildBroker::start(&broker_bin(), &config, &data, None);
-    let (devices, consumed) = devices_and_consumed(acc);
+    let (devices, consumed) = devices_and_consumed(accounts_port(&broker));
     assert_eq!((devices, consumed), (names(0..20), 20));
     stop(broker);
 }

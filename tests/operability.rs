@@ -43,14 +43,8 @@ fn sigterm_and_sigint_stop_gracefully() {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (bound, read and released).
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-/// A config for a child broker on fixed ports, two I/O threads each (so
-/// its own sockets share the port), rate limits off.
+/// A config for a child broker on the given ports (0: any free one), two
+/// I/O threads each (so its own sockets share the port), rate limits off.
 fn fixed_port_config(dir: &std::path::Path, name: &str, devices: u16, accounts: u16) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(
@@ -106,13 +100,12 @@ fn serve_refused(config: &Path, data: &Path) -> (std::process::ExitStatus, Strin
 #[test]
 fn a_second_broker_on_the_same_port_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (dev, acc) = (free_port(), free_port());
-    let first_cfg = fixed_port_config(dir.path(), "first.toml", dev, acc);
+    let first_cfg = fixed_port_config(dir.path(), "first.toml", 0, 0);
     let mut first = ChildBroker::start(&broker_bin(), &first_cfg, &dir.path().join("a"), None);
-    assert_eq!(first.addr.port(), dev);
+    let dev = first.addr.port();
 
     // Same devices port, another data directory and accounts port.
-    let second_cfg = fixed_port_config(dir.path(), "second.toml", dev, free_port());
+    let second_cfg = fixed_port_config(dir.path(), "second.toml", dev, 0);
     let (status, err) = serve_refused(&second_cfg, &dir.path().join("b"));
     assert!(!status.success(), "the second broker started:\n{err}");
     let needle = format!(
@@ -125,7 +118,7 @@ fn a_second_broker_on_the_same_port_is_refused() {
     // A port held by another program (no SO_REUSEPORT).
     let other = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let held = other.local_addr().expect("addr").port();
-    let third_cfg = fixed_port_config(dir.path(), "third.toml", held, free_port());
+    let third_cfg = fixed_port_config(dir.path(), "third.toml", held, 0);
     let (status, err) = serve_refused(&third_cfg, &dir.path().join("c"));
     assert!(!status.success(), "a broker started on a held port:\n{err}");
     assert!(
@@ -143,19 +136,18 @@ fn a_second_broker_on_the_same_port_is_refused() {
     assert_eq!(again.addr.port(), dev);
 }
 
-/// A child broker with a TLS device listener on a fixed port; its
-/// certificate (tests/data) names `localhost` and `127.0.0.1`.
+/// A child broker with a TLS device listener (port 0, read back from its
+/// log); its certificate (tests/data) names `localhost` and `127.0.0.1`.
 fn tls_broker(dir: &Path) -> (ChildBroker, u16, String, PathBuf) {
     let data = dir.join("data");
     let secret = prepare_store(&data, "p", 10, 3600);
     let certs = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
-    let tls_port = free_port();
     let config = dir.join("tls.toml");
     std::fs::write(
         &config,
         format!(
             "[devices]\nbind = \"127.0.0.1:0\"\n\
-             tls = {{ bind = \"127.0.0.1:{tls_port}\", cert = \"{}\", key = \"{}\" }}\n\
+             tls = {{ bind = \"127.0.0.1:0\", cert = \"{}\", key = \"{}\" }}\n\
              [accounts_listener]\nbind = \"127.0.0.1:0\"\n\
              [http]\nbind = \"127.0.0.1:0\"\n\
              [gate]\nsource_rate = 0.0\ndevice_rate = 0.0\nban_after_failures = 0\n",
@@ -165,6 +157,7 @@ fn tls_broker(dir: &Path) -> (ChildBroker, u16, String, PathBuf) {
     )
     .expect("write config");
     let broker = ChildBroker::start(&broker_bin(), &config, &data, None);
+    let tls_port = broker.listener("devices-tls").port();
     (broker, tls_port, secret, certs.join("ca.pem"))
 }
 
@@ -260,12 +253,11 @@ fn bans_are_logged_listed_and_lifted() {
     let data = dir.path().join("data");
     let secret = prepare_store(&data, "p", 10, 3600);
     let (_, hash, _) = cli(&["hash-password", "--password", "ops-pw"]);
-    let acc = free_port();
     let config = dir.path().join("bans.toml");
     std::fs::write(
         &config,
         format!(
-            "[devices]\nbind = \"127.0.0.1:0\"\n[accounts_listener]\nbind = \"127.0.0.1:{acc}\"\n\
+            "[devices]\nbind = \"127.0.0.1:0\"\n[accounts_listener]\nbind = \"127.0.0.1:0\"\n\
              [http]\nbind = \"127.0.0.1:0\"\n\
              [gate]\nsource_rate = 0.0\ndevice_rate = 0.0\nban_after_failures = 3\n\
              ban_window_secs = 600\nban_secs = 3600\n\
@@ -277,7 +269,7 @@ fn bans_are_logged_listed_and_lifted() {
     .expect("write config");
     let broker = ChildBroker::start(&broker_bin(), &config, &data, None);
     let port = broker.addr.port();
-    let acc = acc.to_string();
+    let acc = broker.listener("accounts").port().to_string();
     let admin = |account: &str, action: &[&str]| {
         let mut args = vec![
             "admin",

@@ -29,11 +29,6 @@ impl Drop for Reaped {
     }
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 #[test]
 fn sigterm_sends_the_wills_to_subscribers_and_tells_mqtt5_clients() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
@@ -45,13 +40,12 @@ fn sigterm_sends_the_wills_to_subscribers_and_tells_mqtt5_clients() {
         .output()
         .expect("hash-password");
     let hash = String::from_utf8_lossy(&hash.stdout).trim().to_owned();
-    let acc = free_port();
     let config = dir.path().join("broker.toml");
     std::fs::write(
         &config,
         format!(
             "[devices]\nbind = \"127.0.0.1:0\"\n\
-             [accounts_listener]\nbind = \"127.0.0.1:{acc}\"\n\
+             [accounts_listener]\nbind = \"127.0.0.1:0\"\n\
              [http]\nbind = \"127.0.0.1:0\"\n\
              [gate]\nsource_rate = 0.0\ndevice_rate = 0.0\nban_after_failures = 0\n\
              [[accounts]]\nname = \"backend\"\npassword_hash = \"{hash}\"\n\
@@ -61,6 +55,7 @@ fn sigterm_sends_the_wills_to_subscribers_and_tells_mqtt5_clients() {
     .expect("config");
     let mut broker = ChildBroker::start(&broker_bin(), &config, &data, None);
     let addr = broker.addr;
+    let acc = broker.listener("accounts").port();
 
     // The backend: mosquitto_sub, until four messages (d3's
     // `device/disconnected` event and three wills) or its connection ends.

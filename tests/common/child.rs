@@ -104,6 +104,10 @@ pub struct ChildBroker {
     pub addr: SocketAddr,
     /// The last lines the broker logged, for failure messages.
     pub log: Arc<Mutex<VecDeque<String>>>,
+    /// Every MQTT listener's bound address by name (`devices`, `accounts`,
+    /// …), from its `listening` log line: tests bind port 0 and ask here,
+    /// so no port is picked before the broker holds it.
+    pub listeners: Arc<Mutex<std::collections::HashMap<String, SocketAddr>>>,
 }
 
 fn strip_ansi(s: &str) -> String {
@@ -158,14 +162,29 @@ impl ChildBroker {
         let mut child = cmd.spawn().expect("spawn the broker");
         let stderr = child.stderr.take().expect("stderr");
         let log = Arc::new(Mutex::new(VecDeque::new()));
+        let listeners = Arc::new(Mutex::new(std::collections::HashMap::new()));
         let (tx, rx) = std::sync::mpsc::channel();
         {
             let log = log.clone();
+            let listeners = listeners.clone();
             std::thread::spawn(move || {
                 let mut tx = Some(tx);
                 for line in BufReader::new(stderr).lines() {
                     let Ok(line) = line else { break };
                     let line = strip_ansi(&line);
+                    if line.contains(" listening ") {
+                        let field = |key: &str| {
+                            line.split_whitespace()
+                                .find_map(|w| w.strip_prefix(key))
+                                .map(str::to_owned)
+                        };
+                        if let (Some(name), Some(addr)) = (
+                            field("listener="),
+                            field("local_addr=").and_then(|a| a.parse::<SocketAddr>().ok()),
+                        ) {
+                            listeners.lock().expect("listeners").insert(name, addr);
+                        }
+                    }
                     if line.contains("devices listener ready") {
                         if let Some(addr) = line
                             .split_whitespace()
@@ -201,7 +220,21 @@ impl ChildBroker {
                 );
             }
         };
-        ChildBroker { child, addr, log }
+        ChildBroker {
+            child,
+            addr,
+            log,
+            listeners,
+        }
+    }
+
+    /// The bound address of the MQTT listener `name` (logged before the
+    /// devices listener is ready, so known once `start` returns).
+    pub fn listener(&self, name: &str) -> SocketAddr {
+        match self.listeners.lock().expect("listeners").get(name) {
+            Some(a) => *a,
+            None => panic!("the broker logged no listener named {name:?}"),
+        }
     }
 
     pub fn pid(&self) -> u32 {
