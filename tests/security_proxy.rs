@@ -229,10 +229,10 @@ async fn behind_a_real_haproxy_bans_follow_the_client() {
     };
     let (t, secret) = proxied_broker().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    let front = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
-        l.local_addr().expect("addr")
-    };
+    let front = SocketAddr::from((
+        [127, 0, 0, 1],
+        activation_broker::bench::child::free_port().expect("free port"),
+    ));
     let cfg = dir.path().join("haproxy.cfg");
     std::fs::write(
         &cfg,

@@ -153,8 +153,25 @@ impl Drop for TempDir {
     }
 }
 
-/// A free loopback port (bound and released; the child binds it next).
+/// A free loopback port for a child process that must be told its port
+/// (bound and released; the child binds it next). It is taken below the
+/// kernel's ephemeral range (`ip_local_port_range`), so no client socket
+/// of this or a parallel test is given it in the meantime, at a random
+/// offset, so parallel callers rarely try the same one.
 pub fn free_port() -> anyhow::Result<u16> {
+    use rand::Rng;
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (from, to) = (low.saturating_sub(12_000).max(1024), low);
+    let mut rng = rand::thread_rng();
+    for _ in 0..200 {
+        let port = rng.gen_range(from..to);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
 }
