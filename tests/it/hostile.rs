@@ -1,7 +1,7 @@
 //! Hostile input against the whole broker (gate and ledger included) over
 //! real sockets: every bad client gets a clear refusal or a close, the
 //! broker keeps serving a good device afterwards, and nothing stored
-//! changes. tests/it/gateway.rs covers the connection layer alone with a
+//! changes. tests/it/gateway/ covers the connection layer alone with a
 //! stand-in authenticator; these run the real gate and check the ledger.
 
 use crate::common;

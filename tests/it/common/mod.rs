@@ -75,6 +75,7 @@ impl TestLedger {
 pub mod broker;
 pub mod child;
 pub mod flood;
+pub mod gateway;
 pub mod http;
 pub mod lazyfs;
 pub mod wire;
