@@ -124,7 +124,7 @@ fn crash_kill9_keeps_every_acknowledged_activation() {
         let mut child = Process::new(&exe)
             .args([
                 "--exact",
-                "crash_child_process",
+                "ledger_crash::crash_child_process",
                 "--include-ignored",
                 "--nocapture",
                 "--test-threads",

@@ -62,6 +62,7 @@ async fn run_suite(version: &str) -> Outcome {
     };
     config.devices.bind = "127.0.0.1:0".parse().expect("addr");
     config.accounts_listener.bind = "127.0.0.1:0".parse().expect("addr");
+    config.http.bind = "127.0.0.1:0".parse().expect("addr");
     config.accounts = vec![paho_account()];
     // MQTT 5 Server Keep Alive (the suite expects 60 for a keepalive of
     // 120) and a Receive Maximum the suite can exceed in a few seconds.

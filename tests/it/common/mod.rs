@@ -72,6 +72,34 @@ impl TestLedger {
             .unwrap_or_else(|e| panic!("invariant broken: {e}"));
     }
 }
+/// For a test that needs the process to itself (process-wide state such
+/// as the metrics recorder): outside its own process, runs this test binary
+/// again for the test `name` alone, prints what it printed and checks that
+/// it passed. True in that process: the caller runs its body.
+pub fn in_own_process(name: &str) -> bool {
+    const VAR: &str = "IT_OWN_PROCESS";
+    if std::env::var(VAR).is_ok_and(|v| v == name) {
+        return true;
+    }
+    let exe = std::env::current_exe().expect("test binary");
+    let out = std::process::Command::new(exe)
+        .args(["--exact", name, "--include-ignored", "--nocapture"])
+        .args(["--test-threads", "1"])
+        .env(VAR, name)
+        .output()
+        .expect("the test binary runs");
+    print!("{}", String::from_utf8_lossy(&out.stdout));
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{name} in its own process: {}",
+        out.status
+    );
+    let ran = String::from_utf8_lossy(&out.stdout).contains("1 passed");
+    assert!(ran, "{name} did not run in its own process");
+    false
+}
+
 pub mod broker;
 pub mod child;
 pub mod flood;
