@@ -7,7 +7,6 @@ use crate::common;
 use std::time::Duration;
 
 use activation_broker::admin::accounts::{hash_password, AccountConfig, RoleConfig};
-use activation_broker::ledger::Command;
 use bytes::Bytes;
 use common::broker::*;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
@@ -399,46 +398,4 @@ async fn the_lifecycle_produces_its_events_in_order_on_the_event_topics() {
     .await
     .unwrap_or_else(|_| panic!("events so far: {seen:?}"));
     assert_eq!(seen, expected);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_cli_drives_a_running_broker() {
-    let t = broker().await;
-    t.run(Command::CreateOrder {
-        order_id: Some("O-1".into()),
-        quantity: 7,
-        validity_secs: 60,
-        product_key: None,
-    })
-    .await;
-    let port = t.broker.accounts_addr().port().to_string();
-    let cli = move |args: &[&str]| {
-        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_activation-broker"));
-        c.arg("admin")
-            .args(args)
-            .args(["--port", port.as_str(), "--account", "ops"])
-            .env("ACTIVATION_ADMIN_PASSWORD", "pw-ops");
-        c
-    };
-    let out = tokio::task::spawn_blocking(move || {
-        (
-            cli(&["DescribeUnassignedActivationCodes"]).output(),
-            cli(&["DeleteProduct", "--ProductKey", "nope", "--Confirm", "true"]).output(),
-        )
-    })
-    .await
-    .expect("join");
-    let ok = out.0.expect("runs");
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
-    let body: Value = serde_json::from_slice(&ok.stdout).expect("JSON response");
-    assert_eq!(body["Code"], "OK");
-    assert!(body.to_string().contains("O-1"), "{body}");
-    let err = out.1.expect("runs");
-    assert!(!err.status.success());
-    let body: Value = serde_json::from_slice(&err.stdout).expect("JSON response");
-    assert_eq!(body["Code"], "NotFound.Product");
 }

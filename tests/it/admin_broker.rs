@@ -7,7 +7,9 @@ use crate::common;
 
 use activation_broker::admin::accounts::RoleConfig;
 use activation_broker::admin::cli::{self, AdminCliArgs, EXIT_FAILURE, EXIT_NOT_OK};
+use activation_broker::bench::child::free_port;
 use activation_broker::credentials::client_id;
+use activation_broker::ledger::Command;
 use bytes::Bytes;
 use common::broker::v5::{incoming, puback, suback};
 use common::broker::*;
@@ -15,6 +17,7 @@ use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, PublishProperties, Subscr
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, EventLoop};
 use serde_json::{json, Map, Value};
+use std::time::Duration;
 
 async fn broker() -> TestBroker {
     start_broker(|c| {
@@ -69,19 +72,24 @@ async fn operator(b: &TestBroker, name: &str, password: &str) -> (AsyncClient, E
     .unwrap_or_else(|c| panic!("{name} logs in: CONNACK {c:#x}"))
 }
 
+/// The operator CLI: in process (`cli::request`, `cli::run` and its exit
+/// codes) and as the broker binary's `admin` command (options after the
+/// action, the password from the environment, JSON on stdout).
 #[tokio::test(flavor = "multi_thread")]
-async fn operator_cli_against_the_real_broker() {
+async fn the_operator_cli_drives_a_running_broker() {
     let b = broker().await;
-    let code = cli::run(cli_args(
+    let a = cli_args(
         &b,
         "ops",
         "ops-pw",
         "CreateProduct",
         &["--ProductKey", "p1"],
-    ))
-    .await
-    .expect("runs");
-    assert_eq!(code, 0);
+    );
+    let mut params = cli::parse_params(&a.params).expect("params");
+    params.insert("Action".into(), json!("CreateProduct"));
+    let r = cli::request(&a, params).await.expect("response");
+    assert_eq!(r["Code"], "OK", "{r}");
+    assert_eq!(r["ProductKey"], "p1");
     let code = cli::run(cli_args(
         &b,
         "ops",
@@ -101,10 +109,15 @@ async fn operator_cli_against_the_real_broker() {
     .await
     .expect("runs");
     assert_eq!(code, 0);
+    assert_eq!(b.broker.ledger.counters().total, 20);
+    // A viewer reads; the request id comes back.
     let a = cli_args(&b, "dash", "dash-pw", "DescribeActivationSummary", &[]);
     let mut params = Map::new();
     params.insert("Action".into(), json!("DescribeActivationSummary"));
+    params.insert("RequestId".into(), json!("cli-test"));
     let r = cli::request(&a, params).await.expect("response");
+    assert_eq!(r["RequestId"], "cli-test");
+    assert_eq!(r["Products"], 1);
     assert_eq!(
         (
             r["Code"].clone(),
@@ -113,6 +126,57 @@ async fn operator_cli_against_the_real_broker() {
         ),
         (json!("OK"), json!(20), json!(20))
     );
+
+    // The binary: options after the action, password from the environment.
+    b.run(Command::CreateOrder {
+        order_id: Some("O-1".into()),
+        quantity: 7,
+        validity_secs: 60,
+        product_key: None,
+    })
+    .await;
+    let port = b.broker.accounts_addr().port().to_string();
+    let bin = move |args: &[&str]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_activation-broker"));
+        c.arg("admin")
+            .args(args)
+            .args(["--port", port.as_str(), "--account", "ops"])
+            .env("ACTIVATION_ADMIN_PASSWORD", "ops-pw");
+        c
+    };
+    let out = tokio::task::spawn_blocking(move || {
+        (
+            bin(&["DescribeUnassignedActivationCodes"]).output(),
+            bin(&["DeleteProduct", "--ProductKey", "nope", "--Confirm", "true"]).output(),
+        )
+    })
+    .await
+    .expect("join");
+    let ok = out.0.expect("runs");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let body: Value = serde_json::from_slice(&ok.stdout).expect("JSON response");
+    assert_eq!(body["Code"], "OK");
+    assert!(body.to_string().contains("O-1"), "{body}");
+    let err = out.1.expect("runs");
+    assert!(!err.status.success());
+    let body: Value = serde_json::from_slice(&err.stdout).expect("JSON response");
+    assert_eq!(body["Code"], "NotFound.Product");
+
+    // Exit codes: OK → 0, another Code → 1, no response → 2.
+    let code = cli::run(cli_args(
+        &b,
+        "ops",
+        "ops-pw",
+        "DescribeDevice",
+        &["--ProductKey", "p1", "--DeviceKey", "x"],
+    ))
+    .await
+    .expect("runs");
+    assert_eq!(code, EXIT_NOT_OK);
     // The viewer is refused mutations; wrong passwords never get in.
     let code = cli::run(cli_args(
         &b,
@@ -133,6 +197,45 @@ async fn operator_cli_against_the_real_broker() {
         .expect("runs");
     assert_eq!(code, EXIT_FAILURE);
     let code = cli::run(cli_args(&b, "mallory", "x", "DescribeProducts", &[]))
+        .await
+        .expect("runs");
+    assert_eq!(code, EXIT_FAILURE);
+    let mut nobody = cli_args(&b, "ops", "ops-pw", "DescribeProducts", &[]);
+    nobody.port = free_port().expect("free port");
+    let code = cli::run(nobody).await.expect("runs");
+    assert_eq!(code, EXIT_FAILURE, "nothing listening");
+    let code = cli::run(cli_args(&b, "ops", "ops-pw", "describe", &[]))
+        .await
+        .expect("runs");
+    assert_eq!(code, EXIT_FAILURE, "not an action");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_events_prints_relayed_events() {
+    use activation_broker::events::{Event, EventKind};
+    let b = broker().await;
+    let mut watcher = tokio::spawn(cli::run(cli_args(
+        &b,
+        "ops",
+        "ops-pw",
+        "events",
+        &["--kind", "pool/low", "--count", "1"],
+    )));
+    // The watcher subscribes at some point; publish until it has seen one.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        b.broker.events.publish(
+            Event::new(EventKind::PoolLow, b.clock.now())
+                .with("ProductKey", "p1")
+                .with("Available", 1),
+        );
+        match tokio::time::timeout(Duration::from_millis(50), &mut watcher).await {
+            Ok(joined) => break joined.expect("joined").expect("runs"),
+            Err(_) => assert!(tokio::time::Instant::now() < deadline, "no event seen"),
+        }
+    };
+    assert_eq!(code, 0);
+    let code = cli::run(cli_args(&b, "ops", "ops-pw", "events", &["--kind", "nope"]))
         .await
         .expect("runs");
     assert_eq!(code, EXIT_FAILURE);

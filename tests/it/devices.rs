@@ -9,7 +9,6 @@ use activation_broker::events::EventKind;
 use activation_broker::ledger::Command;
 use common::broker::*;
 use rumqttc::v5::mqttbytes::v5::Packet as P5;
-use rumqttc::v5::mqttbytes::QoS as Q5;
 use rumqttc::{Event, Packet, QoS};
 
 const PK: &str = "p1";
@@ -341,86 +340,6 @@ async fn deleting_an_online_device_or_its_product_disconnects_it() {
     let (code, reason) = server_disconnect(&mut el2).await;
     assert_eq!(code, 0x98);
     assert_eq!(reason.as_deref(), Some("product p1 was deleted"));
-}
-
-#[tokio::test]
-async fn a_device_reaches_only_its_own_namespace() {
-    let t = start_broker(|_| {}).await;
-    let secret = t.product(PK, 10, 3600).await;
-    let (u, p) = t.creds(PK, "d1", &secret);
-    let (c, mut el) = v4::connect(t.addr(), "p1.d1", &u, &p).await.expect("v4");
-    for f in [
-        "#",
-        "+/#",
-        "devices/p1/d2/#",
-        "admin/#",
-        "$SYS/#",
-        "devices/+/d1/#",
-        "devices/p1/#",
-    ] {
-        c.subscribe(f, QoS::AtLeastOnce).await.expect("queue");
-    }
-    c.subscribe("devices/p1/d1/cmd/#", QoS::AtLeastOnce)
-        .await
-        .expect("queue");
-    let mut codes = Vec::new();
-    tokio::time::timeout(WAIT, async {
-        while codes.len() < 8 {
-            if let Ok(Event::Incoming(Packet::SubAck(a))) = el.poll().await {
-                codes.push(a.return_codes[0]);
-            }
-        }
-    })
-    .await
-    .expect("SUBACKs");
-    use rumqttc::SubscribeReasonCode::*;
-    assert_eq!(&codes[..7], &[Failure; 7]);
-    assert_eq!(codes[7], Success(QoS::AtLeastOnce));
-
-    // MQTT 5: 0x87 on SUBACK and PUBACK outside the namespace.
-    let (u, p) = t.creds(PK, "d2", &secret);
-    let (c5, mut el5) = v5::connect(t.addr(), "p1.d2", &u, &p).await.expect("v5");
-    c5.subscribe("devices/p1/d1/#", Q5::AtLeastOnce)
-        .await
-        .expect("queue");
-    c5.publish("devices/p1/d1/cmd/x", Q5::AtLeastOnce, false, "spoof")
-        .await
-        .expect("queue");
-    let (mut suback, mut puback) = (None, None);
-    tokio::time::timeout(WAIT, async {
-        while suback.is_none() || puback.is_none() {
-            match el5.poll().await {
-                Ok(rumqttc::v5::Event::Incoming(P5::SubAck(a))) => suback = Some(a.return_codes[0]),
-                Ok(rumqttc::v5::Event::Incoming(P5::PubAck(a))) => puback = Some(a.reason),
-                Ok(_) => {}
-                Err(e) => panic!("{e}"),
-            }
-        }
-    })
-    .await
-    .expect("acks");
-    assert_eq!(
-        suback,
-        Some(rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::NotAuthorized)
-    );
-    assert_eq!(
-        puback,
-        Some(rumqttc::v5::mqttbytes::v5::PubAckReason::NotAuthorized)
-    );
-    // d1 never saw the spoofed command and gets its own.
-    c.publish("devices/p1/d1/cmd/own", QoS::AtLeastOnce, false, "mine")
-        .await
-        .expect("queue");
-    let got = tokio::time::timeout(WAIT, async {
-        loop {
-            if let Ok(Event::Incoming(Packet::Publish(p))) = el.poll().await {
-                return p;
-            }
-        }
-    })
-    .await
-    .expect("own message");
-    assert_eq!(got.topic, "devices/p1/d1/cmd/own");
 }
 
 fn mosquitto_creds(secret: &str, user: &str) -> String {

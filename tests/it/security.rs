@@ -13,6 +13,8 @@ use activation_broker::credentials::{device_credentials, sign, user_name};
 use activation_broker::ledger::{AuthMode, Command, Outcome};
 use common::broker::{start_broker, v4, v5, TestBroker, WAIT};
 use common::wire::{raise_nofile, raw_connack, snapshot};
+use rumqttc::v5::mqttbytes::v5::{PubAckReason, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::QoS as Q5;
 use rumqttc::{Event, Packet, QoS};
 
 const PK: &str = "sec";
@@ -285,8 +287,19 @@ async fn a_device_cannot_write_into_or_read_from_other_namespaces_live_or_retain
         retained.is_empty(),
         "retained spoof reached B: {retained:?}"
     );
-    // And A cannot subscribe to B, admin or $SYS.
-    for f in ["devices/sec/b/#", "admin/#", "$SYS/#", "#", "devices/+/b/#"] {
+    // And A cannot subscribe to B, admin, $SYS, or wildcards reaching past
+    // its own namespace.
+    let outside = [
+        "devices/sec/b/#",
+        "admin/#",
+        "$SYS/#",
+        "#",
+        "devices/+/b/#",
+        "+/#",
+        "devices/sec/#",
+        "devices/+/a/#",
+    ];
+    for f in outside {
         a.subscribe(f, QoS::AtLeastOnce).await.expect("queue");
         assert_eq!(
             suback(&mut ael).await,
@@ -294,10 +307,34 @@ async fn a_device_cannot_write_into_or_read_from_other_namespaces_live_or_retain
             "{f}"
         );
     }
+    // MQTT 5: 0x87 on SUBACK and PUBACK outside the namespace, and B never
+    // sees the publish.
+    let (u, p) = t.creds(PK, "c", &secret);
+    let (c5, mut c5el) = v5::connect(t.addr(), "sec.c", &u, &p)
+        .await
+        .unwrap_or_else(|c| panic!("c: CONNACK {c}"));
+    c5.subscribe("devices/sec/b/#", Q5::AtLeastOnce)
+        .await
+        .expect("queue");
+    assert_eq!(
+        v5::suback(&mut c5el).await,
+        SubscribeReasonCode::NotAuthorized
+    );
+    c5.publish("devices/sec/b/cmd/x", Q5::AtLeastOnce, false, "spoof")
+        .await
+        .expect("queue");
+    assert_eq!(v5::puback(&mut c5el).await, PubAckReason::NotAuthorized);
+    // (B's second connection took over from the first.)
+    b2.publish("devices/sec/b/marker5", QoS::AtLeastOnce, false, "m")
+        .await
+        .expect("queue");
+    let seen_by_b5 = publishes_until(&mut b2el, "devices/sec/b/marker5").await;
+    assert!(seen_by_b5.is_empty(), "C reached B: {seen_by_b5:?}");
     eprintln!(
-        "RELIABILITY: 10 publishes (live and retained) into another device's namespace, admin/ and $SYS/: {} delivered live to either device, {} retained for a new subscriber; 5 subscriptions outside its namespace: SUBACK failure each",
+        "RELIABILITY: 10 publishes (live and retained) into another device's namespace, admin/ and $SYS/: {} delivered live to either device, {} retained for a new subscriber; {} subscriptions outside its namespace: SUBACK failure each",
         leaked_to_a.len() + seen_by_b.len(),
-        retained.len()
+        retained.len(),
+        outside.len()
     );
 }
 
