@@ -243,7 +243,7 @@ async fn serve(mut config: Config, data: Option<PathBuf>, demo: bool) -> anyhow:
     if let Some(d) = data {
         config.data_dir = d;
     }
-    match activation_broker::limits::raise_open_file_limit() {
+    match activation_client::limits::raise_open_file_limit() {
         Ok(n) => tracing::info!(open_files = n, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }

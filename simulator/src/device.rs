@@ -13,11 +13,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use activation_broker::clock::Clock;
-use activation_broker::credentials::{client_id, device_credentials};
+use activation_client::connack::{v4_code, v5_code};
+use activation_client::credentials::{client_id, device_credentials};
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -360,7 +361,7 @@ mod rumq4 {
             }
             Ok(other) => Outcome::Error(format!("expected CONNACK, got {other:?}")),
             Err(ConnectionError::ConnectionRefused(code)) => Outcome::Refused {
-                code: code as u8,
+                code: v4_code(code),
                 reason: None,
             },
             Err(ConnectionError::NetworkTimeout) => Outcome::Timeout,
@@ -388,40 +389,9 @@ mod rumq4 {
 
 mod rumq5 {
     use super::*;
-    use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAckReason};
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
     use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, StateError};
     use rumqttc::{NetworkOptions, Outgoing};
-
-    pub(super) fn code(c: ConnectReturnCode) -> u8 {
-        use ConnectReturnCode::*;
-        match c {
-            Success => 0x00,
-            RefusedProtocolVersion => 0x84,
-            BadClientId => 0x85,
-            ServiceUnavailable => 0x88,
-            UnspecifiedError => 0x80,
-            MalformedPacket => 0x81,
-            ProtocolError => 0x82,
-            ImplementationSpecificError => 0x83,
-            UnsupportedProtocolVersion => 0x84,
-            ClientIdentifierNotValid => 0x85,
-            BadUserNamePassword => 0x86,
-            NotAuthorized => 0x87,
-            ServerUnavailable => 0x88,
-            ServerBusy => 0x89,
-            Banned => 0x8A,
-            BadAuthenticationMethod => 0x8C,
-            TopicNameInvalid => 0x90,
-            PacketTooLarge => 0x95,
-            QuotaExceeded => 0x97,
-            PayloadFormatInvalid => 0x99,
-            RetainNotSupported => 0x9A,
-            QoSNotSupported => 0x9B,
-            UseAnotherServer => 0x9C,
-            ServerMoved => 0x9D,
-            ConnectionRateExceeded => 0x9F,
-        }
-    }
 
     pub(super) fn puback_ok(r: &PubAckReason) -> bool {
         matches!(
@@ -453,7 +423,7 @@ mod rumq5 {
             }
             Ok(other) => Outcome::Error(format!("expected CONNACK, got {other:?}")),
             Err(ConnectionError::ConnectionRefused(c)) => Outcome::Refused {
-                code: code(c),
+                code: v5_code(c),
                 reason: None,
             },
             Err(ConnectionError::Timeout(_)) => Outcome::Timeout,
@@ -661,7 +631,7 @@ mod own {
             if self.protocol == 5 {
                 match v5::Packet::read(buf, Some(MAX_PACKET as u32)) {
                     Ok(v5::Packet::ConnAck(a)) => Ok(Some(In::ConnAck {
-                        code: super::rumq5::code(a.code),
+                        code: v5_code(a.code),
                         reason: a.properties.and_then(|p| p.reason_string),
                     })),
                     Ok(v5::Packet::PubAck(a)) => Ok(Some(In::PubAck {
@@ -689,7 +659,7 @@ mod own {
             } else {
                 match v4::Packet::read(buf, MAX_PACKET) {
                     Ok(v4::Packet::ConnAck(a)) => Ok(Some(In::ConnAck {
-                        code: a.code as u8,
+                        code: v4_code(a.code),
                         reason: None,
                     })),
                     Ok(v4::Packet::PubAck(_)) => Ok(Some(In::PubAck { ok: true })),
@@ -707,36 +677,6 @@ mod own {
                 }
             }
         }
-    }
-
-    /// A TCP connection from `source` (port chosen by the kernel at connect
-    /// time, so one address serves many destinations) to `addr`.
-    async fn tcp_connect(addr: SocketAddr, source: Option<IpAddr>) -> std::io::Result<TcpStream> {
-        let socket = match addr {
-            SocketAddr::V4(_) => TcpSocket::new_v4()?,
-            SocketAddr::V6(_) => TcpSocket::new_v6()?,
-        };
-        socket.set_nodelay(true)?;
-        if let Some(ip) = source {
-            #[cfg(target_os = "linux")]
-            {
-                use std::os::fd::AsRawFd;
-                let one: libc::c_int = 1;
-                // SAFETY: setsockopt on a valid fd with a correctly sized
-                // int option; failure only means the port is picked at bind.
-                unsafe {
-                    libc::setsockopt(
-                        socket.as_raw_fd(),
-                        libc::IPPROTO_IP,
-                        libc::IP_BIND_ADDRESS_NO_PORT,
-                        &one as *const libc::c_int as *const libc::c_void,
-                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                    );
-                }
-            }
-            socket.bind(SocketAddr::new(ip, 0))?;
-        }
-        socket.connect(addr).await
     }
 
     async fn resolve(host: &str, port: u16, source: Option<IpAddr>) -> Result<SocketAddr, String> {
@@ -759,7 +699,7 @@ mod own {
             Ok(a) => a,
             Err(e) => return Outcome::Error(e),
         };
-        let mut stream = match tcp_connect(addr, source).await {
+        let mut stream = match activation_client::socket::connect_from(addr, source).await {
             Ok(s) => s,
             Err(e) => return Outcome::Error(error_kind(&format!("I/O: {e}"))),
         };

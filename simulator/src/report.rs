@@ -22,51 +22,7 @@ fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("constant histogram bounds are valid")
 }
 
-/// The name of a CONNACK code for the protocol in use.
-pub fn code_name(protocol: u8, code: u8) -> &'static str {
-    if protocol == 5 {
-        match code {
-            0x00 => "Success",
-            0x80 => "Unspecified error",
-            0x81 => "Malformed Packet",
-            0x82 => "Protocol Error",
-            0x83 => "Implementation specific error",
-            0x84 => "Unsupported Protocol Version",
-            0x85 => "Client Identifier not valid",
-            0x86 => "Bad User Name or Password",
-            0x87 => "Not authorized",
-            0x88 => "Server unavailable",
-            0x89 => "Server busy",
-            0x8A => "Banned",
-            0x8C => "Bad authentication method",
-            0x90 => "Topic Name invalid",
-            0x95 => "Packet too large",
-            0x97 => "Quota exceeded",
-            0x99 => "Payload format invalid",
-            0x9A => "Retain not supported",
-            0x9B => "QoS not supported",
-            0x9C => "Use another server",
-            0x9D => "Server moved",
-            0x9F => "Connection rate exceeded",
-            _ => "unknown",
-        }
-    } else {
-        match code {
-            0x00 => "connection accepted",
-            0x01 => "unacceptable protocol version",
-            0x02 => "identifier rejected",
-            0x03 => "server unavailable",
-            0x04 => "bad user name or password",
-            0x05 => "not authorized",
-            _ => "unknown",
-        }
-    }
-}
-
-/// `0x97` style key used in the JSON report.
-pub fn code_key(code: u8) -> String {
-    format!("0x{code:02X}")
-}
+pub use activation_client::connack::{key as code_key, name as code_name};
 
 fn parse_code(s: &str) -> Option<u8> {
     let s = s.trim();

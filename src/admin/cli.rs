@@ -19,16 +19,12 @@
 use std::io::{BufRead, Write};
 use std::time::Duration;
 
+use activation_client::admin::{self, EVENTS_FILTER, EVENTS_PREFIX};
 use anyhow::{anyhow, bail, Context};
-use bytes::Bytes;
-use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties, SubscribeReasonCode};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
+use rumqttc::v5::mqttbytes::v5::Packet;
 use serde_json::{Map, Value};
 
-use super::accounts::{hash_password, request_topic, response_topic, EVENTS_FILTER};
-use super::new_request_id;
-use super::service::EVENTS_PREFIX;
+use super::accounts::hash_password;
 use crate::events::EventKind;
 
 /// Exit code when the response's Code is not OK.
@@ -299,74 +295,8 @@ async fn request_command(args: &AdminCliArgs) -> anyhow::Result<i32> {
 }
 
 /// Sends one request and waits for its response.
-pub async fn request(args: &AdminCliArgs, mut params: Map<String, Value>) -> anyhow::Result<Value> {
-    let request_id = match params.get("RequestId") {
-        Some(Value::String(id)) => id.clone(),
-        _ => {
-            let id = new_request_id();
-            params.insert("RequestId".into(), Value::String(id.clone()));
-            id
-        }
-    };
-    let payload = Value::Object(params).to_string();
-    let timeout = Duration::from_secs(args.timeout.max(1));
-    let (client, mut el) = connect(args)?;
-    let work = async {
-        wait_connected(&mut el, args).await?;
-        let reply = response_topic(&args.account);
-        subscribe(&client, &mut el, &reply).await?;
-        let props = PublishProperties {
-            response_topic: Some(reply.clone()),
-            correlation_data: Some(Bytes::from(request_id.clone().into_bytes())),
-            content_type: Some("application/json".into()),
-            payload_format_indicator: Some(1),
-            ..PublishProperties::default()
-        };
-        client
-            .publish_with_properties(
-                request_topic(&args.account),
-                QoS::AtLeastOnce,
-                false,
-                payload,
-                props,
-            )
-            .await
-            .map_err(|e| anyhow!("sending the request: {e}"))?;
-        loop {
-            match next_packet(&mut el, args).await? {
-                Packet::Publish(p) => {
-                    let ours = p
-                        .properties
-                        .as_ref()
-                        .and_then(|pp| pp.correlation_data.as_ref())
-                        .is_some_and(|c| c.as_ref() == request_id.as_bytes());
-                    let Ok(v) = serde_json::from_slice::<Value>(&p.payload) else {
-                        continue;
-                    };
-                    let same_id =
-                        v.get("RequestId").and_then(Value::as_str) == Some(request_id.as_str());
-                    if ours || same_id {
-                        return Ok(v);
-                    }
-                }
-                Packet::Disconnect(d) => {
-                    bail!("the broker disconnected: {:?}", d.reason_code)
-                }
-                _ => {}
-            }
-        }
-    };
-    let result = tokio::time::timeout(timeout, work).await;
-    let _ = client.try_disconnect();
-    match result {
-        Ok(r) => r,
-        Err(_) => bail!(
-            "no response from {}:{} within {} s",
-            args.host,
-            args.port,
-            timeout.as_secs()
-        ),
-    }
+pub async fn request(args: &AdminCliArgs, params: Map<String, Value>) -> anyhow::Result<Value> {
+    admin::request_once(&login(args)?, params).await
 }
 
 async fn events_command(args: &AdminCliArgs) -> anyhow::Result<i32> {
@@ -390,25 +320,15 @@ async fn events_command(args: &AdminCliArgs) -> anyhow::Result<i32> {
                 .ok_or_else(|| anyhow!("--count needs a number"))?,
         ),
     };
-    let (client, mut el) = connect(args)?;
-    let timeout = Duration::from_secs(args.timeout.max(1));
-    tokio::time::timeout(timeout, async {
-        wait_connected(&mut el, args).await?;
-        subscribe(&client, &mut el, &filter).await
-    })
-    .await
-    .map_err(|_| {
-        anyhow!(
-            "no connection to {}:{} within {} s",
-            args.host,
-            args.port,
-            timeout.as_secs()
-        )
-    })??;
+    let login = login(args)?;
+    let (client, mut el) = login.session("cli");
+    login
+        .connect_and_subscribe(&client, &mut el, &filter)
+        .await?;
     let stdout = std::io::stdout();
     let mut seen = 0u64;
     while count.is_none_or(|c| seen < c) {
-        if let Packet::Publish(p) = next_packet(&mut el, args).await? {
+        if let Packet::Publish(p) = login.next_packet(&mut el).await? {
             let line = match serde_json::from_slice::<Value>(&p.payload) {
                 Ok(v) => v.to_string(),
                 Err(_) => String::from_utf8_lossy(&p.payload).into_owned(),
@@ -427,66 +347,19 @@ async fn events_command(args: &AdminCliArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn connect(args: &AdminCliArgs) -> anyhow::Result<(AsyncClient, EventLoop)> {
+/// The account's login from the connection options.
+fn login(args: &AdminCliArgs) -> anyhow::Result<admin::Login> {
     let password = args
         .password
         .clone()
         .ok_or_else(|| anyhow!("no password: give --password or set ACTIVATION_ADMIN_PASSWORD"))?;
-    let client_id = format!("{}-cli-{}", args.account, &new_request_id()[..12]);
-    let mut opts = MqttOptions::new(client_id, args.host.clone(), args.port);
-    opts.set_credentials(args.account.clone(), password)
-        .set_keep_alive(Duration::from_secs(30))
-        .set_clean_start(true)
-        .set_connection_timeout(args.timeout.max(1))
-        .set_max_packet_size(Some(16 * 1024 * 1024));
-    Ok(AsyncClient::new(opts, 16))
-}
-
-async fn next_packet(el: &mut EventLoop, args: &AdminCliArgs) -> anyhow::Result<Packet> {
-    loop {
-        match el.poll().await {
-            Ok(Event::Incoming(p)) => return Ok(p),
-            Ok(Event::Outgoing(_)) => {}
-            Err(ConnectionError::ConnectionRefused(code)) => {
-                bail!(
-                    "login as {} refused by {}:{}: {code:?}",
-                    args.account,
-                    args.host,
-                    args.port
-                )
-            }
-            Err(e) => bail!("connection to {}:{} failed: {e}", args.host, args.port),
-        }
-    }
-}
-
-async fn wait_connected(el: &mut EventLoop, args: &AdminCliArgs) -> anyhow::Result<()> {
-    loop {
-        if let Packet::ConnAck(_) = next_packet(el, args).await? {
-            return Ok(());
-        }
-    }
-}
-
-async fn subscribe(client: &AsyncClient, el: &mut EventLoop, filter: &str) -> anyhow::Result<()> {
-    client
-        .subscribe(filter, QoS::AtLeastOnce)
-        .await
-        .map_err(|e| anyhow!("subscribing to {filter}: {e}"))?;
-    loop {
-        match el.poll().await {
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                return match ack.return_codes.first() {
-                    Some(SubscribeReasonCode::Success(_)) => Ok(()),
-                    other => Err(anyhow!(
-                        "subscription to {filter} refused: {other:?} (may this account read it?)"
-                    )),
-                };
-            }
-            Ok(_) => {}
-            Err(e) => bail!("connection failed while subscribing to {filter}: {e}"),
-        }
-    }
+    Ok(admin::Login {
+        host: args.host.clone(),
+        port: args.port,
+        account: args.account.clone(),
+        password,
+        timeout: Duration::from_secs(args.timeout.max(1)),
+    })
 }
 
 #[cfg(test)]

@@ -1,7 +1,6 @@
 //! Child processes (the servers under test and `perf`), temp dirs and free
 //! ports. Every child dies with the bench, even on SIGKILL.
 
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -26,15 +25,10 @@ impl ChildGuard {
         cmd.stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
-        // SAFETY: prctl is async-signal-safe; the child dies with the bench
-        // even if the bench is killed with SIGKILL. Children are spawned from
-        // the main thread, which lives as long as the bench.
-        unsafe {
-            cmd.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
-            });
-        }
+        // The child dies with the bench even if the bench is killed with
+        // SIGKILL. Children are spawned from the main thread, which lives as
+        // long as the bench.
+        activation_client::child::die_with_parent(&mut cmd);
         let child = cmd
             .spawn()
             .with_context(|| format!("starting {name} ({:?})", cmd.get_program()))?;
@@ -153,28 +147,7 @@ impl Drop for TempDir {
     }
 }
 
-/// A free loopback port for a child process that must be told its port
-/// (bound and released; the child binds it next). It is taken below the
-/// kernel's ephemeral range (`ip_local_port_range`), so no client socket
-/// of this or a parallel test is given it in the meantime, at a random
-/// offset, so parallel callers rarely try the same one.
-pub fn free_port() -> anyhow::Result<u16> {
-    use rand::Rng;
-    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
-        .unwrap_or(32768);
-    let (from, to) = (low.saturating_sub(12_000).max(1024), low);
-    let mut rng = rand::thread_rng();
-    for _ in 0..200 {
-        let port = rng.gen_range(from..to);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?.port())
-}
+pub use activation_client::child::free_port;
 
 /// `perf record` attached to a server for one phase; stopped on drop.
 pub struct PerfGuard(Option<Child>);

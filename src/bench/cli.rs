@@ -37,7 +37,7 @@ impl CommonArgs {
     /// raising the open-file limit (a warning if it cannot be); Ctrl-C on
     /// it sets [`super::STOP`].
     pub fn runtime(&self) -> anyhow::Result<tokio::runtime::Runtime> {
-        if let Err(e) = crate::limits::raise_open_file_limit() {
+        if let Err(e) = activation_client::limits::raise_open_file_limit() {
             eprintln!("warning: cannot raise the open-file limit: {e}");
         }
         let rt = tokio::runtime::Builder::new_multi_thread()

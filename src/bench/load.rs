@@ -7,7 +7,7 @@
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use hdrhistogram::Histogram;
 use rumqttc::mqttbytes::v4::{Connect, Packet, SubscribeReasonCode};
 use rumqttc::mqttbytes::{self, Protocol, QoS};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 
 use super::child::PerfGuard;
 use super::procfs::{cpu_secs, listen_drops, open_fds, settle, smaps_summary};
@@ -370,14 +370,7 @@ async fn connect_one(
 
 /// A TCP connection from `source` (any port) to `addr`, TCP_NODELAY.
 pub async fn open(addr: SocketAddr, source: Ipv4Addr) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    // The port is picked at connect(2) for the full 4-tuple, not at bind.
-    socket2::SockRef::from(&socket).set_reuse_address(true)?;
-    set_bind_address_no_port(&socket);
-    socket.bind(SocketAddr::V4(SocketAddrV4::new(source, 0)))?;
-    let stream = socket.connect(addr).await?;
-    stream.set_nodelay(true)?;
-    Ok(stream)
+    activation_client::socket::connect_from(addr, Some(source.into())).await
 }
 
 /// The next whole packet from `stream` (bytes after it stay in `buf`).
@@ -399,21 +392,6 @@ pub async fn read_packet(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io:
 
 pub fn invalid(msg: String) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::InvalidData, msg)
-}
-
-fn set_bind_address_no_port(socket: &TcpSocket) {
-    use std::os::fd::AsRawFd as _;
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt reads `one` (a c_int of the given size) on a valid socket.
-    unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        );
-    }
 }
 
 /// A device CONNECT with SPEC §3 credentials (client id `{pk}.{dk}`).

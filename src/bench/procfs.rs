@@ -121,17 +121,10 @@ pub fn open_fds(pid: u32) -> Option<usize> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
 }
 
-/// This process's RLIMIT_NOFILE (soft), which children inherit.
+/// This process's soft open-file limit, which children inherit (0 if
+/// unreadable).
 pub fn nofile_limit() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes the struct we pass.
-    unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
-    }
-    lim.rlim_cur
+    activation_client::limits::open_file_limit().map_or(0, |(soft, _)| soft)
 }
 
 /// Number of CPUs this process may run on.

@@ -7,9 +7,9 @@ use crate::common;
 
 use activation_broker::admin::accounts::RoleConfig;
 use activation_broker::admin::cli::{self, AdminCliArgs, EXIT_FAILURE, EXIT_NOT_OK};
-use activation_broker::bench::child::free_port;
 use activation_broker::credentials::client_id;
 use activation_broker::ledger::Command;
+use activation_client::child::free_port;
 use bytes::Bytes;
 use common::broker::v5::{incoming, puback, suback};
 use common::broker::*;

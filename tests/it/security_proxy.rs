@@ -231,7 +231,7 @@ async fn behind_a_real_haproxy_bans_follow_the_client() {
     let dir = tempfile::tempdir().expect("tempdir");
     let front = SocketAddr::from((
         [127, 0, 0, 1],
-        activation_broker::bench::child::free_port().expect("free port"),
+        activation_client::child::free_port().expect("free port"),
     ));
     let cfg = dir.path().join("haproxy.cfg");
     std::fs::write(

@@ -176,59 +176,19 @@ macro_rules! connect_fn {
 
 pub mod v4 {
     use super::*;
-    use rumqttc::{
-        AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, MqttOptions, Packet,
-    };
+    use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet};
 
-    pub fn code(c: ConnectReturnCode) -> u8 {
-        match c {
-            ConnectReturnCode::Success => 0,
-            ConnectReturnCode::RefusedProtocolVersion => 1,
-            ConnectReturnCode::BadClientId => 2,
-            ConnectReturnCode::ServiceUnavailable => 3,
-            ConnectReturnCode::BadUserNamePassword => 4,
-            ConnectReturnCode::NotAuthorized => 5,
-        }
-    }
+    pub use activation_client::connack::v4_code as code;
 
     connect_fn!();
 }
 
 pub mod v5 {
     use super::*;
-    use rumqttc::v5::mqttbytes::v5::{
-        ConnectReturnCode, Packet, PubAckReason, SubscribeReasonCode,
-    };
+    use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
     use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
 
-    pub fn code(c: ConnectReturnCode) -> u8 {
-        use ConnectReturnCode::*;
-        match c {
-            Success => 0x00,
-            UnspecifiedError => 0x80,
-            MalformedPacket => 0x81,
-            ProtocolError => 0x82,
-            ImplementationSpecificError => 0x83,
-            UnsupportedProtocolVersion => 0x84,
-            ClientIdentifierNotValid => 0x85,
-            BadUserNamePassword => 0x86,
-            NotAuthorized => 0x87,
-            ServerUnavailable => 0x88,
-            ServerBusy => 0x89,
-            Banned => 0x8A,
-            BadAuthenticationMethod => 0x8C,
-            TopicNameInvalid => 0x90,
-            PacketTooLarge => 0x95,
-            QuotaExceeded => 0x97,
-            PayloadFormatInvalid => 0x99,
-            RetainNotSupported => 0x9A,
-            QoSNotSupported => 0x9B,
-            UseAnotherServer => 0x9C,
-            ServerMoved => 0x9D,
-            ConnectionRateExceeded => 0x9F,
-            RefusedProtocolVersion | BadClientId | ServiceUnavailable => 0xFF,
-        }
-    }
+    pub use activation_client::connack::v5_code as code;
 
     connect_fn!();
 

@@ -143,20 +143,7 @@ impl ChildBroker {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         if let Some(limit) = nofile {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: setrlimit is async-signal-safe and only reads the struct.
-            unsafe {
-                cmd.pre_exec(move || {
-                    let lim = libc::rlimit {
-                        rlim_cur: limit as libc::rlim_t,
-                        rlim_max: limit as libc::rlim_t,
-                    };
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            activation_client::limits::limit_child_open_files(&mut cmd, limit);
         }
         let mut child = cmd.spawn().expect("spawn the broker");
         let stderr = child.stderr.take().expect("stderr");

@@ -11,28 +11,12 @@ use tokio::net::TcpStream;
 
 use super::broker::{v4, TestBroker, WAIT};
 
-/// Raises the soft open-file limit to the hard limit; returns the new soft limit.
+/// Raises the soft open-file limit to the hard limit; returns the new soft
+/// limit (1024 if it cannot be read).
 pub fn raise_nofile() -> u64 {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
-            return 1024;
-        }
-        if lim.rlim_cur < lim.rlim_max {
-            let want = libc::rlimit {
-                rlim_cur: lim.rlim_max,
-                rlim_max: lim.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
-                return want.rlim_cur;
-            }
-        }
-    }
-    lim.rlim_cur
+    activation_client::limits::raise_open_file_limit()
+        .or_else(|_| activation_client::limits::open_file_limit().map(|(soft, _)| soft))
+        .unwrap_or(1024)
 }
 
 /// MQTT variable-length "remaining length" encoding.

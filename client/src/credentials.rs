@@ -4,7 +4,8 @@
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::clock::Millis;
+/// Milliseconds since the unix epoch, UTC (the broker's clock uses the same).
+pub type Millis = i64;
 
 type HmacSha256 = Hmac<Sha256>;
 
