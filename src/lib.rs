@@ -3,7 +3,6 @@
 
 pub mod account_auth;
 pub mod admin;
-pub mod bench;
 pub mod clock;
 pub mod config;
 pub use activation_client::credentials;

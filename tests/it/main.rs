@@ -10,7 +10,6 @@ mod admin_broker;
 mod admin_topics;
 mod backend_flow;
 mod backup;
-mod bench_smoke;
 mod crash_load;
 mod devices;
 mod fuzz;

@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use super::child::PerfGuard;
 use super::procfs::{cpu_secs, listen_drops, open_fds, settle, smaps_summary};
 use super::{check_stop, stopped};
-use crate::credentials::{client_id, device_credentials};
+use activation_client::credentials::{client_id, device_credentials};
 
 /// Keepalive in every CONNECT: longer than any phase, so idle held
 /// connections need no PINGREQ.

@@ -1,5 +1,5 @@
 //! Data-plane benchmark (issue 11, benchmarks 1–3), every server a child
-//! process on loopback, driven by the client of `activation_broker::bench`:
+//! process on loopback, driven by the client of `activation_bench`:
 //!
 //! 1. connect + SUBSCRIBE: each device subscribes to
 //!    `devices/{PK}/{DK}/command` (QoS 1) after its CONNACK and waits for the
@@ -24,11 +24,11 @@
 mod subscribe;
 mod telemetry;
 
-use activation_broker::bench::check_stop;
-use activation_broker::bench::child::TempDir;
-use activation_broker::bench::cli::CommonArgs;
-use activation_broker::bench::procfs::{cpus, nofile_limit};
-use activation_broker::bench::targets::broker_bin;
+use activation_bench::check_stop;
+use activation_bench::child::TempDir;
+use activation_bench::cli::CommonArgs;
+use activation_bench::procfs::{cpus, nofile_limit};
+use activation_bench::targets::broker_bin;
 use anyhow::bail;
 use clap::Parser;
 

@@ -5,11 +5,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use activation_broker::bench::check_stop;
-use activation_broker::bench::load::{source_ip, telemetry_topic, Load, Phase};
-use activation_broker::bench::report::{ratio, Table};
-use activation_broker::bench::targets::{Account, ActivationBroker, BrokerSpec, PRODUCT};
-use activation_broker::bench::telemetry::{self, Backend, Publisher, Settings, Telemetry};
+use activation_bench::check_stop;
+use activation_bench::load::{source_ip, telemetry_topic, Load, Phase};
+use activation_bench::report::{ratio, Table};
+use activation_bench::targets::{Account, ActivationBroker, BrokerSpec, PRODUCT};
+use activation_bench::telemetry::{self, Backend, Publisher, Settings, Telemetry};
 use anyhow::bail;
 
 use crate::Args;

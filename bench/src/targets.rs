@@ -13,9 +13,9 @@ use bytes::Bytes;
 
 use super::child::{free_port, ChildGuard};
 use super::load::{command_topic, plain_connect, signed_connect, subscribe, Device};
-use crate::clock::Clock;
-use crate::credentials::{client_id, sign};
-use crate::ledger::{self, AuthMode, Ledger, LedgerOptions, Outcome};
+use activation_broker::clock::Clock;
+use activation_broker::ledger::{self, AuthMode, Ledger, LedgerOptions, Outcome};
+use activation_client::credentials::{client_id, sign};
 
 /// The product every bench device belongs to.
 pub const PRODUCT: &str = "bench";
@@ -174,7 +174,7 @@ impl ActivationBroker {
             Some(a) => format!(
                 "[[accounts]]\nname = {name:?}\npassword_hash = {hash:?}\nrole = \"none\"\nsubscribe = {subscribe:?}\n",
                 name = a.name,
-                hash = crate::admin::accounts::hash_password(&a.password),
+                hash = activation_broker::admin::accounts::hash_password(&a.password),
                 subscribe = a.subscribe,
             ),
             None => String::new(),
@@ -461,7 +461,7 @@ pub fn serve_stock_rumqttd(addr: SocketAddr) -> anyhow::Result<()> {
     );
     let config = rumqttd::Config {
         id: 0,
-        router: crate::gateway::router_config(200_000),
+        router: activation_broker::gateway::router_config(200_000),
         v4: Some(v4),
         ..Default::default()
     };

@@ -5,8 +5,9 @@
 //! backend subscriber), the markdown report (`report.rs`) and the shared
 //! command-line settings (`cli.rs`).
 //!
-//! Not used by the broker itself; it lives in the library so both bench
-//! binaries share one copy.
+//! A crate of its own (`activation-bench`), beside the broker: the broker
+//! does not depend on it. `ledger-bench` and `router-bench` measure the
+//! broker's ledger and router in process.
 
 pub mod child;
 pub mod cli;

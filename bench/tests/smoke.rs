@@ -6,13 +6,31 @@
 //! received every telemetry message). Mosquitto is left out (CI installs
 //! only its clients).
 
+use std::path::PathBuf;
 use std::process::Command;
+
+/// The broker binary: `ACTIVATION_BROKER_BIN`, else the one in this
+/// build's target directory (`cargo test --workspace` builds it for the
+/// broker's own tests).
+fn broker_bin() -> PathBuf {
+    let bin = std::env::var_os("ACTIVATION_BROKER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_BIN_EXE_connect-bench")).with_file_name("activation-broker")
+        });
+    assert!(
+        bin.is_file(),
+        "{} not found: build it first (cargo build -p activation-broker) or set ACTIVATION_BROKER_BIN",
+        bin.display()
+    );
+    bin
+}
 
 fn run(bin: &str, args: &[&str]) -> String {
     let out = Command::new(bin)
         .args(args)
         .arg("--broker-bin")
-        .arg(env!("CARGO_BIN_EXE_activation-broker"))
+        .arg(broker_bin())
         .output()
         .expect("the bench starts");
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -3,12 +3,12 @@
 
 use std::path::Path;
 
-use activation_broker::bench::check_stop;
-use activation_broker::bench::load::{Device, Held, Load, Phase};
-use activation_broker::bench::report::{
+use activation_bench::check_stop;
+use activation_bench::load::{Device, Held, Load, Phase};
+use activation_bench::report::{
     phase_cells, phase_notes, ratio, rss_table, Rss, Table, PHASE_HEADERS,
 };
-use activation_broker::bench::targets::{
+use activation_bench::targets::{
     mosquitto_name, mosquitto_settings, ActivationBroker, BrokerSpec, Mosquitto, PRODUCT,
 };
 use anyhow::bail;

@@ -5,7 +5,7 @@
 //! password file and Mosquitto anonymous (if `/usr/sbin/mosquitto` is
 //! installed), plus RSS per idle connected device. Every target runs as a
 //! child process on loopback, one at a time, measured by the same client
-//! (`activation_broker::bench::load`). The whole comparison runs once per
+//! (`activation_bench::load`). The whole comparison runs once per
 //! `--concurrency` level: the first (below Mosquitto's fixed listen backlog
 //! of 100) is the headline, the next ones show what overflowing that
 //! backlog does. Prints markdown tables with their settings.
@@ -18,15 +18,15 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use activation_broker::bench::check_stop;
-use activation_broker::bench::child::TempDir;
-use activation_broker::bench::cli::CommonArgs;
-use activation_broker::bench::load::{Held, Load, Phase};
-use activation_broker::bench::procfs::cpus;
-use activation_broker::bench::report::{
+use activation_bench::check_stop;
+use activation_bench::child::TempDir;
+use activation_bench::cli::CommonArgs;
+use activation_bench::load::{Held, Load, Phase};
+use activation_bench::procfs::cpus;
+use activation_bench::report::{
     phase_cells, phase_notes, ratio, rss_table, Rss, Table, PHASE_HEADERS,
 };
-use activation_broker::bench::targets::{
+use activation_bench::targets::{
     broker_bin, mosquitto_name, mosquitto_settings, serve_stock_rumqttd, ActivationBroker,
     BrokerSpec, Mosquitto, StockRumqttd,
 };
