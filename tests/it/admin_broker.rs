@@ -6,7 +6,7 @@
 use crate::common;
 
 use activation_broker::admin::accounts::RoleConfig;
-use activation_broker::admin::cli::{self, AdminCliArgs, EXIT_FAILURE, EXIT_NOT_OK};
+use activation_broker::admin::cli::{self, AdminCliArgs, AdminCommand, EXIT_FAILURE, EXIT_NOT_OK};
 use activation_broker::credentials::client_id;
 use activation_broker::ledger::Command;
 use activation_client::child::free_port;
@@ -40,15 +40,22 @@ fn cli_args(
     params: &[&str],
 ) -> AdminCliArgs {
     let addr = b.broker.accounts_addr();
-    AdminCliArgs {
-        host: addr.ip().to_string(),
-        port: addr.port(),
-        account: account.into(),
-        password: Some(password.into()),
-        timeout: 10,
-        action: action.into(),
-        params: params.iter().map(|s| (*s).to_owned()).collect(),
-    }
+    let (host, port) = (addr.ip().to_string(), addr.port().to_string());
+    let mut argv = vec![
+        "--host",
+        &host,
+        "--port",
+        &port,
+        "--account",
+        account,
+        "--password",
+        password,
+        "--timeout",
+        "10",
+        action,
+    ];
+    argv.extend_from_slice(params);
+    AdminCliArgs::try_parse_from(argv).expect("admin arguments")
 }
 
 async fn publish_in(el: &mut EventLoop) -> (String, Value, Option<PublishProperties>) {
@@ -85,7 +92,9 @@ async fn the_operator_cli_drives_a_running_broker() {
         "CreateProduct",
         &["--ProductKey", "p1"],
     );
-    let mut params = cli::parse_params(&a.params).expect("params");
+    let AdminCommand::Action { mut params, .. } = a.command.clone() else {
+        panic!("an action");
+    };
     params.insert("Action".into(), json!("CreateProduct"));
     let r = cli::request(&a, params).await.expect("response");
     assert_eq!(r["Code"], "OK", "{r}");
@@ -201,7 +210,7 @@ async fn the_operator_cli_drives_a_running_broker() {
         .expect("runs");
     assert_eq!(code, EXIT_FAILURE);
     let mut nobody = cli_args(&b, "ops", "ops-pw", "DescribeProducts", &[]);
-    nobody.port = free_port().expect("free port");
+    nobody.connection.port = free_port().expect("free port");
     let code = cli::run(nobody).await.expect("runs");
     assert_eq!(code, EXIT_FAILURE, "nothing listening");
     let code = cli::run(cli_args(&b, "ops", "ops-pw", "describe", &[]))
