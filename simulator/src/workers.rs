@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::cli::Command;
+use crate::cli::{Command, WORKER_SPEC_ENV};
 use crate::progress::{Mode, ProgressLine, Ticker};
 use crate::report::{Progress, Report};
 use crate::scenarios::Stop;
@@ -108,17 +108,17 @@ pub async fn run(cmd: &Command, total: u64, progress: Mode, stop: Arc<Stop>) -> 
             std::process::id()
         ));
         let _ = std::fs::remove_file(&json);
-        let mut args = child_cmd.to_args();
-        args.extend([
-            "--worker-slice".to_owned(),
-            format!("{offset}:{count}"),
-            "--worker-mode".to_owned(),
-            "--quiet".to_owned(),
-            "--json".to_owned(),
-            json.display().to_string(),
-        ]);
+        if let Some(c) = child_cmd.common_mut() {
+            c.workers = 1;
+            c.worker_slice = Some((*offset, *count));
+            c.worker_mode = true;
+            c.quiet = true;
+            c.json = Some(json.clone());
+            c.expect.clear();
+        }
+        let spec = serde_json::to_string(&child_cmd).context("encoding a worker's command")?;
         let mut child = tokio::process::Command::new(&exe)
-            .args(&args)
+            .env(WORKER_SPEC_ENV, spec)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
