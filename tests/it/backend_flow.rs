@@ -1,7 +1,7 @@
 //! A QoS 1 backend subscriber that falls behind loses nothing: the devices
 //! publishing into its filter are paused (their PUBACKs wait) until it reads
-//! on, instead of the router dropping what it has not read (issue 11,
-//! benchmark 2; the router's flow control, vendor/rumqttd/PATCHES.md §9).
+//! on, instead of the router dropping what it has not read (the router's
+//! flow control, vendor/rumqttd/PATCHES.md §9).
 //!
 //! The backend stops reading its socket while a device publishes more than
 //! the router's log for the filter holds (4 segments of 1 MiB) plus what

@@ -1,5 +1,5 @@
 //! Backup and restore of the ledger, and the store's format version,
-//! black-box against the broker binary (issue 17): `admin BackupLedger`
+//! black-box against the broker binary: `admin BackupLedger`
 //! while devices activate, `activation-broker restore` into a fresh
 //! directory and over a live or a stopped store, `activation-broker backup`
 //! of a stopped store, damaged backups refused, a store of an unknown

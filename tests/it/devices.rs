@@ -494,7 +494,7 @@ async fn a_will_outside_the_namespace_is_refused_before_any_code_is_consumed() {
     assert_eq!(t.consumed(), 1);
 }
 
-// Issue 12: a CONNECT the broker has no room for is refused before the
+// A CONNECT the broker has no room for is refused before the
 // gate runs, so it consumes no code (formerly 0x88 came after the code was
 // consumed and the device's validity had started).
 #[tokio::test]

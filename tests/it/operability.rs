@@ -1,4 +1,4 @@
-//! Operability, black-box against the broker binary (issue 17): signals,
+//! Operability, black-box against the broker binary: signals,
 //! a second broker on the same port, TLS by IP address, bans listed and
 //! lifted, configuration printing and action help.
 

@@ -1,4 +1,4 @@
-//! Exhaustion (issue 12 §2), against a real broker and real sockets: one
+//! Exhaustion, against a real broker and real sockets: one
 //! account cannot hoard sessions, a device flood cannot lock the operators
 //! out, one source cannot hold unlimited connections without CONNECT, the
 //! authentication step has a deadline, and logins never queue without bound.

@@ -1,4 +1,4 @@
-//! PROXY protocol v2 on the device listener (issue 12 §2): behind a load
+//! PROXY protocol v2 on the device listener: behind a load
 //! balancer every connection comes from the balancer's address; with
 //! `proxy_protocol = true` the gate's bans and rate limits, and the
 //! events, see the client's address from the header instead. Tested with

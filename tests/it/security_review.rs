@@ -1,4 +1,4 @@
-//! Regression tests for the security review of issue 12 §2, each against a
+//! Regression tests for the findings of a security review, each against a
 //! real broker and real clients: no lockout without credentials, devices
 //! never reach the admin plane, the enforcer survives a lagging event bus,
 //! and unknown account names cost the same argon2 verification as known ones.

@@ -1,4 +1,4 @@
-//! Connection benchmark (issue 3, issue 12 §3): connects/s and CONNACK
+//! Connection benchmark: connects/s and CONNACK
 //! latency p50/p99 of (a) first activations through the gate (durable),
 //! (b) reconnects of active devices, (c) rumqttd's stock `Server` listener
 //! on the same router configuration with no auth, (d) Mosquitto with a

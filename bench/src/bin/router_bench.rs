@@ -1,4 +1,4 @@
-//! Router benchmark (issue 11, benchmark 4): rumqttd's router in process,
+//! Router benchmark: rumqttd's router in process,
 //! real `LinkBuilder` links, no sockets. For each fleet size, every device
 //! links, subscribes to its own `devices/{PK}/{DK}/command` and stays idle;
 //! then the router is measured: cost per subscribe, per publish (a command

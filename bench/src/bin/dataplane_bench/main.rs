@@ -1,4 +1,4 @@
-//! Data-plane benchmark (issue 11, benchmarks 1–3), every server a child
+//! Data-plane benchmark (benchmarks 1–3), every server a child
 //! process on loopback, driven by the client of `activation_bench`:
 //!
 //! 1. connect + SUBSCRIBE: each device subscribes to
