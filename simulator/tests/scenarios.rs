@@ -32,13 +32,7 @@ impl Fixture {
 /// 10,000 codes.
 async fn broker() -> Fixture {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    config.devices.bind = "127.0.0.1:0".parse().expect("addr");
-    config.accounts_listener.bind = "127.0.0.1:0".parse().expect("addr");
-    config.http.bind = "127.0.0.1:0".parse().expect("addr");
+    let mut config = Config::on_loopback(dir.path());
     config.gate.source_rate = 0.0;
     config.gate.device_rate = 0.0;
     config.gate.ban_after_failures = 0;

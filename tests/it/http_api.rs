@@ -576,12 +576,7 @@ async fn a_second_broker_on_the_same_http_address_is_refused() {
     let first = broker(|_| {}).await;
     let addr = first.broker.http_addr().expect("http");
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = activation_broker::config::Config {
-        data_dir: dir.path().to_owned(),
-        ..Default::default()
-    };
-    config.devices.bind = "127.0.0.1:0".parse().expect("addr");
-    config.accounts_listener.bind = "127.0.0.1:0".parse().expect("addr");
+    let mut config = activation_broker::config::Config::on_loopback(dir.path());
     config.http.bind = addr;
     let (clock, _) = activation_broker::clock::Clock::manual(common::T0);
     let e = activation_broker::server::Broker::start(config.clone(), clock.clone())

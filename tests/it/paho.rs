@@ -56,13 +56,7 @@ async fn run_suite(version: &str) -> Outcome {
         panic!("python3 is needed for the Paho suite (scripts/test installs it)");
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    config.devices.bind = "127.0.0.1:0".parse().expect("addr");
-    config.accounts_listener.bind = "127.0.0.1:0".parse().expect("addr");
-    config.http.bind = "127.0.0.1:0".parse().expect("addr");
+    let mut config = Config::on_loopback(dir.path());
     config.accounts = vec![paho_account()];
     // MQTT 5 Server Keep Alive (the suite expects 60 for a keepalive of
     // 120) and a Receive Maximum the suite can exceed in a few seconds.

@@ -66,8 +66,8 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A snapshot for the progress line.
-#[derive(Debug, Clone, Copy, Default)]
+/// A snapshot for the progress line (a worker prints it as JSON).
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct Progress {
     pub attempted: u64,
     pub accepted: u64,

@@ -41,13 +41,7 @@ pub fn account(name: &str, password: &str, role: RoleConfig, events: bool) -> Ac
 
 pub async fn start_broker(tweak: impl FnOnce(&mut Config)) -> TestBroker {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    config.devices.bind = "127.0.0.1:0".parse().expect("addr");
-    config.accounts_listener.bind = "127.0.0.1:0".parse().expect("addr");
-    config.http.bind = "127.0.0.1:0".parse().expect("addr");
+    let mut config = Config::on_loopback(dir.path());
     tweak(&mut config);
     let (clock, handle) = Clock::manual(T0);
     let broker = Broker::start(config, clock).await.expect("broker starts");
