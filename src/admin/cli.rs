@@ -9,12 +9,16 @@
 //!
 //! Host, port, account and password also come from `ACTIVATION_ADMIN_HOST`,
 //! `ACTIVATION_ADMIN_PORT`, `ACTIVATION_ADMIN_ACCOUNT` and
-//! `ACTIVATION_ADMIN_PASSWORD`. `--Param value` pairs become the request's
-//! parameters: `true`/`false` become booleans, numeric parameters numbers,
-//! `[...]`/`{...}` JSON, `--DeviceKeys a,b` an array, and a `--Flag` with
-//! no value `true`. The response is printed as pretty JSON; the exit code
-//! is 0 when its `Code` is `OK`, 1 for any other code, 2 when the request
-//! could not be made (usage, connection, login, timeout).
+//! `ACTIVATION_ADMIN_PASSWORD`, and may stand before or after the command
+//! (clap global options). Each action is a subcommand whose options are
+//! the parameter names (`activation-broker admin ACTION --help` is the
+//! action's help); which of them an action takes is the broker's to check.
+//! `--Param value` becomes a parameter: `true`/`false` a boolean, numeric
+//! parameters numbers, `[...]`/`{...}` JSON, `--DeviceKeys a,b` an array,
+//! and a `--Flag` with no value `true`. The response is printed as pretty
+//! JSON; the exit code is 0 when its `Code` is `OK`, 1 for any other code,
+//! 2 when the request could not be made (usage, connection, login,
+//! timeout).
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
