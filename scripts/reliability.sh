@@ -52,7 +52,7 @@ run_tests() {
         [ -z "$suite" ] && continue
         local log="$OUT/test-$name.log" start end
         start=$(date +%s.%N)
-        cargo test -q --test "$suite" -- --exact "$name" --nocapture >"$log" 2>&1
+        cargo test -q --test it -- --exact "$suite::$name" --nocapture >"$log" 2>&1
         local rc=$?
         end=$(date +%s.%N)
         printf '%s\t%s\t%.1f\n' "$name" "$([ $rc -eq 0 ] && echo pass || echo FAIL)" \
@@ -66,14 +66,14 @@ run_fuzz() {
         echo "fuzz: kept the last run's results"
         return
     fi
-    cargo test --release --test fuzz --no-run
+    cargo test --release --test it --no-run
     for t in connect packets admin; do
         FUZZ_SECS="$FUZZ_SECS" FUZZ_SAVE=1 FUZZ_REPORT="$OUT/fuzz-$t.json" \
-            cargo test --release --test fuzz -- --ignored --exact "fuzz_$t" --nocapture \
+            cargo test --release --test it -- --ignored --exact "fuzz::fuzz_$t" --nocapture \
             >"$OUT/fuzz-$t.log" 2>&1
         echo "fuzz $t: $?  $(cat "$OUT/fuzz-$t.json" 2>/dev/null)"
     done
-    cargo test --test fuzz -- --exact corpus_replays_cleanly --nocapture >"$OUT/fuzz-replay.log" 2>&1
+    cargo test --test it -- --exact fuzz::corpus_replays_cleanly --nocapture >"$OUT/fuzz-replay.log" 2>&1
     echo "corpus replay: $?"
 }
 
@@ -93,7 +93,7 @@ run_power_loss() {
     ACTIVATION_BROKER_BIN="$PWD/target/release/activation-broker" \
     ACTIVATION_SIM_BIN="$PWD/target/release/activation-sim" \
     POWER_LOSS_REPORT="$OUT/power-loss.json" \
-        cargo test --test power_loss -- --exact power_loss_keeps_every_acknowledged_activation \
+        cargo test --test it -- --exact power_loss::power_loss_keeps_every_acknowledged_activation \
         --nocapture >"$OUT/power-loss.log" 2>&1
     echo "power loss: $? $(cat "$OUT/power-loss.json" 2>/dev/null)"
 }
@@ -153,7 +153,7 @@ table() {
         if [ -f "$OUT/fuzz-replay.log" ]; then
             local res=FAIL
             grep -q "test result: ok" "$OUT/fuzz-replay.log" && res=pass
-            echo "| Fuzz | corpus replay (\`cargo test --test fuzz\`) | $(grep -h 'corpus files replayed' "$OUT/fuzz-replay.log" | paste -sd ';' - | sed 's/;/; /g') | | $res |"
+            echo "| Fuzz | corpus replay (\`cargo test --test it fuzz::\`) | $(grep -h 'corpus files replayed' "$OUT/fuzz-replay.log" | paste -sd ';' - | sed 's/;/; /g') | | $res |"
         fi
         local c="$OUT/crash.json"
         if [ -f "$c" ]; then

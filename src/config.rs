@@ -264,6 +264,21 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The defaults with the store in `data_dir` and every listener on
+    /// 127.0.0.1 port 0 (the system picks free ports; the running broker
+    /// tells which): a broker embedded in a test or another program.
+    pub fn on_loopback(data_dir: &Path) -> Config {
+        let mut config = Config {
+            data_dir: data_dir.to_owned(),
+            ..Config::default()
+        };
+        let any_port = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        config.devices.bind = any_port;
+        config.accounts_listener.bind = any_port;
+        config.http.bind = any_port;
+        config
+    }
+
     /// Parses TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| ConfigError::Invalid {

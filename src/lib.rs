@@ -3,10 +3,9 @@
 
 pub mod account_auth;
 pub mod admin;
-pub mod bench;
 pub mod clock;
 pub mod config;
-pub mod credentials;
+pub use activation_client::credentials;
 pub mod device_auth;
 pub mod enforcer;
 pub mod events;
@@ -14,6 +13,5 @@ pub mod gate;
 pub mod gateway;
 pub mod http;
 pub mod ledger;
-pub mod limits;
 pub mod logging;
 pub mod server;

@@ -98,11 +98,6 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let argv: Vec<String> = std::env::args().collect();
-    if let Some(help) = admin::cli::action_help(&argv) {
-        print!("{help}");
-        return ExitCode::SUCCESS;
-    }
     let cli = Cli::parse();
     // `serve` logs as its config says; the other commands at the default.
     let config = match &cli.command {
@@ -143,11 +138,7 @@ fn main() -> ExitCode {
         Cmd::Backup { data_dir, out } => backup(&data_dir, &out),
         Cmd::Admin(args) => rt.block_on(admin::cli::run(args)).map(exit_code),
         Cmd::HashPassword { password } => {
-            let mut params = Vec::new();
-            if let Some(p) = password {
-                params = vec!["--password".to_owned(), p];
-            }
-            admin::cli::hash_password_command(&params).map(exit_code)
+            admin::cli::hash_password_command(password).map(exit_code)
         }
     };
     match result {
@@ -243,7 +234,7 @@ async fn serve(mut config: Config, data: Option<PathBuf>, demo: bool) -> anyhow:
     if let Some(d) = data {
         config.data_dir = d;
     }
-    match activation_broker::limits::raise_open_file_limit() {
+    match activation_client::limits::raise_open_file_limit() {
         Ok(n) => tracing::info!(open_files = n, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }

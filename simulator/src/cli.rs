@@ -4,6 +4,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
 
 use crate::report::Expectation;
 
@@ -19,7 +20,8 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(Debug, Clone, Subcommand)]
+/// A command; worker processes get theirs as JSON ([`WORKER_SPEC_ENV`]).
+#[derive(Debug, Clone, Subcommand, Serialize, Deserialize)]
 pub enum Command {
     /// New devices connect (at --rate) and hold their connection for --hold seconds.
     Flood(FloodArgs),
@@ -35,7 +37,7 @@ pub enum Command {
 }
 
 /// Which MQTT client drives a device connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 pub enum Engine {
     /// rumqttc's event loop, or the bound-socket client when --source-ip is given.
     Auto,
@@ -47,14 +49,14 @@ pub enum Engine {
 }
 
 /// What devices send as Client Identifier.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 pub enum ClientIdMode {
     Full,
     Empty,
 }
 
 /// Options shared by every load scenario.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct CommonArgs {
     /// Broker host (device listener).
     #[arg(long, default_value = "127.0.0.1")]
@@ -127,6 +129,7 @@ pub struct CommonArgs {
     /// messages_acked; operators =, >=, <=. E.g. --expect accepted=100
     /// --expect refused:0x97=5.
     #[arg(long, value_name = "COUNTER=N")]
+    #[serde(skip)]
     pub expect: Vec<Expectation>,
     /// Client Identifier to send: `full` = {ProductKey}.{DeviceKey}, `empty` =
     /// none (clean session; the broker assigns the id, SPEC §3).
@@ -147,15 +150,15 @@ pub struct CommonArgs {
     /// No live progress on stderr.
     #[arg(long)]
     pub quiet: bool,
-    /// Internal (workers): take devices [OFFSET, OFFSET+COUNT) of the list.
-    #[arg(long, hide = true, value_name = "OFFSET:COUNT", value_parser = parse_slice)]
+    /// Workers: take devices [OFFSET, OFFSET+COUNT) of the list.
+    #[arg(skip)]
     pub worker_slice: Option<(u64, u64)>,
-    /// Internal (workers): progress as JSON lines on stdout, raw histogram in --json.
-    #[arg(long, hide = true)]
+    /// Workers: progress as JSON lines on stdout, raw histogram in --json.
+    #[arg(skip)]
     pub worker_mode: bool,
 }
 
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct FloodArgs {
     #[command(flatten)]
     pub common: CommonArgs,
@@ -165,7 +168,7 @@ pub struct FloodArgs {
     pub hold: f64,
 }
 
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct StormArgs {
     #[command(flatten)]
     pub common: CommonArgs,
@@ -180,7 +183,7 @@ pub struct StormArgs {
     pub show_initial: bool,
 }
 
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct ChurnArgs {
     #[command(flatten)]
     pub common: CommonArgs,
@@ -200,7 +203,7 @@ pub struct ChurnArgs {
     pub abrupt: f64,
 }
 
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct PublishArgs {
     #[command(flatten)]
     pub common: CommonArgs,
@@ -224,7 +227,7 @@ pub struct PublishArgs {
     pub topic: String,
 }
 
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct SetupArgs {
     /// Accounts (admin) listener host.
     #[arg(long, default_value = "127.0.0.1")]
@@ -284,15 +287,6 @@ fn parse_protocol(s: &str) -> Result<u8, String> {
     }
 }
 
-fn parse_slice(s: &str) -> Result<(u64, u64), String> {
-    let (o, c) = s
-        .split_once(':')
-        .ok_or_else(|| format!("{s:?} is not OFFSET:COUNT"))?;
-    let o = o.parse().map_err(|_| format!("{o:?} is not an offset"))?;
-    let c = c.parse().map_err(|_| format!("{c:?} is not a count"))?;
-    Ok((o, c))
-}
-
 impl Command {
     /// The load-scenario options, `None` for `setup`.
     pub fn common(&self) -> Option<&CommonArgs> {
@@ -324,117 +318,11 @@ impl Command {
             Command::Setup(_) => "setup",
         }
     }
-
-    /// The command line that reproduces this load scenario (for worker
-    /// processes; `setup` has none).
-    pub fn to_args(&self) -> Vec<String> {
-        let mut v = vec![self.name().to_owned()];
-        let f = |x: f64| x.to_string();
-        match self {
-            Command::Flood(a) => v.extend(["--hold".into(), f(a.hold)]),
-            Command::Storm(a) => {
-                v.extend(["--settle".into(), f(a.settle), "--hold".into(), f(a.hold)]);
-                if a.show_initial {
-                    v.push("--show-initial".into());
-                }
-            }
-            Command::Churn(a) => v.extend([
-                "--duration".into(),
-                f(a.duration),
-                "--online".into(),
-                f(a.online),
-                "--offline".into(),
-                f(a.offline),
-                "--abrupt".into(),
-                f(a.abrupt),
-            ]),
-            Command::Publish(a) => v.extend([
-                "--messages".into(),
-                a.messages.to_string(),
-                "--interval".into(),
-                a.interval.to_string(),
-                "--qos".into(),
-                a.qos.to_string(),
-                "--payload-size".into(),
-                a.payload_size.to_string(),
-                "--ack-timeout".into(),
-                f(a.ack_timeout),
-                "--topic".into(),
-                a.topic.clone(),
-            ]),
-            Command::Setup(_) => return Vec::new(),
-        }
-        if let Some(c) = self.common() {
-            v.extend(c.to_args());
-        }
-        v
-    }
 }
 
-impl CommonArgs {
-    /// Options as command-line arguments (everything but `--workers`,
-    /// `--expect`, `--json`, `--quiet` and the internal worker options, which
-    /// the parent decides).
-    pub fn to_args(&self) -> Vec<String> {
-        let mut v: Vec<String> = vec![
-            "--host".into(),
-            self.host.clone(),
-            "--port".into(),
-            self.port.to_string(),
-            "--protocol".into(),
-            self.protocol.to_string(),
-            "--product-key".into(),
-            self.product_key.clone(),
-            "--start".into(),
-            self.start.to_string(),
-            "--prefix".into(),
-            self.prefix.clone(),
-            "--rate".into(),
-            self.rate.to_string(),
-            "--concurrency".into(),
-            self.concurrency.to_string(),
-            "--ramp-up".into(),
-            self.ramp_up.to_string(),
-            "--keepalive".into(),
-            self.keepalive.to_string(),
-            "--timeout".into(),
-            self.timeout.to_string(),
-            "--client-id".into(),
-            match self.client_id {
-                ClientIdMode::Full => "full",
-                ClientIdMode::Empty => "empty",
-            }
-            .into(),
-            "--engine".into(),
-            match self.engine {
-                Engine::Auto => "auto",
-                Engine::Rumqttc => "rumqttc",
-                Engine::Socket => "socket",
-            }
-            .into(),
-        ];
-        v.push(format!("--clock-skew={}", self.clock_skew));
-        if self.unchecked_keys {
-            v.push("--unchecked-keys".into());
-        }
-        if let Some(s) = &self.product_secret {
-            v.extend(["--product-secret".into(), s.clone()]);
-        }
-        if let Some(p) = &self.secrets {
-            v.extend(["--secrets".into(), p.display().to_string()]);
-        }
-        if let Some(n) = self.devices {
-            v.extend(["--devices".into(), n.to_string()]);
-        }
-        for ip in &self.source_ip {
-            v.extend(["--source-ip".into(), ip.to_string()]);
-        }
-        if let Some(p) = &self.accepted_file {
-            v.extend(["--accepted-file".into(), p.display().to_string()]);
-        }
-        v
-    }
-}
+/// The environment variable through which a worker process gets its
+/// command (JSON), instead of a command line.
+pub const WORKER_SPEC_ENV: &str = "ACTIVATION_SIM_WORKER_SPEC";
 
 #[cfg(test)]
 mod tests {
@@ -472,11 +360,10 @@ mod tests {
         assert_eq!(f.common.protocol, 4);
         assert_eq!(f.common.source_ip.len(), 2);
         assert_eq!(f.common.expect.len(), 2);
-        // The worker command line parses back to the same options.
-        let mut argv = vec!["activation-sim".to_owned()];
-        argv.extend(cli.command.to_args());
-        let again = Cli::try_parse_from(argv).expect("reparse");
-        let Command::Flood(g) = again.command else {
+        // A worker's command (JSON) reads back to the same options.
+        let json = serde_json::to_string(&cli.command).expect("serialize");
+        let again: Command = serde_json::from_str(&json).expect("deserialize");
+        let Command::Flood(g) = again else {
             panic!("not flood");
         };
         assert_eq!(g.common.source_ip, f.common.source_ip);

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use activation_broker::credentials::{valid_device_key, valid_product_key};
+use activation_client::credentials::{valid_device_key, valid_product_key};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 

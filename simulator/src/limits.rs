@@ -1,41 +1,23 @@
 //! The open-file limit: every held connection is a file descriptor.
 
-use anyhow::{bail, Result};
+use activation_client::limits::{open_file_limit, raise_open_file_limit};
+use anyhow::{bail, Context, Result};
 
 /// File descriptors the process needs besides its connections.
 pub const RESERVED_FDS: u64 = 64;
 
 /// Makes sure `connections` sockets can be open at once: raises the soft
-/// RLIMIT_NOFILE to the hard limit if needed, and fails with advice if even
+/// open-file limit to the hard limit if needed, and fails with advice if even
 /// that is too low. Returns the soft limit in force.
 pub fn ensure_open_files(connections: u64, workers_hint: bool) -> Result<u64> {
     let needed = connections.saturating_add(RESERVED_FDS);
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes into the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        bail!(
-            "getrlimit(RLIMIT_NOFILE) failed: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 everywhere
-    let soft = lim.rlim_cur as u64;
-    #[allow(clippy::unnecessary_cast)]
-    let hard = lim.rlim_max as u64;
+    let (soft, hard) = open_file_limit().context("reading the open-file limit")?;
     if needed <= soft {
         return Ok(soft);
     }
-    if soft < hard {
-        let raised = libc::rlimit {
-            rlim_cur: lim.rlim_max,
-            rlim_max: lim.rlim_max,
-        };
-        // SAFETY: setrlimit reads the struct we pass.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 && needed <= hard {
-            return Ok(hard);
+    if needed <= hard {
+        if let Ok(raised) = raise_open_file_limit() {
+            return Ok(raised);
         }
     }
     let advice = if workers_hint {

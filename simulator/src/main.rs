@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use activation_simulator::cli::{Cli, Command};
+use activation_simulator::cli::{Cli, Command, WORKER_SPEC_ENV};
 use activation_simulator::report::check_expectations;
 use activation_simulator::scenarios::setup;
 use activation_simulator::Stop;
@@ -26,7 +26,17 @@ async fn interrupt_or_terminate() -> bool {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // A worker process gets its command from its parent, as JSON.
+    let command = match std::env::var(WORKER_SPEC_ENV) {
+        Ok(spec) => match serde_json::from_str::<Command>(&spec) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: {WORKER_SPEC_ENV} is not a worker's command: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        Err(_) => Cli::parse().command,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -37,7 +47,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(async_main(cli.command))
+    runtime.block_on(async_main(command))
 }
 
 async fn async_main(cmd: Command) -> ExitCode {

@@ -6,50 +6,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 
 use crate::report::Progress;
-
-/// A progress sample as a worker prints it.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
-pub struct ProgressLine {
-    pub attempted: u64,
-    pub accepted: u64,
-    pub refused: u64,
-    pub errors: u64,
-    pub timeouts: u64,
-    pub msgs_sent: u64,
-    pub msgs_acked: u64,
-}
-
-impl From<Progress> for ProgressLine {
-    fn from(p: Progress) -> Self {
-        ProgressLine {
-            attempted: p.attempted,
-            accepted: p.accepted,
-            refused: p.refused,
-            errors: p.errors,
-            timeouts: p.timeouts,
-            msgs_sent: p.msgs_sent,
-            msgs_acked: p.msgs_acked,
-        }
-    }
-}
-
-impl From<ProgressLine> for Progress {
-    fn from(p: ProgressLine) -> Self {
-        Progress {
-            attempted: p.attempted,
-            accepted: p.accepted,
-            refused: p.refused,
-            errors: p.errors,
-            timeouts: p.timeouts,
-            msgs_sent: p.msgs_sent,
-            msgs_acked: p.msgs_acked,
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -119,7 +78,7 @@ impl Ticker {
                     Mode::JsonLines => {
                         // Every 0.4 s is plenty for the parent's bar.
                         if n.is_multiple_of(2) {
-                            if let Ok(line) = serde_json::to_string(&ProgressLine::from(p)) {
+                            if let Ok(line) = serde_json::to_string(&p) {
                                 let mut out = std::io::stdout().lock();
                                 let _ = writeln!(out, "{line}");
                                 let _ = out.flush();

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use anyhow::{anyhow, bail, Context, Result};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::cli::Command;
-use crate::progress::{Mode, ProgressLine, Ticker};
+use crate::cli::{Command, WORKER_SPEC_ENV};
+use crate::progress::{Mode, Ticker};
 use crate::report::{Progress, Report};
 use crate::scenarios::Stop;
 
@@ -64,8 +64,7 @@ pub async fn run(cmd: &Command, total: u64, progress: Mode, stop: Arc<Stop>) -> 
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     }
     let dir = std::env::temp_dir();
-    let samples: Arc<Mutex<Vec<ProgressLine>>> =
-        Arc::new(Mutex::new(vec![ProgressLine::default(); n]));
+    let samples: Arc<Mutex<Vec<Progress>>> = Arc::new(Mutex::new(vec![Progress::default(); n]));
     let source = {
         let samples = samples.clone();
         Arc::new(move || {
@@ -108,17 +107,17 @@ pub async fn run(cmd: &Command, total: u64, progress: Mode, stop: Arc<Stop>) -> 
             std::process::id()
         ));
         let _ = std::fs::remove_file(&json);
-        let mut args = child_cmd.to_args();
-        args.extend([
-            "--worker-slice".to_owned(),
-            format!("{offset}:{count}"),
-            "--worker-mode".to_owned(),
-            "--quiet".to_owned(),
-            "--json".to_owned(),
-            json.display().to_string(),
-        ]);
+        if let Some(c) = child_cmd.common_mut() {
+            c.workers = 1;
+            c.worker_slice = Some((*offset, *count));
+            c.worker_mode = true;
+            c.quiet = true;
+            c.json = Some(json.clone());
+            c.expect.clear();
+        }
+        let spec = serde_json::to_string(&child_cmd).context("encoding a worker's command")?;
         let mut child = tokio::process::Command::new(&exe)
-            .args(&args)
+            .env(WORKER_SPEC_ENV, spec)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -133,7 +132,7 @@ pub async fn run(cmd: &Command, total: u64, progress: Mode, stop: Arc<Stop>) -> 
         let reader = tokio::spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Ok(p) = serde_json::from_str::<ProgressLine>(&line) {
+                if let Ok(p) = serde_json::from_str::<Progress>(&line) {
                     if let Some(slot) = samples.lock().unwrap_or_else(|e| e.into_inner()).get_mut(i)
                     {
                         *slot = p;

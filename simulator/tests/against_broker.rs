@@ -18,13 +18,7 @@ struct Fixture {
 /// product `pk` holding `codes` codes.
 async fn broker_with(pk: &str, codes: u64) -> (Fixture, String) {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    config.devices.bind = "127.0.0.1:0".parse().expect("addr");
-    config.accounts_listener.bind = "127.0.0.1:0".parse().expect("addr");
-    config.http.bind = "127.0.0.1:0".parse().expect("addr");
+    let config = Config::on_loopback(dir.path());
     let broker = Broker::start(config, Clock::system())
         .await
         .expect("broker");
@@ -233,13 +227,7 @@ async fn churn_keeps_the_counters_consistent() {
 async fn setup_over_the_admin_topics_then_flood_with_device_secrets() {
     use activation_broker::admin::accounts::{hash_password, AccountConfig, RoleConfig};
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut config = Config {
-        data_dir: dir.path().to_owned(),
-        ..Config::default()
-    };
-    config.devices.bind = "127.0.0.1:0".parse().expect("addr");
-    config.accounts_listener.bind = "127.0.0.1:0".parse().expect("addr");
-    config.http.bind = "127.0.0.1:0".parse().expect("addr");
+    let mut config = Config::on_loopback(dir.path());
     config.accounts = vec![AccountConfig {
         name: "ops".into(),
         password_hash: hash_password("ops-pw"),

@@ -311,7 +311,7 @@ impl Account {
     }
 }
 
-pub const EVENTS_FILTER: &str = "admin/v1/events/#";
+pub use activation_client::admin::{request_topic, response_topic, EVENTS_FILTER};
 
 /// Every admin topic (requests, responses, events).
 pub const ADMIN_FILTER: &str = "admin/#";
@@ -328,14 +328,6 @@ pub fn reaches_admin_topics(f: &str) -> bool {
 /// once rendered: a placeholder at the first level could render as `admin`.
 pub fn template_reaches_admin_topics(pattern: &str) -> bool {
     pattern.starts_with('+') || pattern.starts_with('#') || reaches_admin_topics(pattern)
-}
-
-pub fn request_topic(account: &str) -> String {
-    format!("admin/v1/{account}/request")
-}
-
-pub fn response_topic(account: &str) -> String {
-    format!("admin/v1/{account}/response")
 }
 
 /// `[A-Za-z0-9_-]{1,32}`, and not `events` (whose topics are the event stream).

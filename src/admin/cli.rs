@@ -9,26 +9,26 @@
 //!
 //! Host, port, account and password also come from `ACTIVATION_ADMIN_HOST`,
 //! `ACTIVATION_ADMIN_PORT`, `ACTIVATION_ADMIN_ACCOUNT` and
-//! `ACTIVATION_ADMIN_PASSWORD`. `--Param value` pairs become the request's
-//! parameters: `true`/`false` become booleans, numeric parameters numbers,
-//! `[...]`/`{...}` JSON, `--DeviceKeys a,b` an array, and a `--Flag` with
-//! no value `true`. The response is printed as pretty JSON; the exit code
-//! is 0 when its `Code` is `OK`, 1 for any other code, 2 when the request
-//! could not be made (usage, connection, login, timeout).
+//! `ACTIVATION_ADMIN_PASSWORD`, and may stand before or after the command
+//! (clap global options). Each action is a subcommand whose options are
+//! the parameter names (`activation-broker admin ACTION --help` is the
+//! action's help); which of them an action takes is the broker's to check.
+//! `--Param value` becomes a parameter: `true`/`false` a boolean, numeric
+//! parameters numbers, `[...]`/`{...}` JSON, `--DeviceKeys a,b` an array,
+//! and a `--Flag` with no value `true`. The response is printed as pretty
+//! JSON; the exit code is 0 when its `Code` is `OK`, 1 for any other code,
+//! 2 when the request could not be made (usage, connection, login,
+//! timeout).
 
 use std::io::{BufRead, Write};
 use std::time::Duration;
 
+use activation_client::admin::{self, EVENTS_FILTER, EVENTS_PREFIX};
 use anyhow::{anyhow, bail, Context};
-use bytes::Bytes;
-use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties, SubscribeReasonCode};
-use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions};
+use rumqttc::v5::mqttbytes::v5::Packet;
 use serde_json::{Map, Value};
 
-use super::accounts::{hash_password, request_topic, response_topic, EVENTS_FILTER};
-use super::new_request_id;
-use super::service::EVENTS_PREFIX;
+use super::accounts::hash_password;
 use crate::events::EventKind;
 
 /// Exit code when the response's Code is not OK.
@@ -50,57 +50,225 @@ const LIST_PARAMS: &[&str] = &["DeviceKeys"];
 #[derive(clap::Args, Debug, Clone)]
 #[command(
     about = "Operator CLI over the admin topics",
-    after_help = "Examples:\n  activation-broker admin DescribeActivationSummary\n  activation-broker admin CreateOrder --Quantity 100 --ValiditySeconds 31536000 --ProductKey p1\n  activation-broker admin AssignActivationCodes --ProductKey p1 --Quantity 10 --DryRun\n  activation-broker admin events --kind device/activated\n  activation-broker admin hash-password < password.txt"
+    after_help = "Examples:\n  activation-broker admin DescribeActivationSummary\n  activation-broker admin CreateOrder --Quantity 100 --ValiditySeconds 31536000 --ProductKey p1\n  activation-broker admin AssignActivationCodes --ProductKey p1 --Quantity 10 --DryRun\n  activation-broker admin events --kind device/activated\n  activation-broker admin hash-password < password.txt",
+    subcommand_required = true,
+    allow_external_subcommands = true
 )]
 pub struct AdminCliArgs {
+    #[command(flatten)]
+    pub connection: Connection,
+    #[command(subcommand)]
+    pub command: AdminCommand,
+}
+
+/// Where and as whom to connect; given before or after the command.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Connection {
     /// Accounts listener host.
-    #[arg(long, env = "ACTIVATION_ADMIN_HOST", default_value = "127.0.0.1")]
+    #[arg(
+        long,
+        global = true,
+        env = "ACTIVATION_ADMIN_HOST",
+        default_value = "127.0.0.1"
+    )]
     pub host: String,
     /// Accounts listener port.
-    #[arg(long, env = "ACTIVATION_ADMIN_PORT", default_value_t = 1884)]
+    #[arg(
+        long,
+        global = true,
+        env = "ACTIVATION_ADMIN_PORT",
+        default_value_t = 1884
+    )]
     pub port: u16,
     /// Account name.
-    #[arg(long, env = "ACTIVATION_ADMIN_ACCOUNT", default_value = "admin")]
+    #[arg(
+        long,
+        global = true,
+        env = "ACTIVATION_ADMIN_ACCOUNT",
+        default_value = "admin"
+    )]
     pub account: String,
-    /// Account password.
-    #[arg(long, env = "ACTIVATION_ADMIN_PASSWORD", hide_env_values = true)]
+    /// Account password (`hash-password`: the password to hash).
+    #[arg(
+        long,
+        global = true,
+        env = "ACTIVATION_ADMIN_PASSWORD",
+        hide_env_values = true
+    )]
     pub password: Option<String>,
     /// Seconds to wait for the connection and the response.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, global = true, default_value_t = 10)]
     pub timeout: u64,
-    /// An action (e.g. DescribeProducts), `events`, `hash-password` or `actions`.
-    pub action: String,
-    /// `--Param value` pairs for the action.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
-    pub params: Vec<String>,
+}
+
+/// What `admin` does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdminCommand {
+    /// An action (e.g. DescribeProducts) with its `--Param value` pairs.
+    Action {
+        name: String,
+        params: Map<String, Value>,
+    },
+    /// Streams events (`--kind`, `--count`).
+    Events {
+        kind: Option<String>,
+        count: Option<u64>,
+    },
+    /// Prints the argon2 hash of `--password` (given on the command line,
+    /// never taken from the environment) or of a line read from stdin.
+    HashPassword { password: Option<String> },
+    /// Lists the actions.
+    Actions,
+    /// A command that is none of these; `help` when `--help` followed it.
+    Unknown { name: String, help: bool },
+}
+
+impl AdminCliArgs {
+    /// Parses `admin`'s arguments (without the program and `admin`).
+    pub fn try_parse_from<I, T>(args: I) -> Result<AdminCliArgs, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(clap::Parser)]
+        #[command(name = "admin")]
+        struct Admin {
+            #[command(flatten)]
+            args: AdminCliArgs,
+        }
+        let argv = std::iter::once(std::ffi::OsString::from("admin"))
+            .chain(args.into_iter().map(Into::into));
+        <Admin as clap::Parser>::try_parse_from(argv).map(|a| a.args)
+    }
+}
+
+/// One subcommand per action, taking every parameter name; `--help`
+/// prints the action's own help.
+fn action_command(name: &'static str) -> clap::Command {
+    let help = super::actions::help(name).unwrap_or_default();
+    let params = super::actions::parameter_names()
+        .into_iter()
+        .chain(["RequestId"])
+        .map(|p| {
+            clap::Arg::new(p)
+                .long(p)
+                .num_args(0..=1)
+                .default_missing_value("true")
+                .allow_negative_numbers(true)
+                .action(clap::ArgAction::Set)
+        });
+    clap::Command::new(name)
+        .about(help.lines().next().unwrap_or_default().to_owned())
+        .override_help(help)
+        .args(params)
+}
+
+impl clap::Subcommand for AdminCommand {
+    fn augment_subcommands(cmd: clap::Command) -> clap::Command {
+        let actions = super::ACTIONS.iter().map(|(name, _)| action_command(name));
+        cmd.subcommands(actions)
+            .subcommand(
+                clap::Command::new("events")
+                    .about("Stream events, one JSON line each")
+                    .arg(
+                        clap::Arg::new("kind")
+                            .long("kind")
+                            .help("Only this kind (e.g. device/activated)"),
+                    )
+                    .arg(
+                        clap::Arg::new("count")
+                            .long("count")
+                            .value_parser(clap::value_parser!(u64))
+                            .help("Stop after this many"),
+                    ),
+            )
+            .subcommand(
+                clap::Command::new("hash-password")
+                    .about("Print the argon2 hash of --password, or of a line read from stdin"),
+            )
+            .subcommand(clap::Command::new("actions").about("List the actions"))
+    }
+
+    fn augment_subcommands_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_subcommands(cmd)
+    }
+
+    fn has_subcommand(name: &str) -> bool {
+        ["events", "hash-password", "actions"].contains(&name)
+            || super::ACTIONS.iter().any(|(n, _)| *n == name)
+    }
+}
+
+impl clap::FromArgMatches for AdminCommand {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let Some((name, sub)) = m.subcommand() else {
+            return Err(clap::Error::new(clap::error::ErrorKind::MissingSubcommand));
+        };
+        Ok(match name {
+            "events" => AdminCommand::Events {
+                kind: sub.get_one::<String>("kind").cloned(),
+                count: sub.get_one::<u64>("count").copied(),
+            },
+            "hash-password" => AdminCommand::HashPassword {
+                password: (sub.value_source("password")
+                    == Some(clap::parser::ValueSource::CommandLine))
+                .then(|| sub.get_one::<String>("password").cloned())
+                .flatten(),
+            },
+            "actions" => AdminCommand::Actions,
+            _ if <Self as clap::Subcommand>::has_subcommand(name) => {
+                let mut params = Map::new();
+                for p in super::actions::parameter_names()
+                    .into_iter()
+                    .chain(["RequestId"])
+                {
+                    if let Some(v) = sub.get_one::<String>(p) {
+                        params.insert(p.to_owned(), convert(p, v));
+                    }
+                }
+                AdminCommand::Action {
+                    name: name.to_owned(),
+                    params,
+                }
+            }
+            _ => AdminCommand::Unknown {
+                name: name.to_owned(),
+                help: sub
+                    .try_get_raw("")
+                    .ok()
+                    .flatten()
+                    .into_iter()
+                    .flatten()
+                    .any(|a| a == "--help" || a == "-h"),
+            },
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
 }
 
 /// Runs the CLI; returns the process exit code. Errors are printed here.
-pub async fn run(mut args: AdminCliArgs) -> anyhow::Result<i32> {
-    if args.action != "hash-password" {
-        if let Err(e) = take_trailing_options(&mut args) {
-            eprintln!("error: {e:#}");
-            return Ok(EXIT_FAILURE);
+pub async fn run(args: AdminCliArgs) -> anyhow::Result<i32> {
+    let result = match args.command.clone() {
+        AdminCommand::HashPassword { password } => hash_password_command(password),
+        AdminCommand::Actions => print_out(&super::actions::list()).map(|()| 0),
+        AdminCommand::Events { kind, count } => events_command(&args, kind, count).await,
+        AdminCommand::Action { name, mut params } => {
+            params.insert("Action".into(), Value::String(name));
+            request_command(&args, params).await
         }
-    }
-    let result = match args.action.as_str() {
-        "hash-password" => {
-            // `admin hash-password --password PW`: clap takes `--password`
-            // as the connection option. Use it when it was given on the
-            // command line, never the account password from the environment.
-            let mut params = args.params.clone();
-            let on_command_line =
-                std::env::args().any(|a| a == "--password" || a.starts_with("--password="));
-            if let (Some(p), true) = (&args.password, on_command_line) {
-                if !params.iter().any(|a| a.starts_with("--password")) {
-                    params = vec!["--password".to_owned(), p.clone()];
-                }
-            }
-            hash_password_command(&params)
+        AdminCommand::Unknown { name, help: true } => {
+            print_out(&format!(
+                "unknown action {name:?}; `activation-broker admin actions` lists them\n"
+            ))
+            .map(|()| 0)
         }
-        "actions" => print_out(&super::actions::list()).map(|()| 0),
-        "events" => events_command(&args).await,
-        _ => request_command(&args).await,
+        AdminCommand::Unknown { name, help: false } => Err(anyhow!(
+            "unknown command {name:?}: give an action (see `activation-broker admin actions`), events or hash-password"
+        )),
     };
     match result {
         Ok(code) => Ok(code),
@@ -109,78 +277,6 @@ pub async fn run(mut args: AdminCliArgs) -> anyhow::Result<i32> {
             Ok(EXIT_FAILURE)
         }
     }
-}
-
-/// `activation-broker admin [OPTIONS] <Action> … --help` (clap would show
-/// the general help): the action's help, from the raw command line `argv`
-/// (program name first). `None` when this is not such a command line.
-pub fn action_help(argv: &[String]) -> Option<String> {
-    let mut it = argv.iter().skip(1);
-    it.by_ref().find(|a| *a == "admin")?;
-    let mut action = None;
-    let mut rest = Vec::new();
-    while let Some(a) = it.next() {
-        if action.is_some() {
-            rest.push(a);
-        } else if ["--host", "--port", "--account", "--password", "--timeout"].contains(&a.as_str())
-        {
-            it.next();
-        } else if !a.starts_with('-') {
-            action = Some(a);
-        }
-    }
-    let action = action?;
-    if !rest.iter().any(|a| *a == "--help" || *a == "-h") {
-        return None;
-    }
-    Some(super::actions::help(action).unwrap_or_else(|| {
-        format!("unknown action {action:?}; `activation-broker admin actions` lists them\n")
-    }))
-}
-
-/// Connection options given after the action (`--host`, `--port`,
-/// `--account`, `--password`, `--timeout`) are options, not parameters:
-/// parameters are PascalCase.
-fn take_trailing_options(args: &mut AdminCliArgs) -> anyhow::Result<()> {
-    let mut rest = Vec::new();
-    let mut it = std::mem::take(&mut args.params).into_iter();
-    while let Some(arg) = it.next() {
-        let (name, inline) = match arg.strip_prefix("--") {
-            Some(n) => match n.split_once('=') {
-                Some((n, v)) => (n.to_owned(), Some(v.to_owned())),
-                None => (n.to_owned(), None),
-            },
-            None => {
-                rest.push(arg);
-                continue;
-            }
-        };
-        if !["host", "port", "account", "password", "timeout"].contains(&name.as_str()) {
-            rest.push(arg);
-            continue;
-        }
-        let value = match inline {
-            Some(v) => v,
-            None => it.next().ok_or_else(|| anyhow!("--{name} needs a value"))?,
-        };
-        match name.as_str() {
-            "host" => args.host = value,
-            "port" => {
-                args.port = value
-                    .parse()
-                    .map_err(|_| anyhow!("--port {value:?} is not a port"))?
-            }
-            "account" => args.account = value,
-            "password" => args.password = Some(value),
-            _ => {
-                args.timeout = value
-                    .parse()
-                    .map_err(|_| anyhow!("--timeout {value:?} is not a number of seconds"))?
-            }
-        }
-    }
-    args.params = rest;
-    Ok(())
 }
 
 /// Writes to stdout; a closed pipe (`| head`) is not an error worth a panic.
@@ -193,45 +289,7 @@ fn print_out(text: &str) -> anyhow::Result<()> {
     }
 }
 
-/// `--Param value` pairs → the request's parameters.
-pub fn parse_params(args: &[String]) -> anyhow::Result<Map<String, Value>> {
-    let mut params = Map::new();
-    let mut i = 0;
-    while i < args.len() {
-        let arg = &args[i];
-        let Some(name) = arg.strip_prefix("--") else {
-            bail!("expected --Param, found {arg:?}");
-        };
-        let (name, value) = match name.split_once('=') {
-            Some((n, v)) => (n.to_owned(), Some(v.to_owned())),
-            None => {
-                let next = args.get(i + 1).filter(|v| !looks_like_flag(v));
-                if next.is_some() {
-                    i += 1;
-                }
-                (name.to_owned(), next.cloned())
-            }
-        };
-        if name.is_empty() {
-            bail!("empty parameter name in {arg:?}");
-        }
-        let value = match value {
-            None => Value::Bool(true),
-            Some(v) => convert(&name, &v),
-        };
-        if params.insert(name.clone(), value).is_some() {
-            bail!("--{name} is given twice");
-        }
-        i += 1;
-    }
-    Ok(params)
-}
-
-/// `--Name` (not a negative number).
-fn looks_like_flag(s: &str) -> bool {
-    s.starts_with("--") && s.len() > 2 && !s[2..].starts_with(|c: char| c.is_ascii_digit())
-}
-
+/// A parameter's value from the command line, typed.
 fn convert(name: &str, v: &str) -> Value {
     if v == "true" || v == "false" {
         return Value::Bool(v == "true");
@@ -261,12 +319,10 @@ fn convert(name: &str, v: &str) -> Value {
     Value::String(v.to_owned())
 }
 
-/// Prints the argon2 hash of `--password` or of a line read from stdin.
-pub fn hash_password_command(params: &[String]) -> anyhow::Result<i32> {
-    let params = parse_params(params)?;
-    let password = match params.get("password") {
-        Some(Value::String(p)) => p.clone(),
-        Some(_) => bail!("--password needs a value"),
+/// Prints the argon2 hash of `password`, or of a line read from stdin.
+pub fn hash_password_command(password: Option<String>) -> anyhow::Result<i32> {
+    let password = match password {
+        Some(p) => p,
         None => {
             let mut line = String::new();
             std::io::stdin()
@@ -283,15 +339,7 @@ pub fn hash_password_command(params: &[String]) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-async fn request_command(args: &AdminCliArgs) -> anyhow::Result<i32> {
-    if !args.action.starts_with(|c: char| c.is_ascii_uppercase()) {
-        bail!(
-            "unknown command {:?}: give an action (see `activation-broker admin actions`), events or hash-password",
-            args.action
-        );
-    }
-    let mut params = parse_params(&args.params)?;
-    params.insert("Action".into(), Value::String(args.action.clone()));
+async fn request_command(args: &AdminCliArgs, params: Map<String, Value>) -> anyhow::Result<i32> {
     let response = request(args, params).await?;
     print_out(&format!("{}\n", super::envelope_text(&response, true)))?;
     let ok = response.get("Code").and_then(Value::as_str) == Some("OK");
@@ -299,116 +347,34 @@ async fn request_command(args: &AdminCliArgs) -> anyhow::Result<i32> {
 }
 
 /// Sends one request and waits for its response.
-pub async fn request(args: &AdminCliArgs, mut params: Map<String, Value>) -> anyhow::Result<Value> {
-    let request_id = match params.get("RequestId") {
-        Some(Value::String(id)) => id.clone(),
-        _ => {
-            let id = new_request_id();
-            params.insert("RequestId".into(), Value::String(id.clone()));
-            id
-        }
-    };
-    let payload = Value::Object(params).to_string();
-    let timeout = Duration::from_secs(args.timeout.max(1));
-    let (client, mut el) = connect(args)?;
-    let work = async {
-        wait_connected(&mut el, args).await?;
-        let reply = response_topic(&args.account);
-        subscribe(&client, &mut el, &reply).await?;
-        let props = PublishProperties {
-            response_topic: Some(reply.clone()),
-            correlation_data: Some(Bytes::from(request_id.clone().into_bytes())),
-            content_type: Some("application/json".into()),
-            payload_format_indicator: Some(1),
-            ..PublishProperties::default()
-        };
-        client
-            .publish_with_properties(
-                request_topic(&args.account),
-                QoS::AtLeastOnce,
-                false,
-                payload,
-                props,
-            )
-            .await
-            .map_err(|e| anyhow!("sending the request: {e}"))?;
-        loop {
-            match next_packet(&mut el, args).await? {
-                Packet::Publish(p) => {
-                    let ours = p
-                        .properties
-                        .as_ref()
-                        .and_then(|pp| pp.correlation_data.as_ref())
-                        .is_some_and(|c| c.as_ref() == request_id.as_bytes());
-                    let Ok(v) = serde_json::from_slice::<Value>(&p.payload) else {
-                        continue;
-                    };
-                    let same_id =
-                        v.get("RequestId").and_then(Value::as_str) == Some(request_id.as_str());
-                    if ours || same_id {
-                        return Ok(v);
-                    }
-                }
-                Packet::Disconnect(d) => {
-                    bail!("the broker disconnected: {:?}", d.reason_code)
-                }
-                _ => {}
-            }
-        }
-    };
-    let result = tokio::time::timeout(timeout, work).await;
-    let _ = client.try_disconnect();
-    match result {
-        Ok(r) => r,
-        Err(_) => bail!(
-            "no response from {}:{} within {} s",
-            args.host,
-            args.port,
-            timeout.as_secs()
-        ),
-    }
+pub async fn request(args: &AdminCliArgs, params: Map<String, Value>) -> anyhow::Result<Value> {
+    admin::request_once(&login(args)?, params).await
 }
 
-async fn events_command(args: &AdminCliArgs) -> anyhow::Result<i32> {
-    let params = parse_params(&args.params)?;
-    let filter = match params.get("kind") {
+async fn events_command(
+    args: &AdminCliArgs,
+    kind: Option<String>,
+    count: Option<u64>,
+) -> anyhow::Result<i32> {
+    let filter = match kind {
         None => EVENTS_FILTER.to_owned(),
-        Some(Value::String(k)) => {
+        Some(k) => {
             if !EventKind::ALL.iter().any(|e| e.as_str() == k) {
                 let kinds: Vec<&str> = EventKind::ALL.iter().map(|e| e.as_str()).collect();
                 bail!("--kind {k:?} is not one of {}", kinds.join(", "));
             }
             format!("{EVENTS_PREFIX}{k}")
         }
-        Some(_) => bail!("--kind needs an event kind"),
     };
-    let count = match params.get("count") {
-        None => None,
-        Some(v) => Some(
-            v.as_u64()
-                .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-                .ok_or_else(|| anyhow!("--count needs a number"))?,
-        ),
-    };
-    let (client, mut el) = connect(args)?;
-    let timeout = Duration::from_secs(args.timeout.max(1));
-    tokio::time::timeout(timeout, async {
-        wait_connected(&mut el, args).await?;
-        subscribe(&client, &mut el, &filter).await
-    })
-    .await
-    .map_err(|_| {
-        anyhow!(
-            "no connection to {}:{} within {} s",
-            args.host,
-            args.port,
-            timeout.as_secs()
-        )
-    })??;
+    let login = login(args)?;
+    let (client, mut el) = login.session("cli");
+    login
+        .connect_and_subscribe(&client, &mut el, &filter)
+        .await?;
     let stdout = std::io::stdout();
     let mut seen = 0u64;
     while count.is_none_or(|c| seen < c) {
-        if let Packet::Publish(p) = next_packet(&mut el, args).await? {
+        if let Packet::Publish(p) = login.next_packet(&mut el).await? {
             let line = match serde_json::from_slice::<Value>(&p.payload) {
                 Ok(v) => v.to_string(),
                 Err(_) => String::from_utf8_lossy(&p.payload).into_owned(),
@@ -427,66 +393,20 @@ async fn events_command(args: &AdminCliArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-fn connect(args: &AdminCliArgs) -> anyhow::Result<(AsyncClient, EventLoop)> {
+/// The account's login from the connection options.
+fn login(args: &AdminCliArgs) -> anyhow::Result<admin::Login> {
+    let args = &args.connection;
     let password = args
         .password
         .clone()
         .ok_or_else(|| anyhow!("no password: give --password or set ACTIVATION_ADMIN_PASSWORD"))?;
-    let client_id = format!("{}-cli-{}", args.account, &new_request_id()[..12]);
-    let mut opts = MqttOptions::new(client_id, args.host.clone(), args.port);
-    opts.set_credentials(args.account.clone(), password)
-        .set_keep_alive(Duration::from_secs(30))
-        .set_clean_start(true)
-        .set_connection_timeout(args.timeout.max(1))
-        .set_max_packet_size(Some(16 * 1024 * 1024));
-    Ok(AsyncClient::new(opts, 16))
-}
-
-async fn next_packet(el: &mut EventLoop, args: &AdminCliArgs) -> anyhow::Result<Packet> {
-    loop {
-        match el.poll().await {
-            Ok(Event::Incoming(p)) => return Ok(p),
-            Ok(Event::Outgoing(_)) => {}
-            Err(ConnectionError::ConnectionRefused(code)) => {
-                bail!(
-                    "login as {} refused by {}:{}: {code:?}",
-                    args.account,
-                    args.host,
-                    args.port
-                )
-            }
-            Err(e) => bail!("connection to {}:{} failed: {e}", args.host, args.port),
-        }
-    }
-}
-
-async fn wait_connected(el: &mut EventLoop, args: &AdminCliArgs) -> anyhow::Result<()> {
-    loop {
-        if let Packet::ConnAck(_) = next_packet(el, args).await? {
-            return Ok(());
-        }
-    }
-}
-
-async fn subscribe(client: &AsyncClient, el: &mut EventLoop, filter: &str) -> anyhow::Result<()> {
-    client
-        .subscribe(filter, QoS::AtLeastOnce)
-        .await
-        .map_err(|e| anyhow!("subscribing to {filter}: {e}"))?;
-    loop {
-        match el.poll().await {
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                return match ack.return_codes.first() {
-                    Some(SubscribeReasonCode::Success(_)) => Ok(()),
-                    other => Err(anyhow!(
-                        "subscription to {filter} refused: {other:?} (may this account read it?)"
-                    )),
-                };
-            }
-            Ok(_) => {}
-            Err(e) => bail!("connection failed while subscribing to {filter}: {e}"),
-        }
-    }
+    Ok(admin::Login {
+        host: args.host.clone(),
+        port: args.port,
+        account: args.account.clone(),
+        password,
+        timeout: Duration::from_secs(args.timeout.max(1)),
+    })
 }
 
 #[cfg(test)]
@@ -494,41 +414,48 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn strings(v: &[&str]) -> Vec<String> {
-        v.iter().map(|s| (*s).to_owned()).collect()
+    fn parse(args: &[&str]) -> Result<AdminCliArgs, clap::Error> {
+        AdminCliArgs::try_parse_from(args)
     }
 
     #[test]
-    fn connection_options_after_the_action_are_options() {
-        let mut args = AdminCliArgs {
-            host: "127.0.0.1".into(),
-            port: 1884,
-            account: "admin".into(),
-            password: None,
-            timeout: 10,
-            action: "DescribeProducts".into(),
-            params: strings(&[
-                "--Name",
-                "x",
-                "--port",
-                "1999",
-                "--password=pw",
-                "--kind",
-                "k",
-            ]),
+    fn connection_options_go_before_or_after_the_command() {
+        let a = parse(&[
+            "DescribeProducts",
+            "--Name",
+            "x",
+            "--port",
+            "1999",
+            "--password=pw",
+        ])
+        .expect("parses");
+        assert_eq!(
+            (a.connection.port, a.connection.password.as_deref()),
+            (1999, Some("pw"))
+        );
+        let AdminCommand::Action { name, params } = a.command else {
+            panic!("an action");
         };
-        take_trailing_options(&mut args).expect("options");
-        assert_eq!((args.port, args.password.as_deref()), (1999, Some("pw")));
-        assert_eq!(args.params, strings(&["--Name", "x", "--kind", "k"]));
-        args.params = strings(&["--port", "x"]);
-        assert!(take_trailing_options(&mut args).is_err());
-        args.params = strings(&["--timeout"]);
-        assert!(take_trailing_options(&mut args).is_err());
+        assert_eq!(name, "DescribeProducts");
+        assert_eq!(Value::Object(params), json!({"Name": "x"}));
+        let a = parse(&["--port", "7", "events", "--kind", "k", "--count", "2"]).expect("parses");
+        assert_eq!(a.connection.port, 7);
+        assert_eq!(
+            a.command,
+            AdminCommand::Events {
+                kind: Some("k".into()),
+                count: Some(2)
+            }
+        );
+        assert!(parse(&["DescribeProducts", "--port", "x"]).is_err());
+        assert!(parse(&["DescribeProducts", "--timeout"]).is_err());
+        assert!(parse(&[]).is_err());
     }
 
     #[test]
     fn params_are_typed() {
-        let p = parse_params(&strings(&[
+        let a = parse(&[
+            "DescribeProducts",
             "--ProductKey",
             "p1",
             "--Quantity",
@@ -541,10 +468,13 @@ mod tests {
             "--Enabled=false",
             "--PageSize",
             "-5",
-        ]))
+        ])
         .expect("parses");
+        let AdminCommand::Action { params, .. } = a.command else {
+            panic!("an action");
+        };
         assert_eq!(
-            Value::Object(p),
+            Value::Object(params),
             json!({
                 "ProductKey": "p1",
                 "Quantity": 10,
@@ -555,7 +485,46 @@ mod tests {
                 "PageSize": -5,
             })
         );
-        assert!(parse_params(&strings(&["p1"])).is_err());
-        assert!(parse_params(&strings(&["--A", "1", "--A", "2"])).is_err());
+        assert!(parse(&["DescribeProducts", "p1"]).is_err());
+        assert!(parse(&["DescribeProducts", "--Quantity", "1", "--Quantity", "2"]).is_err());
+        assert!(parse(&["DescribeProducts", "--NoSuchParameter", "1"]).is_err());
+    }
+
+    #[test]
+    fn hash_password_takes_only_a_password_given_on_the_command_line() {
+        let a = parse(&["hash-password", "--password", "pw"]).expect("parses");
+        assert_eq!(
+            a.command,
+            AdminCommand::HashPassword {
+                password: Some("pw".into())
+            }
+        );
+        let a = parse(&["--password", "pw", "hash-password"]).expect("parses");
+        assert_eq!(
+            a.command,
+            AdminCommand::HashPassword {
+                password: Some("pw".into())
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_commands_are_kept_for_a_clear_error() {
+        let a = parse(&["describe"]).expect("parses");
+        assert_eq!(
+            a.command,
+            AdminCommand::Unknown {
+                name: "describe".into(),
+                help: false
+            }
+        );
+        let a = parse(&["Nope", "--help"]).expect("parses");
+        assert_eq!(
+            a.command,
+            AdminCommand::Unknown {
+                name: "Nope".into(),
+                help: true
+            }
+        );
     }
 }

@@ -39,7 +39,6 @@ pub mod params;
 pub mod render;
 pub mod service;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde_json::{Map, Value};
@@ -236,13 +235,7 @@ impl std::fmt::Display for AdminError {
     }
 }
 
-/// A fresh request id (32 hex digits, UUID-sized).
-pub fn new_request_id() -> String {
-    static SEQ: AtomicU64 = AtomicU64::new(0);
-    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
-    let r: u64 = rand::random();
-    format!("{r:016x}{seq:016x}")
-}
+pub use activation_client::admin::new_request_id;
 
 /// Serves one request of `account`: `{"Action": ..., "RequestId": ...,
 /// "ClientToken": ..., ...params}` → `{"RequestId", "Code", "Message", ...data}`.

@@ -38,8 +38,7 @@ use crate::gateway::{RouterLink, RouterLinkRx};
 pub const ADMIN_CLIENT_ID: &str = "\0admin-service";
 /// What the service subscribes to.
 pub const REQUEST_FILTER: &str = "admin/v1/+/request";
-/// Prefix of the event topics: `admin/v1/events/{kind}`.
-pub const EVENTS_PREFIX: &str = "admin/v1/events/";
+pub use activation_client::admin::EVENTS_PREFIX;
 /// Requests served at once; more wait for a slot.
 const MAX_CONCURRENT_REQUESTS: usize = 64;
 /// Batches of publishes queued for the router (a response is a batch of

@@ -22,6 +22,6 @@ CRASH_RATE="${CRASH_RATE:-2000}" \
 ACTIVATION_BROKER_BIN="$PWD/target/release/activation-broker" \
 ACTIVATION_SIM_BIN="$PWD/target/release/activation-sim" \
 CRASH_REPORT="$OUT/crash.json" \
-    cargo test --test crash_load -- --nocapture 2>&1 | tee "$OUT/crash.log"
+    cargo test --test it -- crash_load:: --nocapture 2>&1 | tee "$OUT/crash.log"
 test "${PIPESTATUS[0]}" -eq 0
 echo "crash run: $(cat "$OUT/crash.json")"

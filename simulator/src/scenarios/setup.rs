@@ -1,15 +1,12 @@
 //! `setup`: creates a product and an order of activation codes assigned to
 //! it through the admin topics (SPEC §4), then prints what a flood needs.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
-use activation_broker::credentials::valid_product_key;
+use activation_client::admin::{AdminClient, Login};
+use activation_client::credentials::valid_product_key;
 use anyhow::{anyhow, bail, Context, Result};
-use rand::Rng;
-use rumqttc::{AsyncClient, ConnectionError, Event, MqttOptions, Packet, QoS, SubscribeReasonCode};
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot};
 
 use super::secs;
 use crate::cli::SetupArgs;
@@ -27,160 +24,6 @@ pub struct SetupResult {
     pub order: Value,
     /// A ready `activation-sim flood` command line.
     pub flood_command: String,
-}
-
-/// A request/response client on `admin/v1/{account}/...`.
-pub struct AdminClient {
-    client: AsyncClient,
-    account: String,
-    responses: mpsc::Receiver<Value>,
-    stash: HashMap<String, Value>,
-    timeout: Duration,
-    driver: tokio::task::JoinHandle<()>,
-}
-
-impl AdminClient {
-    /// Connects with the account's credentials and subscribes to its
-    /// response topic.
-    pub async fn connect(
-        host: &str,
-        port: u16,
-        account: &str,
-        password: &str,
-        timeout: Duration,
-    ) -> Result<Self> {
-        let id = format!(
-            "activation-sim-setup-{:08x}",
-            rand::thread_rng().gen::<u32>()
-        );
-        let mut opts = MqttOptions::new(id, host, port);
-        opts.set_credentials(account, password);
-        opts.set_keep_alive(Duration::from_secs(30));
-        opts.set_max_packet_size(4 * 1024 * 1024, 4 * 1024 * 1024);
-        let (client, mut eventloop) = AsyncClient::new(opts, 16);
-        let response_topic = format!("admin/v1/{account}/response");
-
-        let connack = tokio::time::timeout(timeout, eventloop.poll())
-            .await
-            .map_err(|_| anyhow!("no CONNACK from {host}:{port} within {timeout:?}"))?;
-        match connack {
-            Ok(Event::Incoming(Packet::ConnAck(_))) => {}
-            Ok(other) => bail!("expected CONNACK from {host}:{port}, got {other:?}"),
-            Err(ConnectionError::ConnectionRefused(code)) => bail!(
-                "the accounts listener {host}:{port} refused account {account:?}: {code:?} \
-                 (check --account/--password or ACTIVATION_ADMIN_ACCOUNT/ACTIVATION_ADMIN_PASSWORD)"
-            ),
-            Err(e) => bail!("connecting to the accounts listener {host}:{port}: {e}"),
-        }
-
-        let (tx, responses) = mpsc::channel(64);
-        let (suback_tx, suback_rx) = oneshot::channel();
-        let topic = response_topic.clone();
-        let driver = tokio::spawn(async move {
-            let mut suback_tx = Some(suback_tx);
-            loop {
-                match eventloop.poll().await {
-                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                        if let Some(s) = suback_tx.take() {
-                            let _ = s.send(ack.return_codes);
-                        }
-                    }
-                    Ok(Event::Incoming(Packet::Publish(p))) if p.topic == topic => {
-                        match serde_json::from_slice::<Value>(&p.payload) {
-                            Ok(v) => {
-                                if tx.send(v).await.is_err() {
-                                    return;
-                                }
-                            }
-                            Err(e) => eprintln!("ignoring a response that is not JSON: {e}"),
-                        }
-                    }
-                    // Our own DISCONNECT (`close`): the end, not an error.
-                    Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
-                    Ok(_) => {}
-                    Err(e) => {
-                        eprintln!("admin connection lost: {e}");
-                        return;
-                    }
-                }
-            }
-        });
-        client
-            .subscribe(response_topic.clone(), QoS::AtLeastOnce)
-            .await
-            .context("subscribing to the response topic")?;
-        let codes = tokio::time::timeout(timeout, suback_rx)
-            .await
-            .map_err(|_| anyhow!("no SUBACK for {response_topic} within {timeout:?}"))?
-            .map_err(|_| anyhow!("admin connection closed before SUBACK"))?;
-        if codes
-            .iter()
-            .any(|c| matches!(c, SubscribeReasonCode::Failure))
-        {
-            bail!("the broker refused the subscription to {response_topic}");
-        }
-        Ok(AdminClient {
-            client,
-            account: account.to_owned(),
-            responses,
-            stash: HashMap::new(),
-            timeout,
-            driver,
-        })
-    }
-
-    /// Sends `request` (a JSON object with "Action") and returns the response
-    /// with the same RequestId; an error unless its Code is "OK".
-    pub async fn call(&mut self, mut request: Value) -> Result<Value> {
-        let action = request
-            .get("Action")
-            .and_then(Value::as_str)
-            .unwrap_or("?")
-            .to_owned();
-        let request_id = format!("sim-{:016x}", rand::thread_rng().gen::<u64>());
-        if let Some(obj) = request.as_object_mut() {
-            obj.insert("RequestId".into(), Value::String(request_id.clone()));
-        }
-        let topic = format!("admin/v1/{}/request", self.account);
-        self.client
-            .publish(topic, QoS::AtLeastOnce, false, request.to_string())
-            .await
-            .with_context(|| format!("sending {action}"))?;
-        let response = if let Some(v) = self.stash.remove(&request_id) {
-            v
-        } else {
-            let deadline = tokio::time::Instant::now() + self.timeout;
-            loop {
-                let v = tokio::time::timeout_at(deadline, self.responses.recv())
-                    .await
-                    .map_err(|_| anyhow!("no response to {action} within {:?}", self.timeout))?
-                    .ok_or_else(|| anyhow!("admin connection closed while waiting for {action}"))?;
-                match v.get("RequestId").and_then(Value::as_str) {
-                    Some(id) if id == request_id => break v,
-                    Some(id) => {
-                        self.stash.insert(id.to_owned(), v);
-                    }
-                    None => {}
-                }
-            }
-        };
-        match response.get("Code").and_then(Value::as_str) {
-            Some("OK") => Ok(response),
-            code => bail!(
-                "{action} failed: {} {}",
-                code.unwrap_or("(no Code)"),
-                response
-                    .get("Message")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-            ),
-        }
-    }
-
-    pub async fn close(self) {
-        let _ = self.client.disconnect().await;
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.driver).await;
-    }
 }
 
 /// Writes `bytes` to `path`, readable by its owner only (0600), also when
@@ -227,14 +70,15 @@ pub async fn run(args: &SetupArgs) -> Result<SetupResult> {
         );
     }
     let timeout = secs(args.timeout).max(Duration::from_millis(100));
-    let mut admin = AdminClient::connect(
-        &args.host,
-        args.port,
-        &args.account,
-        &args.password,
+    let mut admin = AdminClient::connect(&Login {
+        host: args.host.clone(),
+        port: args.port,
+        account: args.account.clone(),
+        password: args.password.clone(),
         timeout,
-    )
-    .await?;
+    })
+    .await
+    .with_context(|| format!("the accounts listener {}:{}", args.host, args.port))?;
     let name = args
         .name
         .clone()

@@ -7,6 +7,11 @@ use super::create_order::{MAX_QUANTITY, MAX_VALIDITY_SECS};
 use super::describe_near_expiry_devices::MAX_DAYS;
 use crate::admin::params::{MAX_KEYS, MAX_PAGE_NUMBER, MAX_PAGE_SIZE, MAX_TEXT_LEN};
 
+/// Every parameter name an action may take (besides `RequestId`).
+pub fn parameter_names() -> Vec<&'static str> {
+    formats().into_iter().map(|(name, _)| name).collect()
+}
+
 /// Parameter name → its format and limits (the names used across actions).
 fn formats() -> Vec<(&'static str, String)> {
     let time = "time, UTC: \"YYYY-MM-DD HH:MM:SS\" or a date \"YYYY-MM-DD\" (midnight UTC)";

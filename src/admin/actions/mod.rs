@@ -30,6 +30,8 @@ mod describe_orders;
 mod describe_products;
 mod describe_unassigned_activation_codes;
 mod help;
+
+pub use help::parameter_names;
 mod register_devices;
 mod remove_auto_renewal_blacklist;
 mod remove_ban;
