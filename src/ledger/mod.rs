@@ -15,6 +15,7 @@ mod durable;
 mod fast;
 mod model;
 mod query;
+mod records;
 mod restore;
 mod state;
 mod store;
@@ -307,7 +308,7 @@ impl Ledger {
         let tree = db.open_tree(store::TREE)?;
         db.flush()?;
         let files = Arc::new(StoreFiles::open(path, options.sync_fault.clone())?);
-        let state = State::load(&tree)?;
+        let state = State::from_records(store::tree_records(&tree))?;
         let fast = Arc::new(FastView::build(&state));
         let state = Arc::new(RwLock::new(state));
         let read_only = Arc::new(std::sync::atomic::AtomicBool::new(false));

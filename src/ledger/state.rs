@@ -6,7 +6,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::model::*;
-use super::store::{self, decode, encode};
 use super::{AssignPreview, AuditEntry, Command, LedgerError, Outcome, Refusal};
 use crate::clock::Millis;
 use crate::credentials::{generate_secret, valid_device_key, valid_product_key};
@@ -140,111 +139,12 @@ fn check_validity(secs: u64) -> Result<Allowance, LedgerError> {
     })
 }
 
-fn dev_id(pk: &str, dk: &str) -> DeviceId {
+pub(super) fn dev_id(pk: &str, dk: &str) -> DeviceId {
     (pk.to_owned(), dk.to_owned())
 }
 
 impl State {
-    /// Loads every record of `tree` and rebuilds the indexes.
-    pub fn load(tree: &sled::Tree) -> Result<State, LedgerError> {
-        let mut st = State::default();
-        let mut orders = Vec::new();
-        for item in tree.iter() {
-            let (k, v) = item?;
-            match k.first() {
-                Some(&store::ORDER) => orders.push(decode::<Order>(&v)?),
-                Some(&store::PRODUCT) => {
-                    let p: Product = decode(&v)?;
-                    st.products.insert(p.product_key.clone(), p);
-                }
-                Some(&store::DEVICE) => {
-                    let d: Device = decode(&v)?;
-                    st.devices.insert(dev_id(&d.product_key, &d.device_key), d);
-                }
-                Some(&store::CODE) => st.codes.push(decode(&v)?),
-                Some(&store::ASSIGNMENT) => st.assignments.push(decode(&v)?),
-                Some(&store::BLACKLIST) => {
-                    let id = store::split_pair(&k)
-                        .ok_or_else(|| LedgerError::Unavailable("corrupt blacklist key".into()))?;
-                    st.blacklist.insert(id);
-                }
-                Some(&store::AUDIT) => st.audit.push(decode(&v)?),
-                Some(&store::TOKEN) => {
-                    let token = String::from_utf8_lossy(&k[1..]).into_owned();
-                    st.tokens.insert(token, decode(&v)?);
-                }
-                _ => {
-                    return Err(LedgerError::Unavailable(format!(
-                        "unknown record key {:?}",
-                        String::from_utf8_lossy(&k)
-                    )))
-                }
-            }
-        }
-        for (i, c) in st.codes.iter().enumerate() {
-            if c.id != i as u64 + 1 {
-                return Err(LedgerError::Unavailable(format!(
-                    "code records are not dense: found id {} at position {}",
-                    c.id,
-                    i + 1
-                )));
-            }
-        }
-        for (i, a) in st.assignments.iter().enumerate() {
-            if a.id != i as u64 + 1 {
-                return Err(LedgerError::Unavailable(
-                    "assignment records are not dense".into(),
-                ));
-            }
-        }
-        for (i, a) in st.audit.iter().enumerate() {
-            if a.id != i as u64 + 1 {
-                return Err(LedgerError::Unavailable(
-                    "audit records are not dense".into(),
-                ));
-            }
-        }
-        orders.sort_by(|a, b| (a.created, &a.order_id).cmp(&(b.created, &b.order_id)));
-        for o in orders {
-            st.total += o.quantity;
-            if o.unassigned > 0 {
-                *st.unassigned.entry(o.allowance).or_default() += o.unassigned;
-            }
-            st.order_seq.push(o.order_id.clone());
-            st.orders.insert(o.order_id.clone(), o);
-        }
-        for p in st.products.values() {
-            st.forfeited += p.forfeited;
-            if p.deleted_at.is_none() {
-                st.available_assigned += p.available();
-            }
-        }
-        for c in &st.codes {
-            st.codes_by_product
-                .entry(c.product_key.clone())
-                .or_default()
-                .push(c.id);
-            st.codes_by_order
-                .entry(c.order_id.clone())
-                .or_default()
-                .push(c.id);
-            st.codes_by_expiry.insert((c.expire_at, c.id));
-            st.codes_by_activation.insert((c.activate_at, c.id));
-        }
-        let live: Vec<(Millis, String, String)> = st
-            .devices
-            .values()
-            .filter(|d| st.device_is_live(d))
-            .filter_map(|d| {
-                d.expire_at
-                    .map(|e| (e, d.product_key.clone(), d.device_key.clone()))
-            })
-            .collect();
-        st.current_expiry.extend(live);
-        Ok(st)
-    }
-
-    fn device_is_live(&self, d: &Device) -> bool {
+    pub(super) fn device_is_live(&self, d: &Device) -> bool {
         d.deleted_at.is_none()
             && self
                 .products
@@ -1105,58 +1005,6 @@ impl State {
             out.push(c.clone());
         }
         out
-    }
-
-    /// Puts every dirty record into `batch` and clears the dirty set.
-    pub fn drain_dirty(&mut self, batch: &mut sled::Batch) -> Result<Dirty, LedgerError> {
-        let dirty = std::mem::take(&mut self.dirty);
-        for id in &dirty.orders {
-            if let Some(o) = self.orders.get(id) {
-                batch.insert(store::str_key(store::ORDER, id), encode(o)?);
-            }
-        }
-        for pk in &dirty.products {
-            if let Some(p) = self.products.get(pk) {
-                batch.insert(store::str_key(store::PRODUCT, pk), encode(p)?);
-            }
-        }
-        for id in &dirty.devices {
-            if let Some(d) = self.devices.get(id) {
-                batch.insert(store::pair_key(store::DEVICE, &id.0, &id.1), encode(d)?);
-            }
-        }
-        for id in &dirty.codes {
-            if let Some(c) = self.code(*id) {
-                batch.insert(store::id_key(store::CODE, *id), encode(c)?);
-            }
-        }
-        for id in &dirty.assignments {
-            if let Some(a) = id
-                .checked_sub(1)
-                .and_then(|i| self.assignments.get(i as usize))
-            {
-                batch.insert(store::id_key(store::ASSIGNMENT, *id), encode(a)?);
-            }
-        }
-        for id in &dirty.blacklist {
-            let key = store::pair_key(store::BLACKLIST, &id.0, &id.1);
-            if self.blacklist.contains(id) {
-                batch.insert(key, Vec::<u8>::new());
-            } else {
-                batch.remove(key);
-            }
-        }
-        for id in &dirty.audit {
-            if let Some(a) = id.checked_sub(1).and_then(|i| self.audit.get(i as usize)) {
-                batch.insert(store::id_key(store::AUDIT, *id), encode(a)?);
-            }
-        }
-        for t in &dirty.tokens {
-            if let Some(r) = self.tokens.get(t) {
-                batch.insert(store::str_key(store::TOKEN, t), encode(r)?);
-            }
-        }
-        Ok(dirty)
     }
 }
 

@@ -65,3 +65,13 @@ pub fn id_key(prefix: u8, id: u64) -> Vec<u8> {
     k.extend_from_slice(&id.to_be_bytes());
     k
 }
+
+/// Every record of a sled tree, as the ledger's state loads them.
+pub fn tree_records(
+    tree: &sled::Tree,
+) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), LedgerError>> + '_ {
+    tree.iter().map(|r| {
+        r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .map_err(LedgerError::from)
+    })
+}
