@@ -141,7 +141,12 @@ impl State {
     /// every index and counter current. Returns the devices and products
     /// the change deleted. An `Err` means the records do not follow from
     /// this state (a gap): the caller reloads the whole state.
-    pub fn apply_remote(&mut self, writes: &[Write]) -> Result<Vec<Removal>, LedgerError> {
+    /// The products and devices it touched are added to `touched`.
+    pub fn apply_remote(
+        &mut self,
+        writes: &[Write],
+        touched: &mut Dirty,
+    ) -> Result<Vec<Removal>, LedgerError> {
         let mut removed = Vec::new();
         for (k, v) in writes {
             match (k.first(), v) {
@@ -157,12 +162,18 @@ impl State {
                 (_, None) => return Err(corrupt("a record was removed by another node")),
                 (Some(&store::ORDER), Some(v)) => self.remote_order(decode(v)?),
                 (Some(&store::PRODUCT), Some(v)) => {
-                    if let Some(r) = self.remote_product(decode(v)?) {
+                    let p: Product = decode(v)?;
+                    touched.products.insert(p.product_key.clone());
+                    if let Some(r) = self.remote_product(p) {
                         removed.push(r);
                     }
                 }
                 (Some(&store::DEVICE), Some(v)) => {
-                    if let Some(r) = self.remote_device(decode(v)?) {
+                    let d: Device = decode(v)?;
+                    touched
+                        .devices
+                        .insert(dev_id(&d.product_key, &d.device_key));
+                    if let Some(r) = self.remote_device(d) {
                         removed.push(r);
                     }
                 }

@@ -69,6 +69,18 @@ pub struct Dirty {
 }
 
 impl Dirty {
+    /// How many records are dirty (the writes of a batch).
+    pub fn len(&self) -> usize {
+        self.orders.len()
+            + self.products.len()
+            + self.devices.len()
+            + self.codes.len()
+            + self.assignments.len()
+            + self.blacklist.len()
+            + self.tokens.len()
+            + self.audit.len()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.orders.is_empty()
             && self.products.is_empty()

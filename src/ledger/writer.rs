@@ -46,6 +46,8 @@ pub enum Request {
     Snapshot {
         reply: oneshot::Sender<Result<Snapshot, LedgerError>>,
     },
+    /// What another node committed (etcd store only).
+    Remote(super::etcd::Remote),
     /// An operator action outside the ledger, for the audit log alone.
     Audit {
         entry: AuditEntry,
@@ -113,9 +115,18 @@ impl WriterHandle {
 
 pub fn spawn(ctx: WriterContext) -> Result<WriterHandle, LedgerError> {
     let (tx, rx) = mpsc::channel(ctx.options.queue_depth.max(1));
+    spawn_with(tx, rx, move |rx| run(ctx, rx))
+}
+
+/// Starts a writer thread running `body` on the queue's receiving end.
+pub fn spawn_with(
+    tx: mpsc::Sender<Request>,
+    rx: mpsc::Receiver<Request>,
+    body: impl FnOnce(mpsc::Receiver<Request>) + Send + 'static,
+) -> Result<WriterHandle, LedgerError> {
     let thread = thread::Builder::new()
         .name("ledger-writer".into())
-        .spawn(move || run(ctx, rx))
+        .spawn(move || body(rx))
         .map_err(|e| LedgerError::Unavailable(format!("starting the ledger writer: {e}")))?;
     Ok(WriterHandle {
         tx: Some(tx),
@@ -216,7 +227,7 @@ pub fn apply_one(
             st.append_audit(entry.clone(), code.clone(), message.clone(), now);
             Answer::Audit
         }
-        Request::Snapshot { .. } => Answer::Misplaced,
+        Request::Snapshot { .. } | Request::Remote(_) => Answer::Misplaced,
     }
 }
 
@@ -307,6 +318,7 @@ pub fn answer_unavailable(r: Request, e: &LedgerError) {
         Request::Snapshot { reply } => {
             let _ = reply.send(Err(e.clone()));
         }
+        Request::Remote(_) => {}
     }
 }
 
