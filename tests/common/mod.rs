@@ -75,6 +75,7 @@ impl TestLedger {
 }
 pub mod broker;
 pub mod child;
+pub mod etcd;
 pub mod flood;
 pub mod http;
 pub mod lazyfs;
