@@ -125,6 +125,50 @@ impl EtcdCluster {
         }
     }
 
+    /// The index of the member that leads the cluster now.
+    pub fn leader(&self) -> usize {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let mut ids = Vec::new();
+            let mut leader = 0;
+            for m in &self.members {
+                let mut c = etcd_client::Client::connect([m.client_url.clone()], None)
+                    .await
+                    .expect("connect to a member");
+                let s = c.status().await.expect("member status");
+                ids.push(s.header().map_or(0, |h| h.member_id()));
+                leader = s.leader();
+            }
+            ids.iter()
+                .position(|id| *id == leader)
+                .expect("the leader is a member")
+        })
+    }
+
+    /// Checks the ledger in etcd: the invariants hold, the order's `codes`
+    /// are all accounted for, and every device in `acked` (CONNACK 0)
+    /// holds exactly one code. Returns the codes consumed.
+    pub fn check(&self, pk: &str, codes: u64, acked: &[String], what: &str) -> u64 {
+        let ledger = self.ledger("check");
+        ledger
+            .check_invariants()
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let c = ledger.counters();
+        assert_eq!(c.total, codes, "{what}: the order's codes");
+        assert_eq!(c.total, c.consumed + c.available + c.forfeited, "{what}");
+        for dk in acked {
+            let d = ledger
+                .device(pk, dk)
+                .unwrap_or_else(|e| panic!("{what}: acknowledged device {dk} not in etcd: {e}"));
+            assert_eq!(d.codes.len(), 1, "{what}: {dk} holds exactly one code");
+        }
+        assert!(c.consumed >= acked.len() as u64, "{what}");
+        c.consumed
+    }
+
     pub fn endpoints(&self) -> Vec<String> {
         self.members.iter().map(|m| m.client_url.clone()).collect()
     }
