@@ -258,6 +258,12 @@ impl EtcdCluster {
     /// A config for broker node `node` on this cluster: every listener on
     /// 127.0.0.1 port 0, rate limits off.
     pub fn write_broker_config(&self, dir: &Path, node: &str) -> PathBuf {
+        self.write_broker_config_with(dir, node, false)
+    }
+
+    /// As `write_broker_config`; `proxy`: the device listener expects the
+    /// PROXY protocol (behind HAProxy).
+    pub fn write_broker_config_with(&self, dir: &Path, node: &str, proxy: bool) -> PathBuf {
         let endpoints = self
             .endpoints()
             .iter()
@@ -269,6 +275,7 @@ impl EtcdCluster {
             &path,
             format!(
                 "[devices]\nbind = \"127.0.0.1:0\"\nmax_pending_per_source = 0\n\
+                 proxy_protocol = {proxy}\n\
                  [accounts_listener]\nbind = \"127.0.0.1:0\"\n\
                  [http]\nbind = \"127.0.0.1:0\"\n\
                  [gate]\nsource_rate = 0.0\ndevice_rate = 0.0\nban_after_failures = 0\n\
@@ -285,9 +292,14 @@ impl EtcdCluster {
 
     /// Starts broker node `node` (its data directory under this cluster's).
     pub fn broker(&self, node: &str) -> ChildBroker {
+        self.broker_with(node, false)
+    }
+
+    /// Starts broker node `node`; `proxy` as in `write_broker_config_with`.
+    pub fn broker_with(&self, node: &str, proxy: bool) -> ChildBroker {
         let dir = self.dir.path().join(format!("broker-{node}"));
         std::fs::create_dir_all(&dir).expect("broker dir");
-        let config = self.write_broker_config(&dir, node);
+        let config = self.write_broker_config_with(&dir, node, proxy);
         ChildBroker::start(&broker_bin(), &config, &dir.join("data"), None)
     }
 }
