@@ -10,11 +10,15 @@
 //! the write lock until its batch is flushed, so queries never see
 //! non-durable data either.
 
+mod assignment;
 mod backup;
+mod commands;
+mod connect;
 mod durable;
 mod etcd;
 mod etcd_writer;
 mod fast;
+mod invariants;
 mod model;
 mod query;
 mod records;
@@ -101,8 +105,16 @@ pub enum LedgerError {
     },
     #[error("{0}")]
     Conflict(String),
+    /// The store cannot take or answer requests now (stopped, read-only,
+    /// failed, etcd without quorum): retry later.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// Reading or writing the store failed.
+    #[error("store I/O failed: {0}")]
+    Io(String),
+    /// The store holds records that do not decode or do not fit together.
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
 }
 
 impl LedgerError {
@@ -116,14 +128,20 @@ impl LedgerError {
             LedgerError::InsufficientCodes { .. } => "InsufficientActivationCodes",
             LedgerError::AllowanceMismatch { .. } => "AllowanceMismatch",
             LedgerError::Conflict(_) => "Conflict",
-            LedgerError::Unavailable(_) => "ServiceUnavailable",
+            LedgerError::Unavailable(_) | LedgerError::Io(_) | LedgerError::Corrupt(_) => {
+                "ServiceUnavailable"
+            }
         }
     }
 }
 
 impl From<sled::Error> for LedgerError {
     fn from(e: sled::Error) -> Self {
-        LedgerError::Unavailable(e.to_string())
+        match e {
+            sled::Error::Corruption { .. } => LedgerError::Corrupt(e.to_string()),
+            sled::Error::Io(_) => LedgerError::Io(e.to_string()),
+            other => LedgerError::Unavailable(other.to_string()),
+        }
     }
 }
 

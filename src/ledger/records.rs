@@ -15,7 +15,7 @@ use crate::clock::Millis;
 pub type Write = (Vec<u8>, Option<Vec<u8>>);
 
 fn corrupt(msg: impl Into<String>) -> LedgerError {
-    LedgerError::Unavailable(msg.into())
+    LedgerError::Corrupt(msg.into())
 }
 
 /// What a remote change did that the online enforcement must act on.

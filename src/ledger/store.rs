@@ -24,13 +24,13 @@ fn config() -> bincode::config::Configuration {
 
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, LedgerError> {
     bincode::serde::encode_to_vec(value, config())
-        .map_err(|e| LedgerError::Unavailable(format!("encoding a record: {e}")))
+        .map_err(|e| LedgerError::Corrupt(format!("encoding a record: {e}")))
 }
 
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, LedgerError> {
     bincode::serde::decode_from_slice(bytes, config())
         .map(|(v, _)| v)
-        .map_err(|e| LedgerError::Unavailable(format!("corrupt record: {e}")))
+        .map_err(|e| LedgerError::Corrupt(format!("a record does not decode: {e}")))
 }
 
 pub fn str_key(prefix: u8, s: &str) -> Vec<u8> {
