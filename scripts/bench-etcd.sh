@@ -130,17 +130,31 @@ setup() {
 }
 
 accepted() { python3 -c 'import json,sys; print(sum(json.load(open(f))["accepted"] for f in sys.argv[1:]))' "$@"; }
+# not_accepted FILE... -> what the others got
+not_accepted() {
+    python3 -c '
+import json, sys
+from collections import Counter
+c = Counter()
+for f in sys.argv[1:]:
+    r = json.load(open(f))
+    for k, v in r["refused"].items(): c["refused " + k] += v
+    c["timeouts"] += r["timeouts"]; c["errors"] += r["errors"]
+print(", ".join(f"{k} {v}" for k, v in sorted(c.items()) if v) or "-")' "$@"
+}
 
 # commit_stats PORT... -> "mean commit ms, mean batch" over the given nodes
 commit_stats() {
-    local s=0 c=0 bs=0 bc=0 p
+    local s=0 c=0 bs=0 bc=0 k=0 p v
     for p in "$@"; do
         s=$(python3 -c "print($s + $(metric commit_seconds_sum "$p"))")
         c=$(python3 -c "print($c + $(metric commit_seconds_count "$p"))")
         bs=$(python3 -c "print($bs + $(metric batch_size_sum "$p"))")
         bc=$(python3 -c "print($bc + $(metric batch_size_count "$p"))")
+        v=$(metric commit_conflicts_total "$p")
+        k=$(python3 -c "print($k + ${v:-0})")
     done
-    python3 -c "print(f'{1000*$s/max($c,1):.2f} ms per commit, {$bs/max($bc,1):.1f} requests per batch, {int($c)} commits')"
+    python3 -c "print(f'{1000*$s/max($c,1):.2f} ms per commit, {$bs/max($bc,1):.1f} requests per batch, {int($c)} commits, {int($k)} refused as stale')"
 }
 
 now() { date +%s.%N; }
@@ -151,15 +165,15 @@ echo "settings: $DEVICES devices (one first activation each, MQTT 3.1.1, hold 0)
 echo "          release build, rate limits off, etcd $("$ETCD" --version | head -1 | awk '{print $3}') x3 members on loopback (--max-txn-ops 1024),"
 echo "          $(nproc) cores; load: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
-printf '| %-14s | %10s | %12s | %-60s |\n' "store, nodes" "accepted" "activations/s" "ledger commits"
-printf '|%s|%s|%s|%s|\n' "----------------" "------------" "--------------" "--------------------------------------------------------------"
+printf '| %-14s | %10s | %12s | %-60s | %s |\n' "store, nodes" "accepted" "activations/s" "ledger commits" "not accepted"
+printf '|%s|%s|%s|%s|%s|\n' "----------------" "------------" "--------------" "--------------------------------------------------------------" "---"
 
 # sled, 1 node
 start_broker sled1 sled unused/; P1=$PID; D1=$DEV_PORT; A1=$ADMIN_PORT; H1=$HTTP_PORT
 SECRET=$(setup "$A1")
 t0=$(now); flood "$D1" "$SECRET" 1 "$DEVICES" "$CONCURRENCY" "$WORK/sled1.json"; t1=$(now)
 n=$(accepted "$WORK/sled1.json")
-printf '| %-14s | %10s | %12s | %-60s |\n' "sled, 1" "$n" "$(rate "$n" "$t0" "$t1")" "$(commit_stats "$H1")"
+printf '| %-14s | %10s | %12s | %-60s | %s |\n' "sled, 1" "$n" "$(rate "$n" "$t0" "$t1")" "$(commit_stats "$H1")" "$(not_accepted "$WORK/sled1.json")"
 kill "$P1"; wait "$P1" 2>/dev/null || true
 
 # etcd, 1 node
@@ -167,7 +181,7 @@ start_broker e1 etcd run1/; P1=$PID; D1=$DEV_PORT; A1=$ADMIN_PORT; H1=$HTTP_PORT
 SECRET=$(setup "$A1")
 t0=$(now); flood "$D1" "$SECRET" 1 "$DEVICES" "$CONCURRENCY" "$WORK/etcd1.json"; t1=$(now)
 n=$(accepted "$WORK/etcd1.json")
-printf '| %-14s | %10s | %12s | %-60s |\n' "etcd, 1" "$n" "$(rate "$n" "$t0" "$t1")" "$(commit_stats "$H1")"
+printf '| %-14s | %10s | %12s | %-60s | %s |\n' "etcd, 1" "$n" "$(rate "$n" "$t0" "$t1")" "$(commit_stats "$H1")" "$(not_accepted "$WORK/etcd1.json")"
 kill "$P1"; wait "$P1" 2>/dev/null || true
 
 # etcd, 2 nodes: half the devices and half the concurrency against each
@@ -183,5 +197,5 @@ FB=$!
 wait "$FA" "$FB"
 t1=$(now)
 n=$(accepted "$WORK/etcd2a.json" "$WORK/etcd2b.json")
-printf '| %-14s | %10s | %12s | %-60s |\n' "etcd, 2" "$n" "$(rate "$n" "$t0" "$t1")" "$(commit_stats "$HA" "$HB")"
+printf '| %-14s | %10s | %12s | %-60s | %s |\n' "etcd, 2" "$n" "$(rate "$n" "$t0" "$t1")" "$(commit_stats "$HA" "$HB")" "$(not_accepted "$WORK/etcd2a.json" "$WORK/etcd2b.json")"
 kill "$PA" "$PB"; wait "$PA" "$PB" 2>/dev/null || true

@@ -21,8 +21,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
+use super::backup::Snapshot;
 use super::etcd::{Commit, EtcdStore, Remote};
 use super::fast::FastView;
 use super::records::Removal;
@@ -64,13 +65,7 @@ pub fn run(mut ctx: EtcdContext, mut rx: mpsc::Receiver<Request>) {
         while let Some(r) = next.take() {
             match r {
                 Request::Remote(change) => ctx.take_remote(change, &mut stale),
-                Request::Snapshot { reply } => {
-                    let _ = reply.send(Err(LedgerError::Unavailable(
-                        "an etcd ledger is backed up with etcd's own snapshots \
-                         (etcdctl snapshot save), not by the broker"
-                            .into(),
-                    )));
-                }
+                Request::Snapshot { reply } => refuse_snapshot(reply),
                 other => requests.push(other),
             }
             if requests.len() < max_batch {
@@ -98,7 +93,7 @@ pub fn run(mut ctx: EtcdContext, mut rx: mpsc::Receiver<Request>) {
             }
             continue;
         }
-        ctx.commit_requests(requests, &mut stale);
+        ctx.commit_requests(requests, &mut rx, &mut stale);
     }
 }
 
@@ -158,7 +153,12 @@ impl EtcdContext {
 
     /// Decides and commits `requests`, as several transactions if their
     /// records would not fit in one.
-    fn commit_requests(&mut self, requests: Vec<Request>, stale: &mut bool) {
+    fn commit_requests(
+        &mut self,
+        requests: Vec<Request>,
+        rx: &mut mpsc::Receiver<Request>,
+        stale: &mut bool,
+    ) {
         let mut queue = requests;
         while !queue.is_empty() {
             let mut attempt = 0;
@@ -170,6 +170,22 @@ impl EtcdContext {
                         if let Err(e) = self.reload() {
                             *stale = true;
                             return fail_all(queue, &e);
+                        }
+                        // Commits that arrived during the reload: taken in
+                        // now, so the next try is decided on them. Requests
+                        // that arrived meanwhile join this batch.
+                        while let Ok(r) = rx.try_recv() {
+                            match r {
+                                Request::Remote(change) => self.take_remote(change, stale),
+                                Request::Snapshot { reply } => refuse_snapshot(reply),
+                                other => queue.push(other),
+                            }
+                        }
+                        if *stale {
+                            if let Err(e) = self.reload() {
+                                return fail_all(queue, &e);
+                            }
+                            *stale = false;
                         }
                     }
                     Err(Failed::Stale) => {
@@ -259,7 +275,10 @@ impl EtcdContext {
                 finish_with(&self.events, &mut done, answers, events);
                 Ok(())
             }
-            Commit::Stale => Err(Failed::Stale),
+            Commit::Stale => {
+                metrics::counter!("activation_ledger_commit_conflicts_total").increment(1);
+                Err(Failed::Stale)
+            }
             Commit::Unknown(why) => {
                 drop(st);
                 tracing::warn!(node = self.store.node(), reason = %why, "etcd commit outcome unknown; the batch's devices retry");
@@ -273,6 +292,15 @@ impl EtcdContext {
             }
         }
     }
+}
+
+/// A backup of an etcd ledger is etcd's.
+fn refuse_snapshot(reply: oneshot::Sender<Result<Snapshot, LedgerError>>) {
+    let _ = reply.send(Err(LedgerError::Unavailable(
+        "an etcd ledger is backed up with etcd's own snapshots \
+         (etcdctl snapshot save), not by the broker"
+            .into(),
+    )));
 }
 
 enum Failed {
