@@ -13,6 +13,7 @@
 #
 #   scripts/bench-etcd.sh                    # 20000 devices, 200 in flight
 #   DEVICES=50000 CONCURRENCY=400 scripts/bench-etcd.sh
+#   KEEP=1 scripts/bench-etcd.sh             # keep the logs (path printed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +32,7 @@ PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    rm -rf "$WORK"
+    if [ -n "${KEEP:-}" ]; then echo "kept $WORK"; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 

@@ -41,6 +41,8 @@ pub struct Loaded {
     pub records: Vec<(Vec<u8>, Vec<u8>)>,
     /// The head's mod revision: the last commit these records hold.
     pub head: i64,
+    /// The revision they were read at: a watch takes over after it.
+    pub revision: i64,
 }
 
 /// How a commit ended.
@@ -172,7 +174,11 @@ impl EtcdStore {
                 from = last;
                 from.push(0);
             }
-            Ok(Loaded { records, head })
+            Ok(Loaded {
+                records,
+                head,
+                revision,
+            })
         })
     }
 

@@ -39,7 +39,7 @@ const MAX_WRITES: usize = 900;
 /// Most requests decided in one batch.
 const MAX_BATCH: usize = 256;
 /// Stale refusals in a row before a batch is answered "unavailable".
-const MAX_ATTEMPTS: usize = 8;
+const MAX_ATTEMPTS: usize = 16;
 
 pub struct EtcdContext {
     pub store: EtcdStore,
@@ -167,7 +167,13 @@ impl EtcdContext {
                 match self.try_commit(&mut queue) {
                     Ok(()) => break,
                     Err(Failed::Stale) if attempt < MAX_ATTEMPTS => {
+                        // Two nodes refused in turn would go on colliding:
+                        // a random pause, growing with the attempts, parts them.
+                        let cap = 1u64 << attempt.min(6);
+                        let pause = rand::Rng::gen_range(&mut rand::thread_rng(), 0..=cap);
+                        std::thread::sleep(std::time::Duration::from_millis(pause));
                         if let Err(e) = self.reload() {
+                            tracing::warn!(node = self.store.node(), error = %e, "reloading the replica failed");
                             *stale = true;
                             return fail_all(queue, &e);
                         }
@@ -191,6 +197,12 @@ impl EtcdContext {
                     Err(Failed::Stale) => {
                         let e = LedgerError::Unavailable(
                             "other nodes committed first every time; try again".into(),
+                        );
+                        tracing::warn!(
+                            node = self.store.node(),
+                            attempts = attempt,
+                            requests = queue.len(),
+                            "refused as stale every time; the batch is answered unavailable"
                         );
                         if let Err(e) = self.reload() {
                             tracing::warn!(error = %e, "reloading the replica failed");
@@ -230,10 +242,16 @@ impl EtcdContext {
         let n = answers.len();
         if st.dirty.is_empty() {
             drop(st);
-            // "No code left" holds only if no node committed since.
-            let refused_empty = answers
-                .iter()
-                .any(|a| matches!(a, Answer::Connect(Err(Refusal::NoCodeAvailable(_)))));
+            // "No code left" (or "no such product/device") holds only if
+            // no node committed since.
+            let refused_empty = answers.iter().any(|a| {
+                matches!(
+                    a,
+                    Answer::Connect(Err(Refusal::NoCodeAvailable(_)
+                        | Refusal::UnknownProduct(_)
+                        | Refusal::UnknownDevice(..)))
+                )
+            });
             if refused_empty {
                 match self.store.confirm(self.head) {
                     Commit::Done(_) => {}

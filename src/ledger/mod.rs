@@ -383,7 +383,7 @@ impl Ledger {
     ) -> Result<Ledger, LedgerError> {
         let store = etcd::EtcdStore::connect(etcd_options)?;
         let loaded = store.load()?;
-        let head = loaded.head;
+        let (head, watch_from) = (loaded.head, loaded.revision + 1);
         let state = State::from_records(loaded.records.into_iter().map(Ok))?;
         let fast = Arc::new(FastView::build(&state));
         let state = Arc::new(RwLock::new(state));
@@ -393,7 +393,7 @@ impl Ledger {
         let (failed, failure) = tokio::sync::watch::channel(None);
         let (removals, _) = tokio::sync::broadcast::channel(4096);
         let (tx, rx) = tokio::sync::mpsc::channel(options.queue_depth.max(1));
-        store.watch(head + 1, tx.downgrade());
+        store.watch(watch_from, tx.downgrade());
         let ctx = etcd_writer::EtcdContext {
             store,
             head,
