@@ -66,7 +66,7 @@ for _ in $(seq 1 100); do
     ETCDCTL_API=3 etcdctl --endpoints "$ENDPOINTS" endpoint health >/dev/null 2>&1 && break
     sleep 0.2
 done
-ETCDCTL_API=3 etcdctl --endpoints "$ENDPOINTS" endpoint health >/dev/null
+ETCDCTL_API=3 etcdctl --endpoints "$ENDPOINTS" endpoint health >/dev/null 2>&1
 
 # --- brokers -----------------------------------------------------------------
 # start_broker NAME STORE PREFIX -> sets DEV_PORT ADMIN_PORT HTTP_PORT, PID
