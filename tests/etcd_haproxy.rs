@@ -136,8 +136,17 @@ fn haproxy_sends_a_device_to_one_node_and_activation_stays_exactly_once() {
                     "{dk}, connection {n} through HAProxy"
                 );
             }
-            let after = [connects(&nodes[0]).await, connects(&nodes[1]).await];
-            let delta = [after[0] - before[0], after[1] - before[1]];
+            // A node counts a CONNACK just after sending it: wait (bounded)
+            // until the counters hold all of them.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let delta = loop {
+                let after = [connects(&nodes[0]).await, connects(&nodes[1]).await];
+                let delta = [after[0] - before[0], after[1] - before[1]];
+                if delta[0] + delta[1] >= TIMES || Instant::now() > deadline {
+                    break delta;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
             assert!(
                 delta == [TIMES, 0] || delta == [0, TIMES],
                 "{dk}'s {TIMES} connections went to both nodes: {delta:?}"
