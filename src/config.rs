@@ -91,6 +91,43 @@ pub struct LedgerSection {
     pub near_expiry_days: u64,
     /// How often the near-expiry announcer looks for codes entering the window.
     pub expiring_scan_secs: u64,
+    /// Where the ledger's records live.
+    pub store: LedgerStore,
+    /// The etcd cluster, when `store = "etcd"`.
+    pub etcd: EtcdSection,
+}
+
+/// `sled`: embedded, in the data directory (one node). `etcd`: shared by
+/// several broker nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LedgerStore {
+    Sled,
+    Etcd,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EtcdSection {
+    /// Client URLs of the etcd members.
+    pub endpoints: Vec<String>,
+    /// This broker node's name, unique among the nodes.
+    pub node: String,
+    /// Every ledger key starts with it.
+    pub prefix: String,
+    /// Longest wait for one etcd call (past it a commit's outcome is unknown).
+    pub timeout_ms: u64,
+}
+
+impl Default for EtcdSection {
+    fn default() -> Self {
+        EtcdSection {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            node: "node-1".into(),
+            prefix: "activation/".into(),
+            timeout_ms: 5_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -235,6 +272,8 @@ impl Default for LedgerSection {
             pool_low_threshold: 10,
             near_expiry_days: 30,
             expiring_scan_secs: 60,
+            store: LedgerStore::Sled,
+            etcd: EtcdSection::default(),
         }
     }
 }
@@ -376,6 +415,18 @@ impl Config {
         }
         if self.ledger.expiring_scan_secs == 0 {
             return Err("ledger.expiring_scan_secs must be at least 1".into());
+        }
+        if self.ledger.store == LedgerStore::Etcd {
+            let e = &self.ledger.etcd;
+            if e.endpoints.is_empty() {
+                return Err("ledger.etcd.endpoints must name at least one etcd member".into());
+            }
+            if e.node.is_empty() || e.prefix.is_empty() {
+                return Err("ledger.etcd.node and ledger.etcd.prefix must not be empty".into());
+            }
+            if e.timeout_ms == 0 {
+                return Err("ledger.etcd.timeout_ms must be at least 1".into());
+            }
         }
         if !(16..=16_777_216).contains(&self.events.capacity) {
             return Err("events.capacity must be between 16 and 16777216".into());

@@ -18,7 +18,7 @@ use crate::credentials::client_id;
 use crate::events::{Event, EventKind};
 use crate::gate::{Gate, GateRefusal};
 use crate::gateway::{DisconnectReason, Identity, OnlineRegistry};
-use crate::ledger::LedgerError;
+use crate::ledger::{LedgerError, Removal};
 
 /// How long the enforcer lets events gather after waking for one. A
 /// deletion disconnects its devices at most this much later.
@@ -36,6 +36,9 @@ impl Enforcer {
         let ledger = self.gate.ledger().clone();
         let events = ledger.events().clone();
         let mut rx = events.subscribe();
+        // Deletions made through other nodes (etcd store): this node learns
+        // them from its replica, not from its own events.
+        let mut removals = ledger.replica_removals();
         // Expiries up to here are handled.
         let mut swept_until: Millis = self.clock.now();
         // The earliest expiry after `swept_until`, read at device generation
@@ -62,6 +65,12 @@ impl Enforcer {
                         None => std::future::pending().await,
                     }
                 } => {}
+                rm = removals.recv() => match rm {
+                    Ok(r) => self.on_removal(&r),
+                    Err(RecvError::Lagged(n)) => self.resync(n).await,
+                    // The ledger (which holds the sender) is gone.
+                    Err(RecvError::Closed) => return,
+                },
                 ev = rx.recv() => match ev {
                     Ok(e) => {
                         self.on_event(&e);
@@ -152,6 +161,29 @@ impl Enforcer {
         for (pk, dk, why) in gone {
             self.online
                 .disconnect_device(&pk, &dk, DisconnectReason::AdministrativeAction, &why);
+        }
+    }
+
+    fn on_removal(&self, r: &Removal) {
+        match r {
+            Removal::Device {
+                product_key,
+                device_key,
+            } => {
+                self.online.disconnect_device(
+                    product_key,
+                    device_key,
+                    DisconnectReason::AdministrativeAction,
+                    &format!("device {device_key} of product {product_key} was deleted"),
+                );
+            }
+            Removal::Product { product_key } => {
+                self.online.disconnect_product(
+                    product_key,
+                    DisconnectReason::AdministrativeAction,
+                    &format!("product {product_key} was deleted"),
+                );
+            }
         }
     }
 

@@ -13,13 +13,49 @@ use crate::admin::service::AdminService;
 use crate::admin::{Accounts, AdminContext};
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::config::LedgerStore;
 use crate::device_auth::DeviceAuthenticator;
 use crate::enforcer::Enforcer;
 use crate::events::EventBus;
 use crate::gate::Gate;
 use crate::gateway::{router_config_with, Gateway, Listener, RouterHandle};
 use crate::http::{HttpServer, HttpState};
-use crate::ledger::{Ledger, LedgerOptions};
+use crate::ledger::{EtcdOptions, Ledger, LedgerOptions};
+
+/// Opens the ledger on the configured store (off the async workers).
+async fn open_ledger(
+    config: &Config,
+    options: LedgerOptions,
+    clock: Clock,
+    events: EventBus,
+) -> anyhow::Result<Ledger> {
+    match config.ledger.store {
+        LedgerStore::Sled => {
+            let path = config.data_dir.join(LEDGER_DIR);
+            tokio::task::spawn_blocking(move || Ledger::open(&path, options, clock, events))
+                .await?
+                .with_context(|| format!("opening the ledger in {}", config.data_dir.display()))
+        }
+        LedgerStore::Etcd => {
+            let e = &config.ledger.etcd;
+            let etcd = EtcdOptions {
+                endpoints: e.endpoints.clone(),
+                node: e.node.clone(),
+                prefix: e.prefix.clone(),
+                timeout: std::time::Duration::from_millis(e.timeout_ms),
+            };
+            let what = format!(
+                "opening the ledger on etcd {} (prefix {:?}, node {})",
+                e.endpoints.join(","),
+                e.prefix,
+                e.node
+            );
+            tokio::task::spawn_blocking(move || Ledger::open_etcd(etcd, options, clock, events))
+                .await?
+                .context(what)
+        }
+    }
+}
 
 /// The ledger's store, in the data directory.
 pub const LEDGER_DIR: &str = "ledger";
@@ -82,11 +118,7 @@ impl Broker {
             pool_low_threshold: config.ledger.pool_low_threshold,
             ..LedgerOptions::default()
         };
-        let path = config.data_dir.join(LEDGER_DIR);
-        let (c, e) = (clock.clone(), events.clone());
-        let ledger = tokio::task::spawn_blocking(move || Ledger::open(&path, options, c, e))
-            .await?
-            .with_context(|| format!("opening the ledger in {}", config.data_dir.display()))?;
+        let ledger = open_ledger(&config, options, clock.clone(), events.clone()).await?;
         let router = RouterHandle::spawn(0, router_config_with(&config.router));
         let gateway = Gateway::start(router, events.clone(), clock.clone()).await?;
         gateway

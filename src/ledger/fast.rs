@@ -56,16 +56,24 @@ impl FastView {
         view
     }
 
+    /// Replaces the whole view with `state`'s records. Each map is built
+    /// aside and swapped in, so a reader never finds a live product or
+    /// device missing meanwhile (a replica reloaded under load).
     pub fn refresh_all(&self, state: &State) {
-        self.products.write().clear();
-        for shard in self.devices.iter() {
-            shard.write().clear();
-        }
+        let fresh = FastView {
+            products: RwLock::new(HashMap::new()),
+            devices: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
+            generation: AtomicU64::new(0),
+        };
         for p in state.products.values() {
-            self.put_product(p);
+            fresh.put_product(p);
         }
         for d in state.devices.values() {
-            self.put_device(d);
+            fresh.put_device(d);
+        }
+        *self.products.write() = std::mem::take(&mut *fresh.products.write());
+        for (mine, new) in self.devices.iter().zip(fresh.devices.iter()) {
+            *mine.write() = std::mem::take(&mut *new.write());
         }
         self.devices_changed();
     }

@@ -10,11 +10,18 @@
 //! the write lock until its batch is flushed, so queries never see
 //! non-durable data either.
 
+mod assignment;
 mod backup;
+mod commands;
+mod connect;
 mod durable;
+mod etcd;
+mod etcd_writer;
 mod fast;
+mod invariants;
 mod model;
 mod query;
+mod records;
 mod restore;
 mod state;
 mod store;
@@ -41,7 +48,9 @@ use crate::events::EventBus;
 pub use backup::{BackupError, BackupInfo};
 use durable::StoreFiles;
 pub use durable::{create_private_dir, SyncFault, DIR_MODE, FILE_MODE};
+pub use etcd::EtcdOptions;
 use fast::FastView;
+pub use records::Removal;
 pub use restore::{backup_stopped, restore, Restored};
 use state::State;
 pub use version::{FORMAT_VERSION, OLDEST_READABLE};
@@ -96,8 +105,16 @@ pub enum LedgerError {
     },
     #[error("{0}")]
     Conflict(String),
+    /// The store cannot take or answer requests now (stopped, read-only,
+    /// failed, etcd without quorum): retry later.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// Reading or writing the store failed.
+    #[error("store I/O failed: {0}")]
+    Io(String),
+    /// The store holds records that do not decode or do not fit together.
+    #[error("corrupt store: {0}")]
+    Corrupt(String),
 }
 
 impl LedgerError {
@@ -111,14 +128,20 @@ impl LedgerError {
             LedgerError::InsufficientCodes { .. } => "InsufficientActivationCodes",
             LedgerError::AllowanceMismatch { .. } => "AllowanceMismatch",
             LedgerError::Conflict(_) => "Conflict",
-            LedgerError::Unavailable(_) => "ServiceUnavailable",
+            LedgerError::Unavailable(_) | LedgerError::Io(_) | LedgerError::Corrupt(_) => {
+                "ServiceUnavailable"
+            }
         }
     }
 }
 
 impl From<sled::Error> for LedgerError {
     fn from(e: sled::Error) -> Self {
-        LedgerError::Unavailable(e.to_string())
+        match e {
+            sled::Error::Corruption { .. } => LedgerError::Corrupt(e.to_string()),
+            sled::Error::Io(_) => LedgerError::Io(e.to_string()),
+            other => LedgerError::Unavailable(other.to_string()),
+        }
     }
 }
 
@@ -266,6 +289,16 @@ pub struct Ledger {
     inner: Arc<Inner>,
 }
 
+/// Where the records live.
+enum Backing {
+    Sled {
+        db: sled::Db,
+        files: Arc<StoreFiles>,
+    },
+    /// Shared with other nodes; etcd makes every commit durable.
+    Etcd,
+}
+
 struct Inner {
     read_only: Arc<std::sync::atomic::AtomicBool>,
     state: Arc<RwLock<State>>,
@@ -273,8 +306,8 @@ struct Inner {
     writer: WriterHandle,
     clock: Clock,
     events: EventBus,
-    db: sled::Db,
-    files: Arc<StoreFiles>,
+    backing: Backing,
+    removals: tokio::sync::broadcast::Sender<Removal>,
     failure: tokio::sync::watch::Receiver<Option<LedgerError>>,
 }
 
@@ -307,7 +340,7 @@ impl Ledger {
         let tree = db.open_tree(store::TREE)?;
         db.flush()?;
         let files = Arc::new(StoreFiles::open(path, options.sync_fault.clone())?);
-        let state = State::load(&tree)?;
+        let state = State::from_records(store::tree_records(&tree))?;
         let fast = Arc::new(FastView::build(&state));
         let state = Arc::new(RwLock::new(state));
         let read_only = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -332,11 +365,69 @@ impl Ledger {
                 writer,
                 clock,
                 events,
-                db,
-                files,
+                backing: Backing::Sled { db, files },
+                removals: tokio::sync::broadcast::channel(1).0,
                 failure,
             }),
         })
+    }
+
+    /// Opens the ledger several broker nodes share on etcd (see
+    /// `etcd.rs`): connects, reads every record into this node's replica,
+    /// and keeps it current through a watch. Fails if etcd does not answer.
+    pub fn open_etcd(
+        etcd_options: EtcdOptions,
+        options: LedgerOptions,
+        clock: Clock,
+        events: EventBus,
+    ) -> Result<Ledger, LedgerError> {
+        let store = etcd::EtcdStore::connect(etcd_options)?;
+        let loaded = store.load()?;
+        let (head, watch_from) = (loaded.head, loaded.revision + 1);
+        let state = State::from_records(loaded.records.into_iter().map(Ok))?;
+        let fast = Arc::new(FastView::build(&state));
+        let state = Arc::new(RwLock::new(state));
+        let read_only = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // Nothing fails for good on etcd: the sender stays silent (held by
+        // the writer thread, so `failed` waits as long as the writer runs).
+        let (failed, failure) = tokio::sync::watch::channel(None);
+        let (removals, _) = tokio::sync::broadcast::channel(4096);
+        let (tx, rx) = tokio::sync::mpsc::channel(options.queue_depth.max(1));
+        store.watch(watch_from, tx.downgrade());
+        let ctx = etcd_writer::EtcdContext {
+            store,
+            head,
+            read_only: read_only.clone(),
+            state: state.clone(),
+            fast: fast.clone(),
+            clock: clock.clone(),
+            events: events.clone(),
+            options,
+            removals: removals.clone(),
+        };
+        let writer = writer::spawn_with(tx, rx, move |rx| {
+            let _failed = failed;
+            etcd_writer::run(ctx, rx)
+        })?;
+        Ok(Ledger {
+            inner: Arc::new(Inner {
+                read_only,
+                state,
+                fast,
+                writer,
+                clock,
+                events,
+                backing: Backing::Etcd,
+                removals,
+                failure,
+            }),
+        })
+    }
+
+    /// Devices and products that another node deleted (etcd store), as
+    /// this node's replica learns it: their connections here must end.
+    pub fn replica_removals(&self) -> tokio::sync::broadcast::Receiver<Removal> {
+        self.inner.removals.subscribe()
     }
 
     /// The store failure that stopped every write, if one happened. After
@@ -568,8 +659,13 @@ impl Ledger {
 
     /// Flushes the store to disk, durably.
     pub fn flush(&self) -> Result<(), LedgerError> {
-        self.inner.db.flush()?;
-        self.inner.files.sync()
+        match &self.inner.backing {
+            Backing::Sled { db, files } => {
+                db.flush()?;
+                files.sync()
+            }
+            Backing::Etcd => Ok(()),
+        }
     }
 
     pub(crate) fn read(&self) -> parking_lot::RwLockReadGuard<'_, State> {

@@ -127,7 +127,7 @@ fn build(snap: &Snapshot, dir: &Path) -> Result<(), BackupError> {
         }
         tree.apply_batch(batch)?;
         db.flush()?;
-        let state = State::load(&tree).map_err(|e| {
+        let state = State::from_records(store::tree_records(&tree)).map_err(|e| {
             BackupError(format!("the backup's records do not load as a ledger: {e}"))
         })?;
         state.check_invariants().map_err(|e| {

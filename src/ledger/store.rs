@@ -24,13 +24,13 @@ fn config() -> bincode::config::Configuration {
 
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, LedgerError> {
     bincode::serde::encode_to_vec(value, config())
-        .map_err(|e| LedgerError::Unavailable(format!("encoding a record: {e}")))
+        .map_err(|e| LedgerError::Corrupt(format!("encoding a record: {e}")))
 }
 
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, LedgerError> {
     bincode::serde::decode_from_slice(bytes, config())
         .map(|(v, _)| v)
-        .map_err(|e| LedgerError::Unavailable(format!("corrupt record: {e}")))
+        .map_err(|e| LedgerError::Corrupt(format!("a record does not decode: {e}")))
 }
 
 pub fn str_key(prefix: u8, s: &str) -> Vec<u8> {
@@ -64,4 +64,14 @@ pub fn id_key(prefix: u8, id: u64) -> Vec<u8> {
     k.push(prefix);
     k.extend_from_slice(&id.to_be_bytes());
     k
+}
+
+/// Every record of a sled tree, as the ledger's state loads them.
+pub fn tree_records(
+    tree: &sled::Tree,
+) -> impl Iterator<Item = Result<(Vec<u8>, Vec<u8>), LedgerError>> + '_ {
+    tree.iter().map(|r| {
+        r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+            .map_err(LedgerError::from)
+    })
 }

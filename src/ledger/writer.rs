@@ -19,7 +19,7 @@ use super::backup::Snapshot;
 use super::durable::StoreFiles;
 use super::fast::FastView;
 use super::model::{CodeRecord, TokenRecord};
-use super::state::State;
+use super::state::{Dirty, State};
 use super::store::{decode, encode};
 use super::{Admitted, AuditEntry, Command, LedgerError, LedgerOptions, Outcome, Refusal};
 use crate::clock::{Clock, Millis};
@@ -46,6 +46,8 @@ pub enum Request {
     Snapshot {
         reply: oneshot::Sender<Result<Snapshot, LedgerError>>,
     },
+    /// What another node committed (etcd store only).
+    Remote(super::etcd::Remote),
     /// An operator action outside the ledger, for the audit log alone.
     Audit {
         entry: AuditEntry,
@@ -113,9 +115,18 @@ impl WriterHandle {
 
 pub fn spawn(ctx: WriterContext) -> Result<WriterHandle, LedgerError> {
     let (tx, rx) = mpsc::channel(ctx.options.queue_depth.max(1));
+    spawn_with(tx, rx, move |rx| run(ctx, rx))
+}
+
+/// Starts a writer thread running `body` on the queue's receiving end.
+pub fn spawn_with(
+    tx: mpsc::Sender<Request>,
+    rx: mpsc::Receiver<Request>,
+    body: impl FnOnce(mpsc::Receiver<Request>) + Send + 'static,
+) -> Result<WriterHandle, LedgerError> {
     let thread = thread::Builder::new()
         .name("ledger-writer".into())
-        .spawn(move || run(ctx, rx))
+        .spawn(move || body(rx))
         .map_err(|e| LedgerError::Unavailable(format!("starting the ledger writer: {e}")))?;
     Ok(WriterHandle {
         tx: Some(tx),
@@ -123,60 +134,100 @@ pub fn spawn(ctx: WriterContext) -> Result<WriterHandle, LedgerError> {
     })
 }
 
-/// An answer held back until the batch is durable.
-enum Reply {
-    Connect(
-        oneshot::Sender<Result<Admitted, Refusal>>,
-        Result<Admitted, Refusal>,
-    ),
-    Command(
-        oneshot::Sender<Result<Outcome, LedgerError>>,
-        Result<Outcome, LedgerError>,
-    ),
-    Expiring(
-        oneshot::Sender<Result<Vec<CodeRecord>, LedgerError>>,
-        Result<Vec<CodeRecord>, LedgerError>,
-    ),
-    Audit(oneshot::Sender<Result<(), LedgerError>>),
+/// A request's answer, held back until the batch is durable.
+pub enum Answer {
+    Connect(Result<Admitted, Refusal>),
+    Command(Result<Outcome, LedgerError>),
+    Expiring(Result<Vec<CodeRecord>, LedgerError>),
+    Audit,
+    /// A snapshot has no place in a batch (`run` ends a batch with it).
+    Misplaced,
 }
 
-impl Reply {
-    fn fail(self, e: &LedgerError) {
-        match self {
-            Reply::Connect(tx, r) => {
-                let _ = tx.send(match r {
-                    // A refusal wrote nothing; it stays true.
-                    Err(refusal) => Err(refusal),
-                    Ok(_) => Err(Refusal::StoreUnavailable(e.to_string())),
-                });
+impl Request {
+    /// Sends the answer of a committed batch.
+    pub fn answer(self, a: Answer) {
+        match (self, a) {
+            (Request::Connect { reply, .. }, Answer::Connect(r)) => {
+                let _ = reply.send(r);
             }
-            Reply::Command(tx, r) => {
-                let _ = tx.send(r.and(Err(e.clone())));
+            (Request::Command { reply, .. }, Answer::Command(r)) => {
+                let _ = reply.send(r);
             }
-            Reply::Expiring(tx, _) => {
-                let _ = tx.send(Err(e.clone()));
+            (Request::TakeExpiring { reply, .. }, Answer::Expiring(r)) => {
+                let _ = reply.send(r);
             }
-            Reply::Audit(tx) => {
-                let _ = tx.send(Err(e.clone()));
+            (Request::Audit { reply, .. }, Answer::Audit) => {
+                let _ = reply.send(Ok(()));
             }
+            (r, _) => answer_unavailable(
+                r,
+                &LedgerError::Unavailable("a snapshot was taken into a batch".into()),
+            ),
         }
     }
 
-    fn send(self) {
-        match self {
-            Reply::Connect(tx, r) => {
-                let _ = tx.send(r);
+    /// Answers a request whose batch was not committed: a refusal wrote
+    /// nothing and stays true; everything else is `e`.
+    pub fn fail(self, a: Answer, e: &LedgerError) {
+        match (self, a) {
+            (Request::Connect { reply, .. }, Answer::Connect(Err(refusal))) => {
+                let _ = reply.send(Err(refusal));
             }
-            Reply::Command(tx, r) => {
-                let _ = tx.send(r);
+            (Request::Command { reply, .. }, Answer::Command(Err(err))) => {
+                let _ = reply.send(Err(err));
             }
-            Reply::Expiring(tx, r) => {
-                let _ = tx.send(r);
-            }
-            Reply::Audit(tx) => {
-                let _ = tx.send(Ok(()));
-            }
+            (r, _) => answer_unavailable(r, e),
         }
+    }
+}
+
+/// Applies one request to the state: its answer, its records marked
+/// dirty, its events pushed.
+pub fn apply_one(
+    st: &mut State,
+    req: &Request,
+    now: Millis,
+    events: &mut Vec<Event>,
+    pool_low: u64,
+) -> Answer {
+    match req {
+        Request::Connect {
+            product_key,
+            device_key,
+            ..
+        } => Answer::Connect(
+            st.connect(product_key, device_key, now, events, pool_low)
+                .map(|(expire_at, consumed)| Admitted {
+                    expire_at,
+                    consumed,
+                }),
+        ),
+        Request::Command {
+            command,
+            client_token,
+            audit,
+            ..
+        } => {
+            let r = apply_command(st, command, client_token.clone(), now, events);
+            if let Some(entry) = audit {
+                st.record_audit(entry.clone(), &r, now);
+            }
+            Answer::Command(r)
+        }
+        Request::TakeExpiring { window_ms, .. } => {
+            Answer::Expiring(Ok(st.take_expiring(now, *window_ms, events)))
+        }
+        Request::Audit {
+            entry,
+            code,
+            message,
+            ..
+        } => {
+            st.append_audit(entry.clone(), code.clone(), message.clone(), now);
+            Answer::Audit
+        }
+        Request::Snapshot { .. } | Request::Remote(_) => Answer::Misplaced,
     }
 }
 
@@ -250,7 +301,7 @@ fn fail_stop(ctx: &WriterContext, e: &LedgerError) -> LedgerError {
     stopped
 }
 
-fn answer_unavailable(r: Request, e: &LedgerError) {
+pub fn answer_unavailable(r: Request, e: &LedgerError) {
     match r {
         Request::Connect { reply, .. } => {
             let _ = reply.send(Err(Refusal::StoreUnavailable(e.to_string())));
@@ -267,6 +318,7 @@ fn answer_unavailable(r: Request, e: &LedgerError) {
         Request::Snapshot { reply } => {
             let _ = reply.send(Err(e.clone()));
         }
+        Request::Remote(_) => {}
     }
 }
 
@@ -275,119 +327,93 @@ fn answer_unavailable(r: Request, e: &LedgerError) {
 /// may not be on disk) and carries the error for every later write.
 fn commit_batch(ctx: &WriterContext, pending: &mut Vec<Request>) -> Result<(), LedgerError> {
     let now = ctx.clock.now();
-    let mut replies = Vec::with_capacity(pending.len());
     let mut events: Vec<Event> = Vec::new();
     let mut st = ctx.state.write();
-    for req in pending.drain(..) {
-        match req {
-            Request::Connect {
-                product_key,
-                device_key,
-                reply,
-            } => {
-                let r = st
-                    .connect(
-                        &product_key,
-                        &device_key,
-                        now,
-                        &mut events,
-                        ctx.options.pool_low_threshold,
-                    )
-                    .map(|(expire_at, consumed)| Admitted {
-                        expire_at,
-                        consumed,
-                    });
-                replies.push(Reply::Connect(reply, r));
-            }
-            Request::Command {
-                command,
-                client_token,
-                audit,
-                reply,
-            } => {
-                let r = apply_command(&mut st, &command, client_token, now, &mut events);
-                if let Some(entry) = audit {
-                    st.record_audit(entry, &r, now);
-                }
-                replies.push(Reply::Command(reply, r));
-            }
-            Request::TakeExpiring { window_ms, reply } => {
-                let r = st.take_expiring(now, window_ms, &mut events);
-                replies.push(Reply::Expiring(reply, Ok(r)));
-            }
-            Request::Audit {
-                entry,
-                code,
-                message,
-                reply,
-            } => {
-                st.append_audit(entry, code, message, now);
-                replies.push(Reply::Audit(reply));
-            }
-            // `run` takes a snapshot out of its batch (it ends one).
-            Request::Snapshot { reply } => {
-                let _ = reply.send(Err(LedgerError::Unavailable(
-                    "a snapshot was taken into a batch".into(),
-                )));
-            }
-        }
-    }
+    let pool_low = ctx.options.pool_low_threshold;
+    let answers: Vec<Answer> = pending
+        .iter()
+        .map(|r| apply_one(&mut st, r, now, &mut events, pool_low))
+        .collect();
     if st.dirty.is_empty() {
         drop(st);
-        finish(ctx, replies, events);
+        finish(ctx, pending, answers, events);
         return Ok(());
     }
     let mut batch = sled::Batch::default();
     let started = std::time::Instant::now();
-    let written = st.drain_dirty(&mut batch).and_then(|dirty| {
-        ctx.tree.apply_batch(batch)?;
-        ctx.db.flush()?;
-        ctx.files.sync()?;
-        Ok(dirty)
-    });
+    let written = st
+        .drain_dirty(&mut |(k, v)| match v {
+            Some(v) => batch.insert(k, v),
+            None => batch.remove(k),
+        })
+        .and_then(|dirty| {
+            ctx.tree.apply_batch(batch)?;
+            ctx.db.flush()?;
+            ctx.files.sync()?;
+            Ok(dirty)
+        });
     if written.is_ok() {
         // Metrics facade: an observation each, no I/O (src/http/metrics.rs).
         metrics::histogram!("activation_ledger_commit_seconds")
             .record(started.elapsed().as_secs_f64());
-        metrics::histogram!("activation_ledger_batch_size").record(replies.len() as f64);
+        metrics::histogram!("activation_ledger_batch_size").record(answers.len() as f64);
     }
     match written {
         Ok(dirty) => {
-            for pk in &dirty.products {
-                if let Some(p) = st.products.get(pk) {
-                    ctx.fast.put_product(p);
-                }
-            }
-            for id in &dirty.devices {
-                if let Some(d) = st.devices.get(id) {
-                    ctx.fast.put_device(d);
-                }
-            }
-            if !dirty.devices.is_empty() {
-                ctx.fast.devices_changed();
-            }
+            publish_fast(&ctx.fast, &st, &dirty);
             drop(st);
-            finish(ctx, replies, events);
+            finish(ctx, pending, answers, events);
             Ok(())
         }
         Err(e) => {
-            for r in replies {
-                r.fail(&e);
+            for (r, a) in pending.drain(..).zip(answers) {
+                r.fail(a, &e);
             }
             Err(fail_stop(ctx, &e))
         }
     }
 }
 
+/// Puts a committed batch's products and devices into the fast view.
+pub fn publish_fast(fast: &FastView, st: &State, dirty: &Dirty) {
+    for pk in &dirty.products {
+        if let Some(p) = st.products.get(pk) {
+            fast.put_product(p);
+        }
+    }
+    for id in &dirty.devices {
+        if let Some(d) = st.devices.get(id) {
+            fast.put_device(d);
+        }
+    }
+    if !dirty.devices.is_empty() {
+        fast.devices_changed();
+    }
+}
+
 /// Publishes the batch's events, then answers: whoever sees an answer can
 /// rely on its events being out.
-fn finish(ctx: &WriterContext, replies: Vec<Reply>, events: Vec<Event>) {
+pub fn finish_with(
+    events_bus: &EventBus,
+    pending: &mut Vec<Request>,
+    answers: Vec<Answer>,
+    events: Vec<Event>,
+) {
     for e in events {
-        ctx.events.publish(e);
+        events_bus.publish(e);
     }
-    for r in replies {
-        r.send();
+    for (r, a) in pending.drain(..).zip(answers) {
+        r.answer(a);
     }
+}
+
+fn finish(
+    ctx: &WriterContext,
+    pending: &mut Vec<Request>,
+    answers: Vec<Answer>,
+    events: Vec<Event>,
+) {
+    finish_with(&ctx.events, pending, answers, events);
 }
 
 /// Applies one command with `ClientToken` idempotency.

@@ -102,6 +102,7 @@ pub fn in_own_process(name: &str) -> bool {
 
 pub mod broker;
 pub mod child;
+pub mod etcd;
 pub mod flood;
 pub mod gateway;
 pub mod http;

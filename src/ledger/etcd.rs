@@ -1,0 +1,351 @@
+//! The etcd store: the ledger's records as etcd keys `prefix + store key`
+//! (`store.rs`'s layout), shared by every broker node. Every commit is one
+//! etcd transaction that compares the mod revision of one key, `prefix +
+//! "!head"`, with the last commit this node's replica holds, and puts the
+//! batch's records and the head: commits of all nodes are serialized by
+//! etcd (strict serializability), so a batch decided on a stale replica is
+//! refused, never applied. Ids (codes, assignments, audit, orders) are
+//! allocated on a current replica, so they never collide across nodes.
+//!
+//! Every node keeps its replica current through a watch on the prefix
+//! (`watch`); a watch that falls behind compaction asks for a reload.
+//! The client runs on its own small runtime; the ledger writer, a plain
+//! thread, blocks on it (never an I/O thread).
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions,
+};
+use tokio::runtime::Runtime;
+use tokio::sync::mpsc;
+
+use super::records::Write;
+use super::writer::Request;
+use super::LedgerError;
+
+/// Where the etcd store is and who this node is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    /// Unique per broker node (logs, the head's value).
+    pub node: String,
+    /// Every key of the ledger starts with it.
+    pub prefix: String,
+    /// Longest wait for one etcd call; past it the outcome is unknown.
+    pub timeout: Duration,
+}
+
+/// Records read at one revision.
+pub struct Loaded {
+    pub records: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The head's mod revision: the last commit these records hold.
+    pub head: i64,
+    /// The revision they were read at: a watch takes over after it.
+    pub revision: i64,
+}
+
+/// How a commit ended.
+pub enum Commit {
+    /// Committed at this revision (the head's new mod revision).
+    Done(i64),
+    /// Another node committed first: nothing was written.
+    Stale,
+    /// Timeout, lost connection, leader change: written or not, unknown.
+    Unknown(String),
+}
+
+/// What the watch tells the writer.
+pub enum Remote {
+    /// The records one commit at `revision` wrote.
+    Changes { revision: i64, writes: Vec<Write> },
+    /// The watch missed changes (compaction, a broken stream): reload.
+    Reload(String),
+}
+
+const HEAD: &[u8] = b"!head";
+const PAGE: i64 = 5_000;
+
+pub struct EtcdStore {
+    rt: Runtime,
+    client: Client,
+    prefix: Vec<u8>,
+    options: EtcdOptions,
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> LedgerError {
+    LedgerError::Unavailable(format!("etcd: {what}: {e}"))
+}
+
+/// The first key after every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+impl EtcdStore {
+    /// Connects to the cluster (fails if no endpoint answers in time).
+    pub fn connect(options: EtcdOptions) -> Result<EtcdStore, LedgerError> {
+        if options.endpoints.is_empty() {
+            return Err(LedgerError::InvalidParameter(
+                "ledger.etcd.endpoints names no endpoint".into(),
+            ));
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("etcd-client")
+            .enable_all()
+            .build()
+            .map_err(|e| unavailable("starting the client runtime", e))?;
+        let connect = ConnectOptions::new()
+            .with_connect_timeout(options.timeout)
+            .with_timeout(options.timeout)
+            .with_keep_alive(Duration::from_secs(2), options.timeout)
+            .with_require_leader(true);
+        let endpoints = options.endpoints.clone();
+        let client = rt
+            .block_on(async {
+                tokio::time::timeout(options.timeout, Client::connect(endpoints, Some(connect)))
+                    .await
+            })
+            .map_err(|_| unavailable("connecting", "timed out"))?
+            .map_err(|e| unavailable("connecting", e))?;
+        Ok(EtcdStore {
+            rt,
+            client,
+            prefix: options.prefix.as_bytes().to_vec(),
+            options,
+        })
+    }
+
+    pub fn node(&self) -> &str {
+        &self.options.node
+    }
+
+    fn head_key(&self) -> Vec<u8> {
+        [self.prefix.as_slice(), HEAD].concat()
+    }
+
+    /// Every record of the ledger at one revision, page by page.
+    pub fn load(&self) -> Result<Loaded, LedgerError> {
+        let mut kv = self.client.kv_client();
+        let end = prefix_end(&self.prefix);
+        let head_key = self.head_key();
+        let timeout = self.options.timeout;
+        self.rt.block_on(async move {
+            let mut records = Vec::new();
+            let mut head = 0;
+            let mut from = self.prefix.clone();
+            let mut revision = 0;
+            loop {
+                let opts = GetOptions::new()
+                    .with_range(end.clone())
+                    .with_limit(PAGE)
+                    .with_revision(revision);
+                let mut resp = tokio::time::timeout(timeout, kv.get(from.clone(), Some(opts)))
+                    .await
+                    .map_err(|_| unavailable("reading the ledger", "timed out"))?
+                    .map_err(|e| unavailable("reading the ledger", e))?;
+                if revision == 0 {
+                    revision = resp.header().map_or(0, |h| h.revision());
+                }
+                let more = resp.more();
+                let kvs = resp.take_kvs();
+                let Some(last) = kvs.last().map(|k| k.key().to_vec()) else {
+                    break;
+                };
+                for item in kvs {
+                    if item.key() == head_key.as_slice() {
+                        head = item.mod_revision();
+                        continue;
+                    }
+                    let (k, v) = item.into_key_value();
+                    records.push((k[self.prefix.len()..].to_vec(), v));
+                }
+                if !more {
+                    break;
+                }
+                from = last;
+                from.push(0);
+            }
+            Ok(Loaded {
+                records,
+                head,
+                revision,
+            })
+        })
+    }
+
+    /// One transaction: if the head is still at `head`, every write and
+    /// the head. `head` 0 is a ledger nobody committed to yet.
+    pub fn commit(&self, head: i64, writes: Vec<Write>) -> Commit {
+        let head_key = self.head_key();
+        let mut ops = Vec::with_capacity(writes.len() + 1);
+        for (k, v) in writes {
+            let key = [self.prefix.as_slice(), k.as_slice()].concat();
+            ops.push(match v {
+                Some(v) => TxnOp::put(key, v, None),
+                None => TxnOp::delete(key, None),
+            });
+        }
+        ops.push(TxnOp::put(
+            head_key.clone(),
+            self.options.node.as_bytes().to_vec(),
+            None,
+        ));
+        let txn = Txn::new()
+            .when([Compare::mod_revision(head_key, CompareOp::Equal, head)])
+            .and_then(ops);
+        let mut kv = self.client.kv_client();
+        let timeout = self.options.timeout;
+        let r = self
+            .rt
+            .block_on(async move { tokio::time::timeout(timeout, kv.txn(txn)).await });
+        match r {
+            Err(_) => Commit::Unknown(format!("no answer from etcd within {timeout:?}")),
+            Ok(Err(e)) => Commit::Unknown(e.to_string()),
+            Ok(Ok(resp)) if resp.succeeded() => {
+                Commit::Done(resp.header().map_or(0, |h| h.revision()))
+            }
+            Ok(Ok(_)) => Commit::Stale,
+        }
+    }
+
+    /// Whether the head is still at `head` (one read at a single
+    /// revision): a refusal decided on the replica holds only then.
+    pub fn confirm(&self, head: i64) -> Commit {
+        let txn = Txn::new().when([Compare::mod_revision(
+            self.head_key(),
+            CompareOp::Equal,
+            head,
+        )]);
+        let mut kv = self.client.kv_client();
+        let timeout = self.options.timeout;
+        let r = self
+            .rt
+            .block_on(async move { tokio::time::timeout(timeout, kv.txn(txn)).await });
+        match r {
+            Err(_) => Commit::Unknown(format!("no answer from etcd within {timeout:?}")),
+            Ok(Err(e)) => Commit::Unknown(e.to_string()),
+            Ok(Ok(resp)) if resp.succeeded() => Commit::Done(head),
+            Ok(Ok(_)) => Commit::Stale,
+        }
+    }
+
+    /// Watches the ledger's keys from revision `from` on, sending each
+    /// commit's records (in revision order) to the writer until it stops.
+    /// A broken stream is watched again from where it stopped; one that
+    /// fell behind compaction asks the writer to reload.
+    pub fn watch(&self, from: i64, tx: mpsc::WeakSender<Request>) {
+        let client = self.client.clone();
+        let prefix = self.prefix.clone();
+        let node = self.options.node.clone();
+        self.rt.spawn(async move {
+            let mut next = from;
+            loop {
+                match watch_once(&client, &prefix, &mut next, &tx).await {
+                    Ok(()) => return,
+                    Err(WatchEnd::Broken(why)) => {
+                        tracing::warn!(node, reason = %why, "etcd watch broken; watching again");
+                    }
+                    Err(WatchEnd::Compacted(rev, why)) => {
+                        tracing::warn!(node, reason = %why, "etcd watch behind compaction; reloading the replica");
+                        let Some(tx) = tx.upgrade() else { return };
+                        if tx.send(Request::Remote(Remote::Reload(why))).await.is_err() {
+                            return;
+                        }
+                        next = rev;
+                    }
+                }
+                // Not a synchronisation: a pause before watching again a
+                // cluster that just failed.
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+    }
+}
+
+enum WatchEnd {
+    Broken(String),
+    Compacted(i64, String),
+}
+
+/// Runs one watch stream until it fails or the writer is gone (`Ok`).
+async fn watch_once(
+    client: &Client,
+    prefix: &[u8],
+    next: &mut i64,
+    tx: &mpsc::WeakSender<Request>,
+) -> Result<(), WatchEnd> {
+    let mut wc = client.watch_client();
+    let mut opts = WatchOptions::new().with_range(prefix_end(prefix));
+    if *next > 0 {
+        opts = opts.with_start_revision(*next);
+    }
+    let mut stream = wc
+        .watch(prefix.to_vec(), Some(opts))
+        .await
+        .map_err(|e| WatchEnd::Broken(format!("starting the watch: {e}")))?;
+    let head: Vec<u8> = [prefix, HEAD].concat();
+    loop {
+        let resp = match stream.message().await {
+            Ok(Some(r)) => r,
+            Ok(None) => return Err(WatchEnd::Broken("the watch stream closed".into())),
+            Err(e) => return Err(WatchEnd::Broken(format!("the watch failed: {e}"))),
+        };
+        if resp.canceled() {
+            let why = format!(
+                "the watch was cancelled (compacted at revision {}): {}",
+                resp.compact_revision(),
+                resp.cancel_reason()
+            );
+            return Err(if resp.compact_revision() > 0 {
+                WatchEnd::Compacted(resp.compact_revision(), why)
+            } else {
+                WatchEnd::Broken(why)
+            });
+        }
+        let mut current: Option<(i64, Vec<Write>)> = None;
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let rev = kv.mod_revision();
+            if current.as_ref().is_some_and(|(r, _)| *r != rev) {
+                if let Some((revision, writes)) = current.take() {
+                    if !send(tx, Remote::Changes { revision, writes }).await {
+                        return Ok(());
+                    }
+                }
+            }
+            let entry = current.get_or_insert_with(|| (rev, Vec::new()));
+            *next = rev + 1;
+            if kv.key() == head.as_slice() {
+                continue;
+            }
+            let key = kv.key()[prefix.len()..].to_vec();
+            entry.1.push(match ev.event_type() {
+                EventType::Put => (key, Some(kv.value().to_vec())),
+                EventType::Delete => (key, None),
+            });
+        }
+        if let Some((revision, writes)) = current {
+            if !send(tx, Remote::Changes { revision, writes }).await {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Hands a change to the writer; `false` once the writer is gone (the
+/// watch holds no strong sender, so it never keeps the writer alive).
+async fn send(tx: &mpsc::WeakSender<Request>, change: Remote) -> bool {
+    match tx.upgrade() {
+        Some(tx) => tx.send(Request::Remote(change)).await.is_ok(),
+        None => false,
+    }
+}

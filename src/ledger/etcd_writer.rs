@@ -1,0 +1,360 @@
+//! The single writer of a node on the etcd store: group commit over the
+//! network. It drains pending requests, first takes in what other nodes
+//! committed (the watch's changes), applies the requests to the replica
+//! with the same rules as on sled, and commits the batch's records in one
+//! etcd transaction guarded by the head's revision (`etcd.rs`). Answers,
+//! the fast view and events follow only a committed transaction.
+//!
+//! - Refused as stale (another node committed first): the replica is
+//!   reloaded and the same requests decided again, a few times at most.
+//! - Outcome unknown (timeout, leader change, lost connection): nothing
+//!   that consumed a code is answered with success (the device gets
+//!   "unavailable" and retries; the retry is idempotent: committed or
+//!   not, the replica reloaded from etcd decides it again), and the
+//!   replica, which may hold the batch, is reloaded before the next
+//!   decision.
+//!
+//! Unlike sled, a failure is not final: every later batch tries again.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::backup::Snapshot;
+use super::etcd::{Commit, EtcdStore, Remote};
+use super::fast::FastView;
+use super::records::Removal;
+use super::state::{Dirty, State};
+use super::writer::{answer_unavailable, apply_one, finish_with, publish_fast, Answer, Request};
+use super::{LedgerError, LedgerOptions, Refusal};
+use crate::clock::Clock;
+use crate::events::{Event, EventBus};
+
+/// Most records one transaction writes (etcd runs with `--max-txn-ops
+/// 1024`; the head is one more).
+const MAX_WRITES: usize = 900;
+/// Most requests decided in one batch.
+const MAX_BATCH: usize = 256;
+/// Stale refusals in a row before a batch is answered "unavailable".
+const MAX_ATTEMPTS: usize = 16;
+
+pub struct EtcdContext {
+    pub store: EtcdStore,
+    /// The head revision the replica holds.
+    pub head: i64,
+    pub read_only: Arc<AtomicBool>,
+    pub state: Arc<RwLock<State>>,
+    pub fast: Arc<FastView>,
+    pub clock: Clock,
+    pub events: EventBus,
+    pub options: LedgerOptions,
+    /// Devices and products other nodes deleted, for the enforcer.
+    pub removals: broadcast::Sender<Removal>,
+}
+
+pub fn run(mut ctx: EtcdContext, mut rx: mpsc::Receiver<Request>) {
+    let max_batch = ctx.options.max_batch.clamp(1, MAX_BATCH);
+    // Set while the replica may differ from etcd: reloaded before deciding.
+    let mut stale = false;
+    while let Some(first) = rx.blocking_recv() {
+        let mut requests = Vec::new();
+        let mut next = Some(first);
+        while let Some(r) = next.take() {
+            match r {
+                Request::Remote(change) => ctx.take_remote(change, &mut stale),
+                Request::Snapshot { reply } => refuse_snapshot(reply),
+                other => requests.push(other),
+            }
+            if requests.len() < max_batch {
+                next = rx.try_recv().ok();
+            }
+        }
+        if requests.is_empty() {
+            continue;
+        }
+        if stale {
+            match ctx.reload() {
+                Ok(()) => stale = false,
+                Err(e) => {
+                    for r in requests {
+                        answer_unavailable(r, &e);
+                    }
+                    continue;
+                }
+            }
+        }
+        if ctx.read_only.load(Ordering::SeqCst) {
+            let e = LedgerError::Unavailable("the ledger is read-only".into());
+            for r in requests {
+                answer_unavailable(r, &e);
+            }
+            continue;
+        }
+        ctx.commit_requests(requests, &mut rx, &mut stale);
+    }
+}
+
+impl EtcdContext {
+    /// Takes in another node's commit (or reloads when told to).
+    fn take_remote(&mut self, change: Remote, stale: &mut bool) {
+        let (revision, writes) = match change {
+            Remote::Reload(why) => {
+                tracing::info!(
+                    node = self.store.node(),
+                    why,
+                    "reloading the ledger replica"
+                );
+                *stale = true;
+                return;
+            }
+            Remote::Changes { revision, writes } => (revision, writes),
+        };
+        if *stale || revision <= self.head {
+            // Already held (this node's own commit, or read by a reload),
+            // or a reload will read it.
+            return;
+        }
+        let mut st = self.state.write();
+        let mut touched = Dirty::default();
+        match st.apply_remote(&writes, &mut touched) {
+            Ok(removed) => {
+                self.head = revision;
+                publish_fast(&self.fast, &st, &touched);
+                drop(st);
+                for r in removed {
+                    let _ = self.removals.send(r);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(node = self.store.node(), error = %e, "a remote change did not apply; reloading");
+                *stale = true;
+            }
+        }
+    }
+
+    /// Reads the whole ledger from etcd into the replica.
+    fn reload(&mut self) -> Result<(), LedgerError> {
+        let loaded = self.store.load()?;
+        let fresh = State::from_records(loaded.records.into_iter().map(Ok))?;
+        let mut st = self.state.write();
+        let removed = removals_between(&st, &fresh);
+        *st = fresh;
+        self.head = loaded.head;
+        self.fast.refresh_all(&st);
+        drop(st);
+        for r in removed {
+            let _ = self.removals.send(r);
+        }
+        Ok(())
+    }
+
+    /// Decides and commits `requests`, as several transactions if their
+    /// records would not fit in one.
+    fn commit_requests(
+        &mut self,
+        requests: Vec<Request>,
+        rx: &mut mpsc::Receiver<Request>,
+        stale: &mut bool,
+    ) {
+        let mut queue = requests;
+        while !queue.is_empty() {
+            let mut attempt = 0;
+            loop {
+                attempt += 1;
+                match self.try_commit(&mut queue) {
+                    Ok(()) => break,
+                    Err(Failed::Stale) if attempt < MAX_ATTEMPTS => {
+                        // Two nodes refused in turn would go on colliding:
+                        // a random pause, growing with the attempts, parts them.
+                        let cap = 1u64 << attempt.min(6);
+                        let pause = rand::Rng::gen_range(&mut rand::thread_rng(), 0..=cap);
+                        std::thread::sleep(std::time::Duration::from_millis(pause));
+                        if let Err(e) = self.reload() {
+                            tracing::warn!(node = self.store.node(), error = %e, "reloading the replica failed");
+                            *stale = true;
+                            return fail_all(queue, &e);
+                        }
+                        // Commits that arrived during the reload: taken in
+                        // now, so the next try is decided on them. Requests
+                        // that arrived meanwhile join this batch.
+                        while let Ok(r) = rx.try_recv() {
+                            match r {
+                                Request::Remote(change) => self.take_remote(change, stale),
+                                Request::Snapshot { reply } => refuse_snapshot(reply),
+                                other => queue.push(other),
+                            }
+                        }
+                        if *stale {
+                            if let Err(e) = self.reload() {
+                                return fail_all(queue, &e);
+                            }
+                            *stale = false;
+                        }
+                    }
+                    Err(Failed::Stale) => {
+                        let e = LedgerError::Unavailable(
+                            "other nodes committed first every time; try again".into(),
+                        );
+                        tracing::warn!(
+                            node = self.store.node(),
+                            attempts = attempt,
+                            requests = queue.len(),
+                            "refused as stale every time; the batch is answered unavailable"
+                        );
+                        if let Err(e) = self.reload() {
+                            tracing::warn!(error = %e, "reloading the replica failed");
+                            *stale = true;
+                        }
+                        return fail_all(queue, &e);
+                    }
+                    Err(Failed::Unknown) => {
+                        // The replica may hold a batch etcd does not.
+                        if let Err(e) = self.reload() {
+                            tracing::warn!(error = %e, "reloading the replica failed");
+                            *stale = true;
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decides the head of `queue` (as many requests as fit in one
+    /// transaction) and commits it. On success or unknown outcome those
+    /// requests are answered and taken off the queue; when stale, nothing
+    /// is answered and the caller reloads and tries again.
+    fn try_commit(&mut self, queue: &mut Vec<Request>) -> Result<(), Failed> {
+        let now = self.clock.now();
+        let pool_low = self.options.pool_low_threshold;
+        let mut events: Vec<Event> = Vec::new();
+        let mut answers: Vec<Answer> = Vec::new();
+        let mut st = self.state.write();
+        for r in queue.iter() {
+            answers.push(apply_one(&mut st, r, now, &mut events, pool_low));
+            if st.dirty.len() >= MAX_WRITES {
+                break;
+            }
+        }
+        let n = answers.len();
+        if st.dirty.is_empty() {
+            drop(st);
+            // "No code left" (or "no such product/device") holds only if
+            // no node committed since.
+            let refused_empty = answers.iter().any(|a| {
+                matches!(
+                    a,
+                    Answer::Connect(Err(Refusal::NoCodeAvailable(_)
+                        | Refusal::UnknownProduct(_)
+                        | Refusal::UnknownDevice(..)))
+                )
+            });
+            if refused_empty {
+                match self.store.confirm(self.head) {
+                    Commit::Done(_) => {}
+                    Commit::Stale => return Err(Failed::Stale),
+                    Commit::Unknown(why) => {
+                        let e = LedgerError::Unavailable(format!("etcd: {why}"));
+                        for (r, a) in queue.drain(..n).zip(answers) {
+                            r.fail(a, &e);
+                        }
+                        return Err(Failed::Unknown);
+                    }
+                }
+            }
+            let mut done: Vec<Request> = queue.drain(..n).collect();
+            finish_with(&self.events, &mut done, answers, events);
+            return Ok(());
+        }
+        let mut writes = Vec::with_capacity(st.dirty.len());
+        let dirty = match st.drain_dirty(&mut |w| writes.push(w)) {
+            Ok(d) => d,
+            Err(e) => {
+                drop(st);
+                for (r, a) in queue.drain(..n).zip(answers) {
+                    r.fail(a, &e);
+                }
+                return Err(Failed::Unknown);
+            }
+        };
+        let started = std::time::Instant::now();
+        match self.store.commit(self.head, writes) {
+            Commit::Done(revision) => {
+                metrics::histogram!("activation_ledger_commit_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                metrics::histogram!("activation_ledger_batch_size").record(n as f64);
+                self.head = revision;
+                publish_fast(&self.fast, &st, &dirty);
+                drop(st);
+                let mut done: Vec<Request> = queue.drain(..n).collect();
+                finish_with(&self.events, &mut done, answers, events);
+                Ok(())
+            }
+            Commit::Stale => {
+                metrics::counter!("activation_ledger_commit_conflicts_total").increment(1);
+                Err(Failed::Stale)
+            }
+            Commit::Unknown(why) => {
+                drop(st);
+                tracing::warn!(node = self.store.node(), reason = %why, "etcd commit outcome unknown; the batch's devices retry");
+                let e = LedgerError::Unavailable(format!(
+                    "the ledger commit's outcome is unknown ({why}); try again"
+                ));
+                for (r, a) in queue.drain(..n).zip(answers) {
+                    r.fail(a, &e);
+                }
+                Err(Failed::Unknown)
+            }
+        }
+    }
+}
+
+/// A backup of an etcd ledger is etcd's.
+fn refuse_snapshot(reply: oneshot::Sender<Result<Snapshot, LedgerError>>) {
+    let _ = reply.send(Err(LedgerError::Unavailable(
+        "an etcd ledger is backed up with etcd's own snapshots \
+         (etcdctl snapshot save), not by the broker"
+            .into(),
+    )));
+}
+
+enum Failed {
+    Stale,
+    Unknown,
+}
+
+fn fail_all(queue: Vec<Request>, e: &LedgerError) {
+    for r in queue {
+        answer_unavailable(r, e);
+    }
+}
+
+/// Devices and products live in `old` and deleted in `new`.
+fn removals_between(old: &State, new: &State) -> Vec<Removal> {
+    let mut out = Vec::new();
+    let mut gone_products = BTreeSet::new();
+    for (pk, p) in &old.products {
+        let deleted = new.products.get(pk).is_none_or(|n| n.deleted_at.is_some());
+        if p.deleted_at.is_none() && deleted {
+            gone_products.insert(pk.clone());
+            out.push(Removal::Product {
+                product_key: pk.clone(),
+            });
+        }
+    }
+    for (id, d) in &old.devices {
+        if d.deleted_at.is_some() || gone_products.contains(&id.0) {
+            continue;
+        }
+        if new.devices.get(id).is_none_or(|n| n.deleted_at.is_some()) {
+            out.push(Removal::Device {
+                product_key: id.0.clone(),
+                device_key: id.1.clone(),
+            });
+        }
+    }
+    out
+}

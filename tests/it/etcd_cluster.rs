@@ -1,0 +1,202 @@
+//! Several broker nodes on one activation ledger in etcd (issue 14, tests
+//! 1, 2, 7, 8): a real 3-member etcd cluster and broker binaries as child
+//! processes, devices speaking MQTT through rumqttc.
+
+use crate::common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use activation_broker::clock::Clock;
+use activation_broker::credentials::device_credentials;
+use common::child::ChildBroker;
+use common::etcd::{admin, EtcdCluster};
+use common::flood::connack_code;
+use serde_json::json;
+use tokio::sync::Semaphore;
+
+const PK: &str = "fleet";
+const YEAR: u64 = 365 * 24 * 3600;
+/// MQTT 3.1.1 "server unavailable": the store could not decide; retry.
+const UNAVAILABLE: u8 = 3;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Connects until the answer is not "unavailable" (at most 20 tries): the
+/// final CONNACK code, `None` if a try got none.
+async fn activate(addr: SocketAddr, dk: &str, secret: &str) -> Option<u8> {
+    for _ in 0..20 {
+        match connack_code(addr, PK, dk, secret).await {
+            Some(UNAVAILABLE) => continue,
+            other => return other,
+        }
+    }
+    Some(UNAVAILABLE)
+}
+
+/// The node's `Consumed` once it reaches `want` (its replica follows
+/// etcd's watch), or the last value seen after 20 s.
+async fn consumed_reaches(node: &ChildBroker, want: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = admin(node, json!({"Action": "DescribeActivationSummary"})).await;
+        let consumed = s["Consumed"]
+            .as_u64()
+            .or_else(|| s["Data"]["Consumed"].as_u64())
+            .unwrap_or_else(|| panic!("no Consumed in {s}"));
+        if consumed == want || Instant::now() > deadline {
+            return consumed;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[test]
+fn two_nodes_give_out_exactly_the_codes_there_are() {
+    const CODES: u64 = 500;
+    const DEVICES: usize = 2_000;
+    let cluster = EtcdCluster::start(3);
+    let secret = cluster.prepare(PK, CODES, YEAR);
+    let nodes = [cluster.broker("a"), cluster.broker("b")];
+    let addrs = [nodes[0].addr, nodes[1].addr];
+    let rt = runtime();
+    let codes = rt.block_on(async {
+        let gate = Arc::new(Semaphore::new(50));
+        let mut tasks = Vec::new();
+        for i in 0..DEVICES {
+            let (gate, secret) = (gate.clone(), secret.clone());
+            let addr = addrs[i % 2];
+            tasks.push(tokio::spawn(async move {
+                let _p = gate.acquire_owned().await.expect("semaphore");
+                activate(addr, &format!("d{i}"), &secret).await
+            }));
+        }
+        let mut codes = Vec::new();
+        for t in tasks {
+            codes.push(t.await.expect("task"));
+        }
+        codes
+    });
+    let accepted = codes.iter().filter(|c| **c == Some(0)).count();
+    let mut other: Vec<_> = codes.iter().filter(|c| **c != Some(0)).collect();
+    other.sort();
+    other.dedup();
+    assert_eq!(
+        accepted, CODES as usize,
+        "{accepted} devices accepted for {CODES} codes; other answers {other:?}"
+    );
+    // Everyone else was refused for want of a code (3.1.1: 0x05), not
+    // left undecided.
+    assert_eq!(other, vec![&Some(5)], "refusals other than 'no code'");
+    rt.block_on(async {
+        for node in &nodes {
+            assert_eq!(consumed_reaches(node, CODES).await, CODES);
+        }
+    });
+}
+
+#[test]
+fn one_device_on_two_nodes_at_once_consumes_one_code() {
+    const DEVICES: usize = 100;
+    let cluster = EtcdCluster::start(3);
+    let secret = cluster.prepare(PK, 1_000, YEAR);
+    let nodes = [cluster.broker("a"), cluster.broker("b")];
+    let (a, b) = (nodes[0].addr, nodes[1].addr);
+    let rt = runtime();
+    rt.block_on(async {
+        for i in 0..DEVICES {
+            let dk = format!("twin{i}");
+            let (ra, rb) = tokio::join!(activate(a, &dk, &secret), activate(b, &dk, &secret));
+            assert_eq!((ra, rb), (Some(0), Some(0)), "device {dk}");
+        }
+        for node in &nodes {
+            assert_eq!(consumed_reaches(node, DEVICES as u64).await, DEVICES as u64);
+        }
+    });
+    // Each device holds exactly one code, whichever node consumed it.
+    let ledger = cluster.ledger("check");
+    for i in 0..DEVICES {
+        let d = ledger
+            .device(PK, &format!("twin{i}"))
+            .expect("device record");
+        assert_eq!(d.codes.len(), 1, "device twin{i} consumed {:?}", d.codes);
+    }
+}
+
+#[test]
+fn a_device_activated_on_one_node_reconnects_on_another_for_free() {
+    let cluster = EtcdCluster::start(3);
+    let secret = cluster.prepare(PK, 10, YEAR);
+    let nodes = [cluster.broker("a"), cluster.broker("b")];
+    let rt = runtime();
+    rt.block_on(async {
+        assert_eq!(activate(nodes[0].addr, "roamer", &secret).await, Some(0));
+        assert_eq!(consumed_reaches(&nodes[1], 1).await, 1);
+        for _ in 0..3 {
+            assert_eq!(activate(nodes[1].addr, "roamer", &secret).await, Some(0));
+        }
+        for node in &nodes {
+            assert_eq!(
+                consumed_reaches(node, 1).await,
+                1,
+                "one code, on every node"
+            );
+        }
+    });
+}
+
+#[test]
+fn a_device_deleted_through_one_node_is_disconnected_from_another() {
+    let cluster = EtcdCluster::start(3);
+    let secret = cluster.prepare(PK, 10, YEAR);
+    let nodes = [cluster.broker("a"), cluster.broker("b")];
+    let rt = runtime();
+    rt.block_on(async {
+        // The device stays connected to node b.
+        let b = nodes[1].addr;
+        let (u, p) = device_credentials(PK, "victim", &secret, Clock::system().now());
+        let mut o = rumqttc::MqttOptions::new(format!("{PK}.victim"), b.ip().to_string(), b.port());
+        o.set_credentials(u, p);
+        o.set_keep_alive(Duration::from_secs(30));
+        let (_client, mut el) = rumqttc::AsyncClient::new(o, 4);
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), el.poll()).await {
+                Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(a)))) => {
+                    assert_eq!(a.code, rumqttc::ConnectReturnCode::Success);
+                    break;
+                }
+                Ok(Ok(_)) => continue,
+                other => panic!("no CONNACK from node b: {other:?}"),
+            }
+        }
+        // Deleted through node a's admin API.
+        let r = admin(
+            &nodes[0],
+            json!({"Action": "DeleteDevice", "ProductKey": PK, "DeviceKey": "victim"}),
+        )
+        .await;
+        assert!(r.get("Code").is_none_or(|c| c == "OK"), "{r}");
+        // Node b ends the connection.
+        let ended = tokio::time::timeout(Duration::from_secs(15), async {
+            loop {
+                match el.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Disconnect)) | Err(_) => return,
+                    Ok(_) => continue,
+                }
+            }
+        })
+        .await;
+        assert!(
+            ended.is_ok(),
+            "node b kept the deleted device connected:\n{}",
+            nodes[1].log_tail()
+        );
+    });
+}
