@@ -97,7 +97,9 @@ pub fn base_of(url: &str) -> Result<String, HttpError> {
         .as_str()
         .to_owned();
     if authority.contains('@') {
-        return Err(bad("credentials go in --account and --password, not the URL"));
+        return Err(bad(
+            "credentials go in --account and --password, not the URL",
+        ));
     }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err(bad(
@@ -396,8 +398,8 @@ mod tests {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let c = HttpClient::new(&format!("127.0.0.1:{port}"), Duration::from_secs(5))
-            .expect("client");
+        let c =
+            HttpClient::new(&format!("127.0.0.1:{port}"), Duration::from_secs(5)).expect("client");
         let e = c.get("/metrics").await.expect_err("refused");
         let text = e.to_string();
         assert!(
