@@ -540,6 +540,61 @@ async fn credentials_status_codes_limits_and_sessions() {
     );
 }
 
+/// `GET /api/events`: server-sent events for accounts that may read
+/// events, 403 for the others; an order's `codes/purchased` arrives as an
+/// SSE message whose data is the event's JSON.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_stream_as_server_sent_events() {
+    let b = broker(|_| {}).await;
+    let web = http(&b);
+    let dash = basic("dash", "dash-pw");
+    let r = web
+        .request("GET", "/api/events", &[("authorization", &dash)], "")
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.json().expect("JSON")["Code"], "Forbidden");
+
+    let ops = basic("ops", "ops-pw");
+    let mut events = web
+        .open("GET", "/api/events", &[("authorization", &ops)])
+        .await;
+    assert_eq!(events.status, 200);
+    assert!(events
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("text/event-stream")));
+    let r = web
+        .api(
+            "ops",
+            "ops-pw",
+            &json!({"Action": "CreateOrder", "OrderId": "sse", "Quantity": 3, "ValiditySeconds": 60}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Messages are `event: kind` and `data: json` lines ending in a blank line.
+    let mut text = String::new();
+    let data = loop {
+        if let Some(end) = text.find("\n\n") {
+            let message: String = text.drain(..end + 2).collect();
+            if message.lines().any(|l| l == "event: codes/purchased") {
+                let data = message
+                    .lines()
+                    .find_map(|l| l.strip_prefix("data: "))
+                    .expect("a data line");
+                break serde_json::from_str::<Value>(data).expect("JSON data");
+            }
+            continue;
+        }
+        let chunk = events
+            .next_chunk(WAIT)
+            .await
+            .expect("the stream goes on")
+            .expect("not ended");
+        text.push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
+    };
+    assert_eq!(data["Event"], "codes/purchased", "{data}");
+    assert!(data.to_string().contains("sse"), "{data}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn failed_http_logins_ban_the_source_like_failed_device_logins() {
     let b = broker(|c| {

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 
 use activation_client::http::HttpClient;
-pub use activation_client::http::{basic, Reply};
+pub use activation_client::http::{basic, Reply, Streaming};
 use bytes::Bytes;
 use serde_json::Value;
 
@@ -46,5 +46,13 @@ impl Http {
             .api(body.to_string())
             .await
             .unwrap_or_else(|e| panic!("POST /api/v1 as {user}: {e}"))
+    }
+
+    /// A request whose answer's body is read as it comes (SSE).
+    pub async fn open(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> Streaming {
+        self.client
+            .open(method, path, headers, Bytes::new())
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 }
