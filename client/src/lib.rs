@@ -6,6 +6,8 @@
 //! - [`connack`]: CONNACK codes of both protocol versions, by number and
 //!   by name;
 //! - [`admin`]: the admin request client over the admin topics;
+//! - [`http`]: the admin request client over the HTTP API (and plain
+//!   requests to the HTTP listener);
 //! - [`socket`]: TCP connections from a chosen source address;
 //! - [`limits`]: the open-file limit;
 //! - [`child`]: child processes (free ports, dying with the parent).
@@ -14,5 +16,6 @@ pub mod admin;
 pub mod child;
 pub mod connack;
 pub mod credentials;
+pub mod http;
 pub mod limits;
 pub mod socket;

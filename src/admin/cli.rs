@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! activation-broker admin [--host H] [--port P] [--account A] [--password PW] <Action> [--Param value ...]
+//! activation-broker admin --http http://127.0.0.1:8080 [--account A] [--password PW] <Action> ...
 //! activation-broker admin events [--kind device/activated] [--count N]
 //! activation-broker admin hash-password [--password PW]     # else reads stdin
 //! activation-broker admin actions                           # lists the actions
@@ -10,7 +11,9 @@
 //! Host, port, account and password also come from `ACTIVATION_ADMIN_HOST`,
 //! `ACTIVATION_ADMIN_PORT`, `ACTIVATION_ADMIN_ACCOUNT` and
 //! `ACTIVATION_ADMIN_PASSWORD`, and may stand before or after the command
-//! (clap global options). Each action is a subcommand whose options are
+//! (clap global options). `--http URL` (`ACTIVATION_ADMIN_HTTP`) sends
+//! actions to the HTTP API (`POST /api/v1`, Basic credentials) instead; the
+//! output and exit codes are the same (a refused login is exit code 2). Each action is a subcommand whose options are
 //! the parameter names (`activation-broker admin ACTION --help` is the
 //! action's help); which of them an action takes is the broker's to check.
 //! `--Param value` becomes a parameter: `true`/`false` a boolean, numeric
@@ -24,6 +27,7 @@ use std::io::{BufRead, Write};
 use std::time::Duration;
 
 use activation_client::admin::{self, EVENTS_FILTER, EVENTS_PREFIX};
+use activation_client::http::HttpClient;
 use anyhow::{anyhow, bail, Context};
 use rumqttc::v5::mqttbytes::v5::Packet;
 use serde_json::{Map, Value};
@@ -49,7 +53,7 @@ const LIST_PARAMS: &[&str] = &["DeviceKeys"];
 
 #[derive(clap::Args, Debug, Clone)]
 #[command(
-    about = "Operator CLI over the admin topics",
+    about = "Operator CLI over the admin topics (or the HTTP API with --http)",
     after_help = "Examples:\n  activation-broker admin DescribeActivationSummary\n  activation-broker admin CreateOrder --Quantity 100 --ValiditySeconds 31536000 --ProductKey p1\n  activation-broker admin AssignActivationCodes --ProductKey p1 --Quantity 10 --DryRun\n  activation-broker admin events --kind device/activated\n  activation-broker admin hash-password < password.txt",
     subcommand_required = true,
     allow_external_subcommands = true
@@ -99,6 +103,10 @@ pub struct Connection {
     /// Seconds to wait for the connection and the response.
     #[arg(long, global = true, default_value_t = 10)]
     pub timeout: u64,
+    /// Send actions to the HTTP API at this address (http://host:port)
+    /// instead of the accounts listener; the same output.
+    #[arg(long, global = true, env = "ACTIVATION_ADMIN_HTTP", value_name = "URL")]
+    pub http: Option<String>,
 }
 
 /// What `admin` does.
@@ -346,9 +354,16 @@ async fn request_command(args: &AdminCliArgs, params: Map<String, Value>) -> any
     Ok(if ok { 0 } else { EXIT_NOT_OK })
 }
 
-/// Sends one request and waits for its response.
+/// Sends one request (over HTTP with `--http`) and waits for its response.
 pub async fn request(args: &AdminCliArgs, params: Map<String, Value>) -> anyhow::Result<Value> {
-    admin::request_once(&login(args)?, params).await
+    let login = login(args)?;
+    match &args.connection.http {
+        None => admin::request_once(&login, params).await,
+        Some(url) => Ok(HttpClient::new(url, login.timeout)?
+            .with_basic(&login.account, &login.password)
+            .action(params)
+            .await?),
+    }
 }
 
 async fn events_command(
@@ -356,6 +371,9 @@ async fn events_command(
     kind: Option<String>,
     count: Option<u64>,
 ) -> anyhow::Result<i32> {
+    if args.connection.http.is_some() {
+        bail!("events come over MQTT only: drop --http (and ACTIVATION_ADMIN_HTTP) for `events`");
+    }
     let filter = match kind {
         None => EVENTS_FILTER.to_owned(),
         Some(k) => {

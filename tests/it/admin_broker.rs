@@ -219,6 +219,117 @@ async fn the_operator_cli_drives_a_running_broker() {
     assert_eq!(code, EXIT_FAILURE, "not an action");
 }
 
+/// `admin --http URL`: the same action over `POST /api/v1` gives the same
+/// response and exit codes as over MQTT; a refused login is exit code 2.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_cli_over_http() {
+    let b = broker().await;
+    let url = format!("http://{}", b.broker.http_addr().expect("http listener"));
+    let over_http = |account: &str, password: &str, action: &str, params: &[&str]| {
+        let mut a = cli_args(&b, account, password, action, params);
+        a.connection.http = Some(url.clone());
+        a
+    };
+    let a = over_http("ops", "ops-pw", "CreateProduct", &["--ProductKey", "p1"]);
+    let AdminCommand::Action { mut params, .. } = a.command.clone() else {
+        panic!("an action");
+    };
+    params.insert("Action".into(), json!("CreateProduct"));
+    let r = cli::request(&a, params).await.expect("response");
+    assert_eq!(
+        (r["Code"].clone(), r["ProductKey"].clone()),
+        (json!("OK"), json!("p1")),
+        "{r}"
+    );
+    assert!(
+        b.broker.ledger.product("p1").is_ok(),
+        "created through HTTP"
+    );
+
+    // The same question over both: the same answer.
+    let ask = |a: AdminCliArgs| async move {
+        let mut params = Map::new();
+        params.insert("Action".into(), json!("DescribeActivationSummary"));
+        params.insert("RequestId".into(), json!("same"));
+        cli::request(&a, params).await.expect("response")
+    };
+    let http = ask(over_http(
+        "dash",
+        "dash-pw",
+        "DescribeActivationSummary",
+        &[],
+    ))
+    .await;
+    let mqtt = ask(cli_args(
+        &b,
+        "dash",
+        "dash-pw",
+        "DescribeActivationSummary",
+        &[],
+    ))
+    .await;
+    assert_eq!(http, mqtt);
+
+    // Exit codes: OK → 0, another Code → 1, no response or login → 2.
+    let run = |a| async move { cli::run(a).await.expect("runs") };
+    assert_eq!(
+        run(over_http("ops", "ops-pw", "DescribeProducts", &[])).await,
+        0
+    );
+    let refused = over_http(
+        "dash",
+        "dash-pw",
+        "DeleteProduct",
+        &["--ProductKey", "p1", "--Confirm"],
+    );
+    assert_eq!(run(refused).await, EXIT_NOT_OK);
+    assert_eq!(
+        run(over_http("dash", "ops-pw", "DescribeProducts", &[])).await,
+        EXIT_FAILURE
+    );
+    let r = cli::request(
+        &over_http("dash", "ops-pw", "DescribeProducts", &[]),
+        Map::new(),
+    )
+    .await
+    .expect_err("refused");
+    assert!(format!("{r:#}").contains("login as dash refused"), "{r:#}");
+    let mut nobody = over_http("ops", "ops-pw", "DescribeProducts", &[]);
+    nobody.connection.http = Some(format!(
+        "http://127.0.0.1:{}",
+        free_port().expect("free port")
+    ));
+    assert_eq!(run(nobody).await, EXIT_FAILURE, "nothing listening");
+    let events = over_http("ops", "ops-pw", "events", &["--count", "1"]);
+    assert_eq!(run(events).await, EXIT_FAILURE, "events are MQTT only");
+
+    // The binary: `--http` after the action, JSON on stdout.
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_activation-broker"))
+            .args([
+                "admin",
+                "DescribeProducts",
+                "--http",
+                &url,
+                "--account",
+                "ops",
+            ])
+            .env("ACTIVATION_ADMIN_PASSWORD", "ops-pw")
+            .output()
+    })
+    .await
+    .expect("join")
+    .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body: Value = serde_json::from_slice(&out.stdout).expect("JSON response");
+    assert_eq!(body["Code"], "OK");
+    assert!(body.to_string().contains("p1"), "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn cli_events_prints_relayed_events() {
     use activation_broker::events::{Event, EventKind};

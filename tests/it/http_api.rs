@@ -174,10 +174,10 @@ async fn every_action_answers_the_same_over_http_and_mqtt() {
                 h.status,
                 status_of(&code).as_u16(),
                 "step {n} status: {}",
-                h.body
+                h.text()
             );
             assert_eq!(h.header("content-type"), Some("application/json"));
-            let hv = h.json();
+            let hv = h.json().expect("JSON");
             assert_eq!(
                 comparable(hv.clone(), generated),
                 comparable(m.clone(), generated),
@@ -334,11 +334,11 @@ async fn credentials_status_codes_limits_and_sessions() {
             summary.clone(),
         )
         .await;
-    assert_eq!(r.status, 401, "{}", r.body);
+    assert_eq!(r.status, 401, "{}", r.text());
     assert!(r
         .header("www-authenticate")
         .is_some_and(|h| h.starts_with("Basic")));
-    assert_eq!(r.json()["Code"], "Forbidden");
+    assert_eq!(r.json().expect("JSON")["Code"], "Forbidden");
     let r = web
         .request(
             "POST",
@@ -357,7 +357,10 @@ async fn credentials_status_codes_limits_and_sessions() {
     let r = web
         .api("dash", "dash-pw", &json!({"Action": "DescribeProducts"}))
         .await;
-    assert_eq!((r.status, r.json()["Code"].clone()), (200, json!("OK")));
+    assert_eq!(
+        (r.status, r.json().expect("JSON")["Code"].clone()),
+        (200, json!("OK"))
+    );
     let r = web
         .api(
             "dash",
@@ -366,8 +369,8 @@ async fn credentials_status_codes_limits_and_sessions() {
         )
         .await;
     assert_eq!(r.status, 403);
-    assert_eq!(r.json()["Code"], "Forbidden");
-    assert!(r.json()["Message"]
+    assert_eq!(r.json().expect("JSON")["Code"], "Forbidden");
+    assert!(r.json().expect("JSON")["Message"]
         .as_str()
         .expect("message")
         .contains("CreateProduct"));
@@ -386,7 +389,7 @@ async fn credentials_status_codes_limits_and_sessions() {
         )
         .await;
     assert_eq!(
-        (r.status, r.json()["Code"].clone()),
+        (r.status, r.json().expect("JSON")["Code"].clone()),
         (400, json!("InvalidParameter"))
     );
     let r = web
@@ -398,7 +401,7 @@ async fn credentials_status_codes_limits_and_sessions() {
         )
         .await;
     assert_eq!(
-        (r.status, r.json()["Code"].clone()),
+        (r.status, r.json().expect("JSON")["Code"].clone()),
         (415, json!("InvalidParameter"))
     );
     let big = json!({"Action": "DescribeProducts", "Name": "x".repeat(5000)}).to_string();
@@ -414,10 +417,10 @@ async fn credentials_status_codes_limits_and_sessions() {
         )
         .await;
     assert_eq!(
-        (r.status, r.json()["Code"].clone()),
+        (r.status, r.json().expect("JSON")["Code"].clone()),
         (413, json!("InvalidParameter"))
     );
-    assert!(r.body.contains("4096"), "{}", r.body);
+    assert!(r.text().contains("4096"), "{}", r.text());
     let r = web
         .request(
             "POST",
@@ -436,7 +439,7 @@ async fn credentials_status_codes_limits_and_sessions() {
         )
         .await;
     assert_eq!(r.status, 404);
-    assert!(r.json()["Code"]
+    assert!(r.json().expect("JSON")["Code"]
         .as_str()
         .expect("code")
         .starts_with("NotFound"));
@@ -460,9 +463,12 @@ async fn credentials_status_codes_limits_and_sessions() {
             json!({"Account": "dash", "Password": "dash-pw"}).to_string(),
         )
         .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(r.json()["Role"], "viewer");
-    let actions = r.json()["Actions"].as_array().expect("actions").clone();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json().expect("JSON")["Role"], "viewer");
+    let actions = r.json().expect("JSON")["Actions"]
+        .as_array()
+        .expect("actions")
+        .clone();
     assert!(
         actions.contains(&json!("DescribeProducts")) && !actions.contains(&json!("CreateOrder"))
     );
@@ -487,10 +493,10 @@ async fn credentials_status_codes_limits_and_sessions() {
     };
     let r = with_cookie(summary.clone()).await;
     assert_eq!(
-        (r.status, r.json()["Code"].clone()),
+        (r.status, r.json().expect("JSON")["Code"].clone()),
         (200, json!("OK")),
         "{}",
-        r.body
+        r.text()
     );
     let r = with_cookie(
         json!({"Action": "CreateOrder", "Quantity": 1, "ValiditySeconds": 60}).to_string(),
@@ -500,7 +506,7 @@ async fn credentials_status_codes_limits_and_sessions() {
     let r = web
         .request("GET", "/api/session", &[("cookie", &cookie)], "")
         .await;
-    assert_eq!(r.json()["Account"], "dash");
+    assert_eq!(r.json().expect("JSON")["Account"], "dash");
     web.request("POST", "/api/logout", &[("cookie", &cookie)], "")
         .await;
     let r = with_cookie(summary.clone()).await;
@@ -514,7 +520,7 @@ async fn credentials_status_codes_limits_and_sessions() {
             &json!({"Action": "CreateProduct", "ProductKey": "audited"}),
         )
         .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.status, 200, "{}", r.text());
     let r = web
         .api(
             "ops",
@@ -522,13 +528,71 @@ async fn credentials_status_codes_limits_and_sessions() {
             &json!({"Action": "DescribeAuditLog", "Account": "ops"}),
         )
         .await;
-    let items = r.json()["Items"].as_array().expect("items").clone();
+    let items = r.json().expect("JSON")["Items"]
+        .as_array()
+        .expect("items")
+        .clone();
     assert!(
         items
             .iter()
             .any(|i| i["Action"] == "CreateProduct" && i["Code"] == "OK" && i["Account"] == "ops"),
         "{items:?}"
     );
+}
+
+/// `GET /api/events`: server-sent events for accounts that may read
+/// events, 403 for the others; an order's `codes/purchased` arrives as an
+/// SSE message whose data is the event's JSON.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_stream_as_server_sent_events() {
+    let b = broker(|_| {}).await;
+    let web = http(&b);
+    let dash = basic("dash", "dash-pw");
+    let r = web
+        .request("GET", "/api/events", &[("authorization", &dash)], "")
+        .await;
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.json().expect("JSON")["Code"], "Forbidden");
+
+    let ops = basic("ops", "ops-pw");
+    let mut events = web
+        .open("GET", "/api/events", &[("authorization", &ops)])
+        .await;
+    assert_eq!(events.status, 200);
+    assert!(events
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("text/event-stream")));
+    let r = web
+        .api(
+            "ops",
+            "ops-pw",
+            &json!({"Action": "CreateOrder", "OrderId": "sse", "Quantity": 3, "ValiditySeconds": 60}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // Messages are `event: kind` and `data: json` lines ending in a blank line.
+    let mut text = String::new();
+    let data = loop {
+        if let Some(end) = text.find("\n\n") {
+            let message: String = text.drain(..end + 2).collect();
+            if message.lines().any(|l| l == "event: codes/purchased") {
+                let data = message
+                    .lines()
+                    .find_map(|l| l.strip_prefix("data: "))
+                    .expect("a data line");
+                break serde_json::from_str::<Value>(data).expect("JSON data");
+            }
+            continue;
+        }
+        let chunk = events
+            .next_chunk(WAIT)
+            .await
+            .expect("the stream goes on")
+            .expect("not ended");
+        text.push_str(std::str::from_utf8(&chunk).expect("UTF-8"));
+    };
+    assert_eq!(data["Event"], "codes/purchased", "{data}");
+    assert!(data.to_string().contains("sse"), "{data}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -547,8 +611,8 @@ async fn failed_http_logins_ban_the_source_like_failed_device_logins() {
     // Banned: refused before any password is checked, the right one included.
     let before = b.broker.accounts.verifications();
     let r = web.api("ops", "ops-pw", &q).await;
-    assert_eq!(r.status, 403, "{}", r.body);
-    assert!(r.json()["Message"]
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.json().expect("JSON")["Message"]
         .as_str()
         .expect("msg")
         .contains("banned"));
@@ -568,7 +632,10 @@ async fn failed_http_logins_ban_the_source_like_failed_device_logins() {
         .await;
     assert_eq!(lifted["Code"], "OK", "{lifted}");
     let r = web.api("ops", "ops-pw", &q).await;
-    assert_eq!((r.status, r.json()["TotalCount"].clone()), (200, json!(0)));
+    assert_eq!(
+        (r.status, r.json().expect("JSON")["TotalCount"].clone()),
+        (200, json!(0))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

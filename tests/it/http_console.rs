@@ -169,8 +169,8 @@ async fn the_console_in_a_real_browser() {
         let web = &web;
         async move {
             let r = web.api("ops", "ops-pw", &v).await;
-            assert_eq!(r.json()["Code"], "OK", "{}", r.body);
-            r.json()
+            assert_eq!(r.json().expect("JSON")["Code"], "OK", "{}", r.text());
+            r.json().expect("JSON")
         }
     };
     let secret = b.product("lamps", 5, 86_400).await;

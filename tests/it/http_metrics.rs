@@ -38,7 +38,7 @@ async fn scrape(web: &Http) -> HashMap<String, f64> {
     assert!(r
         .header("content-type")
         .is_some_and(|c| c.starts_with("text/plain")));
-    samples(&r.body)
+    samples(&r.text())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -65,8 +65,8 @@ async fn metrics_agree_with_the_summary_after_a_flood() {
         let web = &web;
         async move {
             let r = web.api("ops", "ops-pw", &v).await;
-            assert_eq!(r.json()["Code"], "OK", "{}", r.body);
-            r.json()
+            assert_eq!(r.json().expect("JSON")["Code"], "OK", "{}", r.text());
+            r.json().expect("JSON")
         }
     };
     api(json!({"Action": "CreateOrder", "Quantity": 30, "ValiditySeconds": 60})).await;
