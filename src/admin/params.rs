@@ -11,12 +11,12 @@ use crate::clock::{parse_time, Millis};
 use crate::credentials::{valid_device_key, valid_product_key};
 use crate::ledger::PageRequest;
 
-/// Most DeviceKeys one request may name.
-pub const MAX_KEYS: usize = 1000;
+/// Most DeviceKeys one request may name (the ledger's limit).
+pub use crate::ledger::MAX_KEYS_PER_REQUEST as MAX_KEYS;
 /// Longest free-text parameter (names, filters).
 pub const MAX_TEXT_LEN: usize = 128;
-/// Largest page.
-pub const MAX_PAGE_SIZE: u64 = 100;
+/// Largest page (the ledger's).
+pub use crate::ledger::MAX_PAGE_SIZE;
 pub const DEFAULT_PAGE_SIZE: u64 = 30;
 /// Largest PageNumber; beyond it every list is empty anyway.
 pub const MAX_PAGE_NUMBER: u64 = 1_000_000_000;

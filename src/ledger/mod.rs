@@ -40,8 +40,9 @@ pub use model::{
 };
 pub use query::{
     AssignmentFilter, AuditFilter, CodeFilter, DeviceFilter, OrderFilter, Page, PageRequest,
-    ProductFilter, Summary, UnassignedGroup,
+    ProductFilter, Summary, UnassignedGroup, MAX_PAGE_SIZE,
 };
+pub use state::{MAX_KEYS_PER_REQUEST, MAX_ORDER_QUANTITY, MAX_VALIDITY_SECS};
 
 use crate::clock::{Clock, Millis};
 use crate::events::EventBus;

@@ -72,8 +72,10 @@ fn shipped_config(front: SocketAddr, nodes: &[(&str, SocketAddr)]) -> String {
 
 /// CONNACKs counted by the node's `/metrics`.
 async fn connects(node: &ChildBroker) -> u64 {
-    let body = Http::new(http_addr(node)).get("/metrics").await.body;
-    body.lines()
+    let reply = Http::new(http_addr(node)).get("/metrics").await;
+    reply
+        .text()
+        .lines()
         .filter(|l| l.starts_with("activation_connects_total{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64

@@ -8,10 +8,9 @@ use crate::admin::render::{self, Data};
 use crate::admin::{AdminContext, AdminError, Call};
 use crate::ledger::{Command, Outcome};
 
-/// Largest order (as the ledger enforces).
-pub const MAX_QUANTITY: u64 = 100_000_000;
-/// Longest validity: 100 years (as the ledger enforces).
-pub const MAX_VALIDITY_SECS: u64 = 100 * 366 * 24 * 3600;
+/// Largest order and longest validity (100 years): the ledger's limits,
+/// checked here first so a request gets the parameter's name in its error.
+pub use crate::ledger::{MAX_ORDER_QUANTITY as MAX_QUANTITY, MAX_VALIDITY_SECS};
 
 #[derive(Debug)]
 pub struct CreateOrder {

@@ -34,7 +34,10 @@ pub fn http_addr(broker: &ChildBroker) -> std::net::SocketAddr {
 /// One admin API call to a child broker over HTTP; the JSON answer.
 pub async fn admin(broker: &ChildBroker, body: serde_json::Value) -> serde_json::Value {
     let http = super::http::Http::new(http_addr(broker));
-    http.api(ADMIN, ADMIN_PASSWORD, &body).await.json()
+    http.api(ADMIN, ADMIN_PASSWORD, &body)
+        .await
+        .json()
+        .expect("the admin API answers JSON")
 }
 
 /// The etcd binary (`ETCD_BIN` overrides it).
