@@ -113,6 +113,7 @@ impl AdminContext {
             account: call.account.clone(),
             action: call.action.clone(),
             parameters: call.audit_parameters.clone(),
+            code_of: error_code,
         }
     }
 
@@ -223,9 +224,25 @@ impl AdminError {
     }
 }
 
+/// The admin API's error code (`docs/PROTOCOL.md`) for a ledger refusal.
+pub fn error_code(e: &LedgerError) -> &'static str {
+    match e {
+        LedgerError::InvalidParameter(_) => "InvalidParameter",
+        LedgerError::ProductNotFound(_) => "NotFound.Product",
+        LedgerError::DeviceNotFound(..) => "NotFound.Device",
+        LedgerError::OrderNotFound(_) => "NotFound.Order",
+        LedgerError::InsufficientCodes { .. } => "InsufficientActivationCodes",
+        LedgerError::AllowanceMismatch { .. } => "AllowanceMismatch",
+        LedgerError::Conflict(_) => "Conflict",
+        LedgerError::Unavailable(_) | LedgerError::Io(_) | LedgerError::Corrupt(_) => {
+            "ServiceUnavailable"
+        }
+    }
+}
+
 impl From<LedgerError> for AdminError {
     fn from(e: LedgerError) -> Self {
-        AdminError::new(e.code(), e.to_string())
+        AdminError::new(error_code(&e), e.to_string())
     }
 }
 

@@ -202,7 +202,7 @@ impl State {
     ) {
         let (code, message) = match result {
             Ok(_) => ("OK".to_owned(), String::new()),
-            Err(e) => (e.code().to_owned(), e.to_string()),
+            Err(e) => ((entry.code_of)(e).to_owned(), e.to_string()),
         };
         self.append_audit(entry, code, message, now);
     }

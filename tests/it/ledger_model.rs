@@ -3,6 +3,7 @@
 //! and the invariants after every step (and across reopens).
 
 use crate::common;
+use crate::common::ApiCode;
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -4,6 +4,7 @@
 //! are readable by their owner only.
 
 use crate::common;
+use crate::common::ApiCode;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use activation_broker::clock::{Clock, ManualClock};
 use activation_broker::events::EventBus;
-use activation_broker::ledger::{AuthMode, Command, Ledger, LedgerOptions, Outcome};
+use activation_broker::ledger::{AuthMode, Command, Ledger, LedgerError, LedgerOptions, Outcome};
 
 /// 2026-01-01 00:00:00 UTC.
 pub const T0: i64 = 1_767_225_600_000;
@@ -108,3 +108,15 @@ pub mod gateway;
 pub mod http;
 pub mod lazyfs;
 pub mod wire;
+
+/// A ledger refusal's admin API code (`admin::error_code`) as a method, for
+/// the assertions.
+pub trait ApiCode {
+    fn code(&self) -> &'static str;
+}
+
+impl ApiCode for LedgerError {
+    fn code(&self) -> &'static str {
+        activation_broker::admin::error_code(self)
+    }
+}

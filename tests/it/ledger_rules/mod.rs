@@ -7,6 +7,7 @@ mod queries;
 mod store;
 
 use crate::common;
+use crate::common::ApiCode;
 
 use activation_broker::clock::format_time;
 use activation_broker::events::EventKind;

@@ -152,6 +152,7 @@ fn the_audit_log_records_every_mutation_with_its_result() {
         account: "ops".into(),
         action: action.into(),
         parameters: "{\"ProductKey\":\"p1\"}".into(),
+        code_of: activation_broker::admin::error_code,
     };
     rt.block_on(t.ledger.execute_audited(
         Command::CreateProduct {
