@@ -15,6 +15,7 @@ use super::child::{free_port, ChildGuard};
 use super::load::{command_topic, plain_connect, signed_connect, subscribe, Device};
 use activation_broker::clock::Clock;
 use activation_broker::ledger::{self, AuthMode, Ledger, LedgerOptions, Outcome};
+use activation_client::broker::{BrokerProcess, BrokerStart};
 use activation_client::credentials::{client_id, sign};
 
 /// The product every bench device belongs to.
@@ -76,13 +77,16 @@ impl BrokerSpec {
 
 /// The activation broker as a child process.
 pub struct ActivationBroker {
-    pub child: ChildGuard,
+    pub child: BrokerProcess,
     pub addr: SocketAddr,
     pub accounts_addr: SocketAddr,
     /// The product secret devices sign with.
     pub secret: String,
     launch: Launch,
 }
+
+/// Longest graceful stop (SIGINT) of the broker.
+const STOP_WITHIN: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// How to start the broker process on its store.
 struct Launch {
@@ -97,18 +101,16 @@ struct Launch {
 }
 
 impl Launch {
-    /// Writes the config with new free ports, starts the broker and waits
-    /// until both listeners accept connections.
-    fn start(&self) -> anyhow::Result<(ChildGuard, SocketAddr, SocketAddr)> {
-        let port = free_port()?;
-        let accounts_port = free_port()?;
+    /// Writes the config (every listener on port 0), starts the broker and
+    /// waits until it is ready; the listeners' addresses come from its log.
+    fn start(&self) -> anyhow::Result<(BrokerProcess, SocketAddr, SocketAddr)> {
         let config = format!(
             r#"data_dir = "{data}"
 [devices]
-bind = "127.0.0.1:{port}"
+bind = "127.0.0.1:0"
 io_threads = {io_threads}
 [accounts_listener]
-bind = "127.0.0.1:{accounts_port}"
+bind = "127.0.0.1:0"
 [http]
 bind = "127.0.0.1:0"
 [gate]
@@ -124,17 +126,21 @@ ban_after_failures = 0
         );
         let config_file = self.dir.join("broker.toml");
         std::fs::write(&config_file, config)?;
-        let mut cmd = Command::new(&self.bin);
-        cmd.arg("serve")
-            .arg("--config")
-            .arg(&config_file)
-            .arg("--data")
-            .arg(&self.data);
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let accounts_addr = SocketAddr::from(([127, 0, 0, 1], accounts_port));
-        let mut child = ChildGuard::spawn("activation-broker", cmd, &self.dir)?;
-        child.wait_ready(addr)?;
-        child.wait_ready(accounts_addr)?;
+        let mut start = BrokerStart::new(&self.bin, &config_file, &self.data);
+        start.log_file = Some(self.dir.join("activation-broker.log"));
+        // The broker dies with the bench even if the bench is killed with
+        // SIGKILL. Children are spawned from the main thread, which lives
+        // as long as the bench.
+        start.die_with_parent = true;
+        start.ready_within = std::time::Duration::from_secs(30);
+        let child = BrokerProcess::start(&start)?;
+        let addr = child.addr;
+        let Some(accounts_addr) = child.listener("accounts") else {
+            anyhow::bail!(
+                "the broker logged no accounts listener:\n{}",
+                child.log_tail()
+            );
+        };
         Ok((child, addr, accounts_addr))
     }
 }
@@ -204,7 +210,7 @@ impl ActivationBroker {
     /// new ports: a fresh process whose ledger holds what the last one
     /// committed.
     pub fn restart(&mut self) -> anyhow::Result<()> {
-        self.child.interrupt_and_wait()?;
+        self.child.interrupt_and_wait(STOP_WITHIN)?;
         let (child, addr, accounts_addr) = self.launch.start()?;
         self.child = child;
         self.addr = addr;
@@ -233,7 +239,7 @@ impl ActivationBroker {
     /// Stops the broker (SIGINT), reopens its store and returns the
     /// product's consumed and available codes, once the invariants hold.
     pub fn stop_and_check(mut self) -> anyhow::Result<(u64, u64)> {
-        self.child.interrupt_and_wait()?;
+        self.child.interrupt_and_wait(STOP_WITHIN)?;
         let l = open_ledger(&self.launch.data)?;
         let p = l.product(PRODUCT)?;
         l.check_invariants().map_err(anyhow::Error::msg)?;

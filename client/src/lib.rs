@@ -10,9 +10,11 @@
 //!   requests to the HTTP listener);
 //! - [`socket`]: TCP connections from a chosen source address;
 //! - [`limits`]: the open-file limit;
-//! - [`child`]: child processes (free ports, dying with the parent).
+//! - [`child`]: child processes (free ports, dying with the parent);
+//! - [`broker`]: the broker binary as a child process.
 
 pub mod admin;
+pub mod broker;
 pub mod child;
 pub mod connack;
 pub mod credentials;

@@ -226,7 +226,7 @@ fn a_failing_disk_refuses_the_activation_and_stops_the_broker() {
     assert_eq!(connect("after"), Some(3), "{}", broker.log_tail());
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
-        if let Ok(Some(status)) = broker.child.try_wait() {
+        if let Ok(Some(status)) = broker.try_wait() {
             break status;
         }
         assert!(

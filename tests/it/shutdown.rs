@@ -214,7 +214,7 @@ fn sigterm_sends_the_wills_to_subscribers_and_tells_mqtt5_clients() {
     });
     let deadline = std::time::Instant::now() + STOP;
     let status = loop {
-        if let Ok(Some(s)) = broker.child.try_wait() {
+        if let Ok(Some(s)) = broker.try_wait() {
             break Some(s);
         }
         if std::time::Instant::now() > deadline {
