@@ -118,6 +118,41 @@ pub enum LedgerError {
     Corrupt(String),
 }
 
+/// How long `Ledger::open` waits for a store whose file lock is held: a
+/// ledger just closed in this process lets go of it when sled's background
+/// I/O threads end, a moment after its last handle is dropped. Held by
+/// another process (a running broker), it is still refused after this.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn open_sled(path: &Path) -> Result<sled::Db, LedgerError> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        let opened = sled::Config::new()
+            .path(path)
+            .cache_capacity(256 * 1024 * 1024)
+            .mode(sled::Mode::HighThroughput)
+            // The writer flushes after every batch; no background flusher.
+            .flush_every_ms(None)
+            .open();
+        match opened {
+            Ok(db) => return Ok(db),
+            // sled reports it as an `Other` I/O error with this text.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(e) => {
+                return Err(LedgerError::Unavailable(format!(
+                    "opening the store in {}: {e}",
+                    path.display()
+                )))
+            }
+        }
+    }
+}
+
 impl From<sled::Error> for LedgerError {
     fn from(e: sled::Error) -> Self {
         match e {
@@ -312,16 +347,7 @@ impl Ledger {
         durable::check_existing(path)?;
         create_private_dir(path)
             .map_err(|e| LedgerError::Unavailable(format!("creating {}: {e}", path.display())))?;
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(256 * 1024 * 1024)
-            .mode(sled::Mode::HighThroughput)
-            // The writer flushes after every batch; no background flusher.
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| {
-                LedgerError::Unavailable(format!("opening the store in {}: {e}", path.display()))
-            })?;
+        let db = open_sled(path)?;
         version::check_and_record(&db, path)?;
         let tree = db.open_tree(store::TREE)?;
         db.flush()?;
