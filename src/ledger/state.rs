@@ -22,37 +22,37 @@ pub type DeviceId = (String, String);
 
 #[derive(Default)]
 pub struct State {
-    pub orders: BTreeMap<String, Order>,
+    pub(super) orders: BTreeMap<String, Order>,
     /// Order ids in purchase order; assignment takes the oldest codes first.
-    pub order_seq: Vec<String>,
-    pub products: BTreeMap<String, Product>,
-    pub devices: BTreeMap<DeviceId, Device>,
+    pub(super) order_seq: Vec<String>,
+    pub(super) products: BTreeMap<String, Product>,
+    pub(super) devices: BTreeMap<DeviceId, Device>,
     /// Consumed codes; the code with id `n` is at index `n - 1`.
-    pub codes: Vec<CodeRecord>,
+    pub(super) codes: Vec<CodeRecord>,
     /// Assignments; id `n` at index `n - 1`.
-    pub assignments: Vec<Assignment>,
-    pub blacklist: BTreeSet<DeviceId>,
-    pub tokens: HashMap<String, TokenRecord>,
+    pub(super) assignments: Vec<Assignment>,
+    pub(super) blacklist: BTreeSet<DeviceId>,
+    pub(super) tokens: HashMap<String, TokenRecord>,
     /// The audit log; id `n` at index `n - 1`.
-    pub audit: Vec<AuditRecord>,
+    pub(super) audit: Vec<AuditRecord>,
 
     // Indexes, rebuilt on load and kept current by every mutation.
-    pub codes_by_product: HashMap<String, Vec<u64>>,
-    pub codes_by_order: HashMap<String, Vec<u64>>,
-    pub codes_by_expiry: BTreeSet<(Millis, u64)>,
-    pub codes_by_activation: BTreeSet<(Millis, u64)>,
+    pub(super) codes_by_product: HashMap<String, Vec<u64>>,
+    pub(super) codes_by_order: HashMap<String, Vec<u64>>,
+    pub(super) codes_by_expiry: BTreeSet<(Millis, u64)>,
+    pub(super) codes_by_activation: BTreeSet<(Millis, u64)>,
     /// `(ExpireAt, ProductKey, DeviceKey)` of every live device's current
     /// code: near-expiry, expiry enforcement.
-    pub current_expiry: BTreeSet<(Millis, String, String)>,
+    pub(super) current_expiry: BTreeSet<(Millis, String, String)>,
     /// Unassigned codes per allowance.
-    pub unassigned: BTreeMap<Allowance, u64>,
+    pub(super) unassigned: BTreeMap<Allowance, u64>,
 
     // Counters (SPEC §2), kept incrementally; `check_invariants` recomputes them.
-    pub total: u64,
-    pub available_assigned: u64,
-    pub forfeited: u64,
+    pub(super) total: u64,
+    pub(super) available_assigned: u64,
+    pub(super) forfeited: u64,
 
-    pub dirty: Dirty,
+    pub(super) dirty: Dirty,
 }
 
 /// Records changed since the last commit.
