@@ -354,7 +354,8 @@ fn refused(resp: &etcd_client::TxnResponse, head: i64, keys: Vec<Vec<u8>>) -> Re
 /// etcd refuses a transaction whose taken branch reads a compacted
 /// revision as a whole: nothing was written.
 fn refused_compacted(e: &etcd_client::Error) -> bool {
-    e.to_string().contains("required revision has been compacted")
+    e.to_string()
+        .contains("required revision has been compacted")
 }
 
 enum WatchEnd {

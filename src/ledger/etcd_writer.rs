@@ -267,7 +267,12 @@ impl EtcdContext {
 
     /// Takes in everything already queued: other nodes' commits, and
     /// requests (into `queue`).
-    fn drain(&mut self, rx: &mut mpsc::Receiver<Request>, queue: &mut Vec<Request>, stale: &mut bool) {
+    fn drain(
+        &mut self,
+        rx: &mut mpsc::Receiver<Request>,
+        queue: &mut Vec<Request>,
+        stale: &mut bool,
+    ) {
         while let Ok(r) = rx.try_recv() {
             self.take(r, queue, stale);
         }

@@ -44,7 +44,10 @@ impl State {
         let mut revived = BTreeSet::new();
         let (mut codes, mut assignments, mut audit) = (Vec::new(), Vec::new(), Vec::new());
         // Products first: a device's liveness follows its product's.
-        for (k, v) in before.iter().filter(|(k, _)| k.first() == Some(&store::PRODUCT)) {
+        for (k, v) in before
+            .iter()
+            .filter(|(k, _)| k.first() == Some(&store::PRODUCT))
+        {
             let pk = str_of(k)?;
             let was_live = self
                 .products
@@ -206,10 +209,18 @@ impl State {
                 ids.retain(|x| *x != id);
             }
         }
-        if self.codes_by_product.get(&c.product_key).is_some_and(Vec::is_empty) {
+        if self
+            .codes_by_product
+            .get(&c.product_key)
+            .is_some_and(Vec::is_empty)
+        {
             self.codes_by_product.remove(&c.product_key);
         }
-        if self.codes_by_order.get(&c.order_id).is_some_and(Vec::is_empty) {
+        if self
+            .codes_by_order
+            .get(&c.order_id)
+            .is_some_and(Vec::is_empty)
+        {
             self.codes_by_order.remove(&c.order_id);
         }
         self.codes_by_expiry.remove(&(c.expire_at, id));
@@ -229,4 +240,183 @@ fn drop_tail<T>(v: &mut Vec<T>, mut ids: Vec<u64>, what: &str) -> Result<(), Led
         v.pop();
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::ledger::{AuditEntry, AuthMode, Command};
+
+    const NOW: i64 = 1_700_000_000_000;
+    const YEAR: u64 = 365 * 24 * 3600;
+
+    /// Every record, index and counter of `st`, comparable.
+    fn fingerprint(st: &State) -> String {
+        let sorted = |m: &std::collections::HashMap<String, Vec<u64>>| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let tokens: BTreeMap<_, _> = st.tokens.iter().collect();
+        format!(
+            "{:?}",
+            (
+                (&st.orders, &st.order_seq, &st.products, &st.devices),
+                (&st.codes, &st.assignments, &st.blacklist, tokens, &st.audit),
+                (sorted(&st.codes_by_product), sorted(&st.codes_by_order)),
+                (&st.codes_by_expiry, &st.codes_by_activation),
+                (&st.current_expiry, &st.unassigned),
+                (st.total, st.available_assigned, st.forfeited),
+            )
+        )
+    }
+
+    fn run(st: &mut State, c: Command) {
+        let mut events = Vec::new();
+        st.apply(&c, NOW, &mut events)
+            .unwrap_or_else(|e| panic!("{c:?}: {e}"));
+    }
+
+    fn product(st: &mut State, pk: &str, codes: u64) {
+        run(
+            st,
+            Command::CreateProduct {
+                product_key: pk.into(),
+                name: pk.into(),
+                auth_mode: AuthMode::ProductSecret,
+            },
+        );
+        run(
+            st,
+            Command::CreateOrder {
+                order_id: None,
+                quantity: codes,
+                validity_secs: YEAR,
+                product_key: Some(pk.into()),
+            },
+        );
+    }
+
+    fn connect(st: &mut State, pk: &str, dk: &str) {
+        let mut events = Vec::new();
+        st.connect(pk, dk, NOW, &mut events, 0)
+            .unwrap_or_else(|e| panic!("connect {pk}/{dk}: {e:?}"));
+    }
+
+    /// Drains the dirty records into `store`; returns the batch's writes.
+    fn commit(st: &mut State, store: &mut BTreeMap<Vec<u8>, Vec<u8>>) -> Vec<Write> {
+        let mut writes = Vec::new();
+        st.drain_dirty(&mut |w| writes.push(w)).expect("drain");
+        for (k, v) in &writes {
+            match v {
+                Some(v) => store.insert(k.clone(), v.clone()),
+                None => store.remove(k),
+            };
+        }
+        writes
+    }
+
+    #[test]
+    fn a_refused_batch_is_undone_exactly() {
+        let mut st = State::default();
+        let mut store = BTreeMap::new();
+        product(&mut st, "p1", 100);
+        product(&mut st, "p2", 20);
+        run(
+            &mut st,
+            Command::CreateOrder {
+                order_id: Some("spare".into()),
+                quantity: 50,
+                validity_secs: YEAR,
+                product_key: None,
+            },
+        );
+        for i in 0..10 {
+            connect(&mut st, "p1", &format!("d{i}"));
+            connect(&mut st, "p2", &format!("e{i}"));
+        }
+        commit(&mut st, &mut store);
+        let committed = fingerprint(&st);
+
+        // A batch touching every kind of record, as one writer decides it.
+        for i in 10..20 {
+            connect(&mut st, "p1", &format!("d{i}"));
+        }
+        product(&mut st, "p3", 5);
+        connect(&mut st, "p3", "f0");
+        run(
+            &mut st,
+            Command::AssignCodes {
+                product_key: "p1".into(),
+                quantity: 10,
+                validity_secs: Some(YEAR),
+            },
+        );
+        run(
+            &mut st,
+            Command::AddBlacklist {
+                product_key: "p1".into(),
+                device_keys: vec!["d2".into(), "nobody".into()],
+            },
+        );
+        run(
+            &mut st,
+            Command::DeleteDevice {
+                product_key: "p1".into(),
+                device_key: "d1".into(),
+            },
+        );
+        run(
+            &mut st,
+            Command::DeleteProduct {
+                product_key: "p2".into(),
+            },
+        );
+        st.append_audit(
+            AuditEntry {
+                account: "admin".into(),
+                action: "DeleteProduct".into(),
+                parameters: "{}".into(),
+            },
+            "OK".into(),
+            String::new(),
+            NOW,
+        );
+        let mut writes = Vec::new();
+        st.drain_dirty(&mut |w| writes.push(w)).expect("drain");
+        assert_ne!(fingerprint(&st), committed, "the batch changed nothing");
+
+        // Refused: every written key as the store holds it.
+        let before: Vec<Write> = writes
+            .into_iter()
+            .map(|(k, _)| {
+                let v = store.get(&k).cloned();
+                (k, v)
+            })
+            .collect();
+        let mut touched = Dirty::default();
+        st.undo(&before, &mut touched).expect("undo");
+        st.check_invariants().expect("invariants after undo");
+        assert_eq!(fingerprint(&st), committed);
+        assert!(touched.products.contains("p2") && touched.devices.contains(&dev_id("p1", "d1")));
+        // And the replica goes on from there as if the batch never was.
+        connect(&mut st, "p1", "d10");
+        commit(&mut st, &mut store);
+        let reloaded = State::from_records(store.iter().map(|(k, v)| Ok((k.clone(), v.clone()))))
+            .expect("reload");
+        assert_eq!(fingerprint(&reloaded), fingerprint(&st));
+    }
+
+    #[test]
+    fn pre_images_that_do_not_fit_are_refused() {
+        let mut st = State::default();
+        product(&mut st, "p1", 10);
+        connect(&mut st, "p1", "d0");
+        let mut touched = Dirty::default();
+        // Code 5 was never the newest: undoing it would leave a gap.
+        let r = st.undo(&[(store::id_key(store::CODE, 5), None)], &mut touched);
+        assert!(matches!(r, Err(LedgerError::Corrupt(_))), "{r:?}");
+    }
 }
