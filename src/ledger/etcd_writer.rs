@@ -46,8 +46,11 @@ use crate::events::{Event, EventBus};
 const MAX_WRITES: usize = 900;
 /// Most requests decided in one batch.
 const MAX_BATCH: usize = 256;
-/// Stale refusals in a row before a batch is answered "unavailable".
-const MAX_ATTEMPTS: usize = 16;
+/// Stale refusals in a row before a batch is answered "unavailable" (also
+/// answered so once the store's timeout has passed since the first try).
+/// A retry costs the batch and the commits missed, not a reload: a node
+/// that keeps losing to a busy one retries often, so it wins a turn.
+const MAX_ATTEMPTS: usize = 64;
 
 pub struct EtcdContext {
     pub store: EtcdStore,
@@ -171,6 +174,7 @@ impl EtcdContext {
         let mut queue = requests;
         while !queue.is_empty() {
             let mut attempt = 0;
+            let give_up = Instant::now() + self.store.timeout();
             loop {
                 attempt += 1;
                 match self.try_commit(&mut queue) {
@@ -181,7 +185,7 @@ impl EtcdContext {
                             *stale = true;
                             return fail_all(queue, &e);
                         }
-                        if attempt >= MAX_ATTEMPTS {
+                        if attempt >= MAX_ATTEMPTS || Instant::now() > give_up {
                             tracing::warn!(
                                 node = self.store.node(),
                                 attempts = attempt,
@@ -193,9 +197,10 @@ impl EtcdContext {
                             );
                             return fail_all(queue, &e);
                         }
-                        // Two nodes refused in turn would go on colliding:
-                        // a random pause, growing with the attempts, parts them.
-                        let cap = 1u64 << attempt.min(6);
+                        // Nodes refused in turn would go on colliding: a
+                        // short random pause, growing with the attempts,
+                        // parts them.
+                        let cap = 1u64 << attempt.min(4);
                         let pause = rand::Rng::gen_range(&mut rand::thread_rng(), 0..=cap);
                         std::thread::sleep(Duration::from_millis(pause));
                         // Commits that arrived during the pause: taken in
