@@ -14,6 +14,9 @@
 #   scripts/bench-etcd.sh                    # 20000 devices, 200 in flight
 #   DEVICES=50000 CONCURRENCY=400 scripts/bench-etcd.sh
 #   KEEP=1 scripts/bench-etcd.sh             # keep the logs (path printed)
+#   BASE_BIN=/path/to/older/activation-broker scripts/bench-etcd.sh
+#       # also runs the 2-node row with that broker binary, in the same run
+#       # (a baseline: e.g. a build from before a change to the etcd writer)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -99,7 +102,7 @@ name = "admin"
 password_hash = "$HASH"
 role = "admin"
 EOF
-    RUST_LOG=warn "$BIN" serve --config "$WORK/$name/broker.toml" --data "$WORK/$name/data" \
+    RUST_LOG=warn "${BROKER:-$BIN}" serve --config "$WORK/$name/broker.toml" --data "$WORK/$name/data" \
         >"$WORK/$name/log" 2>&1 &
     PID=$!
     PIDS+=($PID)
@@ -146,7 +149,7 @@ print(", ".join(f"{k} {v}" for k, v in sorted(c.items()) if v) or "-")' "$@"
 
 # commit_stats PORT... -> "mean commit ms, mean batch" over the given nodes
 commit_stats() {
-    local s=0 c=0 bs=0 bc=0 k=0 p v
+    local s=0 c=0 bs=0 bc=0 k=0 r=0 p v
     for p in "$@"; do
         s=$(python3 -c "print($s + $(metric commit_seconds_sum "$p"))")
         c=$(python3 -c "print($c + $(metric commit_seconds_count "$p"))")
@@ -154,8 +157,11 @@ commit_stats() {
         bc=$(python3 -c "print($bc + $(metric batch_size_count "$p"))")
         v=$(metric commit_conflicts_total "$p")
         k=$(python3 -c "print($k + ${v:-0})")
+        v=$(metric replica_reloads_total "$p")
+        # A broker from before the counter existed: not counted.
+        if [ -z "$v" ]; then r=-1; elif [ "$r" != -1 ]; then r=$(python3 -c "print($r + $v)"); fi
     done
-    python3 -c "print(f'{1000*$s/max($c,1):.2f} ms per commit, {$bs/max($bc,1):.1f} requests per batch, {int($c)} commits, {int($k)} refused as stale')"
+    python3 -c "print(f'{1000*$s/max($c,1):.2f} ms per commit, {$bs/max($bc,1):.1f} requests per batch, {int($c)} commits, {int($k)} refused as stale, ' + ('full reloads not counted' if $r < 0 else f'{int($r)} full reloads'))"
 }
 
 now() { date +%s.%N; }
@@ -165,6 +171,7 @@ echo "# First activations: sled vs etcd (1 and 2 nodes)"
 echo "settings: $DEVICES devices (one first activation each, MQTT 3.1.1, hold 0), $CONCURRENCY in flight in total,"
 echo "          release build, rate limits off, etcd $("$ETCD" --version | head -1 | awk '{print $3}') x3 members on loopback (--max-txn-ops 1024),"
 echo "          $(nproc) cores; load: $(cut -d' ' -f1-3 /proc/loadavg)"
+[ -n "${BASE_BIN:-}" ] && echo "baseline (base): $BASE_BIN"
 echo
 printf '| %-14s | %10s | %12s | %-60s | %s |\n' "store, nodes" "accepted" "activations/s" "ledger commits" "not accepted"
 printf '|%s|%s|%s|%s|%s|\n' "----------------" "------------" "--------------" "--------------------------------------------------------------" "---"
@@ -186,17 +193,24 @@ printf '| %-14s | %10s | %12s | %-60s | %s |\n' "etcd, 1" "$n" "$(rate "$n" "$t0
 kill "$P1"; wait "$P1" 2>/dev/null || true
 
 # etcd, 2 nodes: half the devices and half the concurrency against each
-start_broker e2a etcd run2/; PA=$PID; DA=$DEV_PORT; AA=$ADMIN_PORT; HA=$HTTP_PORT
-start_broker e2b etcd run2/; PB=$PID; DB=$DEV_PORT; HB=$HTTP_PORT
-SECRET=$(setup "$AA")
-half=$((DEVICES / 2))
-t0=$(now)
-flood "$DA" "$SECRET" 1 "$half" $((CONCURRENCY / 2)) "$WORK/etcd2a.json" &
-FA=$!
-flood "$DB" "$SECRET" $((half + 1)) $((DEVICES - half)) $((CONCURRENCY / 2)) "$WORK/etcd2b.json" &
-FB=$!
-wait "$FA" "$FB"
-t1=$(now)
-n=$(accepted "$WORK/etcd2a.json" "$WORK/etcd2b.json")
-printf '| %-14s | %10s | %12s | %-60s | %s |\n' "etcd, 2" "$n" "$(rate "$n" "$t0" "$t1")" "$(commit_stats "$HA" "$HB")" "$(not_accepted "$WORK/etcd2a.json" "$WORK/etcd2b.json")"
-kill "$PA" "$PB"; wait "$PA" "$PB" 2>/dev/null || true
+# two_nodes LABEL PREFIX (the broker binary: $BROKER, else $BIN)
+two_nodes() {
+    start_broker e2a etcd "$2/"; PA=$PID; DA=$DEV_PORT; AA=$ADMIN_PORT; HA=$HTTP_PORT
+    start_broker e2b etcd "$2/"; PB=$PID; DB=$DEV_PORT; HB=$HTTP_PORT
+    SECRET=$(setup "$AA")
+    half=$((DEVICES / 2))
+    t0=$(now)
+    flood "$DA" "$SECRET" 1 "$half" $((CONCURRENCY / 2)) "$WORK/$2a.json" &
+    FA=$!
+    flood "$DB" "$SECRET" $((half + 1)) $((DEVICES - half)) $((CONCURRENCY / 2)) "$WORK/$2b.json" &
+    FB=$!
+    wait "$FA" "$FB"
+    t1=$(now)
+    n=$(accepted "$WORK/$2a.json" "$WORK/$2b.json")
+    printf '| %-14s | %10s | %12s | %-60s | %s |\n' "$1" "$n" "$(rate "$n" "$t0" "$t1")" "$(commit_stats "$HA" "$HB")" "$(not_accepted "$WORK/$2a.json" "$WORK/$2b.json")"
+    kill "$PA" "$PB"; wait "$PA" "$PB" 2>/dev/null || true
+}
+two_nodes "etcd, 2" run2
+if [ -n "${BASE_BIN:-}" ]; then
+    BROKER=$BASE_BIN two_nodes "etcd, 2 (base)" run3
+fi

@@ -91,6 +91,17 @@ fn describe() {
         "activation_ledger_batch_size",
         "Requests in one group-commit batch that changed the store"
     );
+    describe_counter!(
+        "activation_ledger_commit_conflicts_total",
+        "etcd store: batches refused as stale (another node committed first); each is undone and decided again"
+    );
+    describe_counter!(
+        "activation_ledger_replica_reloads_total",
+        "etcd store: reads of the whole ledger into this node's replica after it started (watch behind compaction, unknown commit outcome, catch-up timed out)"
+    );
+    // Shown from the start (0), so a scrape tells "none" from "not counted".
+    metrics::counter!("activation_ledger_commit_conflicts_total").increment(0);
+    metrics::counter!("activation_ledger_replica_reloads_total").increment(0);
     describe_gauge!(
         "activation_sessions",
         "Sessions: online (devices and accounts), router_linked (holding a router link), lingering (ended, waiting for a delayed will or expiry)"

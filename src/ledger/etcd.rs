@@ -15,7 +15,8 @@
 use std::time::Duration;
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Txn, TxnOp, TxnOpResponse,
+    WatchOptions,
 };
 use tokio::runtime::Runtime;
 use tokio::sync::mpsc;
@@ -50,7 +51,7 @@ pub enum Commit {
     /// Committed at this revision (the head's new mod revision).
     Done(i64),
     /// Another node committed first: nothing was written.
-    Stale,
+    Stale(Refused),
     /// Timeout, lost connection, leader change: written or not, unknown.
     Unknown(String),
 }
@@ -61,6 +62,18 @@ pub enum Remote {
     Changes { revision: i64, writes: Vec<Write> },
     /// The watch missed changes (compaction, a broken stream): reload.
     Reload(String),
+}
+
+/// What a refused transaction read in the same round trip (its failure
+/// branch), so the writer catches up without reading the whole ledger.
+pub struct Refused {
+    /// The head's mod revision now: the last commit of any node, which
+    /// the watch delivers; 0 if unknown.
+    pub head: i64,
+    /// The records the batch wrote as they were at the revision the batch
+    /// was decided on (`None`: absent), in the batch's order; `None` when
+    /// etcd no longer holds that revision (compacted): reload.
+    pub before: Option<Vec<Write>>,
 }
 
 const HEAD: &[u8] = b"!head";
@@ -128,6 +141,11 @@ impl EtcdStore {
         &self.options.node
     }
 
+    /// The longest wait for one etcd call.
+    pub fn timeout(&self) -> Duration {
+        self.options.timeout
+    }
+
     fn head_key(&self) -> Vec<u8> {
         [self.prefix.as_slice(), HEAD].concat()
     }
@@ -183,16 +201,26 @@ impl EtcdStore {
     }
 
     /// One transaction: if the head is still at `head`, every write and
-    /// the head. `head` 0 is a ledger nobody committed to yet.
+    /// the head. `head` 0 is a ledger nobody committed to yet. If refused,
+    /// the same transaction reads the head now and each written key as it
+    /// was at revision `head` (the batch's pre-images).
     pub fn commit(&self, head: i64, writes: Vec<Write>) -> Commit {
         let head_key = self.head_key();
         let mut ops = Vec::with_capacity(writes.len() + 1);
+        let mut reads = Vec::with_capacity(writes.len() + 1);
+        reads.push(TxnOp::get(head_key.clone(), None));
+        let mut keys = Vec::with_capacity(writes.len());
         for (k, v) in writes {
             let key = [self.prefix.as_slice(), k.as_slice()].concat();
+            if head > 0 {
+                let at = GetOptions::new().with_revision(head);
+                reads.push(TxnOp::get(key.clone(), Some(at)));
+            }
             ops.push(match v {
                 Some(v) => TxnOp::put(key, v, None),
                 None => TxnOp::delete(key, None),
             });
+            keys.push(k);
         }
         ops.push(TxnOp::put(
             head_key.clone(),
@@ -201,7 +229,8 @@ impl EtcdStore {
         ));
         let txn = Txn::new()
             .when([Compare::mod_revision(head_key, CompareOp::Equal, head)])
-            .and_then(ops);
+            .and_then(ops)
+            .or_else(reads);
         let mut kv = self.client.kv_client();
         let timeout = self.options.timeout;
         let r = self
@@ -209,22 +238,29 @@ impl EtcdStore {
             .block_on(async move { tokio::time::timeout(timeout, kv.txn(txn)).await });
         match r {
             Err(_) => Commit::Unknown(format!("no answer from etcd within {timeout:?}")),
+            Ok(Err(e)) if refused_compacted(&e) => Commit::Stale(Refused {
+                head: 0,
+                before: None,
+            }),
             Ok(Err(e)) => Commit::Unknown(e.to_string()),
             Ok(Ok(resp)) if resp.succeeded() => {
                 Commit::Done(resp.header().map_or(0, |h| h.revision()))
             }
-            Ok(Ok(_)) => Commit::Stale,
+            Ok(Ok(resp)) => Commit::Stale(refused(&resp, head, keys)),
         }
     }
 
     /// Whether the head is still at `head` (one read at a single
     /// revision): a refusal decided on the replica holds only then.
     pub fn confirm(&self, head: i64) -> Commit {
-        let txn = Txn::new().when([Compare::mod_revision(
-            self.head_key(),
-            CompareOp::Equal,
-            head,
-        )]);
+        let head_key = self.head_key();
+        let txn = Txn::new()
+            .when([Compare::mod_revision(
+                head_key.clone(),
+                CompareOp::Equal,
+                head,
+            )])
+            .or_else([TxnOp::get(head_key, None)]);
         let mut kv = self.client.kv_client();
         let timeout = self.options.timeout;
         let r = self
@@ -234,8 +270,15 @@ impl EtcdStore {
             Err(_) => Commit::Unknown(format!("no answer from etcd within {timeout:?}")),
             Ok(Err(e)) => Commit::Unknown(e.to_string()),
             Ok(Ok(resp)) if resp.succeeded() => Commit::Done(head),
-            Ok(Ok(_)) => Commit::Stale,
+            Ok(Ok(resp)) => Commit::Stale(refused(&resp, head, Vec::new())),
         }
+    }
+
+    /// Runs `f` on the client's runtime for at most `wait`; `None` if it
+    /// did not finish in time.
+    pub fn wait_for<F: std::future::Future>(&self, wait: Duration, f: F) -> Option<F::Output> {
+        self.rt
+            .block_on(async move { tokio::time::timeout(wait, f).await.ok() })
     }
 
     /// Watches the ledger's keys from revision `from` on, sending each
@@ -269,6 +312,50 @@ impl EtcdStore {
             }
         });
     }
+}
+
+/// A refused transaction's reads: the head now, then (if `head` > 0)
+/// each of `keys` at revision `head`.
+fn refused(resp: &etcd_client::TxnResponse, head: i64, keys: Vec<Vec<u8>>) -> Refused {
+    let mut gets = resp.op_responses().into_iter().map(|r| match r {
+        TxnOpResponse::Get(g) => Some(g),
+        _ => None,
+    });
+    let now = gets
+        .next()
+        .flatten()
+        .and_then(|g| g.kvs().first().map(|kv| kv.mod_revision()))
+        .unwrap_or(0);
+    if head == 0 {
+        // Nobody had committed: none of the keys existed.
+        let before = keys.into_iter().map(|k| (k, None)).collect();
+        return Refused {
+            head: now,
+            before: Some(before),
+        };
+    }
+    let mut before = Vec::with_capacity(keys.len());
+    for k in keys {
+        let Some(g) = gets.next().flatten() else {
+            return Refused {
+                head: now,
+                before: None,
+            };
+        };
+        let v = g.kvs().first().map(|kv| kv.value().to_vec());
+        before.push((k, v));
+    }
+    Refused {
+        head: now,
+        before: Some(before),
+    }
+}
+
+/// etcd refuses a transaction whose taken branch reads a compacted
+/// revision as a whole: nothing was written.
+fn refused_compacted(e: &etcd_client::Error) -> bool {
+    e.to_string()
+        .contains("required revision has been compacted")
 }
 
 enum WatchEnd {

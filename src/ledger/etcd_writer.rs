@@ -5,20 +5,28 @@
 //! etcd transaction guarded by the head's revision (`etcd.rs`). Answers,
 //! the fast view and events follow only a committed transaction.
 //!
-//! - Refused as stale (another node committed first): the replica is
-//!   reloaded and the same requests decided again, a few times at most.
+//! - Refused as stale (another node committed first): the batch is undone
+//!   in the replica from its records' pre-images, which the refused
+//!   transaction read in the same round trip (`undo.rs`); the replica
+//!   catches up to the head etcd reported from the watch's queued changes
+//!   (a bounded wait), and the same requests are decided again, a few
+//!   times at most. Cost: the batch and the commits missed, not the
+//!   ledger. The whole replica is reloaded only if the watch does not
+//!   deliver in time, lost changes (compaction), or the pre-images are
+//!   gone (compacted).
 //! - Outcome unknown (timeout, leader change, lost connection): nothing
 //!   that consumed a code is answered with success (the device gets
 //!   "unavailable" and retries; the retry is idempotent: committed or
 //!   not, the replica reloaded from etcd decides it again), and the
-//!   replica, which may hold the batch, is reloaded before the next
-//!   decision.
+//!   replica, which may hold the batch, is reloaded (all of it: unknown
+//!   outcomes are rare) before the next decision.
 //!
 //! Unlike sled, a failure is not final: every later batch tries again.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use parking_lot::RwLock;
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -38,8 +46,11 @@ use crate::events::{Event, EventBus};
 const MAX_WRITES: usize = 900;
 /// Most requests decided in one batch.
 const MAX_BATCH: usize = 256;
-/// Stale refusals in a row before a batch is answered "unavailable".
-const MAX_ATTEMPTS: usize = 16;
+/// Stale refusals in a row before a batch is answered "unavailable" (also
+/// answered so once the store's timeout has passed since the first try).
+/// A retry costs the batch and the commits missed, not a reload: a node
+/// that keeps losing to a busy one retries often, so it wins a turn.
+const MAX_ATTEMPTS: usize = 64;
 
 pub struct EtcdContext {
     pub store: EtcdStore,
@@ -137,6 +148,7 @@ impl EtcdContext {
 
     /// Reads the whole ledger from etcd into the replica.
     fn reload(&mut self) -> Result<(), LedgerError> {
+        metrics::counter!("activation_ledger_replica_reloads_total").increment(1);
         let loaded = self.store.load()?;
         let fresh = State::from_records(loaded.records.into_iter().map(Ok))?;
         let mut st = self.state.write();
@@ -162,53 +174,44 @@ impl EtcdContext {
         let mut queue = requests;
         while !queue.is_empty() {
             let mut attempt = 0;
+            let give_up = Instant::now() + self.store.timeout();
             loop {
                 attempt += 1;
                 match self.try_commit(&mut queue) {
                     Ok(()) => break,
-                    Err(Failed::Stale) if attempt < MAX_ATTEMPTS => {
-                        // Two nodes refused in turn would go on colliding:
-                        // a random pause, growing with the attempts, parts them.
-                        let cap = 1u64 << attempt.min(6);
-                        let pause = rand::Rng::gen_range(&mut rand::thread_rng(), 0..=cap);
-                        std::thread::sleep(std::time::Duration::from_millis(pause));
-                        if let Err(e) = self.reload() {
-                            tracing::warn!(node = self.store.node(), error = %e, "reloading the replica failed");
+                    Err(Failed::Stale(refusal)) => {
+                        if let Err(e) = self.catch_up(refusal, rx, &mut queue, stale) {
+                            tracing::warn!(node = self.store.node(), error = %e, "catching up with etcd failed");
                             *stale = true;
                             return fail_all(queue, &e);
                         }
-                        // Commits that arrived during the reload: taken in
-                        // now, so the next try is decided on them. Requests
-                        // that arrived meanwhile join this batch.
-                        while let Ok(r) = rx.try_recv() {
-                            match r {
-                                Request::Remote(change) => self.take_remote(change, stale),
-                                Request::Snapshot { reply } => refuse_snapshot(reply),
-                                other => queue.push(other),
-                            }
+                        if attempt >= MAX_ATTEMPTS || Instant::now() > give_up {
+                            tracing::warn!(
+                                node = self.store.node(),
+                                attempts = attempt,
+                                requests = queue.len(),
+                                "refused as stale every time; the batch is answered unavailable"
+                            );
+                            let e = LedgerError::Unavailable(
+                                "other nodes committed first every time; try again".into(),
+                            );
+                            return fail_all(queue, &e);
                         }
+                        // Nodes refused in turn would go on colliding: a
+                        // short random pause, growing with the attempts,
+                        // parts them.
+                        let cap = 1u64 << attempt.min(4);
+                        let pause = rand::Rng::gen_range(&mut rand::thread_rng(), 0..=cap);
+                        std::thread::sleep(Duration::from_millis(pause));
+                        // Commits that arrived during the pause: taken in
+                        // now, so the next try is decided on them.
+                        self.drain(rx, &mut queue, stale);
                         if *stale {
                             if let Err(e) = self.reload() {
                                 return fail_all(queue, &e);
                             }
                             *stale = false;
                         }
-                    }
-                    Err(Failed::Stale) => {
-                        let e = LedgerError::Unavailable(
-                            "other nodes committed first every time; try again".into(),
-                        );
-                        tracing::warn!(
-                            node = self.store.node(),
-                            attempts = attempt,
-                            requests = queue.len(),
-                            "refused as stale every time; the batch is answered unavailable"
-                        );
-                        if let Err(e) = self.reload() {
-                            tracing::warn!(error = %e, "reloading the replica failed");
-                            *stale = true;
-                        }
-                        return fail_all(queue, &e);
                     }
                     Err(Failed::Unknown) => {
                         // The replica may hold a batch etcd does not.
@@ -220,6 +223,71 @@ impl EtcdContext {
                     }
                 }
             }
+        }
+    }
+
+    /// After a stale refusal (the batch already undone, or not): brings
+    /// the replica up to the head etcd reported, from the watch's changes
+    /// (waiting for them at most the store's timeout); reloads the whole
+    /// replica only if they do not come, the watch lost changes, or the
+    /// batch could not be undone. Requests that arrive meanwhile join
+    /// `queue`.
+    fn catch_up(
+        &mut self,
+        refusal: StaleRefusal,
+        rx: &mut mpsc::Receiver<Request>,
+        queue: &mut Vec<Request>,
+        stale: &mut bool,
+    ) -> Result<(), LedgerError> {
+        if !refusal.undone {
+            *stale = true;
+        }
+        let deadline = Instant::now() + self.store.timeout();
+        while !*stale && self.head < refusal.head {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.store.wait_for(left, rx.recv()) {
+                Some(Some(r)) => self.take(r, queue, stale),
+                Some(None) => {
+                    return Err(LedgerError::Unavailable("the ledger is closing".into()));
+                }
+                None => {
+                    tracing::warn!(
+                        node = self.store.node(),
+                        at = self.head,
+                        head = refusal.head,
+                        "the watch did not bring the replica up to etcd's head in time; reloading"
+                    );
+                    *stale = true;
+                }
+            }
+        }
+        if *stale {
+            self.reload()?;
+            *stale = false;
+        } else {
+            debug_check(&self.state.read(), "catching up after a stale refusal");
+        }
+        Ok(())
+    }
+
+    /// Takes in everything already queued: other nodes' commits, and
+    /// requests (into `queue`).
+    fn drain(
+        &mut self,
+        rx: &mut mpsc::Receiver<Request>,
+        queue: &mut Vec<Request>,
+        stale: &mut bool,
+    ) {
+        while let Ok(r) = rx.try_recv() {
+            self.take(r, queue, stale);
+        }
+    }
+
+    fn take(&mut self, r: Request, queue: &mut Vec<Request>, stale: &mut bool) {
+        match r {
+            Request::Remote(change) => self.take_remote(change, stale),
+            Request::Snapshot { reply } => refuse_snapshot(reply),
+            other => queue.push(other),
         }
     }
 
@@ -255,7 +323,13 @@ impl EtcdContext {
             if refused_empty {
                 match self.store.confirm(self.head) {
                     Commit::Done(_) => {}
-                    Commit::Stale => return Err(Failed::Stale),
+                    Commit::Stale(refused) => {
+                        // Nothing to undo: this batch changed nothing.
+                        return Err(Failed::Stale(StaleRefusal {
+                            head: refused.head,
+                            undone: true,
+                        }));
+                    }
                     Commit::Unknown(why) => {
                         let e = LedgerError::Unavailable(format!("etcd: {why}"));
                         for (r, a) in queue.drain(..n).zip(answers) {
@@ -293,9 +367,28 @@ impl EtcdContext {
                 finish_with(&self.events, &mut done, answers, events);
                 Ok(())
             }
-            Commit::Stale => {
+            Commit::Stale(refused) => {
                 metrics::counter!("activation_ledger_commit_conflicts_total").increment(1);
-                Err(Failed::Stale)
+                let undone = match &refused.before {
+                    Some(before) => {
+                        let mut touched = Dirty::default();
+                        match st.undo(before, &mut touched) {
+                            Ok(()) => {
+                                debug_check(&st, "undoing a refused batch");
+                                true
+                            }
+                            Err(e) => {
+                                tracing::warn!(node = self.store.node(), error = %e, "undoing a refused batch failed; reloading");
+                                false
+                            }
+                        }
+                    }
+                    None => false,
+                };
+                Err(Failed::Stale(StaleRefusal {
+                    head: refused.head,
+                    undone,
+                }))
             }
             Commit::Unknown(why) => {
                 drop(st);
@@ -322,8 +415,26 @@ fn refuse_snapshot(reply: oneshot::Sender<Result<Snapshot, LedgerError>>) {
 }
 
 enum Failed {
-    Stale,
+    Stale(StaleRefusal),
     Unknown,
+}
+
+/// A stale refusal, as the writer goes on from it.
+struct StaleRefusal {
+    /// etcd's head when it refused.
+    head: i64,
+    /// Whether the replica is back where the batch started; if not, the
+    /// whole replica is reloaded.
+    undone: bool,
+}
+
+/// In debug builds: the replica's invariants hold after `after`.
+fn debug_check(st: &State, after: &str) {
+    if cfg!(debug_assertions) {
+        if let Err(e) = st.check_invariants() {
+            panic!("the ledger replica is inconsistent after {after}: {e}");
+        }
+    }
 }
 
 fn fail_all(queue: Vec<Request>, e: &LedgerError) {

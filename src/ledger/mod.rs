@@ -25,6 +25,7 @@ mod records;
 mod restore;
 mod state;
 mod store;
+mod undo;
 mod version;
 mod writer;
 

@@ -201,7 +201,7 @@ impl State {
         Ok(removed)
     }
 
-    fn remote_order(&mut self, o: Order) {
+    pub(super) fn remote_order(&mut self, o: Order) {
         if let Some(old) = self.orders.get(&o.order_id) {
             self.total -= old.quantity;
             if let Some(n) = self.unassigned.get_mut(&old.allowance) {
@@ -229,7 +229,7 @@ impl State {
         self.orders.insert(o.order_id.clone(), o);
     }
 
-    fn remote_product(&mut self, p: Product) -> Option<Removal> {
+    pub(super) fn remote_product(&mut self, p: Product) -> Option<Removal> {
         let was_live = match self.products.get(&p.product_key) {
             Some(old) => {
                 self.forfeited -= old.forfeited;
@@ -262,7 +262,7 @@ impl State {
         None
     }
 
-    fn remote_device(&mut self, d: Device) -> Option<Removal> {
+    pub(super) fn remote_device(&mut self, d: Device) -> Option<Removal> {
         let id = dev_id(&d.product_key, &d.device_key);
         let was_live = match self.devices.get(&id) {
             Some(old) => {
@@ -287,7 +287,7 @@ impl State {
         })
     }
 
-    fn remote_code(&mut self, c: CodeRecord) -> Result<(), LedgerError> {
+    pub(super) fn remote_code(&mut self, c: CodeRecord) -> Result<(), LedgerError> {
         if c.id == self.codes.len() as u64 + 1 {
             self.codes_by_product
                 .entry(c.product_key.clone())
@@ -362,7 +362,7 @@ impl State {
 
 /// Puts record `id` (ids are dense from 1) at its place: replaces an
 /// existing one or appends the next; anything else is a gap.
-fn put_dense<T>(v: &mut Vec<T>, id: u64, rec: T, what: &str) -> Result<(), LedgerError> {
+pub(super) fn put_dense<T>(v: &mut Vec<T>, id: u64, rec: T, what: &str) -> Result<(), LedgerError> {
     let next = v.len() as u64 + 1;
     match id.checked_sub(1).and_then(|i| v.get_mut(i as usize)) {
         Some(slot) => *slot = rec,

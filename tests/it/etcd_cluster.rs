@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use activation_broker::clock::Clock;
 use activation_broker::credentials::device_credentials;
 use common::child::ChildBroker;
-use common::etcd::{admin, EtcdCluster};
+use common::etcd::{admin, http_addr, EtcdCluster};
 use common::flood::connack_code;
+use common::http::Http;
 use serde_json::json;
 use tokio::sync::Semaphore;
 
@@ -99,6 +100,106 @@ fn two_nodes_give_out_exactly_the_codes_there_are() {
         for node in &nodes {
             assert_eq!(consumed_reaches(node, CODES).await, CODES);
         }
+    });
+}
+
+/// The sum of a counter's samples on the node's `/metrics` (0 if absent:
+/// never incremented).
+async fn counter(node: &ChildBroker, name: &str) -> u64 {
+    let body = Http::new(http_addr(node)).get("/metrics").await.body;
+    body.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// An admin answer without its `RequestId`.
+async fn described(node: &ChildBroker, action: &str) -> serde_json::Value {
+    let mut v = admin(node, json!({ "Action": action })).await;
+    if let Some(o) = v.as_object_mut() {
+        o.remove("RequestId");
+    }
+    v
+}
+
+#[test]
+fn two_busy_nodes_catch_up_after_conflicts_without_reloading() {
+    const CODES: u64 = 5_000;
+    const DEVICES: usize = 3_000;
+    let cluster = EtcdCluster::start(3);
+    let secret = cluster.prepare(PK, CODES, YEAR);
+    let nodes = [cluster.broker("a"), cluster.broker("b")];
+    let addrs = [nodes[0].addr, nodes[1].addr];
+    let rt = runtime();
+    // Both nodes busy at once: each commits batches while the other does,
+    // so their transactions are refused as stale over and over.
+    let codes = rt.block_on(async {
+        let gate = Arc::new(Semaphore::new(128));
+        let mut tasks = Vec::new();
+        for i in 0..DEVICES {
+            let (gate, secret) = (gate.clone(), secret.clone());
+            let addr = addrs[i % 2];
+            tasks.push(tokio::spawn(async move {
+                let _p = gate.acquire_owned().await.expect("semaphore");
+                activate(addr, &format!("d{i}"), &secret).await
+            }));
+        }
+        let mut codes = Vec::new();
+        for t in tasks {
+            codes.push(t.await.expect("task"));
+        }
+        codes
+    });
+    let accepted = codes.iter().filter(|c| **c == Some(0)).count();
+    let mut other: Vec<_> = codes.iter().filter(|c| **c != Some(0)).collect();
+    other.sort();
+    other.dedup();
+    assert_eq!(
+        accepted, DEVICES,
+        "{accepted} of {DEVICES} devices accepted ({CODES} codes); other answers {other:?}"
+    );
+    // (a) Exactly one code per device in etcd, and the invariants hold.
+    let acked: Vec<String> = (0..DEVICES).map(|i| format!("d{i}")).collect();
+    let consumed = cluster.check(PK, CODES, &acked, "after the flood");
+    assert_eq!(consumed, DEVICES as u64, "codes consumed in etcd");
+    let truth = cluster.ledger("check").counters();
+    rt.block_on(async {
+        // (b) Stale refusals happened, and none of them reloaded a replica.
+        let mut conflicts = 0;
+        for node in &nodes {
+            conflicts += counter(node, "activation_ledger_commit_conflicts_total").await;
+            let reloads = counter(node, "activation_ledger_replica_reloads_total").await;
+            assert_eq!(reloads, 0, "full replica reloads:\n{}", node.log_tail());
+        }
+        assert!(conflicts > 0, "the two nodes never conflicted");
+        eprintln!("stale refusals (both nodes): {conflicts}, full reloads: 0");
+        // (c) Both replicas agree with etcd and with each other.
+        for node in &nodes {
+            assert_eq!(consumed_reaches(node, DEVICES as u64).await, DEVICES as u64);
+            let s = described(node, "DescribeActivationSummary").await;
+            let s = if s.get("Data").is_some() {
+                &s["Data"]
+            } else {
+                &s
+            };
+            for (field, want) in [
+                ("Total", truth.total),
+                ("Consumed", truth.consumed),
+                ("Available", truth.available),
+                ("Unassigned", truth.unassigned),
+                ("Forfeited", truth.forfeited),
+            ] {
+                assert_eq!(s[field].as_u64(), Some(want), "{field} on a node: {s}");
+            }
+        }
+        assert_eq!(
+            described(&nodes[0], "DescribeProducts").await,
+            described(&nodes[1], "DescribeProducts").await,
+            "the nodes describe the product differently"
+        );
     });
 }
 
