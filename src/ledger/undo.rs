@@ -379,6 +379,7 @@ mod tests {
                 account: "admin".into(),
                 action: "DeleteProduct".into(),
                 parameters: "{}".into(),
+                code_of: |_| "Refused",
             },
             "OK".into(),
             String::new(),

@@ -11,9 +11,8 @@ use std::time::{Duration, Instant};
 use activation_broker::clock::Clock;
 use activation_broker::credentials::device_credentials;
 use common::child::ChildBroker;
-use common::etcd::{admin, http_addr, EtcdCluster};
+use common::etcd::{admin, counter, EtcdCluster};
 use common::flood::connack_code;
-use common::http::Http;
 use serde_json::json;
 use tokio::sync::Semaphore;
 
@@ -101,19 +100,6 @@ fn two_nodes_give_out_exactly_the_codes_there_are() {
             assert_eq!(consumed_reaches(node, CODES).await, CODES);
         }
     });
-}
-
-/// The sum of a counter's samples on the node's `/metrics` (0 if absent:
-/// never incremented).
-async fn counter(node: &ChildBroker, name: &str) -> u64 {
-    let body = Http::new(http_addr(node)).get("/metrics").await.body;
-    body.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
 }
 
 /// An admin answer without its `RequestId`.

@@ -314,3 +314,20 @@ impl Drop for EtcdCluster {
         }
     }
 }
+
+/// The sum of a counter's samples on the node's `/metrics` (0 if absent:
+/// never incremented).
+pub async fn counter(node: &ChildBroker, name: &str) -> u64 {
+    let reply = super::http::Http::new(http_addr(node))
+        .get("/metrics")
+        .await;
+    reply
+        .text()
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
