@@ -1,5 +1,4 @@
-//! Several broker nodes on one activation ledger in etcd (issue 14, tests
-//! 1, 2, 7, 8): a real 3-member etcd cluster and broker binaries as child
+//! Several broker nodes on one activation ledger in etcd: a real 3-member etcd cluster and broker binaries as child
 //! processes, devices speaking MQTT through rumqttc.
 
 use crate::common;

@@ -1,4 +1,4 @@
-//! Failures of a multi-node deployment on etcd (issue 14, tests 3–6): a
+//! Failures of a multi-node deployment on etcd: a
 //! broker killed or paused mid-flood, etcd members killed. Every device
 //! that got CONNACK 0 must hold its code in etcd, and no code is given
 //! twice.

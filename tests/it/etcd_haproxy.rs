@@ -1,5 +1,5 @@
 //! The shipped `config/haproxy.cfg` in front of two broker nodes on one
-//! etcd ledger (issue 14): a real HAProxy hashes each device's MQTT client
+//! etcd ledger: a real HAProxy hashes each device's MQTT client
 //! identifier to one node, every time, and activation through it is
 //! exactly once. Skipped, saying so, where HAProxy is not installed
 //! (scripts/test installs it).

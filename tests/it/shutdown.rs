@@ -1,5 +1,5 @@
-//! Wills at a graceful stop, black-box against the broker binary (issue
-//! 17): at SIGTERM an MQTT 5 device gets DISCONNECT 0x8B "server shutting
+//! Wills at a graceful stop, black-box against the broker binary: at
+//! SIGTERM an MQTT 5 device gets DISCONNECT 0x8B "server shutting
 //! down", an MQTT 3.1.1 device's connection is closed, a will still waiting
 //! out its MQTT 5 Will Delay Interval goes out at once, and all three wills
 //! reach a backend subscriber (mosquitto_sub on the accounts listener)
