@@ -1,5 +1,6 @@
-//! Several broker nodes on one activation ledger in etcd: a real 3-member etcd cluster and broker binaries as child
-//! processes, devices speaking MQTT through rumqttc.
+//! Several broker nodes on one activation ledger in etcd: a real 3-member
+//! etcd cluster and broker binaries as child processes, devices speaking
+//! MQTT through rumqttc.
 
 use crate::common;
 
