@@ -21,6 +21,7 @@ mod gateway;
 mod hostile;
 mod http_api;
 mod http_console;
+mod http_listener;
 mod http_metrics;
 mod ledger_crash;
 mod ledger_model;
