@@ -132,17 +132,8 @@ impl State {
             description: None,
             expiring_notified: false,
         };
+        self.index_code(&code);
         self.codes.push(code.clone());
-        self.codes_by_product
-            .entry(pk.clone())
-            .or_default()
-            .push(code_id);
-        self.codes_by_order
-            .entry(order_id)
-            .or_default()
-            .push(code_id);
-        self.codes_by_expiry.insert((code.expire_at, code_id));
-        self.codes_by_activation.insert((code.activate_at, code_id));
         self.dirty.codes.insert(code_id);
         if let Some(d) = self.devices.get_mut(id) {
             if let Some(old) = d.expire_at {

@@ -79,18 +79,11 @@ impl State {
                 st.available_assigned += p.available();
             }
         }
-        for c in &st.codes {
-            st.codes_by_product
-                .entry(c.product_key.clone())
-                .or_default()
-                .push(c.id);
-            st.codes_by_order
-                .entry(c.order_id.clone())
-                .or_default()
-                .push(c.id);
-            st.codes_by_expiry.insert((c.expire_at, c.id));
-            st.codes_by_activation.insert((c.activate_at, c.id));
+        let codes = std::mem::take(&mut st.codes);
+        for c in &codes {
+            st.index_code(c);
         }
+        st.codes = codes;
         let live: Vec<(Millis, String, String)> = st
             .devices
             .values()
@@ -289,16 +282,7 @@ impl State {
 
     pub(super) fn remote_code(&mut self, c: CodeRecord) -> Result<(), LedgerError> {
         if c.id == self.codes.len() as u64 + 1 {
-            self.codes_by_product
-                .entry(c.product_key.clone())
-                .or_default()
-                .push(c.id);
-            self.codes_by_order
-                .entry(c.order_id.clone())
-                .or_default()
-                .push(c.id);
-            self.codes_by_expiry.insert((c.expire_at, c.id));
-            self.codes_by_activation.insert((c.activate_at, c.id));
+            self.index_code(&c);
             self.codes.push(c);
             return Ok(());
         }

@@ -189,6 +189,21 @@ impl State {
         }
     }
 
+    /// Adds a consumed code to the code indexes (by product, order, expiry
+    /// and activation time); `codes` itself is the caller's.
+    pub(super) fn index_code(&mut self, c: &CodeRecord) {
+        self.codes_by_product
+            .entry(c.product_key.clone())
+            .or_default()
+            .push(c.id);
+        self.codes_by_order
+            .entry(c.order_id.clone())
+            .or_default()
+            .push(c.id);
+        self.codes_by_expiry.insert((c.expire_at, c.id));
+        self.codes_by_activation.insert((c.activate_at, c.id));
+    }
+
     pub fn code(&self, id: u64) -> Option<&CodeRecord> {
         self.codes.get((id as usize).checked_sub(1)?)
     }
