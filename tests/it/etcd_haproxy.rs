@@ -12,29 +12,10 @@ use std::time::{Duration, Instant};
 use common::child::ChildBroker;
 use common::etcd::{counter, EtcdCluster};
 use common::flood::connack_code;
+use common::haproxy::{haproxy_bin, Haproxy};
 
 const PK: &str = "fleet";
 const YEAR: u64 = 365 * 24 * 3600;
-
-struct Haproxy(std::process::Child);
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn haproxy_bin() -> Option<std::path::PathBuf> {
-    [
-        "/usr/sbin/haproxy",
-        "/usr/bin/haproxy",
-        "/usr/local/sbin/haproxy",
-    ]
-    .iter()
-    .map(std::path::PathBuf::from)
-    .find(|p| p.exists())
-}
 
 /// `config/haproxy.cfg` with its frontend bound on `front` and its servers
 /// replaced by `nodes`; every other line (the hash, consistent hashing,
@@ -99,25 +80,9 @@ fn haproxy_sends_a_device_to_one_node_and_activation_stays_exactly_once() {
         ),
     )
     .expect("write haproxy.cfg");
-    let _haproxy = Haproxy(
-        std::process::Command::new(bin)
-            .arg("-db")
-            .arg("-f")
-            .arg(&cfg)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("start haproxy"),
-    );
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(front).await.is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "HAProxy never listened on {front}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let _haproxy = Haproxy::start(&bin, &cfg, front).await;
         const DEVICES: usize = 20;
         const TIMES: u64 = 3;
         let mut used = [0usize; 2];

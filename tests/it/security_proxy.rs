@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use activation_broker::credentials::sign;
 use activation_broker::events::EventKind;
 use common::broker::{next_event, start_broker, v4, TestBroker, WAIT};
+use common::haproxy::{haproxy_bin, Haproxy};
 use common::wire::{read_packet, until_closed, RawConnect};
 use ppp::v2::{Builder, Command, Protocol, Version};
 use tokio::io::AsyncWriteExt;
@@ -179,27 +180,6 @@ async fn rumqttc_behind_a_balancer_is_seen_with_its_own_address() {
     .expect("SUBACK through the balancer");
 }
 
-/// A child process ended on drop.
-struct Haproxy(std::process::Child);
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn haproxy_bin() -> Option<std::path::PathBuf> {
-    [
-        "/usr/sbin/haproxy",
-        "/usr/bin/haproxy",
-        "/usr/local/sbin/haproxy",
-    ]
-    .iter()
-    .map(std::path::PathBuf::from)
-    .find(|p| p.exists())
-}
-
 /// A raw CONNECT from `local` (a loopback address of ours) to `front`.
 async fn connect_from(
     local: &str,
@@ -244,24 +224,7 @@ async fn behind_a_real_haproxy_bans_follow_the_client() {
         ),
     )
     .expect("write haproxy.cfg");
-    let _haproxy = Haproxy(
-        std::process::Command::new(bin)
-            .arg("-db")
-            .arg("-f")
-            .arg(&cfg)
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("start haproxy"),
-    );
-    // Ready when its frontend accepts.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while TcpStream::connect(front).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "HAProxy never listened on {front}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let _haproxy = Haproxy::start(&bin, &cfg, front).await;
     let (u, _) = t.creds(PK, "h", &secret);
     let forged = RawConnect::new(4, "px.h", &u, &sign("wrong", &u));
     for n in 0..3 {

@@ -54,7 +54,12 @@ pub fn open_offline(data: &Path) -> Ledger {
 /// seconds in the store of `data`; returns its secret. The store is closed
 /// again on return.
 pub fn prepare_store(data: &Path, pk: &str, codes: u64, validity: u64) -> String {
-    let ledger = open_offline(data);
+    stock_product(&open_offline(data), pk, codes, validity)
+}
+
+/// Creates product `pk` (product-secret) with `codes` codes valid `validity`
+/// seconds in `ledger`, whichever its store; returns its secret.
+pub fn stock_product(ledger: &Ledger, pk: &str, codes: u64, validity: u64) -> String {
     let Ok(Outcome::ProductCreated(p)) = ledger.execute_blocking(
         Command::CreateProduct {
             product_key: pk.into(),

@@ -8,7 +8,7 @@ use std::process::{Child, Command as Process, Stdio};
 use std::time::{Duration, Instant};
 
 use activation_broker::clock::Clock;
-use activation_broker::ledger::{AuthMode, Command, EtcdOptions, Ledger, LedgerOptions, Outcome};
+use activation_broker::ledger::{EtcdOptions, Ledger, LedgerOptions};
 use activation_client::child::free_port;
 
 use super::child::{broker_bin, ChildBroker};
@@ -233,29 +233,7 @@ impl EtcdCluster {
     /// Creates product `pk` (product-secret) with `codes` codes valid
     /// `validity` seconds; returns its secret.
     pub fn prepare(&self, pk: &str, codes: u64, validity: u64) -> String {
-        let ledger = self.ledger("setup");
-        let Ok(Outcome::ProductCreated(p)) = ledger.execute_blocking(
-            Command::CreateProduct {
-                product_key: pk.into(),
-                name: format!("Product {pk}"),
-                auth_mode: AuthMode::ProductSecret,
-            },
-            None,
-        ) else {
-            panic!("create product {pk}")
-        };
-        ledger
-            .execute_blocking(
-                Command::CreateOrder {
-                    order_id: None,
-                    quantity: codes,
-                    validity_secs: validity,
-                    product_key: Some(pk.into()),
-                },
-                None,
-            )
-            .expect("order");
-        p.secret
+        super::child::stock_product(&self.ledger("setup"), pk, codes, validity)
     }
 
     /// A config for broker node `node` on this cluster: every listener on

@@ -105,6 +105,7 @@ pub mod child;
 pub mod etcd;
 pub mod flood;
 pub mod gateway;
+pub mod haproxy;
 pub mod http;
 pub mod lazyfs;
 pub mod wire;
