@@ -58,6 +58,40 @@ async fn consumed_reaches(node: &ChildBroker, want: u64) -> u64 {
     }
 }
 
+/// Devices `d0..d{devices}` activate, `in_flight` at a time, alternating
+/// between the two nodes; each one's CONNACK code.
+async fn flood_alternating(
+    addrs: [SocketAddr; 2],
+    devices: usize,
+    in_flight: usize,
+    secret: &str,
+) -> Vec<Option<u8>> {
+    let gate = Arc::new(Semaphore::new(in_flight));
+    let mut tasks = Vec::new();
+    for i in 0..devices {
+        let (gate, secret) = (gate.clone(), secret.to_owned());
+        let addr = addrs[i % 2];
+        tasks.push(tokio::spawn(async move {
+            let _p = gate.acquire_owned().await.expect("semaphore");
+            activate(addr, &format!("d{i}"), &secret).await
+        }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.expect("task"));
+    }
+    codes
+}
+
+/// How many were accepted, and the other answers (each once, sorted).
+fn tally(codes: &[Option<u8>]) -> (usize, Vec<&Option<u8>>) {
+    let accepted = codes.iter().filter(|c| **c == Some(0)).count();
+    let mut other: Vec<_> = codes.iter().filter(|c| **c != Some(0)).collect();
+    other.sort();
+    other.dedup();
+    (accepted, other)
+}
+
 #[test]
 fn two_nodes_give_out_exactly_the_codes_there_are() {
     const CODES: u64 = 500;
@@ -67,27 +101,8 @@ fn two_nodes_give_out_exactly_the_codes_there_are() {
     let nodes = [cluster.broker("a"), cluster.broker("b")];
     let addrs = [nodes[0].addr, nodes[1].addr];
     let rt = runtime();
-    let codes = rt.block_on(async {
-        let gate = Arc::new(Semaphore::new(50));
-        let mut tasks = Vec::new();
-        for i in 0..DEVICES {
-            let (gate, secret) = (gate.clone(), secret.clone());
-            let addr = addrs[i % 2];
-            tasks.push(tokio::spawn(async move {
-                let _p = gate.acquire_owned().await.expect("semaphore");
-                activate(addr, &format!("d{i}"), &secret).await
-            }));
-        }
-        let mut codes = Vec::new();
-        for t in tasks {
-            codes.push(t.await.expect("task"));
-        }
-        codes
-    });
-    let accepted = codes.iter().filter(|c| **c == Some(0)).count();
-    let mut other: Vec<_> = codes.iter().filter(|c| **c != Some(0)).collect();
-    other.sort();
-    other.dedup();
+    let codes = rt.block_on(flood_alternating(addrs, DEVICES, 50, &secret));
+    let (accepted, other) = tally(&codes);
     assert_eq!(
         accepted, CODES as usize,
         "{accepted} devices accepted for {CODES} codes; other answers {other:?}"
@@ -122,27 +137,8 @@ fn two_busy_nodes_catch_up_after_conflicts_without_reloading() {
     let rt = runtime();
     // Both nodes busy at once: each commits batches while the other does,
     // so their transactions are refused as stale over and over.
-    let codes = rt.block_on(async {
-        let gate = Arc::new(Semaphore::new(128));
-        let mut tasks = Vec::new();
-        for i in 0..DEVICES {
-            let (gate, secret) = (gate.clone(), secret.clone());
-            let addr = addrs[i % 2];
-            tasks.push(tokio::spawn(async move {
-                let _p = gate.acquire_owned().await.expect("semaphore");
-                activate(addr, &format!("d{i}"), &secret).await
-            }));
-        }
-        let mut codes = Vec::new();
-        for t in tasks {
-            codes.push(t.await.expect("task"));
-        }
-        codes
-    });
-    let accepted = codes.iter().filter(|c| **c == Some(0)).count();
-    let mut other: Vec<_> = codes.iter().filter(|c| **c != Some(0)).collect();
-    other.sort();
-    other.dedup();
+    let codes = rt.block_on(flood_alternating(addrs, DEVICES, 128, &secret));
+    let (accepted, other) = tally(&codes);
     assert_eq!(
         accepted, DEVICES,
         "{accepted} of {DEVICES} devices accepted ({CODES} codes); other answers {other:?}"
