@@ -35,7 +35,7 @@ use super::codec::{close, close_lingering, peek_publish, read_some, write_out, C
 use super::codes::{self, DisconnectReason};
 use super::control::{Control, ControlRx};
 use super::handshake::{handshake, Admitted, Refusal};
-use super::lingering::Ended;
+use super::lingering::{Ended, Will};
 use super::router_link::{LinkClosed, RouterLink};
 use super::session::{End, Session};
 use super::{Authenticator, Identity, ListenerConfig, ProtocolVersion, Shared};
@@ -55,6 +55,11 @@ pub(crate) struct ListenerCtx {
 const MAX_WRITE_BATCH: usize = 1024 * 1024;
 
 /// Serves one accepted connection to its end.
+///
+/// The task's future is as large as the largest state it may be in, and an
+/// idle connection sits in the loop's state for its whole life: every other
+/// phase (handshake, CONNACK, refusal, end) runs as a boxed future, so only
+/// what the loop needs stays allocated per idle connection.
 pub(crate) async fn serve<S>(mut stream: S, peer: SocketAddr, ctx: Arc<ListenerCtx>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -62,9 +67,6 @@ where
     let cfg = &ctx.config;
     let started = std::time::Instant::now();
     let mut rbuf = BytesMut::new();
-    // Boxed: the task's future is as large as its largest state, and the
-    // handshake's (or the end's) would otherwise stay allocated for the
-    // whole life of every idle connection.
     let admitted = match Box::pin(handshake(&mut stream, peer, &ctx, &mut rbuf)).await {
         Ok(a) => a,
         Err(refusal) => return Box::pin(refuse(&mut stream, peer, cfg, refusal, started)).await,
@@ -82,20 +84,82 @@ where
         ctrl_rx,
         limits,
     } = admitted;
-    let version = codec.version();
     let gw = ctx.gw.clone();
-    let session_present = link.as_ref().is_some_and(RouterLink::session_present);
-    let linked = link.is_some();
 
     // From here on the session exists in the registry (and maybe the
     // router); the guard undoes both should this task unwind.
     let mut guard = SessionGuard {
         gw: gw.clone(),
-        client_id: client_id.clone(),
+        client_id,
         seq,
         link,
     };
+    let mut session = Session::new(
+        codec,
+        &admission.acl,
+        cfg,
+        BytesMut::new(),
+        guard.link.is_some(),
+        session_expiry,
+        limits,
+    );
+    let keep_alive = Box::pin(connack(
+        &mut stream,
+        &mut session,
+        &connect,
+        &guard,
+        &admission.identity,
+        peer,
+        cfg,
+        started,
+    ))
+    .await;
+    let end = match keep_alive {
+        Some(keep_alive) => {
+            let mut conn = Connection {
+                stream: &mut stream,
+                rbuf,
+                guard: &mut guard,
+                ctrl_rx,
+                cfg,
+                links: &ctx.links,
+            };
+            conn.run(&mut session, keep_alive).await
+        }
+        None => End::closed("connection lost before CONNACK"),
+    };
+    Box::pin(finish(
+        &mut stream,
+        session,
+        guard,
+        end,
+        &admission.identity,
+        will,
+        stored,
+        peer,
+    ))
+    .await;
+}
 
+/// Sends the CONNACK of an admitted session and tells who is online: the
+/// keepalive in force, or `None` if the CONNACK could not be written.
+#[allow(clippy::too_many_arguments)]
+async fn connack<S>(
+    stream: &mut S,
+    session: &mut Session<'_>,
+    connect: &rumqttd::protocol::Connect,
+    guard: &SessionGuard,
+    identity: &Identity,
+    peer: SocketAddr,
+    cfg: &ListenerConfig,
+    started: std::time::Instant,
+) -> Option<u16>
+where
+    S: AsyncWrite + Unpin,
+{
+    let version = session.codec.version();
+    let client_id = &guard.client_id;
+    let session_present = guard.link.as_ref().is_some_and(RouterLink::session_present);
     // MQTT 5: a keepalive above the listener's longest (or none) is
     // replaced by it, told in the CONNACK. MQTT 3.1.1 cannot be told.
     let max_ka = cfg.max_keep_alive_secs;
@@ -124,15 +188,6 @@ where
             ..codes::empty_connack_properties()
         }),
     };
-    let mut session = Session::new(
-        codec,
-        &admission.acl,
-        cfg,
-        BytesMut::new(),
-        linked,
-        session_expiry,
-        limits,
-    );
     session.write(Packet::ConnAck(
         ConnAck {
             session_present,
@@ -140,7 +195,7 @@ where
         },
         connack_props,
     ));
-    let connack_sent = flush(&mut stream, &mut session.wbuf, cfg.write_timeout)
+    let connack_sent = flush(stream, &mut session.wbuf, cfg.write_timeout)
         .await
         .is_ok();
     connack_metrics(cfg, "accepted", started);
@@ -149,8 +204,9 @@ where
     if let Identity::Device {
         product_key,
         device_key,
-    } = &admission.identity
+    } = identity
     {
+        let gw = &guard.gw;
         metrics::gauge!("activation_online_devices").increment(1);
         gw.events.publish(
             Event::new(EventKind::DeviceConnected, gw.clock.now())
@@ -160,63 +216,66 @@ where
                 .with("Ip", peer.ip().to_string()),
         );
     }
+    connack_sent.then_some(keep_alive)
+}
 
-    let end = if connack_sent {
-        let mut conn = Connection {
-            stream: &mut stream,
-            rbuf,
-            guard: &mut guard,
-            ctrl_rx,
-            cfg,
-            links: &ctx.links,
-        };
-        conn.run(&mut session, keep_alive).await
+/// Ends a session: tells an MQTT 5 client why, closes the socket, ends the
+/// session in the router and the registry, hands its will and stored
+/// session to `lingering.rs` (unless taken over) and tells who left.
+#[allow(clippy::too_many_arguments)]
+async fn finish<S>(
+    stream: &mut S,
+    mut session: Session<'_>,
+    mut guard: SessionGuard,
+    end: End,
+    identity: &Identity,
+    will: Option<Box<Will>>,
+    stored: bool,
+    peer: SocketAddr,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let version = session.codec.version();
+    if let Some((reason, message)) = &end.notify {
+        if let Some(p) = codes::disconnect_packet(version, *reason, message) {
+            session.write(p);
+        }
+    }
+    let _ = flush(stream, &mut session.wbuf, Duration::from_secs(1)).await;
+    if end.linger {
+        close_lingering(stream, Duration::from_secs(1)).await;
     } else {
-        End::closed("connection lost before CONNACK")
-    };
+        close(stream).await;
+    }
 
-    Box::pin(async {
-        // Tell an MQTT 5 client why, then close.
-        if let Some((reason, message)) = &end.notify {
-            if let Some(p) = codes::disconnect_packet(version, *reason, message) {
-                session.write(p);
-            }
-        }
-        let _ = flush(&mut stream, &mut session.wbuf, Duration::from_secs(1)).await;
-        if end.linger {
-            close_lingering(&mut stream, Duration::from_secs(1)).await;
-        } else {
-            close(&mut stream).await;
-        }
+    let gw = guard.gw.clone();
+    let _ending = super::shutdown::Ending::start(&gw);
+    guard.finish(end.link_gone).await;
+    let client_id = &guard.client_id;
+    if !end.taken_over {
+        gw.connection_ended(Ended {
+            client_id: client_id.clone(),
+            stored,
+            expiry: session.session_expiry,
+            will: will.filter(|_| end.will).map(|w| *w),
+        })
+        .await;
+    }
 
-        let _ending = super::shutdown::Ending::start(&gw);
-        guard.finish(end.link_gone).await;
-        if !end.taken_over {
-            gw.connection_ended(Ended {
-                client_id: client_id.clone(),
-                stored,
-                expiry: session.session_expiry,
-                will: will.filter(|_| end.will),
-            })
-            .await;
-        }
-
-        tracing::debug!(%peer, %client_id, reason = %end.reason, "disconnected");
-        if let Identity::Device {
-            product_key,
-            device_key,
-        } = &admission.identity
-        {
-            metrics::gauge!("activation_online_devices").decrement(1);
-            gw.events.publish(
-                Event::new(EventKind::DeviceDisconnected, gw.clock.now())
-                    .device(product_key, device_key)
-                    .with("ClientId", client_id.as_str())
-                    .with("Reason", end.reason.as_str()),
-            );
-        }
-    })
-    .await;
+    tracing::debug!(%peer, %client_id, reason = %end.reason, "disconnected");
+    if let Identity::Device {
+        product_key,
+        device_key,
+    } = identity
+    {
+        metrics::gauge!("activation_online_devices").decrement(1);
+        gw.events.publish(
+            Event::new(EventKind::DeviceDisconnected, gw.clock.now())
+                .device(product_key, device_key)
+                .with("ClientId", client_id.as_str())
+                .with("Reason", end.reason.as_str()),
+        );
+    }
 }
 
 /// Counts a CONNACK in `activation_connects_total` and observes the time
@@ -510,8 +569,10 @@ where
         None
     }
 
-    /// Opens the router link of a clean session that has none yet. The
-    /// socket is not read meanwhile; packets keep their order.
+    /// Opens the router link of a clean session that has none yet, carrying
+    /// what the session queued for the router (one round trip to the router
+    /// for both). The socket is not read meanwhile; packets keep their
+    /// order.
     async fn open_link(&mut self, session: &mut Session<'_>) -> Result<(), End> {
         let built = {
             let Ok(_permit) = self.links.acquire().await else {
@@ -521,8 +582,12 @@ where
                 ));
             };
             let gw = &self.guard.gw;
-            gw.link_registered(&self.guard.client_id, self.guard.seq)
-                .await
+            gw.link_registered(
+                &self.guard.client_id,
+                self.guard.seq,
+                &mut session.to_router,
+            )
+            .await
         };
         match built {
             Ok(Some(link)) => {

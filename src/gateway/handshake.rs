@@ -59,7 +59,8 @@ pub(crate) enum Refusal {
 pub(crate) struct Admitted {
     pub(crate) codec: Codec,
     pub(crate) connect: Connect,
-    pub(crate) will: Option<Will>,
+    /// Boxed: kept for the whole connection, rarely there.
+    pub(crate) will: Option<Box<Will>>,
     /// The session's client id (assigned when the client sent none).
     pub(crate) client_id: String,
     pub(crate) admission: Admission,
@@ -239,7 +240,7 @@ where
     Ok(Admitted {
         codec,
         connect,
-        will: will.map(|w| (w, will_props)),
+        will: will.map(|w| Box::new((w, will_props))),
         client_id,
         admission,
         session_expiry,
