@@ -13,6 +13,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::Ordering;
 
+use rumqttd::protocol::Packet;
 use tokio::sync::MutexGuard;
 
 use super::control::ControlTx;
@@ -103,24 +104,27 @@ impl Shared {
             // first (a stored link would resume it).
             self.discard_locked(&cid).await?;
         }
-        let link = self.link_locked(&cid, !stored).await?;
+        let link = self.link_locked(&cid, !stored, &mut Vec::new()).await?;
         undo.seq = None;
         Ok((seq, link))
     }
 
     /// Links the registered clean session `seq` of `client_id` to the
-    /// router, unless another connection has taken the client id over
-    /// (then `None`).
+    /// router with `first` (emptied: the packets it is linked for, which
+    /// the router takes with the link), unless another connection has taken
+    /// the client id over (then `None`, and `first` is dropped).
     pub(crate) async fn link_registered(
         &self,
         client_id: &str,
         seq: u64,
+        first: &mut Vec<Packet>,
     ) -> Result<Option<RouterLink>, GatewayError> {
         let _guard = self.stripe(client_id).await;
         if !self.online.is_current(client_id, seq) {
+            first.clear();
             return Ok(None);
         }
-        self.link_locked(client_id, true).await.map(Some)
+        self.link_locked(client_id, true, first).await.map(Some)
     }
 
     /// A session's link is closed (or dropped by the router).
@@ -140,8 +144,13 @@ impl Shared {
     }
 
     /// Under the stripe lock of `client_id`.
-    async fn link_locked(&self, client_id: &str, clean: bool) -> Result<RouterLink, GatewayError> {
-        let link = self.router.link(client_id, clean).await?;
+    async fn link_locked(
+        &self,
+        client_id: &str,
+        clean: bool,
+        first: &mut Vec<Packet>,
+    ) -> Result<RouterLink, GatewayError> {
+        let link = self.router.link_with(client_id, clean, first).await?;
         self.linked.fetch_add(1, Ordering::Relaxed);
         let mut persistent = self.persistent.lock();
         if clean {

@@ -4,6 +4,9 @@
 //! - Creating a link is one Connect event and the router's ConnAck,
 //!   awaited without holding a thread (`LinkBuilder::build_async`, patched
 //!   into the vendored rumqttd); a router without a free slot drops the link.
+//!   A link made for its first packets carries them with its Connect
+//!   (`build_async_with`): the router takes them right after the ConnAck, so
+//!   a device's first SUBSCRIBE costs one round trip to the router, not two.
 //! - Sending: all packets but the last go straight into the link's buffer
 //!   and the last one with the notification, so the router wakes once per
 //!   batch. `LinkTx::send` awaits room in the router's bounded event
@@ -48,7 +51,7 @@ const MAX_PENDING_TO_ROUTER: usize = 1024;
 const BACKLOG_POLL: Duration = Duration::from_millis(16);
 
 type LinkFuture = Pin<Box<dyn Future<Output = Result<RouterLink, GatewayError>> + Send>>;
-type BuildFn = dyn Fn(String, bool) -> LinkFuture + Send + Sync;
+type BuildFn = dyn Fn(String, bool, Vec<Packet>) -> LinkFuture + Send + Sync;
 type BuildBlockingFn = dyn Fn(&str, bool) -> Result<RouterLink, GatewayError> + Send + Sync;
 
 /// Every link of the broker: dynamic filters (publishing to a topic nobody
@@ -88,16 +91,17 @@ impl RouterHandle {
         let sessions = config.max_connections.saturating_sub(INTERNAL_LINKS).max(1);
         let tx = Router::new(router_id, config).spawn();
         let tx_blocking = tx.clone();
-        let build = move |client_id: String, clean_session: bool| -> LinkFuture {
-            let tx = tx.clone();
-            Box::pin(async move {
-                let (link_tx, link_rx, ack) = link_builder!(&client_id, tx, clean_session)
-                    .build_async()
-                    .await
-                    .map_err(router_error)?;
-                Ok(RouterLink::with_ack(link_tx, link_rx, &ack))
-            })
-        };
+        let build =
+            move |client_id: String, clean_session: bool, first: Vec<Packet>| -> LinkFuture {
+                let tx = tx.clone();
+                Box::pin(async move {
+                    let (link_tx, link_rx, ack) = link_builder!(&client_id, tx, clean_session)
+                        .build_async_with(first)
+                        .await
+                        .map_err(router_error)?;
+                    Ok(RouterLink::with_ack(link_tx, link_rx, &ack))
+                })
+            };
         let build_blocking = move |client_id: &str, clean_session: bool| {
             let (link_tx, link_rx, ack) =
                 link_builder!(client_id, tx_blocking.clone(), clean_session)
@@ -124,7 +128,19 @@ impl RouterHandle {
         client_id: &str,
         clean_session: bool,
     ) -> Result<RouterLink, GatewayError> {
-        (self.build)(client_id.to_owned(), clean_session).await
+        (self.build)(client_id.to_owned(), clean_session, Vec::new()).await
+    }
+
+    /// [`Self::link`] carrying `first` (emptied), which the router takes
+    /// right after it accepts the link: one round trip for both. Lost if
+    /// the link cannot be made.
+    pub async fn link_with(
+        &self,
+        client_id: &str,
+        clean_session: bool,
+        first: &mut Vec<Packet>,
+    ) -> Result<RouterLink, GatewayError> {
+        (self.build)(client_id.to_owned(), clean_session, std::mem::take(first)).await
     }
 
     /// [`Self::link`] for a thread outside any runtime (blocks it).

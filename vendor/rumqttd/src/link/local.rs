@@ -118,6 +118,30 @@ impl<'a> LinkBuilder<'a> {
         pending.finish()
     }
 
+    /// [`Self::build_async`] with `packets` queued on the link before its
+    /// Connect event: the router takes them right after the link's ConnAck,
+    /// so a link made for its first packets (a SUBSCRIBE, say) costs one
+    /// round trip to the router instead of two. What the router answers in
+    /// the same pass is already in the returned link's receive cache.
+    pub async fn build_async_with(
+        self,
+        packets: impl IntoIterator<Item = Packet>,
+    ) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        let (event, pending) = self.prepare();
+        pending.incoming_data_buffer.lock().extend(packets);
+        pending.router_tx.send_async((0, event)).await?;
+        pending.link_rx.recv_async().await?;
+        let (tx, mut rx, ack) = pending.finish()?;
+        // Answers given with the ConnAck came with its one signal
+        {
+            let mut sent = rx.send_buffer.lock();
+            if !sent.is_empty() {
+                mem::swap(&mut *sent, &mut rx.cache);
+            }
+        }
+        Ok((tx, rx, ack))
+    }
+
     /// The Connect event for the router and what is needed to finish the
     /// link once the router has answered it.
     fn prepare(self) -> (Event, PendingLink) {

@@ -435,6 +435,14 @@ impl Router {
             .reschedule(connection_id, ScheduleReason::Init);
 
         self.router_meters.total_connections += 1;
+
+        // Packets the link queued with its Connect
+        // (`LinkBuilder::build_async_with`) are taken now, after the ConnAck:
+        // a link made for its first packets costs one round trip, not two
+        let queued = self.ibufs[connection_id].buffer.lock().is_empty();
+        if !queued {
+            self.handle_device_payload(connection_id);
+        }
     }
 
     fn handle_new_meter(&mut self, tx: Sender<Vec<Meter>>) {
