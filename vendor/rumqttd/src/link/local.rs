@@ -600,6 +600,50 @@ mod test {
         );
     }
 
+    // Packets queued with the Connect are taken right after the ConnAck:
+    // their answer is waiting in the new link, with no send of its own.
+    #[tokio::test(flavor = "current_thread")]
+    async fn build_async_with_carries_the_first_packets() {
+        let router_tx = router(4);
+        let subscribe = crate::protocol::Packet::Subscribe(
+            crate::protocol::Subscribe {
+                pkid: 7,
+                filters: vec![crate::protocol::Filter {
+                    path: "a/b".to_owned(),
+                    qos: crate::protocol::QoS::AtLeastOnce,
+                    nolocal: false,
+                    preserve_retain: false,
+                    retain_forward_rule: crate::protocol::RetainForwardRule::OnEverySubscribe,
+                }],
+            },
+            None,
+        );
+        let (_tx, mut rx, ack) = super::LinkBuilder::new("sub", router_tx)
+            .build_async_with([subscribe])
+            .await
+            .expect("link built");
+        assert!(matches!(
+            ack,
+            crate::Notification::DeviceAck(crate::router::Ack::ConnAck(..))
+        ));
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                if let Some(n) = rx.next().await.expect("link open") {
+                    return n;
+                }
+            }
+        })
+        .await
+        .expect("SUBACK in time");
+        assert!(
+            matches!(
+                &n,
+                crate::Notification::DeviceAck(crate::router::Ack::SubAck(s)) if s.pkid == 7
+            ),
+            "{n:?}"
+        );
+    }
+
     // A router without room drops the link: an error, not a hang.
     #[tokio::test(flavor = "current_thread")]
     async fn build_async_fails_when_the_router_is_full() {
