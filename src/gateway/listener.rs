@@ -249,6 +249,11 @@ async fn accept_loop(
 /// One accepted connection: its PROXY header (if the listener expects
 /// one), its source's quota of connections without CONNECT, the TLS
 /// handshake (if any), then the MQTT connection.
+///
+/// This is the connection task's future, as large as its largest state for
+/// the connection's whole life: what only some connections need (the PROXY
+/// header, TLS) runs boxed, so a plain connection's task holds little more
+/// than `connection::serve`'s loop.
 async fn accepted(
     mut stream: TcpStream,
     peer: SocketAddr,
@@ -256,18 +261,10 @@ async fn accepted(
     tls: Option<TlsAcceptor>,
     pending: Arc<Pending>,
 ) {
-    let deadline = ctx.config.connect_timeout;
     let peer = if ctx.config.proxy_protocol {
-        match tokio::time::timeout(deadline, proxy::read_source(&mut stream, peer)).await {
-            Ok(Ok(source)) => source,
-            Ok(Err(why)) => {
-                tracing::debug!(%peer, why, "connection closed");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(%peer, "no PROXY header in time; connection closed");
-                return;
-            }
+        match Box::pin(proxy_source(&mut stream, peer, ctx.config.connect_timeout)).await {
+            Some(source) => source,
+            None => return,
         }
     } else {
         peer
@@ -283,12 +280,44 @@ async fn accepted(
     };
     match tls {
         None => connection::serve(stream, peer, ctx).await,
-        Some(acceptor) => match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
-            Ok(Ok(tls_stream)) => connection::serve(tls_stream, peer, ctx).await,
-            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-        },
+        Some(acceptor) => Box::pin(serve_tls(stream, peer, ctx, acceptor)).await,
     }
+}
+
+/// The client's address from the PROXY header, read under the CONNECT
+/// timeout; `None` (logged) closes the connection.
+async fn proxy_source(
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    deadline: Duration,
+) -> Option<SocketAddr> {
+    match tokio::time::timeout(deadline, proxy::read_source(stream, peer)).await {
+        Ok(Ok(source)) => Some(source),
+        Ok(Err(why)) => {
+            tracing::debug!(%peer, why, "connection closed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "no PROXY header in time; connection closed");
+            None
+        }
+    }
+}
+
+/// The TLS handshake under the CONNECT timeout, then the MQTT connection.
+async fn serve_tls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ListenerCtx>,
+    acceptor: TlsAcceptor,
+) {
+    let deadline = ctx.config.connect_timeout;
+    let tls_stream = match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(tls_stream)) => tls_stream,
+        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+    };
+    connection::serve(tls_stream, peer, ctx).await;
 }
 
 fn is_resource_exhaustion(e: &std::io::Error) -> bool {
