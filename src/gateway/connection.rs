@@ -26,7 +26,6 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use rumqttd::protocol::{self, ConnAck, ConnAckProperties, Packet};
-use rumqttd::Notification;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -85,6 +84,10 @@ where
         limits,
     } = admitted;
     let gw = ctx.gw.clone();
+    if rbuf.is_empty() {
+        // The CONNECT's read buffer is not kept by an idle connection.
+        rbuf = BytesMut::new();
+    }
 
     // From here on the session exists in the registry (and maybe the
     // router); the guard undoes both should this task unwind.
@@ -378,12 +381,13 @@ impl Drop for SessionGuard {
     }
 }
 
-// Lives on the stack for one loop turn; boxing would allocate per packet.
-#[allow(clippy::large_enum_variant)]
+/// What woke the connection loop. Small: it and the futures of the loop's
+/// wait are what an idle connection's task holds.
 enum Wake {
     Ctrl(Option<Control>),
     Read(std::io::Result<usize>),
-    Router(Result<Notification, LinkClosed>),
+    /// The router link has notifications (or was closed).
+    Router(Result<(), LinkClosed>),
     KeepAlive,
 }
 
@@ -399,10 +403,10 @@ struct Connection<'a, S> {
     links: &'a Semaphore,
 }
 
-/// The next notification of the router link, if there is one.
-async fn next_notification(link: &mut Option<RouterLink>) -> Result<Notification, LinkClosed> {
+/// Waits until the router link has notifications, if there is a link.
+async fn link_ready(link: &mut Option<RouterLink>) -> Result<(), LinkClosed> {
     match link {
-        Some(link) => link.rx().next().await,
+        Some(link) => link.rx().ready().await,
         None => std::future::pending().await,
     }
 }
@@ -427,7 +431,7 @@ where
                     biased;
                     c = self.ctrl_rx.recv() => Wake::Ctrl(c),
                     r = read_some(self.stream, &mut self.rbuf) => Wake::Read(r),
-                    n = next_notification(&mut self.guard.link) => Wake::Router(n),
+                    n = link_ready(&mut self.guard.link) => Wake::Router(n),
                     _ = &mut ka_sleep, if ka.is_some() => Wake::KeepAlive,
                 }
             };
@@ -527,30 +531,37 @@ where
         end
     }
 
-    /// Handles `first` and whatever else the router has ready (bounded),
-    /// writes it out, then wakes the link if the router unscheduled it.
+    /// Handles what the router link has ready and whatever else it gets
+    /// meanwhile (bounded), writes it out, then wakes the link if the router
+    /// unscheduled it.
     async fn on_router(
         &mut self,
         session: &mut Session<'_>,
-        first: Result<Notification, LinkClosed>,
+        ready: Result<(), LinkClosed>,
     ) -> Option<End> {
         let mut unschedule = false;
         let mut end = None;
-        let mut next = Some(first);
+        let mut ready = Some(ready);
         let mut budget = 512;
-        while let Some(n) = next.take() {
-            match n {
-                Ok(n) => end = session.on_notification(n, &mut unschedule),
-                Err(LinkClosed) => end = Some(self.router_gone()),
-            }
-            budget -= 1;
-            if end.is_some() || budget == 0 || session.wbuf.len() > MAX_WRITE_BATCH {
+        'batch: while let Some(r) = ready.take() {
+            let Some(link) = self.guard.link.as_mut() else {
+                break;
+            };
+            if r.is_err() {
+                end = Some(self.router_gone());
                 break;
             }
+            while let Some(n) = link.rx().try_next() {
+                end = session.on_notification(n, &mut unschedule);
+                budget -= 1;
+                if end.is_some() || budget == 0 || session.wbuf.len() > MAX_WRITE_BATCH {
+                    break 'batch;
+                }
+            }
             // Take whatever else is ready without waiting.
-            next = tokio::select! {
+            ready = tokio::select! {
                 biased;
-                n = next_notification(&mut self.guard.link) => Some(n),
+                r = link.rx().ready() => Some(r),
                 _ = std::future::ready(()) => None,
             };
         }

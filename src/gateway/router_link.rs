@@ -348,6 +348,22 @@ impl RouterLinkRx {
         }
     }
 
+    /// Waits until notifications are ready to be taken with
+    /// [`Self::try_next`] (a wake-up may bring none). Cancel safe; its
+    /// future holds no notification, so a connection waiting on an idle
+    /// link stays small.
+    pub async fn ready(&mut self) -> Result<(), LinkClosed> {
+        self.rx
+            .wait_for_notifications()
+            .await
+            .map_err(|_| LinkClosed)
+    }
+
+    /// The next notification already received, without waiting.
+    pub fn try_next(&mut self) -> Option<Notification> {
+        self.rx.try_next()
+    }
+
     /// Tells the router this link takes notifications again (after
     /// `Notification::Unschedule`).
     pub async fn wake(&self) -> Result<(), LinkClosed> {

@@ -492,6 +492,30 @@ impl LinkRx {
 
         Ok(())
     }
+
+    /// Waits until notifications are cached: at once if some are, else
+    /// for the router's signal, then takes what it sent into the cache
+    /// (possibly nothing). Read them with [`Self::try_next`]. Cancel safe.
+    /// Unlike [`Self::next`], its future holds no notification: a task
+    /// waiting on many idle links stays small.
+    pub async fn wait_for_notifications(&mut self) -> Result<(), LinkError> {
+        if !self.cache.is_empty() {
+            return Ok(());
+        }
+        self.router_rx.recv_async().await?;
+        mem::swap(&mut *self.send_buffer.lock(), &mut self.cache);
+        Ok(())
+    }
+
+    /// The next cached notification, without waiting; the cache's storage
+    /// is freed once it is drained (an idle link keeps no slots).
+    pub fn try_next(&mut self) -> Option<Notification> {
+        let next = self.cache.pop_front();
+        if self.cache.is_empty() && self.cache.capacity() > 0 {
+            self.cache = VecDeque::new();
+        }
+        next
+    }
 }
 
 #[cfg(test)]
@@ -642,6 +666,38 @@ mod test {
             ),
             "{n:?}"
         );
+    }
+
+    // `wait_for_notifications` then `try_next` read what `next` would, and
+    // a drained cache keeps no storage.
+    #[tokio::test(flavor = "current_thread")]
+    async fn wait_then_try_next_reads_and_frees_the_cache() {
+        let router_tx = router(4);
+        let (mut tx, mut rx, _ack) = super::LinkBuilder::new("sub", router_tx)
+            .build_async()
+            .await
+            .expect("link built");
+        assert!(rx.try_next().is_none());
+        tx.subscribe("a/b").expect("subscribe sent");
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                rx.wait_for_notifications().await.expect("link open");
+                if let Some(n) = rx.try_next() {
+                    return n;
+                }
+            }
+        })
+        .await
+        .expect("SUBACK in time");
+        assert!(
+            matches!(
+                n,
+                crate::Notification::DeviceAck(crate::router::Ack::SubAck(_))
+            ),
+            "{n:?}"
+        );
+        assert!(rx.try_next().is_none());
+        assert_eq!(rx.cache.capacity(), 0);
     }
 
     // A router without room drops the link: an error, not a hang.
