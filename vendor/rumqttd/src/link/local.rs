@@ -398,11 +398,23 @@ impl LinkRx {
         self.connection_id
     }
 
+    /// The next cached notification; the cache's storage is freed once it
+    /// is drained. (The router swaps in a buffer of about a kilobyte, four
+    /// notifications, for its first push; kept here, every idle link would
+    /// hold it.)
+    fn pop(&mut self) -> Option<Notification> {
+        let next = self.cache.pop_front();
+        if self.cache.is_empty() && self.cache.capacity() > 0 {
+            self.cache = VecDeque::new();
+        }
+        next
+    }
+
     pub fn recv(&mut self) -> Result<Option<Notification>, LinkError> {
         // Read from cache first
         // One router_rx trigger signifies a bunch of notifications. So we
         // should always check cache first
-        match self.cache.pop_front() {
+        match self.pop() {
             Some(v) => Ok(Some(v)),
             None => {
                 // If cache is empty, check for router trigger and get fresh notifications
@@ -410,7 +422,7 @@ impl LinkRx {
                 // Collect 'all' the data in the buffer after a notification.
                 // Notification means fresh data which isn't previously collected
                 mem::swap(&mut *self.send_buffer.lock(), &mut self.cache);
-                Ok(self.cache.pop_front())
+                Ok(self.pop())
             }
         }
     }
@@ -419,13 +431,13 @@ impl LinkRx {
         // Read from cache first
         // One router_rx trigger signifies a bunch of notifications. So we
         // should always check cache first
-        match self.cache.pop_front() {
+        match self.pop() {
             Some(v) => Ok(Some(v)),
             None => {
                 // If cache is empty, check for router trigger and get fresh notifications
                 self.router_rx.recv_deadline(deadline)?;
                 mem::swap(&mut *self.send_buffer.lock(), &mut self.cache);
-                Ok(self.cache.pop_front())
+                Ok(self.pop())
             }
         }
     }
@@ -434,7 +446,7 @@ impl LinkRx {
         // Read from cache first
         // One router_rx trigger signifies a bunch of notifications. So we
         // should always check cache first
-        match self.cache.pop_front() {
+        match self.pop() {
             Some(v) => Ok(Some(v)),
             None => {
                 // If cache is empty, check for router trigger and get fresh notifications
@@ -442,7 +454,7 @@ impl LinkRx {
                 // Collect 'all' the data in the buffer after a notification.
                 // Notification means fresh data which isn't previously collected
                 mem::swap(&mut *self.send_buffer.lock(), &mut self.cache);
-                Ok(self.cache.pop_front())
+                Ok(self.pop())
             }
         }
     }
