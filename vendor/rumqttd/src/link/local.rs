@@ -166,11 +166,16 @@ impl PendingLink {
     fn finish(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
         // Right now link identifies failure with dropped rx in router,
         // which is probably ok. We need this here to get id assigned by router
-        let notification = self
-            .outgoing_data_buffer
-            .lock()
-            .pop_front()
-            .ok_or(LinkError::NotConnectionAck)?;
+        let notification = {
+            let mut buffer = self.outgoing_data_buffer.lock();
+            let first = buffer.pop_front();
+            // The router's first push allocated room for four
+            // notifications (about a kilobyte): not kept by an idle link
+            if buffer.is_empty() && buffer.capacity() > 0 {
+                *buffer = VecDeque::new();
+            }
+            first.ok_or(LinkError::NotConnectionAck)?
+        };
         let id = match notification {
             Notification::DeviceAck(Ack::ConnAck(id, ..)) => id,
             _message => return Err(LinkError::NotConnectionAck),
@@ -586,6 +591,36 @@ mod test {
             ),
             "{n:?}"
         );
+    }
+
+    // Neither side of the swap keeps notification slots for an idle link:
+    // after the ConnAck, and after each SubAck read.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_idle_link_holds_no_notification_slots() {
+        let router_tx = router(4);
+        let (mut tx, mut rx, _ack) = super::LinkBuilder::new("idle", router_tx)
+            .build_async()
+            .await
+            .expect("link built");
+        assert_eq!(rx.send_buffer.lock().capacity(), 0);
+        for filter in ["a/b", "c/+"] {
+            tx.subscribe(filter).expect("subscribe sent");
+            let n = tokio::time::timeout(std::time::Duration::from_secs(10), rx.next())
+                .await
+                .expect("SUBACK in time")
+                .expect("link open");
+            assert!(
+                matches!(
+                    n,
+                    Some(crate::Notification::DeviceAck(crate::router::Ack::SubAck(
+                        _
+                    )))
+                ),
+                "{n:?}"
+            );
+            assert_eq!(rx.cache.capacity(), 0);
+            assert_eq!(rx.send_buffer.lock().capacity(), 0);
+        }
     }
 
     // A router without room drops the link: an error, not a hang.
