@@ -136,7 +136,7 @@ mod test {
     use super::Waiters;
     use std::collections::VecDeque;
 
-    fn ids(w: &Waiters<&str>) -> Vec<(usize, &str)> {
+    fn ids(w: &Waiters<&'static str>) -> Vec<(usize, &'static str)> {
         w.waiters().map(|(id, r)| (id, *r)).collect()
     }
 
