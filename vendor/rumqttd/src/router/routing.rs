@@ -379,6 +379,11 @@ impl Router {
         };
 
         let event = "connection at ".to_owned() + &time + ", clean = " + &clean_session.to_string();
+        // One event for most connections: room for exactly one (a
+        // `VecDeque`'s first push makes room for four)
+        if connection.events.events.capacity() == 0 {
+            connection.events.events.reserve_exact(1);
+        }
         connection.events.events.push_back(event);
 
         if connection.events.events.len() > 10 {
@@ -1841,7 +1846,12 @@ fn forward_device_data(
             .and_then(|broker_aliases| broker_aliases.set_new_alias(&request.filter))
     }
 
-    let subscription_id = connection.subscription_ids.get(&request.filter);
+    // (Most connections have none: no hashing of the filter then)
+    let subscription_id = if connection.subscription_ids.is_empty() {
+        None
+    } else {
+        connection.subscription_ids.get(&request.filter)
+    };
 
     // Fill and notify device data
     let forwards = publishes
