@@ -68,10 +68,7 @@ impl<N: Default> Children<N> {
     pub fn get_mut(&mut self, level: &str) -> Option<&mut N> {
         let level = level.as_bytes();
         match self {
-            Children::Few(v) => v
-                .iter_mut()
-                .find(|(l, _)| *l.0 == *level)
-                .map(|(_, n)| n),
+            Children::Few(v) => v.iter_mut().find(|(l, _)| *l.0 == *level).map(|(_, n)| n),
             Children::Many(m) => m.get_mut(level),
         }
     }
