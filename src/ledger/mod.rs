@@ -19,6 +19,7 @@ mod etcd;
 mod etcd_writer;
 mod fast;
 mod invariants;
+mod lanes;
 mod model;
 mod query;
 mod records;
