@@ -191,3 +191,7 @@ impl State {
         n
     }
 }
+
+#[cfg(test)]
+#[path = "lanes_tests.rs"]
+mod tests;

@@ -16,6 +16,8 @@ use super::child::{broker_bin, ChildBroker};
 /// The admin account every test broker node has.
 pub const ADMIN: &str = "admin";
 pub const ADMIN_PASSWORD: &str = "etcd-test-password";
+/// The nodes' lease in tests: a stopped node's lanes return this long after.
+pub const LEASE_TTL_SECS: u64 = 3;
 
 /// The HTTP listener's address of a child broker, from its log.
 pub fn http_addr(broker: &ChildBroker) -> std::net::SocketAddr {
@@ -216,6 +218,8 @@ impl EtcdCluster {
             node: node.into(),
             prefix: "activation/".into(),
             timeout: Duration::from_secs(5),
+            lane_block: 256,
+            lease_ttl: Duration::from_secs(LEASE_TTL_SECS),
         }
     }
 
@@ -263,6 +267,7 @@ impl EtcdCluster {
                  [ledger]\nstore = \"etcd\"\n\
                  [ledger.etcd]\nendpoints = [{endpoints}]\nnode = \"{node}\"\n\
                  prefix = \"activation/\"\ntimeout_ms = 3000\n\
+                 lease_ttl_secs = {LEASE_TTL_SECS}\n\
                  [[accounts]]\nname = \"{ADMIN}\"\npassword_hash = \"{hash}\"\nrole = \"admin\"\n",
                 hash = activation_broker::admin::accounts::hash_password(ADMIN_PASSWORD)
             ),
