@@ -179,20 +179,20 @@ fn a_steal_takes_half_of_the_fullest_lane_and_no_code_means_none_anywhere() {
     product(&mut st, "p", 10);
     as_node(&mut st, "a", 8);
     let mut events = Vec::new();
-    // n1's first block: min(8, 10 / (2 × 1)) = 5.
+    // a's first block: min(8, 10 / (2 × 1)) = 5.
     st.connect("p", "d0", NOW, &mut events, 0).expect("a");
     let a = st.lanes.get(&("p".into(), "a".into())).expect("lane a");
     assert_eq!((a.available(), a.consumed), (4, 1));
     assert_eq!(st.products["p"].available(), 5);
     as_node(&mut st, "b", 8);
-    for i in 1..6 {
+    for i in 1..7 {
         st.connect("p", &format!("d{i}"), NOW, &mut events, 0)
             .expect("b");
     }
-    // b drained the pool (blocks shrink to 1), then stole from a.
+    // b drained the pool (blocks shrink to 1), then took half of a's.
     assert_eq!(st.products["p"].available(), 0);
     let a = &st.lanes[&("p".to_owned(), "a".to_owned())];
-    assert!(a.available() < 4, "b took codes from a's lane");
+    assert_eq!(a.available(), 2, "b took half of a's lane");
     let left = st.product_available(&st.products["p"]);
     for i in 0..left {
         st.connect("p", &format!("e{i}"), NOW, &mut events, 0)
