@@ -261,7 +261,10 @@ impl EtcdStore {
             let key = self.full_key(&k);
             let at = pre.get(i).copied().unwrap_or(0);
             if at > 0 {
-                reads.push(TxnOp::get(key.clone(), Some(GetOptions::new().with_revision(at))));
+                reads.push(TxnOp::get(
+                    key.clone(),
+                    Some(GetOptions::new().with_revision(at)),
+                ));
             }
             ops.push(match v {
                 Some(v) => TxnOp::put(key, v, None),
@@ -305,18 +308,33 @@ impl EtcdStore {
         let key = self.full_key(&[NODE, self.options.node.as_bytes()].concat());
         let client = self.client.clone();
         let timeout = self.options.timeout;
-        let first = self
-            .rt
-            .block_on(async { tokio::time::timeout(timeout, grant(&client, &key, ttl)).await })
-            .map_err(|_| unavailable("taking the node's lease", "timed out"))?
-            .map_err(|e| unavailable("taking the node's lease", e))?;
+        // A cluster that just elected a leader may not know a lease it
+        // granted yet ("lease not found"): tried again until the timeout.
+        let first = self.rt.block_on(async {
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                let e = match tokio::time::timeout(left, grant(&client, &key, ttl)).await {
+                    Ok(Ok(id)) => return Ok(id),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "timed out".to_owned(),
+                };
+                if tokio::time::Instant::now() + Duration::from_millis(200) >= deadline {
+                    return Err(unavailable("taking the node's lease", e));
+                }
+                // Not a synchronisation: a pause before asking again.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })?;
         let node = self.options.node.clone();
         self.rt.spawn(async move {
             let mut lease = first;
             loop {
                 match keep_alive(&client, lease, ttl).await {
                     Ok(()) => tracing::warn!(node, "the node's lease expired; taking a new one"),
-                    Err(e) => tracing::warn!(node, error = %e, "keeping the node's lease alive failed"),
+                    Err(e) => {
+                        tracing::warn!(node, error = %e, "keeping the node's lease alive failed")
+                    }
                 }
                 loop {
                     match grant(&client, &key, ttl).await {
@@ -387,7 +405,10 @@ fn refused(resp: &etcd_client::TxnResponse, guards: usize, keys: Vec<(Vec<u8>, i
     let mut wait = 0;
     for _ in 0..guards {
         let Some(g) = gets.next().flatten() else {
-            return Refused { wait: 0, before: None };
+            return Refused {
+                wait: 0,
+                before: None,
+            };
         };
         if let Some(kv) = g.kvs().first() {
             wait = wait.max(kv.mod_revision());
@@ -416,8 +437,12 @@ async fn grant(client: &Client, key: &[u8], ttl: i64) -> Result<i64, etcd_client
     let mut leases = client.lease_client();
     let id = leases.grant(ttl, None).await?.id();
     let mut kv = client.kv_client();
-    kv.put(key.to_vec(), Vec::new(), Some(PutOptions::new().with_lease(id)))
-        .await?;
+    kv.put(
+        key.to_vec(),
+        Vec::new(),
+        Some(PutOptions::new().with_lease(id)),
+    )
+    .await?;
     Ok(id)
 }
 

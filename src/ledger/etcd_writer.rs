@@ -158,7 +158,11 @@ impl EtcdContext {
             if v.is_some() {
                 self.live_nodes.insert(node);
             } else {
-                tracing::info!(node = self.store.node(), dead = node, "a node's lease expired");
+                tracing::info!(
+                    node = self.store.node(),
+                    dead = node,
+                    "a node's lease expired"
+                );
                 self.live_nodes.remove(&node);
                 self.reclaim = true;
             }

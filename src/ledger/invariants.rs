@@ -137,7 +137,10 @@ impl State {
         ranges.sort();
         for w in ranges.windows(2) {
             if w[0].1 > w[1].0 {
-                return Err(format!("lanes {} and {} reserved the same code ids", w[0].2, w[1].2));
+                return Err(format!(
+                    "lanes {} and {} reserved the same code ids",
+                    w[0].2, w[1].2
+                ));
             }
         }
         Ok(())

@@ -50,10 +50,7 @@ impl State {
     pub(super) fn block_size(&self, pk: &str, mode: &LaneMode, pool: u64) -> u64 {
         let own = (pk.to_owned(), mode.node.clone());
         let nodes = self.lanes_of(pk).count() as u64 + u64::from(!self.lanes.contains_key(&own));
-        mode.block
-            .min(pool / (2 * nodes.max(1)))
-            .max(1)
-            .min(pool)
+        mode.block.min(pool / (2 * nodes.max(1))).max(1).min(pool)
     }
 
     /// Takes one code for product `pk` from this node's lane, filling the
@@ -130,6 +127,7 @@ impl State {
             move_codes(&mut v.lots, &mut lots, k);
         }
         self.dirty.lanes.insert(vkey);
+        metrics::counter!("activation_ledger_lane_steals_total").increment(1);
         let lane = self.lane_mut(pk, node);
         move_codes(&mut lots, &mut lane.lots, u64::MAX);
         self.dirty.lanes.insert((pk.to_owned(), node.to_owned()));

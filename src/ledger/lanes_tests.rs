@@ -109,10 +109,7 @@ fn lanes_keep_every_count_whole() {
             match rng.gen_range(0..100) {
                 0..=79 => {
                     let live = st.live_product(pk).is_ok();
-                    let had = st
-                        .products
-                        .get(pk)
-                        .map_or(0, |p| st.product_available(p));
+                    let had = st.products.get(pk).map_or(0, |p| st.product_available(p));
                     let mut events = Vec::new();
                     let dk = format!("d{step}");
                     match st.connect(pk, &dk, NOW, &mut events, 0) {

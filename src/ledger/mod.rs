@@ -39,7 +39,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 pub use model::{
-    Allowance, Assignment, AuditRecord, AuthMode, CodeKind, CodeRecord, Device, Lot, Order, Product,
+    Allowance, Assignment, AuditRecord, AuthMode, CodeKind, CodeRecord, Device, Lane, Lot, Order,
+    Product,
 };
 pub use query::{
     AssignmentFilter, AuditFilter, CodeFilter, DeviceFilter, OrderFilter, Page, PageRequest,

@@ -402,6 +402,12 @@ impl Ledger {
         )
     }
 
+    /// Every lane (etcd store): which node holds how many of a product's
+    /// codes and has consumed how many.
+    pub fn lanes(&self) -> Vec<super::Lane> {
+        self.read().lanes.values().cloned().collect()
+    }
+
     /// A live product.
     pub fn product(&self, pk: &str) -> Result<Product, LedgerError> {
         let st = self.read();

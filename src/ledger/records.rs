@@ -119,7 +119,8 @@ impl State {
             }
             Some(&store::LANE) => {
                 let l: Lane = decode(v)?;
-                self.lanes.insert((l.product_key.clone(), l.node.clone()), l);
+                self.lanes
+                    .insert((l.product_key.clone(), l.node.clone()), l);
             }
             Some(&store::CODE_IDS) => self.code_ids = decode(v)?,
             Some(&store::ASSIGNMENT) => self.assignments.push(decode(v)?),
@@ -253,7 +254,8 @@ impl State {
         self.forfeited += p.forfeited;
         let live = p.deleted_at.is_none();
         self.products.insert(pk.clone(), p);
-        self.available_assigned = self.available_assigned - available_before + self.live_available(&pk);
+        self.available_assigned =
+            self.available_assigned - available_before + self.live_available(&pk);
         if was_live && !live {
             let gone: Vec<(Millis, String, String)> = self
                 .current_expiry
@@ -299,7 +301,8 @@ impl State {
         let pk = l.product_key.clone();
         let available_before = self.live_available(&pk);
         self.lanes.insert((pk.clone(), l.node.clone()), l);
-        self.available_assigned = self.available_assigned - available_before + self.live_available(&pk);
+        self.available_assigned =
+            self.available_assigned - available_before + self.live_available(&pk);
     }
 
     pub(super) fn remote_code(&mut self, c: CodeRecord) -> Result<(), LedgerError> {

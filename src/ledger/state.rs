@@ -275,7 +275,11 @@ impl State {
 
     /// A product's consumed codes: from its pool and from every lane.
     pub fn product_consumed(&self, p: &Product) -> u64 {
-        p.consumed + self.lanes_of(&p.product_key).map(|l| l.consumed).sum::<u64>()
+        p.consumed
+            + self
+                .lanes_of(&p.product_key)
+                .map(|l| l.consumed)
+                .sum::<u64>()
     }
 
     /// Available codes of `pk` counted in the broker's Available: those of
@@ -294,7 +298,8 @@ impl State {
         let mut v = p.clone();
         for l in self.lanes_of(&p.product_key) {
             v.consumed += l.consumed;
-            v.pool.extend(l.lots.iter().filter(|x| x.remaining > 0).cloned());
+            v.pool
+                .extend(l.lots.iter().filter(|x| x.remaining > 0).cloned());
         }
         v
     }
