@@ -39,6 +39,9 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use super::backup::Snapshot;
 use super::etcd::{Commit, EtcdStore, Remote};
 use super::etcd_fence::{self, Position};
+
+#[path = "etcd_reclaim.rs"]
+mod reclaim;
 use super::fast::FastView;
 use super::records::{Removal, Write};
 use super::state::{Dirty, LaneMode, State};
@@ -429,68 +432,6 @@ impl EtcdContext {
             }
         }
     }
-
-    /// Returns the codes in the lanes of dead nodes (no liveness key) to
-    /// their products' pools, in one transaction guarded by those lanes'
-    /// revisions and the liveness keys' absence. Refused: undone, tried
-    /// again after the next change the watch brings.
-    fn reclaim_dead(&mut self, stale: &mut bool) {
-        let mut st = self.state.write();
-        let dead: Vec<String> = st
-            .nodes_holding_codes()
-            .into_iter()
-            .filter(|n| *n != self.lanes.node && !self.live_nodes.contains(n))
-            .collect();
-        if dead.is_empty() {
-            self.reclaim = false;
-            return;
-        }
-        let mut moved = 0;
-        for node in &dead {
-            moved += st.reclaim_lanes(node);
-        }
-        let mut writes = Vec::new();
-        let dirty = match st.drain_dirty(&mut |w| writes.push(w)) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(error = %e, "returning a dead node's lanes failed; reloading");
-                *stale = true;
-                return;
-            }
-        };
-        let (mut guards, _) = etcd_fence::guards(&self.pos, &st, &writes, &[]);
-        guards.extend(dead.iter().map(|n| etcd_fence::dead(n)));
-        let pre: Vec<i64> = writes
-            .iter()
-            .map(|(k, _)| self.pos.pre_image_at(k))
-            .collect();
-        let keys: Vec<Vec<u8>> = writes.iter().map(|(k, _)| k.clone()).collect();
-        match self.store.commit(writes, &pre, &guards, false) {
-            Commit::Done(revision) => {
-                self.pos.committed(revision, keys);
-                publish_fast(&self.fast, &st, &dirty);
-                debug_check(&st, "returning a dead node's lanes");
-                self.reclaim = false;
-                metrics::counter!("activation_ledger_lane_codes_reclaimed_total").increment(moved);
-                tracing::info!(node = self.store.node(), dead = ?dead, codes = moved, "returned dead nodes' lanes to the pool");
-            }
-            Commit::Stale(refused) => {
-                let undone = refused
-                    .before
-                    .as_ref()
-                    .is_some_and(|before| st.undo(before, &mut Dirty::default()).is_ok());
-                if undone {
-                    debug_check(&st, "undoing a refused return of lanes");
-                } else {
-                    *stale = true;
-                }
-            }
-            Commit::Unknown(why) => {
-                tracing::warn!(node = self.store.node(), reason = %why, "returning a dead node's lanes: outcome unknown; reloading");
-                *stale = true;
-            }
-        }
-    }
 }
 
 /// A backup of an etcd ledger is etcd's.
@@ -518,7 +459,7 @@ struct StaleRefusal {
 }
 
 /// In debug builds: the replica's invariants hold after `after`.
-fn debug_check(st: &State, after: &str) {
+pub(super) fn debug_check(st: &State, after: &str) {
     if cfg!(debug_assertions) {
         if let Err(e) = st.check_invariants() {
             panic!("the ledger replica is inconsistent after {after}: {e}");
