@@ -242,8 +242,8 @@ impl EtcdStore {
     /// One transaction: if every guard holds, every write (and, with
     /// `head`, the head key, which the caller guards). `pre[i]` is the
     /// revision write `i`'s pre-image is read at if refused (0: the key
-    /// did not exist). If refused, the same transaction reads each
-    /// guarded key's mod revision now and the pre-images. With no writes
+    /// did not exist). If refused, a second read takes each guarded key's
+    /// mod revision now and the pre-images. With no writes
     /// it only checks the guards (a refusal decided on the replica holds
     /// only if they do).
     pub fn commit(&self, writes: Vec<Write>, pre: &[i64], guards: &[Guard], head: bool) -> Commit {
@@ -282,7 +282,9 @@ impl EtcdStore {
                 None,
             ));
         }
-        let txn = Txn::new().when(compares).and_then(ops).or_else(reads);
+        // The reads go in a second round trip, only when refused (rare):
+        // a transaction is replicated whole, its failure branch too.
+        let txn = Txn::new().when(compares).and_then(ops);
         let mut kv = self.client.kv_client();
         let timeout = self.options.timeout;
         let r = self
@@ -290,15 +292,41 @@ impl EtcdStore {
             .block_on(async move { tokio::time::timeout(timeout, kv.txn(txn)).await });
         match r {
             Err(_) => Commit::Unknown(format!("no answer from etcd within {timeout:?}")),
-            Ok(Err(e)) if refused_compacted(&e) => Commit::Stale(Refused {
-                wait: 0,
-                before: None,
-            }),
             Ok(Err(e)) => Commit::Unknown(e.to_string()),
             Ok(Ok(resp)) if resp.succeeded() => {
                 Commit::Done(resp.header().map_or(0, |h| h.revision()))
             }
-            Ok(Ok(resp)) => Commit::Stale(refused(&resp, guards.len(), keys)),
+            Ok(Ok(_)) => Commit::Stale(self.read_refused(reads, guards.len(), keys)),
+        }
+    }
+
+    /// After a refusal: the guarded keys' revisions now and the written
+    /// records' pre-images, in one read at one revision. Unreadable
+    /// (compacted, etcd gone): no pre-images, so the writer reloads.
+    fn read_refused(&self, reads: Vec<TxnOp>, guards: usize, keys: Vec<(Vec<u8>, i64)>) -> Refused {
+        let mut kv = self.client.kv_client();
+        let timeout = self.options.timeout;
+        let txn = Txn::new().and_then(reads);
+        let r = self
+            .rt
+            .block_on(async move { tokio::time::timeout(timeout, kv.txn(txn)).await });
+        match r {
+            Ok(Ok(resp)) => refused(&resp, guards, keys),
+            Ok(Err(e)) if refused_compacted(&e) => Refused {
+                wait: 0,
+                before: None,
+            },
+            Ok(Err(e)) => {
+                tracing::warn!(node = self.options.node, error = %e, "reading a refused batch's keys failed");
+                Refused {
+                    wait: 0,
+                    before: None,
+                }
+            }
+            Err(_) => Refused {
+                wait: 0,
+                before: None,
+            },
         }
     }
 

@@ -88,12 +88,18 @@ fn product_key(pk: &str) -> Vec<u8> {
 }
 
 /// The guards of a batch: every key it writes; what its decisions read
-/// that another node could change (a written device's or lane's product,
-/// a renewed device's blacklist entry); for each "no code" refusal the
-/// product and every lane of it (so the refusal holds only if one read at
-/// one revision shows them all as the replica does), for "no such
-/// product/device" the record. Admin commands (`head`) are also guarded
-/// by the head key, which they put.
+/// that another node could change: a renewed device's product (auto
+/// renewal) and blacklist entry, the product of any other device written
+/// (a deleted device back within its validity); for each "no code"
+/// refusal the product and every lane of it (so the refusal holds only if
+/// one read at one revision shows them all as the replica does), for "no
+/// such product/device" the record. A first activation from this node's
+/// lane is not guarded by its product: what it reads there does not
+/// change while the lane holds codes (the allowance is fixed once the
+/// product has codes; a deletion empties the lane, a write the lane's
+/// guard sees), so another node's reservation from the pool does not
+/// refuse it. Admin commands (`head`) are also guarded by the head key,
+/// which they put.
 pub fn guards(
     pos: &Position,
     st: &State,
@@ -102,12 +108,35 @@ pub fn guards(
 ) -> (Vec<Guard>, bool) {
     let mut keys: BTreeSet<Vec<u8>> = BTreeSet::new();
     let mut head = false;
+    let first_activations: BTreeSet<(&str, &str)> = answers
+        .iter()
+        .filter_map(|a| match a {
+            Answer::Connect(Ok(admitted)) => admitted.consumed.as_ref(),
+            _ => None,
+        })
+        .filter(|c| c.kind == CodeKind::Activation)
+        .map(|c| (c.product_key.as_str(), c.device_key.as_str()))
+        .collect();
+    // Codes consumed here: their ids come from this node's lane (guarded),
+    // so no other node writes them.
+    let new_codes: BTreeSet<Vec<u8>> = answers
+        .iter()
+        .filter_map(|a| match a {
+            Answer::Connect(Ok(admitted)) => admitted.consumed.as_ref(),
+            _ => None,
+        })
+        .map(|c| store::id_key(store::CODE, c.id))
+        .collect();
     for (k, _) in writes {
-        keys.insert(k.clone());
+        if !new_codes.contains(k) {
+            keys.insert(k.clone());
+        }
         match k.first() {
-            Some(&store::DEVICE) | Some(&store::LANE) => {
-                if let Some((pk, _)) = store::split_pair(k) {
-                    keys.insert(product_key(&pk));
+            Some(&store::DEVICE) => {
+                if let Some((pk, dk)) = store::split_pair(k) {
+                    if !first_activations.contains(&(pk.as_str(), dk.as_str())) {
+                        keys.insert(product_key(&pk));
+                    }
                 }
             }
             Some(&store::ORDER)
@@ -127,6 +156,7 @@ pub fn guards(
                     .as_ref()
                     .filter(|c| c.kind == CodeKind::Renewal)
                 {
+                    keys.insert(product_key(&c.product_key));
                     keys.insert(store::pair_key(
                         store::BLACKLIST,
                         &c.product_key,

@@ -160,13 +160,17 @@ fn two_busy_nodes_catch_up_after_conflicts_without_reloading() {
     const DEVICES: usize = 3_000;
     let cluster = EtcdCluster::start(3);
     let secret = cluster.prepare(PK, CODES, YEAR);
-    let nodes = [cluster.broker("a"), cluster.broker("b")];
+    // Lanes of 4 codes: the nodes reserve from the pool all the time.
+    let nodes = [
+        cluster.broker_configured("a", false, 4),
+        cluster.broker_configured("b", false, 4),
+    ];
     let addrs = [nodes[0].addr, nodes[1].addr];
     let rt = runtime();
     // Both nodes busy at once: each commits batches while the other does;
-    // their lanes keep activations apart, but each reservation from the
-    // pool (a block of 256 codes, fewer as it runs low) changes the
-    // product the other node's batches read, so some are refused as stale.
+    // their lanes keep activations apart, but their reservations from the
+    // pool (blocks of 4 codes) both write the product, so those batches
+    // are refused as stale over and over.
     let codes = rt.block_on(flood_alternating(addrs, &[0, 1], DEVICES, 128, &secret));
     let (accepted, other) = tally(&codes);
     assert_eq!(

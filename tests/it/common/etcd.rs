@@ -243,12 +243,18 @@ impl EtcdCluster {
     /// A config for broker node `node` on this cluster: every listener on
     /// 127.0.0.1 port 0, rate limits off.
     pub fn write_broker_config(&self, dir: &Path, node: &str) -> PathBuf {
-        self.write_broker_config_with(dir, node, false)
+        self.write_broker_config_with(dir, node, false, 256)
     }
 
     /// As `write_broker_config`; `proxy`: the device listener expects the
-    /// PROXY protocol (behind HAProxy).
-    pub fn write_broker_config_with(&self, dir: &Path, node: &str, proxy: bool) -> PathBuf {
+    /// PROXY protocol (behind HAProxy); `lane_block`: `[ledger.etcd]`'s.
+    pub fn write_broker_config_with(
+        &self,
+        dir: &Path,
+        node: &str,
+        proxy: bool,
+        lane_block: u64,
+    ) -> PathBuf {
         let endpoints = self
             .endpoints()
             .iter()
@@ -267,7 +273,7 @@ impl EtcdCluster {
                  [ledger]\nstore = \"etcd\"\n\
                  [ledger.etcd]\nendpoints = [{endpoints}]\nnode = \"{node}\"\n\
                  prefix = \"activation/\"\ntimeout_ms = 3000\n\
-                 lease_ttl_secs = {LEASE_TTL_SECS}\n\
+                 lease_ttl_secs = {LEASE_TTL_SECS}\nlane_block = {lane_block}\n\
                  [[accounts]]\nname = \"{ADMIN}\"\npassword_hash = \"{hash}\"\nrole = \"admin\"\n",
                 hash = activation_broker::admin::accounts::hash_password(ADMIN_PASSWORD)
             ),
@@ -283,9 +289,15 @@ impl EtcdCluster {
 
     /// Starts broker node `node`; `proxy` as in `write_broker_config_with`.
     pub fn broker_with(&self, node: &str, proxy: bool) -> ChildBroker {
+        self.broker_configured(node, proxy, 256)
+    }
+
+    /// Starts broker node `node`; `proxy`, `lane_block` as in
+    /// `write_broker_config_with`.
+    pub fn broker_configured(&self, node: &str, proxy: bool, lane_block: u64) -> ChildBroker {
         let dir = self.dir.path().join(format!("broker-{node}"));
         std::fs::create_dir_all(&dir).expect("broker dir");
-        let config = self.write_broker_config_with(&dir, node, proxy);
+        let config = self.write_broker_config_with(&dir, node, proxy, lane_block);
         ChildBroker::start(&broker_bin(), &config, &dir.join("data"), None)
     }
 }
