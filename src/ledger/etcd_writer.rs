@@ -272,7 +272,7 @@ impl EtcdContext {
     }
 
     /// After a stale refusal (the batch already undone, or not): brings
-    /// the replica up to the head etcd reported, from the watch's changes
+    /// the replica up to the revision that refused the batch, from the watch's changes
     /// (waiting for them at most the store's timeout); reloads the whole
     /// replica only if they do not come, the watch lost changes, or the
     /// batch could not be undone. Requests that arrive meanwhile join

@@ -349,7 +349,16 @@ fn a_paused_node_cannot_consume_what_another_node_took_meanwhile() {
         "devices of the paused node: {late:?}\n{}",
         a.log_tail()
     );
+    // Its first batch after SIGCONT was decided on the lane it held before
+    // the pause and refused: node b's many commits meanwhile made node a's
+    // watch a slow one, which etcd catches up in its sync loop, after the
+    // queued CONNECTs were decided.
     let conflicts = rt.block_on(counter(&a, "activation_ledger_commit_conflicts_total"));
+    assert!(
+        conflicts > conflicts_before,
+        "no batch of the paused node was refused after SIGCONT\n{}",
+        a.log_tail()
+    );
     let acked: Vec<String> = (0..5)
         .map(|i| format!("first{i}"))
         .chain((5..CODES).map(|i| format!("early{i}")))
