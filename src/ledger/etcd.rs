@@ -96,8 +96,8 @@ pub enum Remote {
     Reload(String),
 }
 
-/// What a refused transaction read in the same round trip (its failure
-/// branch), so the writer catches up without reading the whole ledger.
+/// What was read right after a refusal, at one revision, so the writer
+/// catches up without reading the whole ledger.
 pub struct Refused {
     /// The newest mod revision of the guarded keys now: the replica holds
     /// what refused the batch once the watch brought it there; 0 if

@@ -10,11 +10,10 @@
 //! absence.
 //!
 //! - Refused as stale (another node changed a key the batch wrote or
-//!   read): the batch is undone
-//!   in the replica from its records' pre-images, which the refused
-//!   transaction read in the same round trip (`undo.rs`); the replica
-//!   catches up to the newest revision of those keys from the watch's queued changes
-//!   (a bounded wait), and the same requests are decided again, a few
+//!   read): the batch is undone in the replica from its records'
+//!   pre-images, read right after the refusal (`undo.rs`); the replica
+//!   catches up to the newest revision of the guarded keys from the
+//!   watch's queued changes (a bounded wait), and the same requests are decided again, a few
 //!   times at most. Cost: the batch and the commits missed, not the
 //!   ledger. The whole replica is reloaded only if the watch does not
 //!   deliver in time, lost changes (compaction), or the pre-images are
@@ -39,9 +38,6 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use super::backup::Snapshot;
 use super::etcd::{Commit, EtcdStore, Remote};
 use super::etcd_fence::{self, Position};
-
-#[path = "etcd_reclaim.rs"]
-mod reclaim;
 use super::fast::FastView;
 use super::records::{Removal, Write};
 use super::state::{Dirty, LaneMode, State};
@@ -50,9 +46,13 @@ use super::{LedgerError, LedgerOptions};
 use crate::clock::Clock;
 use crate::events::{Event, EventBus};
 
+#[path = "etcd_reclaim.rs"]
+mod reclaim;
+
 /// Most records one transaction writes (etcd runs with `--max-txn-ops
-/// 1024`, which bounds each branch: a refusal reads every guarded key and
-/// every written record's pre-image).
+/// 1024`: a transaction compares about as many keys as it writes, and
+/// after a refusal one read takes every guarded key and every written
+/// record's pre-image).
 const MAX_WRITES: usize = 400;
 /// Most requests decided in one batch.
 const MAX_BATCH: usize = 256;
