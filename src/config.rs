@@ -117,6 +117,12 @@ pub struct EtcdSection {
     pub prefix: String,
     /// Longest wait for one etcd call (past it a commit's outcome is unknown).
     pub timeout_ms: u64,
+    /// Most codes one node moves from a product's pool to its lane at once
+    /// (fewer as the pool runs low).
+    pub lane_block: u64,
+    /// Time to live of the node's lease; this long after a node stopped,
+    /// the other nodes return the codes of its lanes to the pool.
+    pub lease_ttl_secs: u64,
 }
 
 impl Default for EtcdSection {
@@ -126,6 +132,8 @@ impl Default for EtcdSection {
             node: "node-1".into(),
             prefix: "activation/".into(),
             timeout_ms: 5_000,
+            lane_block: 256,
+            lease_ttl_secs: 10,
         }
     }
 }
@@ -426,6 +434,21 @@ impl Config {
             }
             if e.timeout_ms == 0 {
                 return Err("ledger.etcd.timeout_ms must be at least 1".into());
+            }
+            if !e
+                .node
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                return Err(
+                    "ledger.etcd.node may hold only letters, digits, '-', '_' and '.'".into(),
+                );
+            }
+            if e.lane_block == 0 {
+                return Err("ledger.etcd.lane_block must be at least 1".into());
+            }
+            if e.lease_ttl_secs < 2 {
+                return Err("ledger.etcd.lease_ttl_secs must be at least 2".into());
             }
         }
         if !(16..=16_777_216).contains(&self.events.capacity) {

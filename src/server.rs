@@ -43,6 +43,8 @@ async fn open_ledger(
                 node: e.node.clone(),
                 prefix: e.prefix.clone(),
                 timeout: std::time::Duration::from_millis(e.timeout_ms),
+                lane_block: e.lane_block,
+                lease_ttl: std::time::Duration::from_secs(e.lease_ttl_secs),
             };
             let what = format!(
                 "opening the ledger on etcd {} (prefix {:?}, node {})",

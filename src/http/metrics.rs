@@ -93,7 +93,15 @@ fn describe() {
     );
     describe_counter!(
         "activation_ledger_commit_conflicts_total",
-        "etcd store: batches refused as stale (another node committed first); each is undone and decided again"
+        "etcd store: batches refused as stale (another node changed a key they wrote or read); each is undone and decided again"
+    );
+    describe_counter!(
+        "activation_ledger_lane_steals_total",
+        "etcd store: takings of codes from another node's lane (the pool empty), as decided by this node (a refused batch may decide one again)"
+    );
+    describe_counter!(
+        "activation_ledger_lane_codes_reclaimed_total",
+        "etcd store: codes this node returned to the pool from dead nodes' lanes"
     );
     describe_counter!(
         "activation_ledger_replica_reloads_total",
@@ -102,6 +110,8 @@ fn describe() {
     // Shown from the start (0), so a scrape tells "none" from "not counted".
     metrics::counter!("activation_ledger_commit_conflicts_total").increment(0);
     metrics::counter!("activation_ledger_replica_reloads_total").increment(0);
+    metrics::counter!("activation_ledger_lane_steals_total").increment(0);
+    metrics::counter!("activation_ledger_lane_codes_reclaimed_total").increment(0);
     describe_gauge!(
         "activation_sessions",
         "Sessions: online (devices and accounts), router_linked (holding a router link), lingering (ended, waiting for a delayed will or expiry)"

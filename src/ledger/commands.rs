@@ -320,8 +320,10 @@ impl State {
         now: Millis,
         events: &mut Vec<Event>,
     ) -> Result<Outcome, LedgerError> {
+        self.live_product(pk)?;
+        let in_lanes = self.forfeit_lanes(pk);
         let p = self.live_product_mut(pk)?;
-        let forfeited = p.available();
+        let forfeited = p.available() + in_lanes;
         p.pool.clear();
         p.forfeited = forfeited;
         p.deleted_at = Some(now);

@@ -52,7 +52,7 @@ impl State {
                 }
             },
         };
-        if product.available() == 0 {
+        if self.product_available(product) == 0 {
             return Err(Refusal::NoCodeAvailable(pk.to_owned()));
         }
         if !self.devices.contains_key(&id) {
@@ -98,26 +98,21 @@ impl State {
         pool_low: u64,
     ) -> CodeRecord {
         let (pk, dk) = (&id.0, &id.1);
-        let mut order_id = String::new();
-        let mut validity = 0;
-        let mut before = 0;
-        let mut after = 0;
-        if let Some(p) = self.products.get_mut(pk) {
-            before = p.available();
-            if let Some(lot) = p.pool.first_mut() {
-                lot.remaining -= 1;
-                order_id = lot.order_id.clone();
-                if lot.remaining == 0 {
-                    p.pool.remove(0);
-                }
-            }
-            p.consumed += 1;
-            validity = p.allowance.map_or(0, Allowance::validity_ms);
-            after = before - 1;
-        }
+        let before = self
+            .products
+            .get(pk)
+            .map_or(0, |p| self.product_available(p));
+        let validity = self
+            .products
+            .get(pk)
+            .and_then(|p| p.allowance)
+            .map_or(0, Allowance::validity_ms);
+        let (order_id, code_id) = match self.lane_mode.clone() {
+            Some(mode) => self.take_from_lane(pk, &mode),
+            None => (self.take_from_pool(pk), self.codes.len() as u64 + 1),
+        };
+        let after = before.saturating_sub(1);
         self.available_assigned -= 1;
-        self.dirty.products.insert(pk.clone());
-        let code_id = self.codes.len() as u64 + 1;
         let code = CodeRecord {
             id: code_id,
             product_key: pk.clone(),
@@ -133,7 +128,7 @@ impl State {
             expiring_notified: false,
         };
         self.index_code(&code);
-        self.codes.push(code.clone());
+        self.put_code(code.clone());
         self.dirty.codes.insert(code_id);
         if let Some(d) = self.devices.get_mut(id) {
             if let Some(old) = d.expire_at {
@@ -162,6 +157,23 @@ impl State {
         code
     }
 
+    /// Takes one code from the product's oldest lot; returns its order.
+    fn take_from_pool(&mut self, pk: &str) -> String {
+        let mut order_id = String::new();
+        if let Some(p) = self.products.get_mut(pk) {
+            if let Some(lot) = p.pool.first_mut() {
+                lot.remaining -= 1;
+                order_id = lot.order_id.clone();
+                if lot.remaining == 0 {
+                    p.pool.remove(0);
+                }
+            }
+            p.consumed += 1;
+        }
+        self.dirty.products.insert(pk.to_owned());
+        order_id
+    }
+
     /// Marks every current code expiring in `(now, now + window]` that was
     /// not announced yet, and returns them.
     pub fn take_expiring(
@@ -184,9 +196,10 @@ impl State {
             .collect();
         let mut out = Vec::new();
         for id in ids {
-            let Some(c) = id
+            let Some(c) = (id as usize)
                 .checked_sub(1)
-                .and_then(|i| self.codes.get_mut(i as usize))
+                .and_then(|i| self.codes.get_mut(i))
+                .and_then(Option::as_mut)
             else {
                 continue;
             };

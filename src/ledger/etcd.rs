@@ -1,17 +1,26 @@
 //! The etcd store: the ledger's records as etcd keys `prefix + store key`
 //! (`store.rs`'s layout), shared by every broker node. Every commit is one
-//! etcd transaction that compares the mod revision of one key, `prefix +
-//! "!head"`, with the last commit this node's replica holds, and puts the
-//! batch's records and the head: commits of all nodes are serialized by
-//! etcd (strict serializability), so a batch decided on a stale replica is
-//! refused, never applied. Ids (codes, assignments, audit, orders) are
-//! allocated on a current replica, so they never collide across nodes.
+//! etcd transaction guarded by the mod revisions of the keys it writes and
+//! of those its decision read (`Guard`): a key unchanged since the
+//! replica saw it has a mod revision at most the replica's position (or
+//! exactly the revision of this node's own commit), and a new key none.
+//! Batches of different nodes that touch different keys (each node
+//! consumes from its own lanes, `lanes.rs`) commit side by side; a batch
+//! decided on a stale replica is refused, never applied. Admin commands
+//! also put the `prefix + "!head"` key under the same guard, so they are
+//! serialized among themselves.
+//!
+//! Every node holds a lease with its liveness key `prefix + "!node/" +
+//! node`, kept alive on the client's runtime (a new lease when the old one
+//! expired); a node whose key is gone is dead and its lanes go back to the
+//! pool.
 //!
 //! Every node keeps its replica current through a watch on the prefix
 //! (`watch`); a watch that falls behind compaction asks for a reload.
 //! The client runs on its own small runtime; the ledger writer, a plain
 //! thread, blocks on it (never an I/O thread).
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use etcd_client::{
@@ -35,20 +44,43 @@ pub struct EtcdOptions {
     pub prefix: String,
     /// Longest wait for one etcd call; past it the outcome is unknown.
     pub timeout: Duration,
+    /// Most codes (and code ids) one lane reservation takes.
+    pub lane_block: u64,
+    /// The liveness lease's time to live.
+    pub lease_ttl: Duration,
 }
 
 /// Records read at one revision.
 pub struct Loaded {
     pub records: Vec<(Vec<u8>, Vec<u8>)>,
-    /// The head's mod revision: the last commit these records hold.
-    pub head: i64,
+    /// The nodes whose liveness key exists.
+    pub live_nodes: BTreeSet<String>,
     /// The revision they were read at: a watch takes over after it.
     pub revision: i64,
 }
 
+/// What a transaction expects of one key's mod revision (a key absent
+/// has none: 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Unchanged since the replica's position: at most this revision.
+    AtMost(i64),
+    /// Last written by this node's own commit at this revision.
+    Exactly(i64),
+    /// Absent (a dead node's liveness key).
+    Absent,
+}
+
+/// One key a transaction is guarded by (a store key, without the prefix).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Guard {
+    pub key: Vec<u8>,
+    pub expect: Expect,
+}
+
 /// How a commit ended.
 pub enum Commit {
-    /// Committed at this revision (the head's new mod revision).
+    /// Committed at this revision.
     Done(i64),
     /// Another node committed first: nothing was written.
     Stale(Refused),
@@ -64,20 +96,27 @@ pub enum Remote {
     Reload(String),
 }
 
-/// What a refused transaction read in the same round trip (its failure
-/// branch), so the writer catches up without reading the whole ledger.
+/// What was read right after a refusal, at one revision, so the writer
+/// catches up without reading the whole ledger.
 pub struct Refused {
-    /// The head's mod revision now: the last commit of any node, which
-    /// the watch delivers; 0 if unknown.
-    pub head: i64,
-    /// The records the batch wrote as they were at the revision the batch
-    /// was decided on (`None`: absent), in the batch's order; `None` when
-    /// etcd no longer holds that revision (compacted): reload.
+    /// The newest mod revision of the guarded keys now: the replica holds
+    /// what refused the batch once the watch brought it there; 0 if
+    /// unknown.
+    pub wait: i64,
+    /// The records the batch wrote as they were when the batch was
+    /// decided (`None`: absent), in the batch's order; `None` when etcd no
+    /// longer holds that revision (compacted): reload.
     pub before: Option<Vec<Write>>,
 }
 
-const HEAD: &[u8] = b"!head";
+/// The key admin commands put (and are guarded by).
+pub const HEAD: &[u8] = b"!head";
+/// Liveness keys: `!node/<node>`, under each node's lease.
+pub const NODE: &[u8] = b"!node/";
 const PAGE: i64 = 5_000;
+
+#[path = "etcd_lease.rs"]
+mod lease;
 
 pub struct EtcdStore {
     rt: Runtime,
@@ -146,19 +185,18 @@ impl EtcdStore {
         self.options.timeout
     }
 
-    fn head_key(&self) -> Vec<u8> {
-        [self.prefix.as_slice(), HEAD].concat()
+    fn full_key(&self, key: &[u8]) -> Vec<u8> {
+        [self.prefix.as_slice(), key].concat()
     }
 
     /// Every record of the ledger at one revision, page by page.
     pub fn load(&self) -> Result<Loaded, LedgerError> {
         let mut kv = self.client.kv_client();
         let end = prefix_end(&self.prefix);
-        let head_key = self.head_key();
         let timeout = self.options.timeout;
         self.rt.block_on(async move {
             let mut records = Vec::new();
-            let mut head = 0;
+            let mut live_nodes = BTreeSet::new();
             let mut from = self.prefix.clone();
             let mut revision = 0;
             loop {
@@ -179,12 +217,13 @@ impl EtcdStore {
                     break;
                 };
                 for item in kvs {
-                    if item.key() == head_key.as_slice() {
-                        head = item.mod_revision();
-                        continue;
-                    }
                     let (k, v) = item.into_key_value();
-                    records.push((k[self.prefix.len()..].to_vec(), v));
+                    let k = k[self.prefix.len()..].to_vec();
+                    if let Some(node) = k.strip_prefix(NODE) {
+                        live_nodes.insert(String::from_utf8_lossy(node).into_owned());
+                    } else if k != HEAD {
+                        records.push((k, v));
+                    }
                 }
                 if !more {
                     break;
@@ -194,43 +233,58 @@ impl EtcdStore {
             }
             Ok(Loaded {
                 records,
-                head,
+                live_nodes,
                 revision,
             })
         })
     }
 
-    /// One transaction: if the head is still at `head`, every write and
-    /// the head. `head` 0 is a ledger nobody committed to yet. If refused,
-    /// the same transaction reads the head now and each written key as it
-    /// was at revision `head` (the batch's pre-images).
-    pub fn commit(&self, head: i64, writes: Vec<Write>) -> Commit {
-        let head_key = self.head_key();
+    /// One transaction: if every guard holds, every write (and, with
+    /// `head`, the head key, which the caller guards). `pre[i]` is the
+    /// revision write `i`'s pre-image is read at if refused (0: the key
+    /// did not exist). If refused, a second read takes each guarded key's
+    /// mod revision now and the pre-images. With no writes
+    /// it only checks the guards (a refusal decided on the replica holds
+    /// only if they do).
+    pub fn commit(&self, writes: Vec<Write>, pre: &[i64], guards: &[Guard], head: bool) -> Commit {
+        let mut compares = Vec::with_capacity(guards.len());
+        let mut reads = Vec::with_capacity(guards.len() + writes.len());
+        for g in guards {
+            let key = self.full_key(&g.key);
+            compares.push(match g.expect {
+                Expect::AtMost(r) => Compare::mod_revision(key.clone(), CompareOp::Less, r + 1),
+                Expect::Exactly(r) => Compare::mod_revision(key.clone(), CompareOp::Equal, r),
+                Expect::Absent => Compare::version(key.clone(), CompareOp::Equal, 0),
+            });
+            reads.push(TxnOp::get(key, Some(GetOptions::new().with_keys_only())));
+        }
         let mut ops = Vec::with_capacity(writes.len() + 1);
-        let mut reads = Vec::with_capacity(writes.len() + 1);
-        reads.push(TxnOp::get(head_key.clone(), None));
         let mut keys = Vec::with_capacity(writes.len());
-        for (k, v) in writes {
-            let key = [self.prefix.as_slice(), k.as_slice()].concat();
-            if head > 0 {
-                let at = GetOptions::new().with_revision(head);
-                reads.push(TxnOp::get(key.clone(), Some(at)));
+        for (i, (k, v)) in writes.into_iter().enumerate() {
+            let key = self.full_key(&k);
+            let at = pre.get(i).copied().unwrap_or(0);
+            if at > 0 {
+                reads.push(TxnOp::get(
+                    key.clone(),
+                    Some(GetOptions::new().with_revision(at)),
+                ));
             }
             ops.push(match v {
                 Some(v) => TxnOp::put(key, v, None),
                 None => TxnOp::delete(key, None),
             });
-            keys.push(k);
+            keys.push((k, at));
         }
-        ops.push(TxnOp::put(
-            head_key.clone(),
-            self.options.node.as_bytes().to_vec(),
-            None,
-        ));
-        let txn = Txn::new()
-            .when([Compare::mod_revision(head_key, CompareOp::Equal, head)])
-            .and_then(ops)
-            .or_else(reads);
+        if head {
+            ops.push(TxnOp::put(
+                self.full_key(HEAD),
+                self.options.node.as_bytes().to_vec(),
+                None,
+            ));
+        }
+        // The reads go in a second round trip, only when refused (rare):
+        // a transaction is replicated whole, its failure branch too.
+        let txn = Txn::new().when(compares).and_then(ops);
         let mut kv = self.client.kv_client();
         let timeout = self.options.timeout;
         let r = self
@@ -238,39 +292,41 @@ impl EtcdStore {
             .block_on(async move { tokio::time::timeout(timeout, kv.txn(txn)).await });
         match r {
             Err(_) => Commit::Unknown(format!("no answer from etcd within {timeout:?}")),
-            Ok(Err(e)) if refused_compacted(&e) => Commit::Stale(Refused {
-                head: 0,
-                before: None,
-            }),
             Ok(Err(e)) => Commit::Unknown(e.to_string()),
             Ok(Ok(resp)) if resp.succeeded() => {
                 Commit::Done(resp.header().map_or(0, |h| h.revision()))
             }
-            Ok(Ok(resp)) => Commit::Stale(refused(&resp, head, keys)),
+            Ok(Ok(_)) => Commit::Stale(self.read_refused(reads, guards.len(), keys)),
         }
     }
 
-    /// Whether the head is still at `head` (one read at a single
-    /// revision): a refusal decided on the replica holds only then.
-    pub fn confirm(&self, head: i64) -> Commit {
-        let head_key = self.head_key();
-        let txn = Txn::new()
-            .when([Compare::mod_revision(
-                head_key.clone(),
-                CompareOp::Equal,
-                head,
-            )])
-            .or_else([TxnOp::get(head_key, None)]);
+    /// After a refusal: the guarded keys' revisions now and the written
+    /// records' pre-images, in one read at one revision. Unreadable
+    /// (compacted, etcd gone): no pre-images, so the writer reloads.
+    fn read_refused(&self, reads: Vec<TxnOp>, guards: usize, keys: Vec<(Vec<u8>, i64)>) -> Refused {
         let mut kv = self.client.kv_client();
         let timeout = self.options.timeout;
+        let txn = Txn::new().and_then(reads);
         let r = self
             .rt
             .block_on(async move { tokio::time::timeout(timeout, kv.txn(txn)).await });
         match r {
-            Err(_) => Commit::Unknown(format!("no answer from etcd within {timeout:?}")),
-            Ok(Err(e)) => Commit::Unknown(e.to_string()),
-            Ok(Ok(resp)) if resp.succeeded() => Commit::Done(head),
-            Ok(Ok(resp)) => Commit::Stale(refused(&resp, head, Vec::new())),
+            Ok(Ok(resp)) => refused(&resp, guards, keys),
+            Ok(Err(e)) if refused_compacted(&e) => Refused {
+                wait: 0,
+                before: None,
+            },
+            Ok(Err(e)) => {
+                tracing::warn!(node = self.options.node, error = %e, "reading a refused batch's keys failed");
+                Refused {
+                    wait: 0,
+                    before: None,
+                }
+            }
+            Err(_) => Refused {
+                wait: 0,
+                before: None,
+            },
         }
     }
 
@@ -314,39 +370,39 @@ impl EtcdStore {
     }
 }
 
-/// A refused transaction's reads: the head now, then (if `head` > 0)
-/// each of `keys` at revision `head`.
-fn refused(resp: &etcd_client::TxnResponse, head: i64, keys: Vec<Vec<u8>>) -> Refused {
+/// A refused transaction's reads: `guards` keys' mod revisions now, then
+/// the pre-image of each written key read at its revision (`at` 0: none).
+fn refused(resp: &etcd_client::TxnResponse, guards: usize, keys: Vec<(Vec<u8>, i64)>) -> Refused {
     let mut gets = resp.op_responses().into_iter().map(|r| match r {
         TxnOpResponse::Get(g) => Some(g),
         _ => None,
     });
-    let now = gets
-        .next()
-        .flatten()
-        .and_then(|g| g.kvs().first().map(|kv| kv.mod_revision()))
-        .unwrap_or(0);
-    if head == 0 {
-        // Nobody had committed: none of the keys existed.
-        let before = keys.into_iter().map(|k| (k, None)).collect();
-        return Refused {
-            head: now,
-            before: Some(before),
-        };
-    }
-    let mut before = Vec::with_capacity(keys.len());
-    for k in keys {
+    let mut wait = 0;
+    for _ in 0..guards {
         let Some(g) = gets.next().flatten() else {
             return Refused {
-                head: now,
+                wait: 0,
                 before: None,
             };
+        };
+        if let Some(kv) = g.kvs().first() {
+            wait = wait.max(kv.mod_revision());
+        }
+    }
+    let mut before = Vec::with_capacity(keys.len());
+    for (k, at) in keys {
+        if at == 0 {
+            before.push((k, None));
+            continue;
+        }
+        let Some(g) = gets.next().flatten() else {
+            return Refused { wait, before: None };
         };
         let v = g.kvs().first().map(|kv| kv.value().to_vec());
         before.push((k, v));
     }
     Refused {
-        head: now,
+        wait,
         before: Some(before),
     }
 }

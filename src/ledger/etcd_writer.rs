@@ -1,15 +1,19 @@
 //! The single writer of a node on the etcd store: group commit over the
 //! network. It drains pending requests, first takes in what other nodes
 //! committed (the watch's changes), applies the requests to the replica
-//! with the same rules as on sled, and commits the batch's records in one
-//! etcd transaction guarded by the head's revision (`etcd.rs`). Answers,
-//! the fast view and events follow only a committed transaction.
+//! with the same rules as on sled (consuming through this node's lanes,
+//! `lanes.rs`), and commits the batch's records in one etcd transaction
+//! guarded by the revisions of the keys it wrote and read (`etcd_fence.rs`).
+//! Answers, the fast view and events follow only a committed transaction.
+//! When another node's liveness key goes (its lease expired), its lanes
+//! are returned to the pool, guarded by their revisions and the key's
+//! absence.
 //!
-//! - Refused as stale (another node committed first): the batch is undone
-//!   in the replica from its records' pre-images, which the refused
-//!   transaction read in the same round trip (`undo.rs`); the replica
-//!   catches up to the head etcd reported from the watch's queued changes
-//!   (a bounded wait), and the same requests are decided again, a few
+//! - Refused as stale (another node changed a key the batch wrote or
+//!   read): the batch is undone in the replica from its records'
+//!   pre-images, read right after the refusal (`undo.rs`); the replica
+//!   catches up to the newest revision of the guarded keys from the
+//!   watch's queued changes (a bounded wait), and the same requests are decided again, a few
 //!   times at most. Cost: the batch and the commits missed, not the
 //!   ledger. The whole replica is reloaded only if the watch does not
 //!   deliver in time, lost changes (compaction), or the pre-images are
@@ -33,17 +37,23 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::backup::Snapshot;
 use super::etcd::{Commit, EtcdStore, Remote};
+use super::etcd_fence::{self, Position};
 use super::fast::FastView;
-use super::records::Removal;
-use super::state::{Dirty, State};
+use super::records::{Removal, Write};
+use super::state::{Dirty, LaneMode, State};
 use super::writer::{answer_unavailable, apply_one, finish_with, publish_fast, Answer, Request};
-use super::{LedgerError, LedgerOptions, Refusal};
+use super::{LedgerError, LedgerOptions};
 use crate::clock::Clock;
 use crate::events::{Event, EventBus};
 
+#[path = "etcd_reclaim.rs"]
+mod reclaim;
+
 /// Most records one transaction writes (etcd runs with `--max-txn-ops
-/// 1024`; the head is one more).
-const MAX_WRITES: usize = 900;
+/// 1024`: a transaction compares about as many keys as it writes, and
+/// after a refusal one read takes every guarded key and every written
+/// record's pre-image).
+const MAX_WRITES: usize = 400;
 /// Most requests decided in one batch.
 const MAX_BATCH: usize = 256;
 /// Stale refusals in a row before a batch is answered "unavailable" (also
@@ -54,8 +64,14 @@ const MAX_ATTEMPTS: usize = 64;
 
 pub struct EtcdContext {
     pub store: EtcdStore,
-    /// The head revision the replica holds.
-    pub head: i64,
+    /// Where the replica stands in etcd's history.
+    pub pos: Position,
+    /// How this node consumes: its lanes.
+    pub lanes: LaneMode,
+    /// Nodes whose liveness key exists.
+    pub live_nodes: BTreeSet<String>,
+    /// Set when a node may have died holding codes in its lanes.
+    pub reclaim: bool,
     pub read_only: Arc<AtomicBool>,
     pub state: Arc<RwLock<State>>,
     pub fast: Arc<FastView>,
@@ -82,6 +98,9 @@ pub fn run(mut ctx: EtcdContext, mut rx: mpsc::Receiver<Request>) {
             if requests.len() < max_batch {
                 next = rx.try_recv().ok();
             }
+        }
+        if ctx.reclaim && !stale {
+            ctx.reclaim_dead(&mut stale);
         }
         if requests.is_empty() {
             continue;
@@ -123,16 +142,39 @@ impl EtcdContext {
             }
             Remote::Changes { revision, writes } => (revision, writes),
         };
-        if *stale || revision <= self.head {
-            // Already held (this node's own commit, or read by a reload),
-            // or a reload will read it.
+        if *stale || revision <= self.pos.seen() {
+            // Read by a reload, or a reload will read it.
             return;
+        }
+        if self.pos.is_own(revision) {
+            // This node's own commit: already in the replica.
+            self.pos.advance(revision);
+            return;
+        }
+        let (nodes, writes): (Vec<Write>, Vec<Write>) = writes
+            .into_iter()
+            .partition(|(k, _)| etcd_fence::liveness(k).is_some());
+        for (k, v) in nodes {
+            let Some(node) = etcd_fence::liveness(&k) else {
+                continue;
+            };
+            if v.is_some() {
+                self.live_nodes.insert(node);
+            } else {
+                tracing::info!(
+                    node = self.store.node(),
+                    dead = node,
+                    "a node's lease expired"
+                );
+                self.live_nodes.remove(&node);
+                self.reclaim = true;
+            }
         }
         let mut st = self.state.write();
         let mut touched = Dirty::default();
         match st.apply_remote(&writes, &mut touched) {
             Ok(removed) => {
-                self.head = revision;
+                self.pos.advance(revision);
                 publish_fast(&self.fast, &st, &touched);
                 drop(st);
                 for r in removed {
@@ -150,11 +192,14 @@ impl EtcdContext {
     fn reload(&mut self) -> Result<(), LedgerError> {
         metrics::counter!("activation_ledger_replica_reloads_total").increment(1);
         let loaded = self.store.load()?;
-        let fresh = State::from_records(loaded.records.into_iter().map(Ok))?;
+        let mut fresh = State::from_records(loaded.records.into_iter().map(Ok))?;
+        fresh.set_lane_mode(self.lanes.clone());
         let mut st = self.state.write();
         let removed = removals_between(&st, &fresh);
         *st = fresh;
-        self.head = loaded.head;
+        self.pos = Position::new(loaded.revision);
+        self.live_nodes = loaded.live_nodes;
+        self.reclaim = true;
         self.fast.refresh_all(&st);
         drop(st);
         for r in removed {
@@ -227,7 +272,7 @@ impl EtcdContext {
     }
 
     /// After a stale refusal (the batch already undone, or not): brings
-    /// the replica up to the head etcd reported, from the watch's changes
+    /// the replica up to the revision that refused the batch, from the watch's changes
     /// (waiting for them at most the store's timeout); reloads the whole
     /// replica only if they do not come, the watch lost changes, or the
     /// batch could not be undone. Requests that arrive meanwhile join
@@ -243,7 +288,7 @@ impl EtcdContext {
             *stale = true;
         }
         let deadline = Instant::now() + self.store.timeout();
-        while !*stale && self.head < refusal.head {
+        while !*stale && self.pos.seen() < refusal.wait {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.store.wait_for(left, rx.recv()) {
                 Some(Some(r)) => self.take(r, queue, stale),
@@ -253,9 +298,9 @@ impl EtcdContext {
                 None => {
                     tracing::warn!(
                         node = self.store.node(),
-                        at = self.head,
-                        head = refusal.head,
-                        "the watch did not bring the replica up to etcd's head in time; reloading"
+                        at = self.pos.seen(),
+                        wait = refusal.wait,
+                        "the watch did not bring the replica up to the refusing commit in time; reloading"
                     );
                     *stale = true;
                 }
@@ -308,41 +353,6 @@ impl EtcdContext {
             }
         }
         let n = answers.len();
-        if st.dirty.is_empty() {
-            drop(st);
-            // "No code left" (or "no such product/device") holds only if
-            // no node committed since.
-            let refused_empty = answers.iter().any(|a| {
-                matches!(
-                    a,
-                    Answer::Connect(Err(Refusal::NoCodeAvailable(_)
-                        | Refusal::UnknownProduct(_)
-                        | Refusal::UnknownDevice(..)))
-                )
-            });
-            if refused_empty {
-                match self.store.confirm(self.head) {
-                    Commit::Done(_) => {}
-                    Commit::Stale(refused) => {
-                        // Nothing to undo: this batch changed nothing.
-                        return Err(Failed::Stale(StaleRefusal {
-                            head: refused.head,
-                            undone: true,
-                        }));
-                    }
-                    Commit::Unknown(why) => {
-                        let e = LedgerError::Unavailable(format!("etcd: {why}"));
-                        for (r, a) in queue.drain(..n).zip(answers) {
-                            r.fail(a, &e);
-                        }
-                        return Err(Failed::Unknown);
-                    }
-                }
-            }
-            let mut done: Vec<Request> = queue.drain(..n).collect();
-            finish_with(&self.events, &mut done, answers, events);
-            return Ok(());
-        }
         let mut writes = Vec::with_capacity(st.dirty.len());
         let dirty = match st.drain_dirty(&mut |w| writes.push(w)) {
             Ok(d) => d,
@@ -354,13 +364,32 @@ impl EtcdContext {
                 return Err(Failed::Unknown);
             }
         };
+        let (guards, head) = etcd_fence::guards(&self.pos, &st, &writes, &answers[..n]);
+        if guards.is_empty() {
+            // Nothing written, nothing read that another node changes.
+            drop(st);
+            let mut done: Vec<Request> = queue.drain(..n).collect();
+            finish_with(&self.events, &mut done, answers, events);
+            return Ok(());
+        }
+        let pre: Vec<i64> = writes
+            .iter()
+            .map(|(k, _)| self.pos.pre_image_at(k))
+            .collect();
+        let mut keys: Vec<Vec<u8>> = writes.iter().map(|(k, _)| k.clone()).collect();
+        if head {
+            keys.push(super::etcd::HEAD.to_vec());
+        }
+        let wrote = !writes.is_empty();
         let started = std::time::Instant::now();
-        match self.store.commit(self.head, writes) {
+        match self.store.commit(writes, &pre, &guards, head) {
             Commit::Done(revision) => {
-                metrics::histogram!("activation_ledger_commit_seconds")
-                    .record(started.elapsed().as_secs_f64());
-                metrics::histogram!("activation_ledger_batch_size").record(n as f64);
-                self.head = revision;
+                if wrote {
+                    metrics::histogram!("activation_ledger_commit_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    metrics::histogram!("activation_ledger_batch_size").record(n as f64);
+                    self.pos.committed(revision, keys);
+                }
                 publish_fast(&self.fast, &st, &dirty);
                 drop(st);
                 let mut done: Vec<Request> = queue.drain(..n).collect();
@@ -386,7 +415,7 @@ impl EtcdContext {
                     None => false,
                 };
                 Err(Failed::Stale(StaleRefusal {
-                    head: refused.head,
+                    wait: refused.wait,
                     undone,
                 }))
             }
@@ -421,15 +450,16 @@ enum Failed {
 
 /// A stale refusal, as the writer goes on from it.
 struct StaleRefusal {
-    /// etcd's head when it refused.
-    head: i64,
+    /// The newest revision of the keys that refused the batch: the
+    /// replica catches up to it.
+    wait: i64,
     /// Whether the replica is back where the batch started; if not, the
     /// whole replica is reloaded.
     undone: bool,
 }
 
 /// In debug builds: the replica's invariants hold after `after`.
-fn debug_check(st: &State, after: &str) {
+pub(super) fn debug_check(st: &State, after: &str) {
     if cfg!(debug_assertions) {
         if let Err(e) = st.check_invariants() {
             panic!("the ledger replica is inconsistent after {after}: {e}");

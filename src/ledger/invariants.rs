@@ -19,32 +19,30 @@ impl State {
                 .codes_by_product
                 .get(&p.product_key)
                 .map_or(0, Vec::len) as u64;
-            if consumed != p.consumed {
+            let (p_consumed, p_available) = (self.product_consumed(p), self.product_available(p));
+            if consumed != p_consumed {
                 return Err(format!(
-                    "product {}: consumed {} but {} code records",
-                    p.product_key, p.consumed, consumed
+                    "product {}: consumed {} (lanes included) but {} code records",
+                    p.product_key, p_consumed, consumed
                 ));
             }
-            if p.total != p.consumed + p.available() + p.forfeited {
+            if p.total != p_consumed + p_available + p.forfeited {
                 return Err(format!(
-                    "product {}: Total {} != Consumed {} + Available {} (+ Forfeited {})",
-                    p.product_key,
-                    p.total,
-                    p.consumed,
-                    p.available(),
-                    p.forfeited
+                    "product {}: Total {} != Consumed {} + Available {} (+ Forfeited {}), lanes included",
+                    p.product_key, p.total, p_consumed, p_available, p.forfeited
                 ));
             }
             if p.deleted_at.is_none() {
-                available_assigned += p.available();
-            } else if p.available() != 0 {
+                available_assigned += p_available;
+            } else if p_available != 0 {
                 return Err(format!("deleted product {} still has codes", p.product_key));
             }
         }
+        self.check_lanes()?;
         let c = self.counters();
         let recomputed = Counters {
             total,
-            consumed: self.codes.len() as u64,
+            consumed: self.all_codes().count() as u64,
             available: unassigned + available_assigned,
             unassigned,
             forfeited,
@@ -101,6 +99,48 @@ impl State {
             });
             if indexed != (self.device_is_live(d) && d.expire_at.is_some()) {
                 return Err(format!("expiry index wrong for {}", d.device_key));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every lane belongs to a product; the code ids lanes reserved do
+    /// not overlap, and none is below a code another lane holds.
+    fn check_lanes(&self) -> Result<(), String> {
+        let mut ranges = Vec::new();
+        for ((pk, node), l) in &self.lanes {
+            if *pk != l.product_key || *node != l.node {
+                return Err(format!("lane {pk}/{node} is stored under another key"));
+            }
+            if !self.products.contains_key(pk) {
+                return Err(format!("lane {pk}/{node} of no product"));
+            }
+            if l.lots.iter().any(|x| x.remaining == 0) {
+                return Err(format!("lane {pk}/{node} holds an empty lot"));
+            }
+            if l.next_code > l.end_code {
+                return Err(format!("lane {pk}/{node} used ids past its reservation"));
+            }
+            if l.end_code > l.next_code {
+                if self.code_ids < l.end_code {
+                    return Err(format!(
+                        "lane {pk}/{node} holds ids up to {} past the reserved {}",
+                        l.end_code, self.code_ids
+                    ));
+                }
+                ranges.push((l.next_code, l.end_code, format!("{pk}/{node}")));
+                if let Some(c) = (l.next_code..l.end_code).find_map(|id| self.code(id)) {
+                    return Err(format!("lane {pk}/{node} would reuse code id {}", c.id));
+                }
+            }
+        }
+        ranges.sort();
+        for w in ranges.windows(2) {
+            if w[0].1 > w[1].0 {
+                return Err(format!(
+                    "lanes {} and {} reserved the same code ids",
+                    w[0].2, w[1].2
+                ));
             }
         }
         Ok(())

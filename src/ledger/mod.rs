@@ -16,9 +16,11 @@ mod commands;
 mod connect;
 mod durable;
 mod etcd;
+mod etcd_fence;
 mod etcd_writer;
 mod fast;
 mod invariants;
+mod lanes;
 mod model;
 mod query;
 mod records;
@@ -37,7 +39,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 pub use model::{
-    Allowance, Assignment, AuditRecord, AuthMode, CodeKind, CodeRecord, Device, Lot, Order, Product,
+    Allowance, Assignment, AuditRecord, AuthMode, CodeKind, CodeRecord, Device, Lane, Lot, Order,
+    Product,
 };
 pub use query::{
     AssignmentFilter, AuditFilter, CodeFilter, DeviceFilter, OrderFilter, Page, PageRequest,
@@ -394,10 +397,16 @@ impl Ledger {
         clock: Clock,
         events: EventBus,
     ) -> Result<Ledger, LedgerError> {
+        let lanes = state::LaneMode {
+            node: etcd_options.node.clone(),
+            block: etcd_options.lane_block.max(1),
+        };
         let store = etcd::EtcdStore::connect(etcd_options)?;
+        store.hold_lease()?;
         let loaded = store.load()?;
-        let (head, watch_from) = (loaded.head, loaded.revision + 1);
-        let state = State::from_records(loaded.records.into_iter().map(Ok))?;
+        let watch_from = loaded.revision + 1;
+        let mut state = State::from_records(loaded.records.into_iter().map(Ok))?;
+        state.set_lane_mode(lanes.clone());
         let fast = Arc::new(FastView::build(&state));
         let state = Arc::new(RwLock::new(state));
         let read_only = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -409,7 +418,10 @@ impl Ledger {
         store.watch(watch_from, tx.downgrade());
         let ctx = etcd_writer::EtcdContext {
             store,
-            head,
+            pos: etcd_fence::Position::new(loaded.revision),
+            lanes,
+            live_nodes: loaded.live_nodes,
+            reclaim: true,
             read_only: read_only.clone(),
             state: state.clone(),
             fast: fast.clone(),

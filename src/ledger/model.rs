@@ -102,6 +102,28 @@ impl Product {
     }
 }
 
+/// A node's lane of a product (etcd store only): codes the node moved
+/// from the product's pool to consume locally, and the code ids reserved
+/// for them, so that batches of different nodes touch different keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lane {
+    pub product_key: String,
+    pub node: String,
+    /// Codes held, oldest lot first (each still names its order).
+    pub lots: Vec<Lot>,
+    /// Codes consumed from this lane, ever.
+    pub consumed: u64,
+    /// Code ids reserved for this lane: `next_code..end_code`.
+    pub next_code: u64,
+    pub end_code: u64,
+}
+
+impl Lane {
+    pub fn available(&self) -> u64 {
+        self.lots.iter().map(|l| l.remaining).sum()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Device {
     pub product_key: String,

@@ -278,13 +278,20 @@ impl State {
                 page,
             );
         }
-        if f.product_name.is_some() {
+        if f.product_name.is_some() || self.code_count != self.codes.len() as u64 {
             return paginate(
-                self.codes.iter().filter(|c| f.matches(self, c)).cloned(),
+                self.all_codes().filter(|c| f.matches(self, c)).cloned(),
                 page,
             );
         }
-        slice_page(&self.codes, page)
+        // Dense: the page is a slice.
+        let page = slice_page(&self.codes, page);
+        Page {
+            items: page.items.into_iter().flatten().collect(),
+            page_number: page.page_number,
+            page_size: page.page_size,
+            total: page.total,
+        }
     }
 
     pub fn near_expiry_count(&self, now: Millis, window: Millis) -> u64 {
@@ -380,7 +387,7 @@ impl Ledger {
                     .get(pk)
                     .filter(|p| p.deleted_at.is_none())
                     .filter(|p| f.name.as_ref().is_none_or(|n| contains_ci(&p.name, n)))
-                    .cloned()
+                    .map(|p| st.product_view(p))
                     .into_iter(),
                 page,
             );
@@ -390,14 +397,21 @@ impl Ledger {
                 .values()
                 .filter(|p| p.deleted_at.is_none())
                 .filter(|p| f.name.as_ref().is_none_or(|n| contains_ci(&p.name, n)))
-                .cloned(),
+                .map(|p| st.product_view(p)),
             page,
         )
     }
 
+    /// Every lane (etcd store): which node holds how many of a product's
+    /// codes and has consumed how many.
+    pub fn lanes(&self) -> Vec<super::Lane> {
+        self.read().lanes.values().cloned().collect()
+    }
+
     /// A live product.
     pub fn product(&self, pk: &str) -> Result<Product, LedgerError> {
-        self.read().live_product(pk).cloned()
+        let st = self.read();
+        st.live_product(pk).map(|p| st.product_view(p))
     }
 
     /// Consumed codes matching `f`, by Id (by ActivateAt or ExpireAt when

@@ -45,11 +45,11 @@ impl State {
                 _ => st.put_record(&k, &v)?,
             }
         }
-        for (i, c) in st.codes.iter().enumerate() {
-            if c.id != i as u64 + 1 {
+        // Without lanes (sled, or etcd before any), code ids are dense.
+        if st.lanes.is_empty() && st.code_ids == 0 {
+            if let Some(i) = st.codes.iter().position(Option::is_none) {
                 return Err(corrupt(format!(
-                    "code records are not dense: found id {} at position {}",
-                    c.id,
+                    "code records are not dense: no code with id {}",
                     i + 1
                 )));
             }
@@ -73,14 +73,16 @@ impl State {
             st.order_seq.push(o.order_id.clone());
             st.orders.insert(o.order_id.clone(), o);
         }
+        let mut available_assigned = 0;
         for p in st.products.values() {
             st.forfeited += p.forfeited;
             if p.deleted_at.is_none() {
-                st.available_assigned += p.available();
+                available_assigned += st.product_available(p);
             }
         }
+        st.available_assigned = available_assigned;
         let codes = std::mem::take(&mut st.codes);
-        for c in &codes {
+        for c in codes.iter().flatten() {
             st.index_code(c);
         }
         st.codes = codes;
@@ -109,7 +111,18 @@ impl State {
                 self.devices
                     .insert(dev_id(&d.product_key, &d.device_key), d);
             }
-            Some(&store::CODE) => self.codes.push(decode(v)?),
+            Some(&store::CODE) => {
+                let c: CodeRecord = decode(v)?;
+                if c.id == 0 || !self.put_code(c) {
+                    return Err(corrupt("a code record with id 0 or a repeated id"));
+                }
+            }
+            Some(&store::LANE) => {
+                let l: Lane = decode(v)?;
+                self.lanes
+                    .insert((l.product_key.clone(), l.node.clone()), l);
+            }
+            Some(&store::CODE_IDS) => self.code_ids = decode(v)?,
             Some(&store::ASSIGNMENT) => self.assignments.push(decode(v)?),
             Some(&store::BLACKLIST) => {
                 let id = store::split_pair(k).ok_or_else(|| corrupt("corrupt blacklist key"))?;
@@ -171,6 +184,12 @@ impl State {
                     }
                 }
                 (Some(&store::CODE), Some(v)) => self.remote_code(decode(v)?)?,
+                (Some(&store::LANE), Some(v)) => {
+                    let l: Lane = decode(v)?;
+                    touched.products.insert(l.product_key.clone());
+                    self.remote_lane(l);
+                }
+                (Some(&store::CODE_IDS), Some(v)) => self.code_ids = decode(v)?,
                 (Some(&store::ASSIGNMENT), Some(v)) => {
                     let a: Assignment = decode(v)?;
                     put_dense(&mut self.assignments, a.id, a, "assignment")?;
@@ -223,23 +242,20 @@ impl State {
     }
 
     pub(super) fn remote_product(&mut self, p: Product) -> Option<Removal> {
-        let was_live = match self.products.get(&p.product_key) {
+        let pk = p.product_key.clone();
+        let available_before = self.live_available(&pk);
+        let was_live = match self.products.get(&pk) {
             Some(old) => {
                 self.forfeited -= old.forfeited;
-                if old.deleted_at.is_none() {
-                    self.available_assigned -= old.available();
-                }
                 old.deleted_at.is_none()
             }
             None => false,
         };
         self.forfeited += p.forfeited;
         let live = p.deleted_at.is_none();
-        if live {
-            self.available_assigned += p.available();
-        }
-        let pk = p.product_key.clone();
         self.products.insert(pk.clone(), p);
+        self.available_assigned =
+            self.available_assigned - available_before + self.live_available(&pk);
         if was_live && !live {
             let gone: Vec<(Millis, String, String)> = self
                 .current_expiry
@@ -280,14 +296,26 @@ impl State {
         })
     }
 
+    /// Another node's lane, or this node's as etcd holds it.
+    pub(super) fn remote_lane(&mut self, l: Lane) {
+        let pk = l.product_key.clone();
+        let available_before = self.live_available(&pk);
+        self.lanes.insert((pk.clone(), l.node.clone()), l);
+        self.available_assigned =
+            self.available_assigned - available_before + self.live_available(&pk);
+    }
+
     pub(super) fn remote_code(&mut self, c: CodeRecord) -> Result<(), LedgerError> {
-        if c.id == self.codes.len() as u64 + 1 {
-            self.index_code(&c);
-            self.codes.push(c);
-            return Ok(());
+        if c.id == 0 {
+            return Err(corrupt("a code record with id 0"));
         }
         // An existing code changes only its notes (expiry announced).
-        put_dense(&mut self.codes, c.id, c, "code")
+        let new = self.code(c.id).is_none();
+        if new {
+            self.index_code(&c);
+        }
+        self.put_code(c);
+        Ok(())
     }
 
     /// Hands every dirty record to `sink` as one write and clears the
@@ -316,6 +344,17 @@ impl State {
             if let Some(c) = self.code(*id) {
                 sink((store::id_key(store::CODE, *id), Some(encode(c)?)));
             }
+        }
+        for key in &dirty.lanes {
+            if let Some(l) = self.lanes.get(key) {
+                sink((
+                    store::pair_key(store::LANE, &key.0, &key.1),
+                    Some(encode(l)?),
+                ));
+            }
+        }
+        if dirty.code_ids {
+            sink((vec![store::CODE_IDS], Some(encode(&self.code_ids)?)));
         }
         for id in &dirty.assignments {
             if let Some(a) = id

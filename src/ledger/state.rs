@@ -27,8 +27,18 @@ pub struct State {
     pub(super) order_seq: Vec<String>,
     pub(super) products: BTreeMap<String, Product>,
     pub(super) devices: BTreeMap<DeviceId, Device>,
-    /// Consumed codes; the code with id `n` is at index `n - 1`.
-    pub(super) codes: Vec<CodeRecord>,
+    /// Consumed codes; the code with id `n` is at index `n - 1`. Dense on
+    /// sled; on etcd the ids a lane reserved but did not use are holes.
+    pub(super) codes: Vec<Option<CodeRecord>>,
+    /// How many codes `codes` holds.
+    pub(super) code_count: u64,
+    /// Lanes by (ProductKey, node) (etcd store only).
+    pub(super) lanes: BTreeMap<(String, String), Lane>,
+    /// The next code id no lane reserved (the `CODE_IDS` record; 0 when
+    /// absent: then the next after the newest code).
+    pub(super) code_ids: u64,
+    /// Set on the etcd store: this node consumes through its lanes.
+    pub(super) lane_mode: Option<LaneMode>,
     /// Assignments; id `n` at index `n - 1`.
     pub(super) assignments: Vec<Assignment>,
     pub(super) blacklist: BTreeSet<DeviceId>,
@@ -66,6 +76,17 @@ pub struct Dirty {
     pub blacklist: BTreeSet<DeviceId>,
     pub tokens: BTreeSet<String>,
     pub audit: BTreeSet<u64>,
+    pub lanes: BTreeSet<(String, String)>,
+    pub code_ids: bool,
+}
+
+/// How a node consumes codes on the etcd store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaneMode {
+    /// This node's name: its lanes are `(ProductKey, node)`.
+    pub node: String,
+    /// Most codes (and code ids) one reservation moves to a lane.
+    pub block: u64,
 }
 
 impl Dirty {
@@ -79,6 +100,8 @@ impl Dirty {
             + self.blacklist.len()
             + self.tokens.len()
             + self.audit.len()
+            + self.lanes.len()
+            + usize::from(self.code_ids)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -90,6 +113,8 @@ impl Dirty {
             && self.blacklist.is_empty()
             && self.tokens.is_empty()
             && self.audit.is_empty()
+            && self.lanes.is_empty()
+            && !self.code_ids
     }
 }
 
@@ -182,7 +207,7 @@ impl State {
         let unassigned: u64 = self.unassigned.values().sum();
         Counters {
             total: self.total,
-            consumed: self.codes.len() as u64,
+            consumed: self.code_count,
             available: unassigned + self.available_assigned,
             unassigned,
             forfeited: self.forfeited,
@@ -205,7 +230,83 @@ impl State {
     }
 
     pub fn code(&self, id: u64) -> Option<&CodeRecord> {
-        self.codes.get((id as usize).checked_sub(1)?)
+        self.codes.get((id as usize).checked_sub(1)?)?.as_ref()
+    }
+
+    /// Every consumed code, by id.
+    pub(super) fn all_codes(&self) -> impl DoubleEndedIterator<Item = &CodeRecord> + '_ {
+        self.codes.iter().flatten()
+    }
+
+    /// Puts a code at its id (replacing one there); `true` if it is new.
+    /// The caller indexes a new code.
+    pub(super) fn put_code(&mut self, c: CodeRecord) -> bool {
+        let Some(i) = (c.id as usize).checked_sub(1) else {
+            return false;
+        };
+        if self.codes.len() <= i {
+            self.codes.resize(i + 1, None);
+        }
+        let new = self.codes[i].is_none();
+        self.codes[i] = Some(c);
+        if new {
+            self.code_count += 1;
+        }
+        new
+    }
+
+    /// The lanes of product `pk`.
+    pub(super) fn lanes_of<'a>(&'a self, pk: &str) -> impl Iterator<Item = &'a Lane> + 'a {
+        let pk = pk.to_owned();
+        self.lanes
+            .range((pk.clone(), String::new())..)
+            .take_while(move |((lpk, _), _)| *lpk == pk)
+            .map(|(_, l)| l)
+    }
+
+    /// A product's available codes: its pool and every lane's.
+    pub fn product_available(&self, p: &Product) -> u64 {
+        p.available()
+            + self
+                .lanes_of(&p.product_key)
+                .map(Lane::available)
+                .sum::<u64>()
+    }
+
+    /// A product's consumed codes: from its pool and from every lane.
+    pub fn product_consumed(&self, p: &Product) -> u64 {
+        p.consumed
+            + self
+                .lanes_of(&p.product_key)
+                .map(|l| l.consumed)
+                .sum::<u64>()
+    }
+
+    /// Available codes of `pk` counted in the broker's Available: those of
+    /// a live product, pool and lanes.
+    pub(super) fn live_available(&self, pk: &str) -> u64 {
+        match self.products.get(pk) {
+            Some(p) if p.deleted_at.is_none() => self.product_available(p),
+            _ => 0,
+        }
+    }
+
+    /// The product as the admin plane shows it: lanes counted in
+    /// (Consumed, and their lots in the pool), so every answer is the
+    /// same whether codes sit in lanes or not.
+    pub fn product_view(&self, p: &Product) -> Product {
+        let mut v = p.clone();
+        for l in self.lanes_of(&p.product_key) {
+            v.consumed += l.consumed;
+            v.pool
+                .extend(l.lots.iter().filter(|x| x.remaining > 0).cloned());
+        }
+        v
+    }
+
+    /// Consumes on the etcd store through this node's lanes.
+    pub fn set_lane_mode(&mut self, mode: LaneMode) {
+        self.lane_mode = Some(mode);
     }
 
     /// Appends one entry to the audit log.

@@ -17,6 +17,10 @@ pub const ASSIGNMENT: u8 = b'a';
 pub const BLACKLIST: u8 = b'b';
 pub const TOKEN: u8 = b't';
 pub const AUDIT: u8 = b'l';
+/// `LANE ProductKey 0x00 node`: a node's lane of a product (etcd only).
+pub const LANE: u8 = b'n';
+/// The one record holding the next code id no lane reserved (etcd only).
+pub const CODE_IDS: u8 = b'i';
 
 fn config() -> bincode::config::Configuration {
     bincode::config::standard()

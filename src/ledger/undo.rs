@@ -86,7 +86,24 @@ impl State {
                 }
                 (Some(&store::CODE), Some(v)) => {
                     let c: CodeRecord = decode(v)?;
-                    put_dense(&mut self.codes, c.id, c, "code")?;
+                    if self.code(c.id).is_none() {
+                        return Err(corrupt(format!("code {} to put back is missing", c.id)));
+                    }
+                    self.put_code(c);
+                }
+                (Some(&store::LANE), v) => {
+                    let (pk, node) = pair_of(k)?;
+                    match v {
+                        Some(v) => self.remote_lane(decode(v)?),
+                        None => self.drop_lane(&pk, &node),
+                    }
+                    touched.products.insert(pk);
+                }
+                (Some(&store::CODE_IDS), v) => {
+                    self.code_ids = match v {
+                        Some(v) => decode(v)?,
+                        None => 0,
+                    };
                 }
                 (Some(&store::CODE), None) => codes.push(id_of(k)?),
                 (Some(&store::ASSIGNMENT), Some(v)) => {
@@ -124,7 +141,7 @@ impl State {
         // Created records had the newest ids: removed newest first.
         codes.sort_unstable();
         for id in codes.into_iter().rev() {
-            self.drop_last_code(id)?;
+            self.drop_code(id)?;
         }
         drop_tail(&mut self.assignments, assignments, "assignment")?;
         drop_tail(&mut self.audit, audit, "audit")?;
@@ -149,7 +166,10 @@ impl State {
         };
         self.forfeited = self.forfeited.saturating_sub(p.forfeited);
         if p.deleted_at.is_none() {
-            self.available_assigned = self.available_assigned.saturating_sub(p.available());
+            let in_lanes: u64 = self.lanes_of(pk).map(Lane::available).sum();
+            self.available_assigned = self
+                .available_assigned
+                .saturating_sub(p.available() + in_lanes);
         }
         let gone: Vec<_> = self
             .current_expiry
@@ -184,17 +204,25 @@ impl State {
         }
     }
 
-    /// Removes code `id`, which must be the newest, and its index entries.
-    fn drop_last_code(&mut self, id: u64) -> Result<(), LedgerError> {
-        if id != self.codes.len() as u64 {
-            return Err(corrupt(format!(
-                "created code {id} is not the newest of {}",
-                self.codes.len()
-            )));
-        }
-        let Some(c) = self.codes.pop() else {
-            return Err(corrupt("no code to remove"));
+    fn drop_lane(&mut self, pk: &str, node: &str) {
+        let before = self.live_available(pk);
+        self.lanes.remove(&(pk.to_owned(), node.to_owned()));
+        self.available_assigned = self.available_assigned - before + self.live_available(pk);
+    }
+
+    /// Removes code `id` (a code the batch created) and its index entries.
+    fn drop_code(&mut self, id: u64) -> Result<(), LedgerError> {
+        let Some(c) = (id as usize)
+            .checked_sub(1)
+            .and_then(|i| self.codes.get_mut(i))
+            .and_then(Option::take)
+        else {
+            return Err(corrupt(format!("created code {id} is not there")));
         };
+        self.code_count -= 1;
+        while self.codes.last().is_some_and(Option::is_none) {
+            self.codes.pop();
+        }
         for ids in [
             self.codes_by_product.get_mut(&c.product_key),
             self.codes_by_order.get_mut(&c.order_id),
@@ -269,6 +297,7 @@ mod tests {
                 (&st.codes_by_expiry, &st.codes_by_activation),
                 (&st.current_expiry, &st.unassigned),
                 (st.total, st.available_assigned, st.forfeited),
+                (&st.lanes, st.code_ids, st.code_count),
             )
         )
     }

@@ -58,10 +58,12 @@ async fn consumed_reaches(node: &ChildBroker, want: u64) -> u64 {
     }
 }
 
-/// Devices `d0..d{devices}` activate, `in_flight` at a time, alternating
-/// between the two nodes; each one's CONNACK code.
+/// Devices `d0..d{devices}` activate, `in_flight` at a time, on the two
+/// nodes in turn (`pattern[i % len]` is device `i`'s node); each one's
+/// CONNACK code.
 async fn flood_alternating(
     addrs: [SocketAddr; 2],
+    pattern: &[usize],
     devices: usize,
     in_flight: usize,
     secret: &str,
@@ -70,7 +72,7 @@ async fn flood_alternating(
     let mut tasks = Vec::new();
     for i in 0..devices {
         let (gate, secret) = (gate.clone(), secret.to_owned());
-        let addr = addrs[i % 2];
+        let addr = addrs[pattern[i % pattern.len()]];
         tasks.push(tokio::spawn(async move {
             let _p = gate.acquire_owned().await.expect("semaphore");
             activate(addr, &format!("d{i}"), &secret).await
@@ -101,10 +103,22 @@ fn two_nodes_give_out_exactly_the_codes_there_are() {
     let nodes = [cluster.broker("a"), cluster.broker("b")];
     let addrs = [nodes[0].addr, nodes[1].addr];
     let rt = runtime();
-    let codes = rt.block_on(flood_alternating(addrs, DEVICES, 50, &secret));
+    // Node a reserves its lane first (half the pool); then three devices
+    // in four go to node b, which drains the pool and then must take
+    // codes from a's lane: the last codes are given out through steals.
+    let first = rt.block_on(activate(addrs[0], "first", &secret));
+    assert_eq!(first, Some(0));
+    let codes = rt.block_on(flood_alternating(
+        addrs,
+        &[0, 1, 1, 1],
+        DEVICES - 1,
+        50,
+        &secret,
+    ));
     let (accepted, other) = tally(&codes);
     assert_eq!(
-        accepted, CODES as usize,
+        accepted + 1,
+        CODES as usize,
         "{accepted} devices accepted for {CODES} codes; other answers {other:?}"
     );
     // Everyone else was refused for want of a code (3.1.1: 0x05), not
@@ -114,7 +128,21 @@ fn two_nodes_give_out_exactly_the_codes_there_are() {
         for node in &nodes {
             assert_eq!(consumed_reaches(node, CODES).await, CODES);
         }
+        assert!(
+            counter(&nodes[1], "activation_ledger_lane_steals_total").await > 0,
+            "node b never took codes from node a's lane"
+        );
     });
+    // Both nodes consumed through their lanes, and nothing is left in any.
+    let lanes = cluster.ledger("observer").lanes();
+    for node in ["a", "b"] {
+        let lane = lanes
+            .iter()
+            .find(|l| l.product_key == PK && l.node == node)
+            .unwrap_or_else(|| panic!("no lane of node {node}: {lanes:?}"));
+        assert!(lane.consumed > 0 && lane.available() == 0, "{lane:?}");
+    }
+    assert_eq!(lanes.iter().map(|l| l.consumed).sum::<u64>(), CODES);
 }
 
 /// An admin answer without its `RequestId`.
@@ -132,12 +160,18 @@ fn two_busy_nodes_catch_up_after_conflicts_without_reloading() {
     const DEVICES: usize = 3_000;
     let cluster = EtcdCluster::start(3);
     let secret = cluster.prepare(PK, CODES, YEAR);
-    let nodes = [cluster.broker("a"), cluster.broker("b")];
+    // Lanes of 4 codes: the nodes reserve from the pool all the time.
+    let nodes = [
+        cluster.broker_configured("a", false, 4),
+        cluster.broker_configured("b", false, 4),
+    ];
     let addrs = [nodes[0].addr, nodes[1].addr];
     let rt = runtime();
-    // Both nodes busy at once: each commits batches while the other does,
-    // so their transactions are refused as stale over and over.
-    let codes = rt.block_on(flood_alternating(addrs, DEVICES, 128, &secret));
+    // Both nodes busy at once: each commits batches while the other does;
+    // their lanes keep activations apart, but their reservations from the
+    // pool (blocks of 4 codes) both write the product, so those batches
+    // are refused as stale over and over.
+    let codes = rt.block_on(flood_alternating(addrs, &[0, 1], DEVICES, 128, &secret));
     let (accepted, other) = tally(&codes);
     assert_eq!(
         accepted, DEVICES,

@@ -1,7 +1,8 @@
 //! Failures of a multi-node deployment on etcd: a
 //! broker killed or paused mid-flood, etcd members killed. Every device
-//! that got CONNACK 0 must hold its code in etcd, and no code is given
-//! twice.
+//! that got CONNACK 0 must hold its code in etcd, no code is given
+//! twice, and the codes in a stopped node's lanes go back to the pool once
+//! its lease expires.
 
 use crate::common;
 
@@ -11,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use activation_broker::clock::Clock;
 use activation_broker::credentials::{client_id, device_credentials};
-use common::etcd::EtcdCluster;
+use activation_broker::ledger::Ledger;
+use common::etcd::{counter, EtcdCluster, LEASE_TTL_SECS};
 use common::flood::connack_code;
 use common::wire::{connack_code as packet_code, read_packet, RawConnect};
 use tokio::io::AsyncWriteExt;
@@ -119,7 +121,14 @@ fn a_broker_killed_mid_flood_loses_no_acknowledged_activation() {
     let addrs = Arc::new(Mutex::new(vec![a.addr, b.addr]));
     let flood = Flood::start(addrs.clone(), secret, "k", 1_500, 40);
     flood.wait_acked(300, Duration::from_secs(120));
+    let observer = cluster.ledger("observer");
+    let returned = lane_codes(&observer, "a");
+    assert!(returned > 0, "node a's lanes hold no code to return");
     a.kill9();
+    // Node a's lease expires; another node (b, or the observer, itself a
+    // node of the ledger) returns the codes of a's lanes to the pool, in a
+    // transaction guarded by a's liveness key's absence.
+    wait_lanes_empty(&observer, "a", Duration::from_secs(30));
     // Node a comes back on the same etcd; the flood's later devices use it.
     let a = cluster.broker("a");
     addrs.lock().expect("addrs")[0] = a.addr;
@@ -127,10 +136,37 @@ fn a_broker_killed_mid_flood_loses_no_acknowledged_activation() {
     assert!(acked.len() > 300, "only {} devices accepted", acked.len());
     let consumed = cluster.check(PK, CODES, &acked, "after kill -9 of node a");
     println!(
-        "kill -9 of a broker mid-flood: {} acknowledged, {consumed} consumed",
+        "kill -9 of a broker mid-flood: {} acknowledged, {consumed} consumed; its lanes (holding {returned} codes just before the kill) returned to the pool",
         acked.len()
     );
     drop((a, b));
+}
+
+/// Codes `node`'s lanes hold, as `observer`'s replica sees them.
+fn lane_codes(observer: &Ledger, node: &str) -> u64 {
+    observer
+        .lanes()
+        .iter()
+        .filter(|l| l.product_key == PK && l.node == node)
+        .map(|l| l.available())
+        .sum()
+}
+
+/// Waits (bounded) until `node`'s lanes hold nothing and the pool got
+/// their codes back (`observer`'s replica follows etcd).
+fn wait_lanes_empty(observer: &Ledger, node: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while lane_codes(observer, node) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "node {node}'s lanes still hold {} codes {limit:?} after it stopped (lease {LEASE_TTL_SECS} s)",
+            lane_codes(observer, node)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    observer
+        .check_invariants()
+        .expect("invariants after the lanes returned");
 }
 
 #[test]
@@ -236,7 +272,25 @@ fn a_paused_node_cannot_consume_what_another_node_took_meanwhile() {
     let secret = cluster.prepare(PK, CODES, YEAR);
     let a = cluster.broker("a");
     let b = cluster.broker("b");
+    let observer = cluster.ledger("observer");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
+    // Node a activates a few devices: it moves a block of the pool to its
+    // lane (half of it: the only node).
+    rt.block_on(async {
+        for i in 0..5 {
+            let code = connack_code(a.addr, PK, &format!("first{i}"), &secret).await;
+            assert_eq!(code, Some(0), "first{i} through node a");
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lane_codes(&observer, "a") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "node a's lane never reached etcd"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let conflicts_before = rt.block_on(counter(&a, "activation_ledger_commit_conflicts_total"));
     // SAFETY: signalling our own child.
     unsafe { libc::kill(a.pid() as libc::pid_t, libc::SIGSTOP) };
     // Devices connect to the paused node: their CONNECTs wait in its socket
@@ -249,17 +303,34 @@ fn a_paused_node_cannot_consume_what_another_node_took_meanwhile() {
             })
         })
         .collect();
-    // Meanwhile node b gives out every code.
+    // Node b gives out what the pool holds, one device at a time (many
+    // commits for node a's watch to take in when it resumes)...
+    let in_lane = lane_codes(&observer, "a");
+    let pool = CODES - 5 - in_lane;
     let early = rt.block_on(async {
         let mut ok = 0;
-        for i in 0..CODES {
+        for i in 5..5 + pool {
             if connack_code(b.addr, PK, &format!("early{i}"), &secret).await == Some(0) {
                 ok += 1;
             }
         }
         ok
     });
-    assert_eq!(early, CODES, "node b activates the whole pool");
+    assert_eq!(early, pool, "node b activates the pool");
+    // ...past node a's lease, a's lane is returned to the pool...
+    wait_lanes_empty(&observer, "a", Duration::from_secs(30));
+    let returned = in_lane;
+    // ...and node b gives out those codes too.
+    let early = rt.block_on(async {
+        let mut ok = 0;
+        for i in 5 + pool..CODES {
+            if connack_code(b.addr, PK, &format!("early{i}"), &secret).await == Some(0) {
+                ok += 1;
+            }
+        }
+        ok
+    });
+    assert_eq!(early, in_lane, "node b activates the codes of a's lane");
     // SAFETY: as above.
     unsafe { libc::kill(a.pid() as libc::pid_t, libc::SIGCONT) };
     let late: Vec<Option<u8>> = rt.block_on(async {
@@ -269,13 +340,29 @@ fn a_paused_node_cannot_consume_what_another_node_took_meanwhile() {
         }
         out
     });
-    // Node a decided them on a replica older than b's commits: its batches
-    // are refused by etcd, reloaded, and decided again: no code left.
+    // Node a decided them on its lane as it was before the pause: etcd
+    // refuses those batches (the lane's revision moved), node a undoes
+    // them, catches up and decides again: no code left anywhere.
     assert!(
         late.iter().all(|c| *c == Some(5)),
         "devices of the paused node: {late:?}\n{}",
         a.log_tail()
     );
-    let acked: Vec<String> = (0..CODES).map(|i| format!("early{i}")).collect();
+    // Whether node a's first batch after SIGCONT is decided on the lane it
+    // held before the pause (and refused: the lane's revision moved) or
+    // after its watch brought in node b's commits is a race between its
+    // listener and its watch (the refusal won in each of 6 runs of the
+    // etcd tests alone, not in one of the whole suite); either way nothing is
+    // consumed twice, which is what is asserted. The count is printed.
+    let conflicts = rt.block_on(counter(&a, "activation_ledger_commit_conflicts_total"));
+    let acked: Vec<String> = (0..5)
+        .map(|i| format!("first{i}"))
+        .chain((5..CODES).map(|i| format!("early{i}")))
+        .collect();
     assert_eq!(cluster.check(PK, CODES, &acked, "after the pause"), CODES);
+    println!(
+        "SIGSTOP past the lease: {returned} codes of the paused node's lane returned; \
+         its batches refused as stale after SIGCONT: {}",
+        conflicts - conflicts_before
+    );
 }

@@ -16,6 +16,8 @@ use super::child::{broker_bin, ChildBroker};
 /// The admin account every test broker node has.
 pub const ADMIN: &str = "admin";
 pub const ADMIN_PASSWORD: &str = "etcd-test-password";
+/// The nodes' lease in tests: a stopped node's lanes return this long after.
+pub const LEASE_TTL_SECS: u64 = 3;
 
 /// The HTTP listener's address of a child broker, from its log.
 pub fn http_addr(broker: &ChildBroker) -> std::net::SocketAddr {
@@ -216,6 +218,8 @@ impl EtcdCluster {
             node: node.into(),
             prefix: "activation/".into(),
             timeout: Duration::from_secs(5),
+            lane_block: 256,
+            lease_ttl: Duration::from_secs(LEASE_TTL_SECS),
         }
     }
 
@@ -239,12 +243,18 @@ impl EtcdCluster {
     /// A config for broker node `node` on this cluster: every listener on
     /// 127.0.0.1 port 0, rate limits off.
     pub fn write_broker_config(&self, dir: &Path, node: &str) -> PathBuf {
-        self.write_broker_config_with(dir, node, false)
+        self.write_broker_config_with(dir, node, false, 256)
     }
 
     /// As `write_broker_config`; `proxy`: the device listener expects the
-    /// PROXY protocol (behind HAProxy).
-    pub fn write_broker_config_with(&self, dir: &Path, node: &str, proxy: bool) -> PathBuf {
+    /// PROXY protocol (behind HAProxy); `lane_block`: `[ledger.etcd]`'s.
+    pub fn write_broker_config_with(
+        &self,
+        dir: &Path,
+        node: &str,
+        proxy: bool,
+        lane_block: u64,
+    ) -> PathBuf {
         let endpoints = self
             .endpoints()
             .iter()
@@ -263,6 +273,7 @@ impl EtcdCluster {
                  [ledger]\nstore = \"etcd\"\n\
                  [ledger.etcd]\nendpoints = [{endpoints}]\nnode = \"{node}\"\n\
                  prefix = \"activation/\"\ntimeout_ms = 3000\n\
+                 lease_ttl_secs = {LEASE_TTL_SECS}\nlane_block = {lane_block}\n\
                  [[accounts]]\nname = \"{ADMIN}\"\npassword_hash = \"{hash}\"\nrole = \"admin\"\n",
                 hash = activation_broker::admin::accounts::hash_password(ADMIN_PASSWORD)
             ),
@@ -278,9 +289,15 @@ impl EtcdCluster {
 
     /// Starts broker node `node`; `proxy` as in `write_broker_config_with`.
     pub fn broker_with(&self, node: &str, proxy: bool) -> ChildBroker {
+        self.broker_configured(node, proxy, 256)
+    }
+
+    /// Starts broker node `node`; `proxy`, `lane_block` as in
+    /// `write_broker_config_with`.
+    pub fn broker_configured(&self, node: &str, proxy: bool, lane_block: u64) -> ChildBroker {
         let dir = self.dir.path().join(format!("broker-{node}"));
         std::fs::create_dir_all(&dir).expect("broker dir");
-        let config = self.write_broker_config_with(&dir, node, proxy);
+        let config = self.write_broker_config_with(&dir, node, proxy, lane_block);
         ChildBroker::start(&broker_bin(), &config, &dir.join("data"), None)
     }
 }

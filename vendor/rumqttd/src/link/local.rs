@@ -190,11 +190,16 @@ impl PendingLink {
     fn finish(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
         // Right now link identifies failure with dropped rx in router,
         // which is probably ok. We need this here to get id assigned by router
-        let notification = self
-            .outgoing_data_buffer
-            .lock()
-            .pop_front()
-            .ok_or(LinkError::NotConnectionAck)?;
+        let notification = {
+            let mut buffer = self.outgoing_data_buffer.lock();
+            let first = buffer.pop_front();
+            // The router's first push allocated room for four
+            // notifications (about a kilobyte): not kept by an idle link
+            if buffer.is_empty() && buffer.capacity() > 0 {
+                *buffer = VecDeque::new();
+            }
+            first.ok_or(LinkError::NotConnectionAck)?
+        };
         let id = match notification {
             Notification::DeviceAck(Ack::ConnAck(id, ..)) => id,
             _message => return Err(LinkError::NotConnectionAck),
@@ -422,11 +427,23 @@ impl LinkRx {
         self.connection_id
     }
 
+    /// The next cached notification; the cache's storage is freed once it
+    /// is drained. (The router swaps in a buffer of about a kilobyte, four
+    /// notifications, for its first push; kept here, every idle link would
+    /// hold it.)
+    fn pop(&mut self) -> Option<Notification> {
+        let next = self.cache.pop_front();
+        if self.cache.is_empty() && self.cache.capacity() > 0 {
+            self.cache = VecDeque::new();
+        }
+        next
+    }
+
     pub fn recv(&mut self) -> Result<Option<Notification>, LinkError> {
         // Read from cache first
         // One router_rx trigger signifies a bunch of notifications. So we
         // should always check cache first
-        match self.cache.pop_front() {
+        match self.pop() {
             Some(v) => Ok(Some(v)),
             None => {
                 // If cache is empty, check for router trigger and get fresh notifications
@@ -434,7 +451,7 @@ impl LinkRx {
                 // Collect 'all' the data in the buffer after a notification.
                 // Notification means fresh data which isn't previously collected
                 mem::swap(&mut *self.send_buffer.lock(), &mut self.cache);
-                Ok(self.cache.pop_front())
+                Ok(self.pop())
             }
         }
     }
@@ -443,13 +460,13 @@ impl LinkRx {
         // Read from cache first
         // One router_rx trigger signifies a bunch of notifications. So we
         // should always check cache first
-        match self.cache.pop_front() {
+        match self.pop() {
             Some(v) => Ok(Some(v)),
             None => {
                 // If cache is empty, check for router trigger and get fresh notifications
                 self.router_rx.recv_deadline(deadline)?;
                 mem::swap(&mut *self.send_buffer.lock(), &mut self.cache);
-                Ok(self.cache.pop_front())
+                Ok(self.pop())
             }
         }
     }
@@ -458,7 +475,7 @@ impl LinkRx {
         // Read from cache first
         // One router_rx trigger signifies a bunch of notifications. So we
         // should always check cache first
-        match self.cache.pop_front() {
+        match self.pop() {
             Some(v) => Ok(Some(v)),
             None => {
                 // If cache is empty, check for router trigger and get fresh notifications
@@ -466,7 +483,7 @@ impl LinkRx {
                 // Collect 'all' the data in the buffer after a notification.
                 // Notification means fresh data which isn't previously collected
                 mem::swap(&mut *self.send_buffer.lock(), &mut self.cache);
-                Ok(self.cache.pop_front())
+                Ok(self.pop())
             }
         }
     }
@@ -510,11 +527,7 @@ impl LinkRx {
     /// The next cached notification, without waiting; the cache's storage
     /// is freed once it is drained (an idle link keeps no slots).
     pub fn try_next(&mut self) -> Option<Notification> {
-        let next = self.cache.pop_front();
-        if self.cache.is_empty() && self.cache.capacity() > 0 {
-            self.cache = VecDeque::new();
-        }
-        next
+        self.pop()
     }
 }
 
@@ -698,6 +711,36 @@ mod test {
         );
         assert!(rx.try_next().is_none());
         assert_eq!(rx.cache.capacity(), 0);
+    }
+
+    // Neither side of the swap keeps notification slots for an idle link:
+    // after the ConnAck, and after each SubAck read.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_idle_link_holds_no_notification_slots() {
+        let router_tx = router(4);
+        let (mut tx, mut rx, _ack) = super::LinkBuilder::new("idle", router_tx)
+            .build_async()
+            .await
+            .expect("link built");
+        assert_eq!(rx.send_buffer.lock().capacity(), 0);
+        for filter in ["a/b", "c/+"] {
+            tx.subscribe(filter).expect("subscribe sent");
+            let n = tokio::time::timeout(std::time::Duration::from_secs(10), rx.next())
+                .await
+                .expect("SUBACK in time")
+                .expect("link open");
+            assert!(
+                matches!(
+                    n,
+                    Some(crate::Notification::DeviceAck(crate::router::Ack::SubAck(
+                        _
+                    )))
+                ),
+                "{n:?}"
+            );
+            assert_eq!(rx.cache.capacity(), 0);
+            assert_eq!(rx.send_buffer.lock().capacity(), 0);
+        }
     }
 
     // A router without room drops the link: an error, not a hang.

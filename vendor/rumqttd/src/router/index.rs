@@ -9,8 +9,15 @@
 //! first level is one of the index's excluded levels (e.g. `admin`) is
 //! matched only by filters whose first level is that literal level.
 
+use std::str::Split;
+
+use smallvec::SmallVec;
+
 use super::children::Children;
 use super::FilterIdx;
+
+/// The filters ending at a node: most nodes hold one, kept inline.
+type Idxs = SmallVec<[FilterIdx; 1]>;
 
 #[derive(Debug, Default)]
 struct Node {
@@ -19,9 +26,9 @@ struct Node {
     /// The `+` next level.
     plus: Option<Box<Node>>,
     /// Filters ending at this node.
-    end: Vec<FilterIdx>,
+    end: Idxs,
     /// Filters whose next level is `#` (they match this node and all below).
-    hash: Vec<FilterIdx>,
+    hash: Idxs,
 }
 
 impl Node {
@@ -32,28 +39,30 @@ impl Node {
             && self.hash.is_empty()
     }
 
-    fn collect(&self, levels: &[&str], out: &mut Vec<FilterIdx>) {
+    /// The topic's remaining `levels` (an iterator: no allocation per
+    /// publish).
+    fn collect(&self, mut levels: Split<'_, char>, out: &mut Vec<FilterIdx>) {
         out.extend_from_slice(&self.hash);
-        let Some((level, rest)) = levels.split_first() else {
+        let Some(level) = levels.next() else {
             out.extend_from_slice(&self.end);
             return;
         };
-        if *level == "#" {
+        if level == "#" {
             return;
         }
         if let Some(child) = self.children.get(level) {
-            child.collect(rest, out);
+            child.collect(levels.clone(), out);
         }
         if let Some(plus) = &self.plus {
-            plus.collect(rest, out);
+            plus.collect(levels, out);
         }
     }
 
     /// Removes `idx` along `levels`; true when this node became empty.
     fn remove(&mut self, levels: &[&str], idx: FilterIdx) -> bool {
         match levels.split_first() {
-            None => self.end.retain(|&i| i != idx),
-            Some((&"#", _)) => self.hash.retain(|&i| i != idx),
+            None => self.end.retain(|i| *i != idx),
+            Some((&"#", _)) => self.hash.retain(|i| *i != idx),
             Some((&"+", rest)) => {
                 if let Some(plus) = &mut self.plus {
                     if plus.remove(rest, idx) {
@@ -119,7 +128,6 @@ impl FilterIndex {
                 _ => node.children.entry(level),
             };
         }
-        node.end.reserve_exact(1);
         node.end.push(idx);
         self.len += 1;
     }
@@ -142,15 +150,17 @@ impl FilterIndex {
         if topic.starts_with('$') {
             return;
         }
-        let levels: Vec<&str> = topic.split('/').collect();
-        if self.excluded.iter().any(|l| **l == *levels[0]) {
+        let mut levels = topic.split('/');
+        let first = levels.clone().next().unwrap_or_default();
+        if self.excluded.iter().any(|l| **l == *first) {
             // Only the literal first level: not the root's `+` and `#`.
-            if let Some(child) = self.root.children.get(levels[0]) {
-                child.collect(&levels[1..], out);
+            levels.next();
+            if let Some(child) = self.root.children.get(first) {
+                child.collect(levels, out);
             }
             return;
         }
-        self.root.collect(&levels, out);
+        self.root.collect(levels, out);
     }
 }
 

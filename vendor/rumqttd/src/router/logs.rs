@@ -344,9 +344,7 @@ where
     ) -> (Offset, &Filter) {
         let size = item.size();
         let offset = self.log.append(item);
-        if let Some(mut parked) = self.waiters.take() {
-            notifications.append(&mut parked);
-        }
+        self.waiters.drain_into(notifications);
 
         self.meter.count += 1;
         self.meter.total_size += size;

@@ -1,5 +1,5 @@
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{HashMap, VecDeque},
     fmt,
 };
 
@@ -352,10 +352,10 @@ pub struct MeterData {
     pub size: usize,
 }
 
+/// Counts of a connection's publishes (16 bytes per link: per-topic and
+/// per-filter sets are not kept, see `register_publish`)
 #[derive(Debug, Default, Clone)]
 pub struct IncomingMeter {
-    publishes: HashMap<Topic, MeterData>,
-    subscribes: HashSet<Filter>,
     total_publishes: MeterData,
 }
 
@@ -372,9 +372,10 @@ impl IncomingMeter {
         Ok(())
     }
 
-    /// Empty: per-topic counts are not kept (see `register_publish`)
-    pub fn get_topic_meters(&self) -> &HashMap<Topic, MeterData> {
-        &self.publishes
+    /// Empty (allocates nothing): per-topic counts are not kept (see
+    /// `register_publish`)
+    pub fn get_topic_meters(&self) -> HashMap<Topic, MeterData> {
+        HashMap::new()
     }
 
     /// Not kept (nothing read them; the connection knows its
@@ -383,8 +384,9 @@ impl IncomingMeter {
         false
     }
 
-    pub fn unregister_subscription(&mut self, filter: &Filter) -> bool {
-        self.subscribes.remove(filter)
+    /// Not kept (see `register_subscription`): always false
+    pub fn unregister_subscription(&mut self, _filter: &Filter) -> bool {
+        false
     }
 
     pub fn get_total_count(&self) -> usize {

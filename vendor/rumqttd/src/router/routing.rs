@@ -379,6 +379,11 @@ impl Router {
         };
 
         let event = "connection at ".to_owned() + &time + ", clean = " + &clean_session.to_string();
+        // One event for most connections: room for exactly one (a
+        // `VecDeque`'s first push makes room for four)
+        if connection.events.events.capacity() == 0 {
+            connection.events.events.reserve_exact(1);
+        }
         connection.events.events.push_back(event);
 
         if connection.events.events.len() > 10 {
@@ -439,8 +444,8 @@ impl Router {
         // Packets the link queued with its Connect
         // (`LinkBuilder::build_async_with`) are taken now, after the ConnAck:
         // a link made for its first packets costs one round trip, not two
-        let queued = self.ibufs[connection_id].buffer.lock().is_empty();
-        if !queued {
+        let queued = !self.ibufs[connection_id].buffer.lock().is_empty();
+        if queued {
             self.handle_device_payload(connection_id);
         }
     }
@@ -609,8 +614,9 @@ impl Router {
             }
         };
 
-        let client_id = incoming.client_id.clone();
-        let span = tracing::trace_span!("incoming_payload", client_id);
+        // The client id is not copied per event: read where needed (the
+        // span's field is evaluated only when the span is enabled)
+        let span = tracing::trace_span!("incoming_payload", client_id = %incoming.client_id);
         let _guard = span.enter();
 
         // Instead of exchanging, we should just append new incoming packets inside cache
@@ -642,7 +648,7 @@ impl Router {
                     let pkid = publish.pkid;
 
                     if let Err(refusal) = self.admit_publish(id, &publish, properties.as_ref()) {
-                        warn!(client_id, reason = %refusal, "Publish refused, not stored");
+                        warn!(client_id = %self.connections[id].client_id, reason = %refusal, "Publish refused, not stored");
                         self.router_meters.failed_publishes += 1;
                         let ackslog = self.ackslog.get_mut(id).unwrap();
                         match qos {
@@ -880,7 +886,7 @@ impl Router {
                             // discard the group if empty ( group with no client )
                             if group.is_some() {
                                 if let Some(shared) = self.shared_subscriptions.get_mut(filter) {
-                                    shared.remove_client(&client_id);
+                                    shared.remove_client(&connection.client_id);
                                     if shared.is_empty() {
                                         self.shared_subscriptions.remove(filter);
                                     }
@@ -1029,7 +1035,9 @@ impl Router {
                     let _guard = span.enter();
                     disconnect = true;
                     // delete the last will message
-                    self.last_wills.remove(&client_id);
+                    if let Some(connection) = self.connections.get(id) {
+                        self.last_wills.remove(&connection.client_id);
+                    }
                     break;
                 }
                 incoming => {
@@ -1086,6 +1094,11 @@ impl Router {
         publish: &Publish,
         properties: Option<&PublishProperties>,
     ) -> Result<(), QuotaRefusal> {
+        // Only retained messages have caps: the others do not touch the
+        // connection's state
+        if !publish.retain || publish.payload.is_empty() {
+            return Ok(());
+        }
         let connection = &self.connections[id];
         let topic = if publish.topic.is_empty() {
             let alias = properties.and_then(|p| p.topic_alias);
@@ -1099,13 +1112,11 @@ impl Router {
                 Err(_) => return Ok(()),
             }
         };
-        if publish.retain && !publish.payload.is_empty() {
-            let client_id = &connection.client_id;
-            let exempt = self.quota_exempt.contains(client_id);
-            let size = 4 + topic.len() + publish.payload.len();
-            self.datalog
-                .check_retained(topic, size, client_id, exempt)?;
-        }
+        let client_id = &connection.client_id;
+        let exempt = self.quota_exempt.contains(client_id);
+        let size = 4 + topic.len() + publish.payload.len();
+        self.datalog
+            .check_retained(topic, size, client_id, exempt)?;
         Ok(())
     }
 
@@ -1241,7 +1252,9 @@ impl Router {
         // We always try to ack when ever a connection is scheduled
         ack_device_data(ackslog, outgoing);
 
-        let connection = &mut self.connections[id];
+        // Read only when a request forwards publishes (a publisher's own
+        // acks need none of the connection's state)
+        let connections = &mut self.connections;
 
         // Keep track of temporarily skipped DataRequest
         // NOTE: VecDeque::new() doesn't allocate memory until elements are pushed
@@ -1280,7 +1293,7 @@ impl Router {
                 datalog,
                 outgoing,
                 alertlog,
-                connection,
+                connections,
                 shared_group,
             );
             self.flow.advanced(request.filter_idx);
@@ -1442,8 +1455,8 @@ fn append_to_commitlog(
     quota_exempt: &HashSet<String>,
     may_drop: &mut MayDrop<'_>,
 ) -> Result<Appended, RouterError> {
-    let connection = connections.get_mut(id).unwrap();
-
+    // The connection's state is read only when the publish needs it (an
+    // alias, a retained message): a plain publish touches none of it
     let topic_alias = properties.as_mut().and_then(|p| {
         // clear the received value as it is irrelevant while forwarding publishes
         p.topic_alias.take()
@@ -1461,6 +1474,7 @@ fn append_to_commitlog(
     }
 
     if let Some(alias) = topic_alias {
+        let connection = connections.get_mut(id).ok_or(RouterError::Disconnected)?;
         validate_and_set_topic_alias(&mut publish, connection, alias)?;
     };
 
@@ -1468,7 +1482,7 @@ fn append_to_commitlog(
 
     // Ensure that only clients associated with a tenant can publish to tenant's topic
     #[cfg(feature = "validate-tenant-prefix")]
-    if let Some(tenant_prefix) = &connection.tenant_prefix {
+    if let Some(tenant_prefix) = &connections[id].tenant_prefix {
         if !topic.starts_with(tenant_prefix) {
             return Err(RouterError::BadTenant(
                 tenant_prefix.to_owned(),
@@ -1494,7 +1508,7 @@ fn append_to_commitlog(
     if publish.payload.is_empty() {
         datalog.remove_from_retained_publishes(topic);
     } else if publish.retain {
-        let owner = &connection.client_id;
+        let owner = &connections[id].client_id;
         let exempt = quota_exempt.contains(owner);
         if let Err(e) = datalog.insert_to_retained_publishes(
             publish.clone(),
@@ -1684,7 +1698,7 @@ fn forward_device_data(
     datalog: &mut DataLog,
     outgoing: &mut Outgoing,
     alertlog: &mut AlertLog,
-    connection: &mut Connection,
+    connections: &mut Slab<Connection>,
     shared_group: Option<&mut SharedGroup>,
 ) -> ConsumeStatus {
     let span = tracing::trace_span!("outgoing_publish", client_id = outgoing.client_id);
@@ -1821,6 +1835,10 @@ fn forward_device_data(
     if publishes.is_empty() {
         return ConsumeStatus::FilterCaughtup;
     }
+    let Some(connection) = connections.get_mut(connection_id) else {
+        error!("Connection is already disconnected");
+        return ConsumeStatus::FilterCaughtup;
+    };
 
     let broker_topic_aliases = &mut connection.broker_topic_aliases;
     let mut topic_alias = broker_topic_aliases
@@ -1836,7 +1854,12 @@ fn forward_device_data(
             .and_then(|broker_aliases| broker_aliases.set_new_alias(&request.filter))
     }
 
-    let subscription_id = connection.subscription_ids.get(&request.filter);
+    // (Most connections have none: no hashing of the filter then)
+    let subscription_id = if connection.subscription_ids.is_empty() {
+        None
+    } else {
+        connection.subscription_ids.get(&request.filter)
+    };
 
     // Fill and notify device data
     let forwards = publishes
