@@ -299,7 +299,19 @@ fn a_paused_node_cannot_consume_what_another_node_took_meanwhile() {
         .map(|i| {
             let (addr, secret) = (a.addr, secret.clone());
             rt.spawn(async move {
-                raw_activation(addr, &format!("late{i}"), &secret, Duration::from_secs(60)).await
+                // The first CONNECT waits in the paused node's socket queue.
+                // A commit whose outcome is unknown (the node's etcd channel
+                // may need to reconnect after the pause) answers 0x03, and
+                // the device retries, as devices do.
+                let dk = format!("late{i}");
+                let deadline = Instant::now() + Duration::from_secs(60);
+                loop {
+                    let code = raw_activation(addr, &dk, &secret, Duration::from_secs(60)).await;
+                    if code != Some(3) || Instant::now() >= deadline {
+                        return code;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await; // a device's back-off
+                }
             })
         })
         .collect();
