@@ -12,37 +12,10 @@ use rand::{Rng, SeedableRng};
 
 use super::super::records::Write;
 use super::super::state::{Dirty, LaneMode, State};
-use super::super::{AuthMode, Command, Refusal};
+use super::super::undo::tests::{product, run, NOW, YEAR};
+use super::super::{Command, Refusal};
 
-const NOW: i64 = 1_700_000_000_000;
-const YEAR: u64 = 365 * 24 * 3600;
 const NODES: [&str; 3] = ["n1", "n2", "n3"];
-
-fn run(st: &mut State, c: Command) {
-    let mut events = Vec::new();
-    st.apply(&c, NOW, &mut events)
-        .unwrap_or_else(|e| panic!("{c:?}: {e}"));
-}
-
-fn product(st: &mut State, pk: &str, codes: u64) {
-    run(
-        st,
-        Command::CreateProduct {
-            product_key: pk.into(),
-            name: pk.into(),
-            auth_mode: AuthMode::ProductSecret,
-        },
-    );
-    run(
-        st,
-        Command::CreateOrder {
-            order_id: None,
-            quantity: codes,
-            validity_secs: YEAR,
-            product_key: Some(pk.into()),
-        },
-    );
-}
 
 fn as_node(st: &mut State, node: &str, block: u64) {
     st.set_lane_mode(LaneMode {

@@ -271,14 +271,14 @@ fn drop_tail<T>(v: &mut Vec<T>, mut ids: Vec<u64>, what: &str) -> Result<(), Led
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
     use crate::ledger::{AuditEntry, AuthMode, Command};
 
-    const NOW: i64 = 1_700_000_000_000;
-    const YEAR: u64 = 365 * 24 * 3600;
+    pub(in crate::ledger) const NOW: i64 = 1_700_000_000_000;
+    pub(in crate::ledger) const YEAR: u64 = 365 * 24 * 3600;
 
     /// Every record, index and counter of `st`, comparable.
     fn fingerprint(st: &State) -> String {
@@ -302,13 +302,13 @@ mod tests {
         )
     }
 
-    fn run(st: &mut State, c: Command) {
+    pub(in crate::ledger) fn run(st: &mut State, c: Command) {
         let mut events = Vec::new();
         st.apply(&c, NOW, &mut events)
             .unwrap_or_else(|e| panic!("{c:?}: {e}"));
     }
 
-    fn product(st: &mut State, pk: &str, codes: u64) {
+    pub(in crate::ledger) fn product(st: &mut State, pk: &str, codes: u64) {
         run(
             st,
             Command::CreateProduct {
