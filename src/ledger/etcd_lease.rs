@@ -10,6 +10,9 @@ use etcd_client::{Client, PutOptions};
 use super::{unavailable, EtcdStore, NODE};
 use crate::ledger::LedgerError;
 
+/// The longest a node waits at start-up for its first lease.
+const FIRST_LEASE_WAIT: Duration = Duration::from_secs(30);
+
 impl EtcdStore {
     /// Takes a lease and puts this node's liveness key under it, then
     /// keeps it alive on the client's runtime; when the lease is found
@@ -21,9 +24,12 @@ impl EtcdStore {
         let client = self.client.clone();
         let timeout = self.options.timeout;
         // A cluster that just elected a leader may not know a lease it
-        // granted yet ("lease not found"): tried again until the timeout.
+        // granted yet ("lease not found"): tried again until the deadline.
         let first = self.rt.block_on(async {
-            let deadline = tokio::time::Instant::now() + timeout;
+            // At start-up the cluster may be electing a leader or catching
+            // up a restarted member: the first lease is asked for up to
+            // `FIRST_LEASE_WAIT` (or the call timeout, if longer).
+            let deadline = tokio::time::Instant::now() + timeout.max(FIRST_LEASE_WAIT);
             loop {
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 let e = match tokio::time::timeout(left, grant(&client, &key, ttl)).await {
