@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 
 use super::super::records::Write;
 use super::super::state::{Dirty, LaneMode, State};
-use super::super::undo::tests::{product, run, NOW, YEAR};
+use super::super::undo::tests::{commit, product, run, NOW, YEAR};
 use super::super::{Command, Refusal};
 
 const NODES: [&str; 3] = ["n1", "n2", "n3"];
@@ -22,18 +22,6 @@ fn as_node(st: &mut State, node: &str, block: u64) {
         node: node.into(),
         block,
     });
-}
-
-fn commit(st: &mut State, store: &mut BTreeMap<Vec<u8>, Vec<u8>>) -> Vec<Write> {
-    let mut writes = Vec::new();
-    st.drain_dirty(&mut |w| writes.push(w)).expect("drain");
-    for (k, v) in &writes {
-        match v {
-            Some(v) => store.insert(k.clone(), v.clone()),
-            None => store.remove(k),
-        };
-    }
-    writes
 }
 
 fn reload(store: &BTreeMap<Vec<u8>, Vec<u8>>) -> State {

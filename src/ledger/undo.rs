@@ -335,7 +335,10 @@ pub(super) mod tests {
     }
 
     /// Drains the dirty records into `store`; returns the batch's writes.
-    fn commit(st: &mut State, store: &mut BTreeMap<Vec<u8>, Vec<u8>>) -> Vec<Write> {
+    pub(in crate::ledger) fn commit(
+        st: &mut State,
+        store: &mut BTreeMap<Vec<u8>, Vec<u8>>,
+    ) -> Vec<Write> {
         let mut writes = Vec::new();
         st.drain_dirty(&mut |w| writes.push(w)).expect("drain");
         for (k, v) in &writes {
