@@ -161,13 +161,7 @@ impl State {
     fn take_from_pool(&mut self, pk: &str) -> String {
         let mut order_id = String::new();
         if let Some(p) = self.products.get_mut(pk) {
-            if let Some(lot) = p.pool.first_mut() {
-                lot.remaining -= 1;
-                order_id = lot.order_id.clone();
-                if lot.remaining == 0 {
-                    p.pool.remove(0);
-                }
-            }
+            order_id = take_oldest(&mut p.pool);
             p.consumed += 1;
         }
         self.dirty.products.insert(pk.to_owned());

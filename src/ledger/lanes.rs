@@ -72,14 +72,7 @@ impl State {
             lane.end_code = end;
             reserved = Some(end);
         }
-        let mut order_id = String::new();
-        if let Some(lot) = lane.lots.first_mut() {
-            lot.remaining -= 1;
-            order_id = lot.order_id.clone();
-            if lot.remaining == 0 {
-                lane.lots.remove(0);
-            }
-        }
+        let order_id = take_oldest(&mut lane.lots);
         lane.consumed += 1;
         let id = lane.next_code;
         lane.next_code += 1;

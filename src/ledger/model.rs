@@ -75,6 +75,20 @@ pub struct Lot {
     pub remaining: u64,
 }
 
+/// Takes one code from the oldest of `lots` (a lot left empty is dropped);
+/// returns its order id (empty when there is none).
+pub fn take_oldest(lots: &mut Vec<Lot>) -> String {
+    let Some(lot) = lots.first_mut() else {
+        return String::new();
+    };
+    lot.remaining -= 1;
+    let order_id = lot.order_id.clone();
+    if lot.remaining == 0 {
+        lots.remove(0);
+    }
+    order_id
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Product {
     pub product_key: String,
