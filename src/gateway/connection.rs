@@ -582,23 +582,41 @@ where
 
     /// Opens the router link of a clean session that has none yet, carrying
     /// what the session queued for the router (one round trip to the router
-    /// for both). The socket is not read meanwhile; packets keep their
-    /// order.
+    /// for both). Once the link's Connect is in the router's channel, what
+    /// the session answered for those packets (a SUBACK) is written out,
+    /// before the router's ConnAck is awaited. The socket is not read
+    /// meanwhile; packets keep their order.
     async fn open_link(&mut self, session: &mut Session<'_>) -> Result<(), End> {
-        let built = {
-            let Ok(_permit) = self.links.acquire().await else {
-                return Err(End::ordered(
-                    DisconnectReason::ServerShuttingDown,
-                    String::new(),
-                ));
-            };
-            let gw = &self.guard.gw;
-            gw.link_registered(
+        let Ok(_permit) = self.links.acquire().await else {
+            return Err(End::ordered(
+                DisconnectReason::ServerShuttingDown,
+                String::new(),
+            ));
+        };
+        let gw = &self.guard.gw;
+        let started = gw
+            .link_registered(
                 &self.guard.client_id,
                 self.guard.seq,
                 &mut session.to_router,
             )
-            .await
+            .await;
+        let built = match started {
+            Ok(Some(pending)) => {
+                let flushed = flush(self.stream, &mut session.wbuf, self.cfg.write_timeout).await;
+                let link = gw.established(pending).await;
+                if flushed.is_err() {
+                    // Linked or not, the guard's end unlinks it.
+                    if let Ok(link) = link {
+                        self.guard.link = Some(link);
+                        session.linked = true;
+                    }
+                    return Err(End::closed("write failed or timed out"));
+                }
+                link.map(Some)
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
         };
         match built {
             Ok(Some(link)) => {

@@ -18,7 +18,7 @@ use tokio::sync::MutexGuard;
 
 use super::control::ControlTx;
 use super::online::{OnlineRegistry, Reservation, SessionInfo};
-use super::router_link::RouterLink;
+use super::router_link::{PendingRouterLink, RouterLink};
 use super::{GatewayError, Identity, Shared};
 
 /// A session that must be linked to the router at registration.
@@ -109,22 +109,43 @@ impl Shared {
         Ok((seq, link))
     }
 
-    /// Links the registered clean session `seq` of `client_id` to the
-    /// router with `first` (emptied: the packets it is linked for, which
-    /// the router takes with the link), unless another connection has taken
-    /// the client id over (then `None`, and `first` is dropped).
+    /// Starts linking the registered clean session `seq` of `client_id` to
+    /// the router with `first` (emptied: the packets it is linked for,
+    /// which the router takes with the link), unless another connection has
+    /// taken the client id over (then `None`, and `first` is dropped).
+    /// Returns once the link's Connect is in the router's channel (in order
+    /// with competing connections of the client id); [`Self::established`]
+    /// finishes it.
     pub(crate) async fn link_registered(
         &self,
         client_id: &str,
         seq: u64,
         first: &mut Vec<Packet>,
-    ) -> Result<Option<RouterLink>, GatewayError> {
+    ) -> Result<Option<PendingRouterLink>, GatewayError> {
         let _guard = self.stripe(client_id).await;
         if !self.online.is_current(client_id, seq) {
             first.clear();
             return Ok(None);
         }
-        self.link_locked(client_id, true, first).await.map(Some)
+        let pending = self.router.connect_with(client_id, true, first).await?;
+        self.persistent.lock().remove(client_id);
+        // Counted from here: the router has the link once it takes the
+        // Connect (uncounted again if it refuses it).
+        self.linked.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(pending))
+    }
+
+    /// Awaits the router's answer to a link started by
+    /// [`Self::link_registered`].
+    pub(crate) async fn established(
+        &self,
+        pending: PendingRouterLink,
+    ) -> Result<RouterLink, GatewayError> {
+        let link = pending.established().await;
+        if link.is_err() {
+            self.unlinked();
+        }
+        link
     }
 
     /// A session's link is closed (or dropped by the router).

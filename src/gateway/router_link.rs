@@ -5,8 +5,13 @@
 //!   awaited without holding a thread (`LinkBuilder::build_async`, patched
 //!   into the vendored rumqttd); a router without a free slot drops the link.
 //!   A link made for its first packets carries them with its Connect
-//!   (`build_async_with`): the router takes them right after the ConnAck, so
-//!   a device's first SUBSCRIBE costs one round trip to the router, not two.
+//!   (`connect_async_with`): the router takes them right after the ConnAck,
+//!   in the same pass. Creation comes in two halves
+//!   ([`RouterHandle::connect_with`], then
+//!   [`PendingRouterLink::established`]): once the Connect is in the
+//!   router's channel, its first packets are ahead of whatever any link
+//!   sends later, so a device's SUBACK goes out before the router's ConnAck
+//!   comes back.
 //! - Sending: all packets but the last go straight into the link's buffer
 //!   and the last one with the notification, so the router wakes once per
 //!   batch. `LinkTx::send` awaits room in the router's bounded event
@@ -31,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx};
+use rumqttd::local::{LinkBuilder, LinkError, LinkRx, LinkTx, PendingLink};
 use rumqttd::protocol::{
     Disconnect, DisconnectReasonCode, Filter, Packet, Publish, QoS, RetainForwardRule, Subscribe,
 };
@@ -50,8 +55,8 @@ const MAX_PENDING_TO_ROUTER: usize = 1024;
 /// Longest pause between two looks at a waiting link's backlog.
 const BACKLOG_POLL: Duration = Duration::from_millis(16);
 
-type LinkFuture = Pin<Box<dyn Future<Output = Result<RouterLink, GatewayError>> + Send>>;
-type BuildFn = dyn Fn(String, bool, Vec<Packet>) -> LinkFuture + Send + Sync;
+type ConnectFuture = Pin<Box<dyn Future<Output = Result<PendingRouterLink, GatewayError>> + Send>>;
+type ConnectFn = dyn Fn(String, bool, Vec<Packet>) -> ConnectFuture + Send + Sync;
 type BuildBlockingFn = dyn Fn(&str, bool) -> Result<RouterLink, GatewayError> + Send + Sync;
 
 /// Every link of the broker: dynamic filters (publishing to a topic nobody
@@ -70,7 +75,7 @@ macro_rules! link_builder {
 /// A running rumqttd router and the means to open links to it.
 #[derive(Clone)]
 pub struct RouterHandle {
-    build: Arc<BuildFn>,
+    connect: Arc<ConnectFn>,
     build_blocking: Arc<BuildBlockingFn>,
     /// Client sessions the router has room for (its `max_connections`
     /// less [`INTERNAL_LINKS`]).
@@ -91,15 +96,15 @@ impl RouterHandle {
         let sessions = config.max_connections.saturating_sub(INTERNAL_LINKS).max(1);
         let tx = Router::new(router_id, config).spawn();
         let tx_blocking = tx.clone();
-        let build =
-            move |client_id: String, clean_session: bool, first: Vec<Packet>| -> LinkFuture {
+        let connect =
+            move |client_id: String, clean_session: bool, first: Vec<Packet>| -> ConnectFuture {
                 let tx = tx.clone();
                 Box::pin(async move {
-                    let (link_tx, link_rx, ack) = link_builder!(&client_id, tx, clean_session)
-                        .build_async_with(first)
+                    link_builder!(&client_id, tx, clean_session)
+                        .connect_async_with(first)
                         .await
-                        .map_err(router_error)?;
-                    Ok(RouterLink::with_ack(link_tx, link_rx, &ack))
+                        .map(PendingRouterLink)
+                        .map_err(router_error)
                 })
             };
         let build_blocking = move |client_id: &str, clean_session: bool| {
@@ -110,7 +115,7 @@ impl RouterHandle {
             Ok(RouterLink::with_ack(link_tx, link_rx, &ack))
         };
         RouterHandle {
-            build: Arc::new(build),
+            connect: Arc::new(connect),
             build_blocking: Arc::new(build_blocking),
             sessions,
         }
@@ -128,7 +133,8 @@ impl RouterHandle {
         client_id: &str,
         clean_session: bool,
     ) -> Result<RouterLink, GatewayError> {
-        (self.build)(client_id.to_owned(), clean_session, Vec::new()).await
+        self.link_with(client_id, clean_session, &mut Vec::new())
+            .await
     }
 
     /// [`Self::link`] carrying `first` (emptied), which the router takes
@@ -140,7 +146,25 @@ impl RouterHandle {
         clean_session: bool,
         first: &mut Vec<Packet>,
     ) -> Result<RouterLink, GatewayError> {
-        (self.build)(client_id.to_owned(), clean_session, std::mem::take(first)).await
+        self.connect_with(client_id, clean_session, first)
+            .await?
+            .established()
+            .await
+    }
+
+    /// The first half of [`Self::link_with`]: returns once the link's
+    /// Connect event, carrying `first` (emptied), is in the router's event
+    /// channel. The router handles its events in order and takes `first`
+    /// with the Connect, so whatever any link sends after this returns is
+    /// handled after them: a SUBSCRIBE in `first` is in effect for every
+    /// later publish (the gateway answers SUBACK itself from here on).
+    pub async fn connect_with(
+        &self,
+        client_id: &str,
+        clean_session: bool,
+        first: &mut Vec<Packet>,
+    ) -> Result<PendingRouterLink, GatewayError> {
+        (self.connect)(client_id.to_owned(), clean_session, std::mem::take(first)).await
     }
 
     /// [`Self::link`] for a thread outside any runtime (blocks it).
@@ -150,6 +174,19 @@ impl RouterHandle {
         clean_session: bool,
     ) -> Result<RouterLink, GatewayError> {
         (self.build_blocking)(client_id, clean_session)
+    }
+}
+
+/// A link whose Connect event is in the router's channel
+/// ([`RouterHandle::connect_with`]).
+pub struct PendingRouterLink(PendingLink);
+
+impl PendingRouterLink {
+    /// Awaits the router's ConnAck: the link, or an error if the router
+    /// refused it (no free slot).
+    pub async fn established(self) -> Result<RouterLink, GatewayError> {
+        let (link_tx, link_rx, ack) = self.0.established().await.map_err(router_error)?;
+        Ok(RouterLink::with_ack(link_tx, link_rx, &ack))
     }
 }
 

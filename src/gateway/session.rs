@@ -4,21 +4,24 @@
 //! `wbuf`, packets for the router into `to_router`; the connection loop
 //! (`connection.rs`) moves them.
 //!
-//! - PINGREQ and UNSUBACK are answered here.
+//! - PINGREQ, SUBACK and UNSUBACK are answered here (the router's own are
+//!   dropped). A SUBACK goes out only once its SUBSCRIBE is in the router's
+//!   event channel (the connection loop sends before it writes), where it
+//!   is ahead of every publish sent after: no device waits for the router
+//!   thread to subscribe.
 //! - PUBLISH outside the ACL is dropped: MQTT 5 gets PUBACK/PUBREC 0x87;
 //!   MQTT 3.1.1 gets a plain PUBACK/PUBREC (and PUBCOMP for its PUBREL) so
 //!   it does not retry — 3.1.1 has no way to say "refused" and closing
 //!   would make misconfigured devices reconnect in a loop.
 //! - SUBSCRIBE filters outside the ACL get 0x87 (MQTT 5) / 0x80 (3.1.1) in
-//!   the SUBACK, the others go to the router and the codes are merged back
-//!   in order.
+//!   the SUBACK, the others go to the router, granted the QoS asked for.
 
 use std::collections::{HashMap, HashSet};
 
 use bytes::{Bytes, BytesMut};
 use rumqttd::protocol::{
     DisconnectReasonCode, Packet, PingResp, PubAck, PubAckReason, PubComp, PubCompReason, PubRec,
-    PubRecReason, Publish, PublishProperties, SubAck, Subscribe, SubscribeProperties,
+    PubRecReason, Publish, PublishProperties, QoS, SubAck, Subscribe, SubscribeProperties,
     SubscribeReasonCode, UnsubAck, UnsubAckReason,
 };
 use rumqttd::Notification;
@@ -123,9 +126,6 @@ pub(crate) struct Session<'a> {
     /// MQTT 5 topic aliases set by the client (resolved here so the ACL
     /// sees real topics; the router never sees an alias).
     aliases: HashMap<u16, Bytes>,
-    /// SUBSCRIBEs partly refused: the codes already decided (`Some`) and
-    /// the slots the router's SUBACK fills (`None`), by packet id.
-    pending_subacks: HashMap<u16, Vec<Option<SubscribeReasonCode>>>,
     /// QoS 2 PUBLISHes dropped by the ACL whose PUBREL we answer ourselves.
     denied_qos2: HashSet<u16>,
     /// Deliveries from the router on their way to the client.
@@ -160,7 +160,6 @@ impl<'a> Session<'a> {
             wbuf,
             to_router: Vec::new(),
             aliases: HashMap::new(),
-            pending_subacks: HashMap::new(),
             denied_qos2: HashSet::new(),
             delivery: Delivery::new(limits, !acl.deny_subscribe.is_empty()),
             inbound: None,
@@ -389,49 +388,65 @@ impl<'a> Session<'a> {
             ));
         }
         let v5 = self.v5();
-        let mut slots = Vec::with_capacity(sub.filters.len());
+        let mut return_codes = Vec::with_capacity(sub.filters.len());
         let mut allowed = Vec::with_capacity(sub.filters.len());
         for f in sub.filters {
-            match self.acl.check_subscribe(&f.path) {
-                SubscribeVerdict::Allowed => {
-                    slots.push(None);
-                    allowed.push(f);
-                }
+            let code = match self.acl.check_subscribe(&f.path) {
+                // What the router grants: the QoS asked for (it refuses
+                // nothing the ACL allows: `$` filters but `$share/` ones
+                // and subscription identifier 0 never get here).
+                SubscribeVerdict::Allowed => match f.qos {
+                    QoS::AtMostOnce => SubscribeReasonCode::QoS0,
+                    QoS::AtLeastOnce => SubscribeReasonCode::QoS1,
+                    QoS::ExactlyOnce => SubscribeReasonCode::QoS2,
+                },
                 SubscribeVerdict::NotAuthorized => {
                     tracing::debug!(filter = %f.path, "SUBSCRIBE outside the ACL refused");
-                    slots.push(Some(if v5 {
+                    if v5 {
                         SubscribeReasonCode::NotAuthorized
                     } else {
                         SubscribeReasonCode::Failure
-                    }));
+                    }
                 }
-                SubscribeVerdict::Invalid => slots.push(Some(if v5 {
-                    SubscribeReasonCode::TopicFilterInvalid
-                } else {
-                    SubscribeReasonCode::Failure
-                })),
+                SubscribeVerdict::Invalid => {
+                    if v5 {
+                        SubscribeReasonCode::TopicFilterInvalid
+                    } else {
+                        SubscribeReasonCode::Failure
+                    }
+                }
+            };
+            if !matches!(
+                code,
+                SubscribeReasonCode::NotAuthorized
+                    | SubscribeReasonCode::TopicFilterInvalid
+                    | SubscribeReasonCode::Failure
+            ) {
+                allowed.push(f);
             }
+            return_codes.push(code);
         }
-        if allowed.is_empty() {
-            self.write(Packet::SubAck(
-                SubAck {
-                    pkid: sub.pkid,
-                    return_codes: slots.into_iter().flatten().collect(),
-                },
-                None,
-            ));
-            return None;
-        }
-        if allowed.len() != slots.len() {
-            self.pending_subacks.insert(sub.pkid, slots);
-        }
-        self.to_router.push(Packet::Subscribe(
-            Subscribe {
+        // Answered here, not by the router: the connection writes this out
+        // only once the SUBSCRIBE is in the router's channel, where it is
+        // ahead of every publish sent after it (`RouterHandle::connect_with`;
+        // rumqttd handles a link's SUBSCRIBE even while it holds the link's
+        // publishes back). The router's own SUBACK is dropped.
+        self.write(Packet::SubAck(
+            SubAck {
                 pkid: sub.pkid,
-                filters: allowed,
+                return_codes,
             },
-            props,
+            None,
         ));
+        if !allowed.is_empty() {
+            self.to_router.push(Packet::Subscribe(
+                Subscribe {
+                    pkid: sub.pkid,
+                    filters: allowed,
+                },
+                props,
+            ));
+        }
         None
     }
 
@@ -447,21 +462,12 @@ impl<'a> Session<'a> {
         match Option::<Packet>::from(n) {
             None => None,
             // Answered here already.
-            Some(Packet::ConnAck(..) | Packet::UnsubAck(..) | Packet::PingResp(_)) => None,
-            Some(Packet::SubAck(mut ack, props)) => {
-                if let Some(slots) = self.pending_subacks.remove(&ack.pkid) {
-                    let mut from_router = ack.return_codes.into_iter();
-                    ack.return_codes = slots
-                        .into_iter()
-                        .map(|s| {
-                            s.or_else(|| from_router.next())
-                                .unwrap_or(SubscribeReasonCode::Unspecified)
-                        })
-                        .collect();
-                }
-                self.write(Packet::SubAck(ack, props));
-                None
-            }
+            Some(
+                Packet::ConnAck(..)
+                | Packet::SubAck(..)
+                | Packet::UnsubAck(..)
+                | Packet::PingResp(_),
+            ) => None,
             Some(Packet::Disconnect(d, props)) => {
                 let why = format!("router disconnected the session: {:?}", d.reason_code);
                 if self.v5() {

@@ -377,3 +377,74 @@ async fn plain_and_shared_subscription_of_one_filter() {
     assert_eq!(&a.publish().await.payload[..], b"x");
     still_serving(b.addr).await;
 }
+
+// The gateway answers SUBACK itself once the SUBSCRIBE is in the router's
+// channel (before the router has taken it, and for a device's first
+// SUBSCRIBE before its router link is acknowledged): a message published
+// by anyone after the SUBACK still reaches the new subscription. Rounds of
+// a fresh device (its first SUBSCRIBE creates its link) and a second
+// SUBSCRIBE on the linked session, each answered by a publish at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_sent_after_the_suback_reaches_the_subscriber() {
+    let b = broker().await;
+    let ob = v4::connect(v4::opts(b.addr, "observer-1", "observer"))
+        .await
+        .expect("observer");
+    for round in 0..50 {
+        let mut a = v4::connect(v4::device(b.addr, "a")).await.expect("a");
+        for topic in ["devices/p/a/command", "devices/p/a/config"] {
+            let codes = a.subscribe(&[topic], v4::QoS::AtLeastOnce).await;
+            assert_eq!(
+                codes,
+                vec![v4::SubscribeReasonCode::Success(v4::QoS::AtLeastOnce)]
+            );
+            let payload = format!("{round} {topic}");
+            ob.client
+                .publish(topic, v4::QoS::AtMostOnce, false, payload.clone())
+                .await
+                .expect("queued");
+            let got = a.publish().await;
+            assert_eq!(
+                (got.topic.as_str(), &got.payload[..]),
+                (topic, payload.as_bytes())
+            );
+        }
+        a.client.disconnect().await.expect("disconnect queued");
+        a.closed().await;
+    }
+}
+
+// A SUBSCRIBE partly outside the ACL: the codes in the filters' order,
+// granted the QoS asked for; the allowed filters work.
+#[tokio::test]
+async fn a_partly_refused_subscribe_answers_every_filter_in_order() {
+    let b = broker().await;
+    let mut ob = observer(b.addr, "devices/p/a/#").await;
+    let mut a = v5::connect(v5::device(b.addr, "a")).await.expect("a");
+    let codes = a
+        .subscribe(
+            &[
+                "devices/p/b/#",
+                "devices/p/a/x",
+                "$SYS/#",
+                "devices/p/a/+/y",
+            ],
+            v5::QoS::ExactlyOnce,
+        )
+        .await;
+    assert_eq!(
+        codes,
+        vec![
+            v5::SubscribeReasonCode::NotAuthorized,
+            v5::SubscribeReasonCode::Success(v5::QoS::ExactlyOnce),
+            v5::SubscribeReasonCode::NotAuthorized,
+            v5::SubscribeReasonCode::Success(v5::QoS::ExactlyOnce),
+        ]
+    );
+    ob.client
+        .publish("devices/p/a/x", v4::QoS::AtLeastOnce, false, "hi")
+        .await
+        .expect("queued");
+    assert_eq!(&a.publish().await.payload[..], b"hi");
+    assert_eq!(ob.publish().await.topic, "devices/p/a/x");
+}

@@ -127,19 +127,24 @@ impl<'a> LinkBuilder<'a> {
         self,
         packets: impl IntoIterator<Item = Packet>,
     ) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        self.connect_async_with(packets).await?.established().await
+    }
+
+    /// The first half of [`Self::build_async_with`]: returns once the
+    /// link's Connect event, carrying `packets`, is in the router's event
+    /// channel. The router handles its events in order, and takes these
+    /// packets in the same pass as the Connect: whatever any link sends
+    /// after this returns is handled after them (a SUBSCRIBE carried here
+    /// is in effect for every later publish). [`PendingLink::established`]
+    /// then awaits the router's ConnAck.
+    pub async fn connect_async_with(
+        self,
+        packets: impl IntoIterator<Item = Packet>,
+    ) -> Result<PendingLink, LinkError> {
         let (event, pending) = self.prepare();
         pending.incoming_data_buffer.lock().extend(packets);
         pending.router_tx.send_async((0, event)).await?;
-        pending.link_rx.recv_async().await?;
-        let (tx, mut rx, ack) = pending.finish()?;
-        // Answers given with the ConnAck came with its one signal
-        {
-            let mut sent = rx.send_buffer.lock();
-            if !sent.is_empty() {
-                mem::swap(&mut *sent, &mut rx.cache);
-            }
-        }
-        Ok((tx, rx, ack))
+        Ok(pending)
     }
 
     /// The Connect event for the router and what is needed to finish the
@@ -177,8 +182,9 @@ impl<'a> LinkBuilder<'a> {
     }
 }
 
-/// A link whose Connect event is on its way to the router.
-struct PendingLink {
+/// A link whose Connect event is on its way to the router
+/// ([`LinkBuilder::connect_async_with`]).
+pub struct PendingLink {
     router_tx: Sender<(ConnectionId, Event)>,
     link_rx: Receiver<()>,
     incoming_data_buffer: Arc<Mutex<VecDeque<Packet>>>,
@@ -186,6 +192,22 @@ struct PendingLink {
 }
 
 impl PendingLink {
+    /// Awaits the router's ConnAck (without blocking the thread). Answers
+    /// the router gave in the same pass (they came with its one signal) are
+    /// in the returned link's receive cache. A router that refused the link
+    /// (e.g. at `max_connections`) dropped its channel: an error.
+    pub async fn established(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
+        self.link_rx.recv_async().await?;
+        let (tx, mut rx, ack) = self.finish()?;
+        {
+            let mut sent = rx.send_buffer.lock();
+            if !sent.is_empty() {
+                mem::swap(&mut *sent, &mut rx.cache);
+            }
+        }
+        Ok((tx, rx, ack))
+    }
+
     /// Once the router has signalled the link: its ConnAck gives the id.
     fn finish(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
         // Right now link identifies failure with dropped rx in router,
@@ -639,14 +661,12 @@ mod test {
 
     // Packets queued with the Connect are taken right after the ConnAck:
     // their answer is waiting in the new link, with no send of its own.
-    #[tokio::test(flavor = "current_thread")]
-    async fn build_async_with_carries_the_first_packets() {
-        let router_tx = router(4);
-        let subscribe = crate::protocol::Packet::Subscribe(
+    fn subscribe_packet(pkid: u16, path: &str) -> crate::protocol::Packet {
+        crate::protocol::Packet::Subscribe(
             crate::protocol::Subscribe {
-                pkid: 7,
+                pkid,
                 filters: vec![crate::protocol::Filter {
-                    path: "a/b".to_owned(),
+                    path: path.to_owned(),
                     qos: crate::protocol::QoS::AtLeastOnce,
                     nolocal: false,
                     preserve_retain: false,
@@ -654,7 +674,62 @@ mod test {
                 }],
             },
             None,
+        )
+    }
+
+    async fn next_notification(rx: &mut super::LinkRx) -> crate::Notification {
+        tokio::time::timeout(std::time::Duration::from_secs(10), async {
+            loop {
+                if let Some(n) = rx.next().await.expect("link open") {
+                    return n;
+                }
+            }
+        })
+        .await
+        .expect("notification in time")
+    }
+
+    // A SUBSCRIBE carried by a Connect is in effect for whatever is sent
+    // once the Connect is in the router's channel, before the ConnAck is
+    // read.
+    #[tokio::test(flavor = "current_thread")]
+    async fn connect_async_with_orders_the_first_packets_before_later_sends() {
+        let router_tx = router(4);
+        let pending = super::LinkBuilder::new("sub", router_tx.clone())
+            .dynamic_filters(true)
+            .connect_async_with([subscribe_packet(3, "a/+")])
+            .await
+            .expect("connect sent");
+        let (mut publisher, _prx, _) = super::LinkBuilder::new("pub", router_tx)
+            .dynamic_filters(true)
+            .build_async()
+            .await
+            .expect("publisher linked");
+        publisher.publish("a/b", vec![1, 2, 3]).expect("published");
+        let (_tx, mut rx, ack) = pending.established().await.expect("link built");
+        assert!(matches!(
+            ack,
+            crate::Notification::DeviceAck(crate::router::Ack::ConnAck(..))
+        ));
+        let n = next_notification(&mut rx).await;
+        assert!(
+            matches!(
+                &n,
+                crate::Notification::DeviceAck(crate::router::Ack::SubAck(s)) if s.pkid == 3
+            ),
+            "{n:?}"
         );
+        let n = next_notification(&mut rx).await;
+        assert!(
+            matches!(&n, crate::Notification::Forward(f) if f.publish.topic == "a/b"),
+            "{n:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn build_async_with_carries_the_first_packets() {
+        let router_tx = router(4);
+        let subscribe = subscribe_packet(7, "a/b");
         let (_tx, mut rx, ack) = super::LinkBuilder::new("sub", router_tx)
             .build_async_with([subscribe])
             .await
@@ -663,15 +738,7 @@ mod test {
             ack,
             crate::Notification::DeviceAck(crate::router::Ack::ConnAck(..))
         ));
-        let n = tokio::time::timeout(std::time::Duration::from_secs(10), async {
-            loop {
-                if let Some(n) = rx.next().await.expect("link open") {
-                    return n;
-                }
-            }
-        })
-        .await
-        .expect("SUBACK in time");
+        let n = next_notification(&mut rx).await;
         assert!(
             matches!(
                 &n,

@@ -54,8 +54,12 @@ struct Blocked {
 
 /// Whether a packet of a paused connection is handled at once: the acks of
 /// what the router sends it (a publisher may also be the reader everyone
-/// waits for), pings, and a DISCONNECT (which drops the held packets;
-/// nothing held was acknowledged).
+/// waits for), pings, SUBSCRIBE and UNSUBSCRIBE (in effect for every
+/// publish the router takes after the packet that carried them, so an
+/// embedding server may acknowledge them itself once they are sent: a
+/// held PUBLISH of the same client is matched against them when it goes
+/// on), and a DISCONNECT (which drops the held packets; nothing held was
+/// acknowledged).
 pub(super) fn passes_pause(packet: &Packet) -> bool {
     matches!(
         packet,
@@ -63,6 +67,8 @@ pub(super) fn passes_pause(packet: &Packet) -> bool {
             | Packet::PubRec(..)
             | Packet::PubComp(..)
             | Packet::PingReq(..)
+            | Packet::Subscribe(..)
+            | Packet::Unsubscribe(..)
             | Packet::Disconnect(..)
     )
 }

@@ -198,3 +198,35 @@ fn a_qos0_reader_never_pauses_publishers() {
     // The reader reads nothing meanwhile.
     pubacks(&mut publisher, MESSAGES as usize);
 }
+
+// A paused publisher's SUBSCRIBE is not held with its publishes: it is in
+// effect for what the router takes next (an embedding server may answer
+// the SUBACK itself once the packet is sent).
+#[test]
+fn a_paused_publishers_subscribe_takes_effect_at_once() {
+    let connect = router(flow_config(60_000));
+    let mut reader = connect("reader");
+    subscribe_qos(&mut reader, "t/+", QoS::AtLeastOnce);
+    let mut publisher = connect("publisher");
+    publish_all(&mut publisher);
+    let acked = pubacks_until_quiet(&mut publisher, Duration::from_millis(300));
+    assert!(
+        !publisher.tx.buffer().is_empty(),
+        "the publisher is paused ({acked} stored)"
+    );
+
+    subscribe_qos(&mut publisher, "cmd/publisher", QoS::AtMostOnce);
+    let mut commander = connect("commander");
+    commander.publish("cmd/publisher", b"go", QoS::AtMostOnce, false, 0);
+    loop {
+        match publisher.next() {
+            Packet::Publish(p, _) if p.topic == "cmd/publisher" => break,
+            Packet::PubAck(..) => panic!("the paused publisher went on"),
+            _ => {}
+        }
+    }
+    assert!(
+        !publisher.tx.buffer().is_empty(),
+        "its publishes still wait"
+    );
+}
