@@ -58,6 +58,9 @@ pub struct Phase {
     pub first_error: Option<String>,
     /// Latency of accepted connections, microseconds.
     pub hist: Histogram<u64>,
+    /// SUBSCRIBE written → SUBACK read of accepted connections that
+    /// subscribed, microseconds (empty if none did).
+    pub sub_hist: Histogram<u64>,
     pub elapsed: Duration,
     /// TcpExt ListenDrops during the phase (SYNs or handshakes dropped
     /// because an accept queue was full; the client retries after 1 s).
@@ -76,6 +79,12 @@ impl Phase {
     /// Latency quantile `q` in milliseconds.
     pub fn ms(&self, q: f64) -> f64 {
         self.hist.value_at_quantile(q) as f64 / 1000.0
+    }
+
+    /// SUBSCRIBE → SUBACK latency quantile `q` in milliseconds, if the
+    /// phase subscribed.
+    pub fn sub_ms(&self, q: f64) -> Option<f64> {
+        (!self.sub_hist.is_empty()).then(|| self.sub_hist.value_at_quantile(q) as f64 / 1000.0)
     }
 
     pub fn failures(&self) -> u64 {
@@ -234,9 +243,12 @@ async fn connect_all(
                 let source = source_ip(source_net, i);
                 let t0 = Instant::now();
                 match tokio::time::timeout(timeout, connect_one(addr, source, &devices[i])).await {
-                    Ok(Ok((stream, Outcome::Accepted))) => {
+                    Ok(Ok((stream, Outcome::Accepted(sub_us)))) => {
                         let us = t0.elapsed().as_micros().max(1) as u64;
                         w.hist.saturating_record(us);
+                        if let Some(sub_us) = sub_us {
+                            w.sub_hist.saturating_record(sub_us);
+                        }
                         w.accepted += 1;
                         w.held.push((i, stream));
                     }
@@ -253,6 +265,7 @@ async fn connect_all(
     while let Some(w) = workers.join_next().await {
         let w = w??;
         total.hist.add(&w.hist)?;
+        total.sub_hist.add(&w.sub_hist)?;
         total.accepted += w.accepted;
         total.errors += w.errors;
         total.sub_refused += w.sub_refused;
@@ -275,6 +288,7 @@ async fn connect_all(
             errors: total.errors,
             first_error: total.first_error,
             hist: total.hist,
+            sub_hist: total.sub_hist,
             elapsed,
             listen_drops: 0,
             server_cpu: 0.0,
@@ -286,6 +300,7 @@ async fn connect_all(
 
 struct Worker {
     hist: Histogram<u64>,
+    sub_hist: Histogram<u64>,
     accepted: u64,
     refused: BTreeMap<u8, u64>,
     sub_refused: u64,
@@ -298,6 +313,7 @@ impl Worker {
     fn new() -> anyhow::Result<Self> {
         Ok(Worker {
             hist: latency_histogram()?,
+            sub_hist: latency_histogram()?,
             accepted: 0,
             refused: BTreeMap::new(),
             sub_refused: 0,
@@ -329,7 +345,8 @@ pub fn source_ip(net: u8, i: usize) -> Ipv4Addr {
 }
 
 enum Outcome {
-    Accepted,
+    /// With the SUBSCRIBE → SUBACK latency (µs) if the device subscribed.
+    Accepted(Option<u64>),
     Refused(u8),
     SubscribeRefused,
 }
@@ -351,17 +368,20 @@ async fn connect_one(
         other => return Err(invalid(format!("expected CONNACK, got {other:?}"))),
     }
     let Some(subscribe) = &device.subscribe else {
-        return Ok((stream, Outcome::Accepted));
+        return Ok((stream, Outcome::Accepted(None)));
     };
     stream.write_all(subscribe).await?;
-    match read_packet(&mut stream, &mut buf).await? {
+    let sent = Instant::now();
+    let answer = read_packet(&mut stream, &mut buf).await?;
+    let sub_us = sent.elapsed().as_micros().max(1) as u64;
+    match answer {
         Packet::SubAck(ack)
             if ack
                 .return_codes
                 .iter()
                 .all(|c| matches!(c, SubscribeReasonCode::Success(_))) =>
         {
-            Ok((stream, Outcome::Accepted))
+            Ok((stream, Outcome::Accepted(Some(sub_us))))
         }
         Packet::SubAck(_) => Ok((stream, Outcome::SubscribeRefused)),
         other => Err(invalid(format!("expected SUBACK, got {other:?}"))),

@@ -115,13 +115,18 @@ pub fn benches(
 
     // Benchmark 1.
     let mut headers = PHASE_HEADERS.to_vec();
-    headers.extend(["vs Mosquitto password file", "vs Mosquitto anonymous"]);
+    headers.extend([
+        "SUBSCRIBE → SUBACK p50 ms",
+        "SUBSCRIBE → SUBACK p99 ms",
+        "vs Mosquitto password file",
+        "vs Mosquitto anonymous",
+    ]);
     let mut t = Table::new(
         &format!("Benchmark 1: connect + SUBSCRIBE of {n} devices, {c} in flight"),
         &headers,
     );
     t.setting(format!("{n} devices, {c} in flight; {client}"));
-    t.setting(format!("each device: socket → CONNECT → CONNACK, and in the SUBSCRIBE rows → SUBSCRIBE `devices/{PRODUCT}/{{DK}}/command` QoS 1 → SUBACK; latency: socket open → CONNACK or SUBACK; the devices stay connected (idle) until the phase's RSS is read, then DISCONNECT"));
+    t.setting(format!("each device: socket → CONNECT → CONNACK, and in the SUBSCRIBE rows → SUBSCRIBE `devices/{PRODUCT}/{{DK}}/command` QoS 1 → SUBACK; latency: socket open → CONNACK or SUBACK, and SUBSCRIBE written → SUBACK read; the devices stay connected (idle) until the phase's RSS is read, then DISCONNECT"));
     t.setting(spec.describe());
     t.setting("every phase runs on a freshly started server process: the activation broker restarted on its store (the first phase activates the devices, a code consumed and flushed before each CONNACK; the next ones reconnect them), Mosquitto started anew");
     if let Some(name) = &mosquitto {
@@ -140,6 +145,12 @@ pub fn benches(
             "connect only"
         };
         let mut cells = phase_cells(p);
+        for q in [0.5, 0.99] {
+            cells.push(
+                p.sub_ms(q)
+                    .map_or_else(String::new, |ms| format!("{ms:.2}")),
+            );
+        }
         let ours = !p.label.contains("Mosquitto");
         let cmp = |auth: &str| {
             if ours {
