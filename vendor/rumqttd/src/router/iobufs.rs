@@ -137,6 +137,9 @@ impl Outgoing {
         filter_idx: usize,
     ) -> (usize, usize) {
         let mut buffer = lock_shrunk(&self.data_buffer);
+        // An idle link's first delivery (a command to a device, say) takes
+        // one slot, not the four (about a kilobyte) a first push allocates
+        reserve_one(&mut buffer);
         let publishes = publishes;
 
         if qos == 0 {
@@ -164,6 +167,7 @@ impl Outgoing {
             self.last_pkid += 1;
             p.publish.pkid = self.last_pkid;
 
+            reserve_one(&mut self.inflight_buffer);
             self.inflight_buffer
                 .push_back((self.last_pkid, filter_idx, p.cursor));
 
@@ -254,6 +258,14 @@ fn lock_shrunk<T>(buffer: &Mutex<VecDeque<T>>) -> MutexGuard<'_, VecDeque<T>> {
     buffer
 }
 
+/// Room for exactly one entry in a `buffer` that has none (its first push
+/// would make room for four); a busy buffer grows by doubling from there.
+fn reserve_one<T>(buffer: &mut VecDeque<T>) {
+    if buffer.capacity() == 0 {
+        buffer.reserve_exact(1);
+    }
+}
+
 /// Frees the storage of an empty `buffer` (its next use allocates again):
 /// an idle link keeps no slots, whatever its last burst needed.
 pub(crate) fn shrink_idle<T>(buffer: &mut VecDeque<T>) {
@@ -265,6 +277,28 @@ pub(crate) fn shrink_idle<T>(buffer: &mut VecDeque<T>) {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    // An idle link's first QoS 1 delivery takes one slot in its buffer and
+    // in its inflight queue; a burst grows them past one.
+    #[test]
+    fn a_first_delivery_takes_one_slot() {
+        let (mut outgoing, _rx) = Outgoing::new("first-delivery".to_string());
+        let forward = |i: u64| Forward {
+            cursor: Some((0, i)),
+            size: 8,
+            publish: crate::protocol::Publish {
+                qos: crate::protocol::QoS::AtLeastOnce,
+                ..crate::protocol::Publish::new("devices/p/d/command", "x", false)
+            },
+            properties: None,
+        };
+        outgoing.push_forwards(std::iter::once(forward(0)), 1, 0);
+        assert_eq!(outgoing.lock_buffer().capacity(), 1);
+        assert_eq!(outgoing.inflight_buffer.capacity(), 1);
+        outgoing.push_forwards((1..10).map(forward), 1, 0);
+        assert_eq!(outgoing.lock_buffer().len(), 10);
+        assert_eq!(outgoing.inflight_buffer.len(), 10);
+    }
 
     #[test]
     fn retransmission_map_is_calculated_accurately() {

@@ -56,6 +56,11 @@ where
     /// Push a new `T` in the segment.
     #[inline]
     pub(crate) fn push(&mut self, inner_type: T) {
+        // A filter's first message takes one slot (a device's command topic
+        // sees few), not the four a first push allocates
+        if self.data.capacity() == 0 {
+            self.data.reserve_exact(1);
+        }
         self.total_size += inner_type.size() as u64;
         self.data.push(inner_type);
     }
@@ -124,6 +129,16 @@ where
 mod tests {
     use super::*;
     use bytes::Bytes;
+
+    // A filter's first message takes one slot.
+    #[test]
+    fn a_first_push_takes_one_slot() {
+        let mut segment: Segment<Bytes> = Segment::new();
+        segment.push(Bytes::from_static(b"one"));
+        assert_eq!(segment.data.capacity(), 1);
+        segment.push(Bytes::from_static(b"two"));
+        assert_eq!(segment.len(), 2);
+    }
 
     #[test]
     fn segment_works_for_bytes() {
