@@ -587,7 +587,7 @@ where
     /// before the router's ConnAck is awaited. The socket is not read
     /// meanwhile; packets keep their order.
     async fn open_link(&mut self, session: &mut Session<'_>) -> Result<(), End> {
-        let Ok(_permit) = self.links.acquire().await else {
+        let Ok(permit) = self.links.acquire().await else {
             return Err(End::ordered(
                 DisconnectReason::ServerShuttingDown,
                 String::new(),
@@ -603,8 +603,16 @@ where
             .await;
         let built = match started {
             Ok(Some(pending)) => {
-                let flushed = flush(self.stream, &mut session.wbuf, self.cfg.write_timeout).await;
-                let link = gw.established(pending).await;
+                // The permit bounds links being made, not a slow client's
+                // write: it goes with the router's answer.
+                let (flushed, link) = tokio::join!(
+                    flush(self.stream, &mut session.wbuf, self.cfg.write_timeout),
+                    async move {
+                        let link = gw.established(pending).await;
+                        drop(permit);
+                        link
+                    }
+                );
                 if flushed.is_err() {
                     // Linked or not, the guard's end unlinks it.
                     if let Ok(link) = link {
