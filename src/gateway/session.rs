@@ -395,11 +395,15 @@ impl<'a> Session<'a> {
                 // What the router grants: the QoS asked for (it refuses
                 // nothing the ACL allows: `$` filters but `$share/` ones
                 // and subscription identifier 0 never get here).
-                SubscribeVerdict::Allowed => match f.qos {
-                    QoS::AtMostOnce => SubscribeReasonCode::QoS0,
-                    QoS::AtLeastOnce => SubscribeReasonCode::QoS1,
-                    QoS::ExactlyOnce => SubscribeReasonCode::QoS2,
-                },
+                SubscribeVerdict::Allowed => {
+                    let granted = match f.qos {
+                        QoS::AtMostOnce => SubscribeReasonCode::QoS0,
+                        QoS::AtLeastOnce => SubscribeReasonCode::QoS1,
+                        QoS::ExactlyOnce => SubscribeReasonCode::QoS2,
+                    };
+                    allowed.push(f);
+                    granted
+                }
                 SubscribeVerdict::NotAuthorized => {
                     tracing::debug!(filter = %f.path, "SUBSCRIBE outside the ACL refused");
                     if v5 {
@@ -416,14 +420,6 @@ impl<'a> Session<'a> {
                     }
                 }
             };
-            if !matches!(
-                code,
-                SubscribeReasonCode::NotAuthorized
-                    | SubscribeReasonCode::TopicFilterInvalid
-                    | SubscribeReasonCode::Failure
-            ) {
-                allowed.push(f);
-            }
             return_codes.push(code);
         }
         // Answered here, not by the router: the connection writes this out

@@ -659,8 +659,6 @@ mod test {
         );
     }
 
-    // Packets queued with the Connect are taken right after the ConnAck:
-    // their answer is waiting in the new link, with no send of its own.
     fn subscribe_packet(pkid: u16, path: &str) -> crate::protocol::Packet {
         crate::protocol::Packet::Subscribe(
             crate::protocol::Subscribe {
@@ -726,6 +724,8 @@ mod test {
         );
     }
 
+    // Packets queued with the Connect are taken right after the ConnAck:
+    // their answer is waiting in the new link, with no send of its own.
     #[tokio::test(flavor = "current_thread")]
     async fn build_async_with_carries_the_first_packets() {
         let router_tx = router(4);
