@@ -9,6 +9,11 @@
 //!
 //! `cargo run --release --bin router-bench -- [--devices 10000,100000,1000000]
 //! [--publishes 20000] [--threads 4]`
+//!
+//! To profile one phase (`link`, `subscribe`, `command`, `unsubscribed`,
+//! `wildcard`) of one size alone:
+//! `mkfifo ctl; ROUTER_BENCH_PERF_CTL=ctl ROUTER_BENCH_PERF_PHASE=command
+//! perf record --control fifo:ctl -D -1 -g -- router-bench --single 1000000`
 
 use std::future::Future;
 use std::pin::pin;
@@ -57,22 +62,47 @@ struct Phase {
     router: libc::clockid_t,
     started: Instant,
     cpu0: u64,
+    profiled: bool,
 }
 
 impl Phase {
-    fn start(router: libc::clockid_t) -> anyhow::Result<Phase> {
+    /// Starts phase `name`. With `ROUTER_BENCH_PERF_CTL` (a `perf record
+    /// --control fifo:…` path) and `ROUTER_BENCH_PERF_PHASE` naming this
+    /// phase, perf records this phase only.
+    fn start(router: libc::clockid_t, name: &str) -> anyhow::Result<Phase> {
+        let profiled = std::env::var("ROUTER_BENCH_PERF_PHASE").is_ok_and(|p| p == name);
+        if profiled {
+            perf_control("enable")?;
+        }
         Ok(Phase {
             router,
             started: Instant::now(),
             cpu0: cpu_ns(router)?,
+            profiled,
         })
     }
 
     fn end(self, ops: usize) -> anyhow::Result<Cost> {
+        if self.profiled {
+            perf_control("disable")?;
+        }
         let wall = self.started.elapsed().as_secs_f64() * 1e6 / ops as f64;
         let cpu = (cpu_ns(self.router)? - self.cpu0) as f64 / 1e3 / ops as f64;
         Ok(Cost { wall, cpu })
     }
+}
+
+/// Writes `command` to perf's control FIFO (`ROUTER_BENCH_PERF_CTL`).
+fn perf_control(command: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let path = std::env::var("ROUTER_BENCH_PERF_CTL")
+        .context("ROUTER_BENCH_PERF_PHASE needs ROUTER_BENCH_PERF_CTL")?;
+    let mut fifo = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening perf control FIFO {path}"))?;
+    fifo.write_all(format!("{command}\n").as_bytes())?;
+    Ok(())
 }
 
 /// The CPU clock of the router thread (named `router-0` by rumqttd).
@@ -316,7 +346,7 @@ fn single(n: usize, publishes: usize, threads: usize) -> anyhow::Result<Measured
     let clock = router_clock()?;
 
     // Link every device.
-    let phase = Phase::start(clock)?;
+    let phase = Phase::start(clock, "link")?;
     let ids: Vec<usize> = (0..n).collect();
     let mut groups: Vec<Vec<Device>> = std::thread::scope(|s| {
         let handles: Vec<_> = split(ids, threads)
@@ -345,7 +375,7 @@ fn single(n: usize, publishes: usize, threads: usize) -> anyhow::Result<Measured
     let rss_linked = rss_bytes()?;
 
     // Every device subscribes to its command topic.
-    let phase = Phase::start(clock)?;
+    let phase = Phase::start(clock, "subscribe")?;
     std::thread::scope(|s| {
         let handles: Vec<_> = groups
             .iter_mut()
@@ -375,7 +405,7 @@ fn single(n: usize, publishes: usize, threads: usize) -> anyhow::Result<Measured
     let (mut backend_tx, mut backend_rx, _) = LinkBuilder::new("backend", router.clone())
         .dynamic_filters(true)
         .build()?;
-    let phase = Phase::start(clock)?;
+    let phase = Phase::start(clock, "command")?;
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
     for k in 0..publishes {
         x ^= x << 13;
@@ -398,7 +428,7 @@ fn single(n: usize, publishes: usize, threads: usize) -> anyhow::Result<Measured
 
     // Telemetry nobody subscribes to.
     let per_thread = publishes / threads;
-    let phase = Phase::start(clock)?;
+    let phase = Phase::start(clock, "unsubscribed")?;
     telemetry(&mut groups, per_thread)?;
     let unsubscribed_us = phase.end(per_thread * threads)?;
 
@@ -407,7 +437,7 @@ fn single(n: usize, publishes: usize, threads: usize) -> anyhow::Result<Measured
     now(app_tx.send(subscribe_packet("devices/+/+/telemetry", QoS::AtMostOnce)))?;
     wait_for(&mut app_rx, |p| matches!(p, Packet::SubAck(..)))?;
     let expected = per_thread * threads;
-    let phase = Phase::start(clock)?;
+    let phase = Phase::start(clock, "wildcard")?;
     let reader = std::thread::spawn(move || -> anyhow::Result<usize> {
         let mut received = 0;
         while received < expected {

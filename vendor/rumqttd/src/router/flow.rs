@@ -30,7 +30,7 @@ use super::{extract_group, Router};
 use crate::protocol::Packet;
 use crate::router::scheduler::Scheduler;
 use crate::router::shared_subs::SharedGroup;
-use crate::router::{DataRequest, FilterIdx};
+use crate::router::{DataRequest, FilterIdx, FleetMap};
 use crate::{ConnectionId, Filter};
 
 /// Publishers paused on the filters they publish into.
@@ -164,7 +164,7 @@ pub(super) struct Readers<'a> {
     pub(super) scheduler: &'a Scheduler,
     pub(super) woken: &'a VecDeque<(ConnectionId, DataRequest)>,
     pub(super) shared: &'a HashMap<String, SharedGroup>,
-    pub(super) subscriptions: &'a HashMap<Filter, HashSet<ConnectionId>>,
+    pub(super) subscriptions: &'a FleetMap<Filter, HashSet<ConnectionId>>,
 }
 
 impl Readers<'_> {

@@ -8,12 +8,12 @@ use crate::protocol::{
 };
 use crate::router::index::FilterIndex;
 use crate::router::retained::{RetainRefusal, RetainedStore};
-use crate::router::{DataRequest, FilterIdx, SubscriptionMeter, Waiters};
+use crate::router::{fleet_map, DataRequest, FilterIdx, FleetMap, SubscriptionMeter, Waiters};
 use crate::{ConnectionId, Filter, Offset, RouterConfig};
 
 use crate::segments::{CommitLog, Position};
 use crate::Storage;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io;
 use std::time::Instant;
 
@@ -66,7 +66,7 @@ pub struct DataLog {
     /// for new data
     pub native: Slab<Data<PublishData>>,
     /// Map of subscription filter name to filter index
-    filter_indexes: HashMap<Filter, FilterIdx>,
+    filter_indexes: FleetMap<Filter, FilterIdx>,
     /// The same filters by topic level, to find those matching a topic
     index: FilterIndex,
     /// Retained messages by topic level
@@ -75,9 +75,14 @@ pub struct DataLog {
 
 impl DataLog {
     pub fn new(config: RouterConfig) -> io::Result<DataLog> {
-        let mut native = Slab::new();
-        let mut filter_indexes = HashMap::new();
-        let mut index = FilterIndex::with_excluded_levels(&config.wildcard_excluded_levels);
+        // Sized for a filter per connection: growing a fleet-sized slab or
+        // map copies or rehashes all of it (see `FleetMap`)
+        let mut native = Slab::with_capacity(config.max_connections);
+        let mut filter_indexes = fleet_map(config.max_connections);
+        let mut index = FilterIndex::with_excluded_levels(
+            &config.wildcard_excluded_levels,
+            config.max_connections,
+        );
         let retained =
             RetainedStore::new(config.max_retained_per_client, config.max_retained_bytes)
                 .with_excluded_levels(&config.wildcard_excluded_levels);
@@ -454,6 +459,24 @@ mod test {
             max_outgoing_packet_count: 1024,
             ..RouterConfig::default()
         }
+    }
+
+    #[test]
+    fn fleet_sized_maps_have_room_for_a_filter_per_connection() {
+        let config = RouterConfig {
+            max_connections: 5000,
+            ..config()
+        };
+        let mut data = DataLog::new(config).unwrap();
+        let (native, filters) = (data.native.capacity(), data.filter_indexes.capacity());
+        assert!(native >= 5000 && filters >= 5000, "{native} {filters}");
+        for i in 0..5000 {
+            data.next_native_offset(&format!("devices/p/d{i}/command"));
+        }
+        // Filled to the configured size without growing
+        assert_eq!(data.native.capacity(), native);
+        assert_eq!(data.filter_indexes.capacity(), filters);
+        assert_eq!(data.matches("devices/p/d4999/command").len(), 1);
     }
 
     #[test]

@@ -100,6 +100,18 @@ pub enum Notification {
 
 type MaybePacket = Option<Packet>;
 
+/// A map with as many entries as the fleet (client ids, filters): hashed
+/// with foldhash (SipHash cost a fleet-sized map's inserts and rehashes
+/// several times more) and created with room for `max_connections`
+/// entries, so it is not rehashed — every cold key read again — while the
+/// fleet grows. Only the control bytes are touched up front (one byte per
+/// slot).
+pub(crate) type FleetMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+pub(crate) fn fleet_map<K, V>(capacity: usize) -> FleetMap<K, V> {
+    HashMap::with_capacity_and_hasher(capacity, Default::default())
+}
+
 // We either get a Packet to write to buffer or we unschedule which is represented as `None`
 impl From<Notification> for MaybePacket {
     fn from(notification: Notification) -> Self {

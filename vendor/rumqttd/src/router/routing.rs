@@ -28,8 +28,8 @@ use super::retained::RetainRefusal;
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
 use super::{
-    packetid, Connection, DataRequest, Event, FilterIdx, Meter, Notification, Print, RouterMeter,
-    ShadowRequest, MAX_CHANNEL_CAPACITY, MAX_SCHEDULE_ITERATIONS,
+    fleet_map, packetid, Connection, DataRequest, Event, FilterIdx, FleetMap, Meter, Notification,
+    Print, RouterMeter, ShadowRequest, MAX_CHANNEL_CAPACITY, MAX_SCHEDULE_ITERATIONS,
 };
 
 #[derive(Error, Debug)]
@@ -83,9 +83,9 @@ pub struct Router {
     /// List of connections
     connections: Slab<Connection>,
     /// Connection map from device id to connection id
-    connection_map: HashMap<String, ConnectionId>,
+    connection_map: FleetMap<String, ConnectionId>,
     /// Subscription map to interested connection ids
-    subscription_map: HashMap<Filter, HashSet<ConnectionId>>,
+    subscription_map: FleetMap<Filter, HashSet<ConnectionId>>,
     /// Incoming data grouped by connection
     ibufs: Slab<Incoming>,
     /// Outgoing data grouped by connection
@@ -148,8 +148,8 @@ impl Router {
             meters,
             alerts,
             connections,
-            connection_map: Default::default(),
-            subscription_map: Default::default(),
+            connection_map: fleet_map(max_connections),
+            subscription_map: fleet_map(max_connections),
             ibufs,
             obufs,
             datalog: DataLog::new(config.clone()).unwrap(),
