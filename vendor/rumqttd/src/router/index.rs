@@ -19,7 +19,7 @@ use std::str::Split;
 use smallvec::SmallVec;
 
 use super::children::Children;
-use super::{fleet_map, FilterIdx, FleetMap};
+use super::{FilterIdx, FleetMap};
 
 /// The filters ending at a node: most nodes hold one, kept inline.
 type Idxs = SmallVec<[FilterIdx; 1]>;
@@ -106,12 +106,10 @@ impl FilterIndex {
     }
 
     /// An index where filters starting with a wildcard do not match topics
-    /// whose first level is one of `excluded` (as with `$` topics), with
-    /// room for `capacity` exact filters.
-    pub fn with_excluded_levels(excluded: &[String], capacity: usize) -> Self {
+    /// whose first level is one of `excluded` (as with `$` topics).
+    pub fn with_excluded_levels(excluded: &[String]) -> Self {
         FilterIndex {
             excluded: excluded.iter().map(|l| l.as_str().into()).collect(),
-            exact: fleet_map(capacity),
             ..Self::default()
         }
     }
@@ -288,7 +286,7 @@ mod test {
 
     #[test]
     fn excluded_levels_match_only_literal_first_levels() {
-        let mut index = FilterIndex::with_excluded_levels(&["admin".to_owned()], 0);
+        let mut index = FilterIndex::with_excluded_levels(&["admin".to_owned()]);
         index.insert("#", 0);
         index.insert("+/v1/#", 1);
         index.insert("admin/#", 2);
@@ -302,7 +300,7 @@ mod test {
 
     #[test]
     fn exact_filters_are_found_by_their_text_outside_the_trie() {
-        let mut index = FilterIndex::with_excluded_levels(&["admin".to_owned()], 16);
+        let mut index = FilterIndex::with_excluded_levels(&["admin".to_owned()]);
         index.insert("devices/p1/d1/command", 0);
         index.insert("devices/p1/d2/command", 1);
         index.insert("admin/events", 2);
@@ -318,7 +316,10 @@ mod test {
         assert_eq!(indexed(&index, "a/b+/c#"), vec![4]);
         index.remove("devices/p1/d1/command", 0);
         index.remove("devices/+/+/command", 5);
-        assert_eq!(indexed(&index, "devices/p1/d1/command"), Vec::<usize>::new());
+        assert_eq!(
+            indexed(&index, "devices/p1/d1/command"),
+            Vec::<usize>::new()
+        );
         assert!(index.root.is_empty());
         assert_eq!(index.exact.len(), 4);
         assert_eq!(index.len(), 4);

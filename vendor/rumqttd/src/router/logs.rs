@@ -8,7 +8,7 @@ use crate::protocol::{
 };
 use crate::router::index::FilterIndex;
 use crate::router::retained::{RetainRefusal, RetainedStore};
-use crate::router::{fleet_map, DataRequest, FilterIdx, FleetMap, SubscriptionMeter, Waiters};
+use crate::router::{DataRequest, FilterIdx, FleetMap, SubscriptionMeter, Waiters};
 use crate::{ConnectionId, Filter, Offset, RouterConfig};
 
 use crate::segments::{CommitLog, Position};
@@ -75,14 +75,13 @@ pub struct DataLog {
 
 impl DataLog {
     pub fn new(config: RouterConfig) -> io::Result<DataLog> {
-        // Sized for a filter per connection: growing a fleet-sized slab or
-        // map copies or rehashes all of it (see `FleetMap`)
+        // Sized for a filter per connection, as `Router::new` sizes the
+        // connection slabs: growing a fleet-sized slab copies all of it
+        // into fresh pages. (A slab fills from the front: unused room is
+        // never paged in.)
         let mut native = Slab::with_capacity(config.max_connections);
-        let mut filter_indexes = fleet_map(config.max_connections);
-        let mut index = FilterIndex::with_excluded_levels(
-            &config.wildcard_excluded_levels,
-            config.max_connections,
-        );
+        let mut filter_indexes = FleetMap::default();
+        let mut index = FilterIndex::with_excluded_levels(&config.wildcard_excluded_levels);
         let retained =
             RetainedStore::new(config.max_retained_per_client, config.max_retained_bytes)
                 .with_excluded_levels(&config.wildcard_excluded_levels);
@@ -462,20 +461,19 @@ mod test {
     }
 
     #[test]
-    fn fleet_sized_maps_have_room_for_a_filter_per_connection() {
+    fn the_filter_slab_has_room_for_a_filter_per_connection() {
         let config = RouterConfig {
             max_connections: 5000,
             ..config()
         };
         let mut data = DataLog::new(config).unwrap();
-        let (native, filters) = (data.native.capacity(), data.filter_indexes.capacity());
-        assert!(native >= 5000 && filters >= 5000, "{native} {filters}");
+        let native = data.native.capacity();
+        assert!(native >= 5000, "{native}");
         for i in 0..5000 {
             data.next_native_offset(&format!("devices/p/d{i}/command"));
         }
         // Filled to the configured size without growing
         assert_eq!(data.native.capacity(), native);
-        assert_eq!(data.filter_indexes.capacity(), filters);
         assert_eq!(data.matches("devices/p/d4999/command").len(), 1);
     }
 

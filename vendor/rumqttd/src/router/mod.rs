@@ -100,17 +100,12 @@ pub enum Notification {
 
 type MaybePacket = Option<Packet>;
 
-/// A map with as many entries as the fleet (client ids, filters): hashed
-/// with foldhash (SipHash cost a fleet-sized map's inserts and rehashes
-/// several times more) and created with room for `max_connections`
-/// entries, so it is not rehashed — every cold key read again — while the
-/// fleet grows. Only the control bytes are touched up front (one byte per
-/// slot).
+/// A map with as many entries as the fleet (client ids, filters), hashed
+/// with foldhash: SipHash made a fleet-sized map's inserts and rehashes
+/// several times dearer. Sized on demand, not from `max_connections`: a
+/// hash map spreads its entries over all its slots, so a map sized for the
+/// maximum would page in nearly all of it for a fraction of the fleet.
 pub(crate) type FleetMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-
-pub(crate) fn fleet_map<K, V>(capacity: usize) -> FleetMap<K, V> {
-    HashMap::with_capacity_and_hasher(capacity, Default::default())
-}
 
 // We either get a Packet to write to buffer or we unschedule which is represented as `None`
 impl From<Notification> for MaybePacket {

@@ -28,8 +28,8 @@ use super::retained::RetainRefusal;
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
 use super::{
-    fleet_map, packetid, Connection, DataRequest, Event, FilterIdx, FleetMap, Meter, Notification,
-    Print, RouterMeter, ShadowRequest, MAX_CHANNEL_CAPACITY, MAX_SCHEDULE_ITERATIONS,
+    packetid, Connection, DataRequest, Event, FilterIdx, FleetMap, Meter, Notification, Print,
+    RouterMeter, ShadowRequest, MAX_CHANNEL_CAPACITY, MAX_SCHEDULE_ITERATIONS,
 };
 
 #[derive(Error, Debug)]
@@ -148,8 +148,8 @@ impl Router {
             meters,
             alerts,
             connections,
-            connection_map: fleet_map(max_connections),
-            subscription_map: fleet_map(max_connections),
+            connection_map: FleetMap::default(),
+            subscription_map: FleetMap::default(),
             ibufs,
             obufs,
             datalog: DataLog::new(config.clone()).unwrap(),
