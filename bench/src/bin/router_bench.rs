@@ -92,6 +92,40 @@ impl Phase {
     }
 }
 
+/// A parameter of Linux's free page reporting (a VM's balloon handing the
+/// guest's free memory back to the host), if the kernel has it.
+fn page_reporting(name: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/sys/module/page_reporting/parameters/{name}"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The free page reporting in effect during the run: on a VM that reports
+/// freed memory to its host, every page the router touches anew after
+/// another run freed it is faulted in by the host again, which a fleet
+/// of 1M pays for several GB and 10k hardly at all.
+fn page_reporting_note(reported_before: Option<u64>) -> String {
+    match (page_reporting("page_reporting_order"), reported_before) {
+        (Some(order), Some(before)) => {
+            let after = page_reporting("reported_kib").unwrap_or(before);
+            format!(
+                "Free page reporting (virtio-balloon): page_reporting_order = {order} \
+                 ({}); {} MiB of freed memory reported to the host during this run.",
+                if order > 10 {
+                    "off: freed pages stay backed by the host"
+                } else {
+                    "on: free blocks of that order go back to the host, and touching \
+                     them again costs a host fault each"
+                },
+                after.saturating_sub(before) / 1024
+            )
+        }
+        _ => "No free page reporting on this machine.".to_owned(),
+    }
+}
+
 /// Writes `command` to perf's control FIFO (`ROUTER_BENCH_PERF_CTL`).
 fn perf_control(command: &str) -> anyhow::Result<()> {
     use std::io::Write;
@@ -480,6 +514,7 @@ fn main() -> anyhow::Result<()> {
     }
 
     let exe = std::env::current_exe()?;
+    let reported_before = page_reporting("reported_kib");
     let mut rows = Vec::new();
     for &n in &args.devices {
         eprintln!("measuring {n} devices ...");
@@ -515,6 +550,7 @@ fn main() -> anyhow::Result<()> {
          jemalloc; RSS growth from before the router to after every SUBACK.\n",
         args.threads, args.publishes
     );
+    println!("{}\n", page_reporting_note(reported_before));
     println!(
         "RSS includes the bench's own link handles (`LinkTx`/`LinkRx`, which the gateway \
          holds per linked session; their buffers start empty and grow on demand).\n"
