@@ -109,3 +109,40 @@ fn connect_bench_runs_each_concurrency_level() {
     assert!(failed.iter().all(|f| *f == "0"), "{out}");
     assert_eq!(out.matches("(a) consumed 150 codes").count(), 2, "{out}");
 }
+
+/// `router-bench` (the router in process, no broker binary) at 300 and 600
+/// devices: a row per size, and the wildcard subscriber received every
+/// telemetry message (the bench fails otherwise; the cell says how many).
+#[test]
+fn router_bench_measures_each_fleet_size() {
+    let out = Command::new(env!("CARGO_BIN_EXE_router-bench"))
+        .args([
+            "--devices",
+            "300,600",
+            "--publishes",
+            "400",
+            "--threads",
+            "2",
+        ])
+        .output()
+        .expect("router-bench starts");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "router-bench failed ({}):\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for devices in ["300", "600"] {
+        let row: Vec<&str> = stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("| {devices} |")))
+            .unwrap_or_else(|| panic!("no row for {devices} devices:\n{stdout}"))
+            .split('|')
+            .map(str::trim)
+            .collect();
+        // | devices | link | subscribe | command | unsubscribed | wildcard (received) | …
+        assert!(row[6].ends_with("(400)"), "{devices} devices: {}", row[6]);
+    }
+    assert!(stdout.contains("page_reporting") || stdout.contains("No free page reporting"));
+}
