@@ -1,13 +1,10 @@
-//! Subscription index: filters without wildcards in a map by their text, the
-//! others in a trie by topic level.
+//! Subscription index: a trie of filters by topic level. (`DataLog` keeps
+//! filters without wildcards out of it: its map from filter text to index
+//! finds them, see `DataLog::matches`.)
 //!
 //! A publish finds the filters matching its topic in time proportional to
 //! the topic's levels and the matches (plus the `+` branches on its way),
-//! whatever the number of filters. A fleet's filters are mostly exact (a
-//! device's own command topic): one map lookup finds them, reading two or
-//! three cache lines where a walk down the trie read a node and a child
-//! slot per level, and the trie keeps only the few wildcard filters, which
-//! stay cached. Matching follows [`crate::protocol::matches`]
+//! whatever the number of filters. Matching follows [`crate::protocol::matches`]
 //! exactly: `+` matches one level, `#` the rest (zero levels included), a
 //! topic starting with `$` matches no filter, a topic level `#` matches only
 //! a `#` before it, and a filter ends at its first `#` level. A topic whose
@@ -19,7 +16,7 @@ use std::str::Split;
 use smallvec::SmallVec;
 
 use super::children::Children;
-use super::{FilterIdx, FleetMap};
+use super::FilterIdx;
 
 /// The filters ending at a node: most nodes hold one, kept inline.
 type Idxs = SmallVec<[FilterIdx; 1]>;
@@ -90,11 +87,7 @@ impl Node {
 /// Filters (without any `$share/group/` prefix) and their index.
 #[derive(Debug, Default)]
 pub struct FilterIndex {
-    /// Filters with a `+` or `#` level.
     root: Node,
-    /// Filters without one, by their text: such a filter matches exactly
-    /// the topic equal to it (unless it starts with `$`).
-    exact: FleetMap<Box<str>, Idxs>,
     len: usize,
     /// First levels that filters starting with a wildcard do not match.
     excluded: Vec<Box<str>>,
@@ -125,16 +118,12 @@ impl FilterIndex {
 
     /// Adds `filter` as `idx`. The caller inserts each filter once.
     pub fn insert(&mut self, filter: &str, idx: FilterIdx) {
-        self.len += 1;
-        if is_exact(filter) {
-            self.exact.entry(filter.into()).or_default().push(idx);
-            return;
-        }
         let mut node = &mut self.root;
         for level in filter.split('/') {
             node = match level {
                 "#" => {
                     node.hash.push(idx);
+                    self.len += 1;
                     return;
                 }
                 "+" => node.plus.get_or_insert_with(Default::default),
@@ -142,20 +131,11 @@ impl FilterIndex {
             };
         }
         node.end.push(idx);
+        self.len += 1;
     }
 
     /// Removes `filter` (inserted as `idx`), pruning emptied nodes.
     pub fn remove(&mut self, filter: &str, idx: FilterIdx) {
-        self.len = self.len.saturating_sub(1);
-        if is_exact(filter) {
-            if let Some(idxs) = self.exact.get_mut(filter) {
-                idxs.retain(|i| *i != idx);
-                if idxs.is_empty() {
-                    self.exact.remove(filter);
-                }
-            }
-            return;
-        }
         let mut levels: Vec<&str> = Vec::new();
         for level in filter.split('/') {
             levels.push(level);
@@ -164,16 +144,13 @@ impl FilterIndex {
             }
         }
         self.root.remove(&levels, idx);
+        self.len = self.len.saturating_sub(1);
     }
 
     /// Appends to `out` the index of every filter matching `topic`.
     pub fn matches(&self, topic: &str, out: &mut Vec<FilterIdx>) {
         if topic.starts_with('$') {
             return;
-        }
-        // A topic with a `+` or `#` level equals no exact filter
-        if let Some(idxs) = self.exact.get(topic) {
-            out.extend_from_slice(idxs);
         }
         let mut levels = topic.split('/');
         let first = levels.clone().next().unwrap_or_default();
@@ -189,13 +166,15 @@ impl FilterIndex {
     }
 }
 
-/// A filter without a `+` or `#` level.
-fn is_exact(filter: &str) -> bool {
+/// A filter without a `+` or `#` level: it matches exactly the topic equal
+/// to it (unless that starts with `$`), and a topic without such a level
+/// equals no other filter.
+pub(super) fn is_exact(filter: &str) -> bool {
     !filter.split('/').any(|level| level == "+" || level == "#")
 }
 
 #[cfg(test)]
-mod test {
+pub(super) mod test {
     use super::FilterIndex;
     use crate::protocol::matches;
     use proptest::prelude::*;
@@ -213,11 +192,13 @@ mod test {
         ]
     }
 
-    fn path() -> impl Strategy<Value = String> {
+    /// Topics and filters of up to 4 levels, with `+`, `#`, `$` and empty levels.
+    pub(in crate::router) fn path() -> impl Strategy<Value = String> {
         prop::collection::vec(level(), 1..5).prop_map(|l| l.join("/"))
     }
 
-    fn oracle(filters: &[(String, usize)], topic: &str) -> Vec<usize> {
+    /// The indexes of `filters` matching `topic` by the linear matcher, sorted.
+    pub(in crate::router) fn oracle(filters: &[(String, usize)], topic: &str) -> Vec<usize> {
         let mut v: Vec<usize> = filters
             .iter()
             .filter(|(f, _)| matches(topic, f))
@@ -270,7 +251,6 @@ mod test {
                 index.remove(&f, i);
             }
             prop_assert!(index.root.is_empty());
-            prop_assert!(index.exact.is_empty());
         }
     }
 
@@ -296,33 +276,6 @@ mod test {
         assert_eq!(indexed(&index, "admin"), vec![2]);
         assert_eq!(indexed(&index, "data/v1/x"), vec![0, 1]);
         assert_eq!(indexed(&index, "administrator"), vec![0, 4]);
-    }
-
-    #[test]
-    fn exact_filters_are_found_by_their_text_outside_the_trie() {
-        let mut index = FilterIndex::with_excluded_levels(&["admin".to_owned()]);
-        index.insert("devices/p1/d1/command", 0);
-        index.insert("devices/p1/d2/command", 1);
-        index.insert("admin/events", 2);
-        index.insert("$SYS/x", 3);
-        index.insert("a/b+/c#", 4);
-        assert!(index.root.is_empty());
-        assert_eq!(index.exact.len(), 5);
-        index.insert("devices/+/+/command", 5);
-        assert_eq!(indexed(&index, "devices/p1/d1/command"), vec![0, 5]);
-        assert_eq!(indexed(&index, "devices/p1/d1"), Vec::<usize>::new());
-        assert_eq!(indexed(&index, "admin/events"), vec![2]);
-        assert_eq!(indexed(&index, "$SYS/x"), Vec::<usize>::new());
-        assert_eq!(indexed(&index, "a/b+/c#"), vec![4]);
-        index.remove("devices/p1/d1/command", 0);
-        index.remove("devices/+/+/command", 5);
-        assert_eq!(
-            indexed(&index, "devices/p1/d1/command"),
-            Vec::<usize>::new()
-        );
-        assert!(index.root.is_empty());
-        assert_eq!(index.exact.len(), 4);
-        assert_eq!(index.len(), 4);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use crate::protocol::{
     matches, ConnAck, ConnAckProperties, PingResp, PubAck, PubComp, PubRec, PubRel, Publish,
     PublishProperties, SubAck, UnsubAck,
 };
-use crate::router::index::FilterIndex;
+use crate::router::index::{is_exact, FilterIndex};
 use crate::router::retained::{RetainRefusal, RetainedStore};
 use crate::router::{DataRequest, FilterIdx, FleetMap, SubscriptionMeter, Waiters};
 use crate::{ConnectionId, Filter, Offset, RouterConfig};
@@ -65,9 +65,11 @@ pub struct DataLog {
     /// which are caught up with all the data on 'Filter' and waiting
     /// for new data
     pub native: Slab<Data<PublishData>>,
-    /// Map of subscription filter name to filter index
+    /// Map of subscription filter name to filter index; a publish finds
+    /// the filters without wildcards here, by its topic
     filter_indexes: FleetMap<Filter, FilterIdx>,
-    /// The same filters by topic level, to find those matching a topic
+    /// The filters with a `+` or `#` level by topic level, to find those
+    /// matching a topic
     index: FilterIndex,
     /// Retained messages by topic level
     retained: RetainedStore,
@@ -96,7 +98,9 @@ impl DataLog {
                 // Add commitlog to datalog and add datalog index to filter to
                 // datalog index map
                 let idx = native.insert(data);
-                index.insert(&filter, idx);
+                if !is_exact(&filter) {
+                    index.insert(&filter, idx);
+                }
                 filter_indexes.insert(filter, idx);
             }
         }
@@ -141,6 +145,16 @@ impl DataLog {
     /// topic's levels and the matches (not to the number of filters)
     pub fn matches(&self, topic: &str) -> Vec<usize> {
         let mut v = Vec::new();
+        // A filter without wildcards matches the topic equal to it: one
+        // lookup (a topic with a `+` or `#` level can only equal a filter
+        // the trie holds, and finds it there)
+        if !topic.starts_with('$') {
+            if let Some(&idx) = self.filter_indexes.get(topic) {
+                if is_exact(topic) {
+                    v.push(idx);
+                }
+            }
+        }
         self.index.matches(topic, &mut v);
         v
     }
@@ -155,7 +169,9 @@ impl DataLog {
                 // datalog index map
                 let idx = self.native.insert(data);
                 self.filter_indexes.insert(filter.to_owned(), idx);
-                self.index.insert(filter, idx);
+                if !is_exact(filter) {
+                    self.index.insert(filter, idx);
+                }
 
                 (idx, &self.native[idx])
             }
@@ -448,7 +464,9 @@ impl AckLog {
 #[cfg(test)]
 mod test {
     use super::DataLog;
+    use crate::router::index::test::{oracle, path};
     use crate::RouterConfig;
+    use proptest::prelude::*;
 
     fn config() -> RouterConfig {
         RouterConfig {
@@ -458,6 +476,61 @@ mod test {
             max_outgoing_packet_count: 1024,
             ..RouterConfig::default()
         }
+    }
+
+    fn matched(data: &DataLog, topic: &str) -> Vec<usize> {
+        let mut v = data.matches(topic);
+        v.sort_unstable();
+        v
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// Filters without wildcards (found by their text) and with them
+        /// (in the trie) together match what the linear matcher matches.
+        #[test]
+        fn matches_agree_with_linear_matcher(
+            filters in prop::collection::btree_set(path(), 0..40),
+            topics in prop::collection::vec(path(), 1..20),
+        ) {
+            let mut data = DataLog::new(config()).unwrap();
+            let filters: Vec<(String, usize)> = filters
+                .into_iter()
+                .map(|f| {
+                    let (idx, _) = data.next_native_offset(&f);
+                    (f, idx)
+                })
+                .collect();
+            for t in &topics {
+                prop_assert_eq!(matched(&data, t), oracle(&filters, t), "topic {}", t);
+            }
+        }
+    }
+
+    #[test]
+    fn exact_filters_are_found_by_their_text_outside_the_trie() {
+        let mut data = DataLog::new(RouterConfig {
+            wildcard_excluded_levels: vec!["admin".to_owned()],
+            ..config()
+        })
+        .unwrap();
+        let mut idx = |f: &str| data.next_native_offset(f).0;
+        let d1 = idx("devices/p1/d1/command");
+        idx("devices/p1/d2/command");
+        let admin = idx("admin/events");
+        idx("$SYS/x");
+        let odd = idx("a/b+/c#");
+        assert!(data.index.is_empty());
+        let wildcard = data.next_native_offset("devices/+/+/command").0;
+        assert_eq!(data.index.len(), 1);
+        assert_eq!(matched(&data, "devices/p1/d1/command"), vec![d1, wildcard]);
+        assert_eq!(matched(&data, "devices/p1/d1"), Vec::<usize>::new());
+        assert_eq!(matched(&data, "admin/events"), vec![admin]);
+        assert_eq!(matched(&data, "$SYS/x"), Vec::<usize>::new());
+        assert_eq!(matched(&data, "a/b+/c#"), vec![odd]);
+        // A topic equal to a wildcard filter's text is matched once
+        assert_eq!(matched(&data, "devices/+/+/command"), vec![wildcard]);
     }
 
     #[test]
