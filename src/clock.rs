@@ -91,11 +91,34 @@ impl ManualClock {
 }
 
 /// `YYYY-MM-DD HH:MM:SS` in UTC, the format of every time in the admin API.
+///
+/// Written digit by digit (every event carries a time): chrono's `format`
+/// parses its format string on every call.
 pub fn format_time(ms: Millis) -> String {
-    match chrono::DateTime::from_timestamp_millis(ms) {
-        Some(t) => t.format("%Y-%m-%d %H:%M:%S").to_string(),
-        None => String::from("invalid time"),
+    use chrono::{Datelike, Timelike};
+    let Some(t) = chrono::DateTime::from_timestamp_millis(ms) else {
+        return String::from("invalid time");
+    };
+    let year = t.year();
+    if !(0..=9999).contains(&year) {
+        return t.format("%Y-%m-%d %H:%M:%S").to_string();
     }
+    let mut out = String::with_capacity(19);
+    let mut push = |n: u32, digits: u32, sep: Option<char>| {
+        for i in (0..digits).rev() {
+            out.push(char::from(b'0' + ((n / 10u32.pow(i)) % 10) as u8));
+        }
+        if let Some(c) = sep {
+            out.push(c);
+        }
+    };
+    push(year.unsigned_abs(), 4, Some('-'));
+    push(t.month(), 2, Some('-'));
+    push(t.day(), 2, Some(' '));
+    push(t.hour(), 2, Some(':'));
+    push(t.minute(), 2, Some(':'));
+    push(t.second(), 2, None);
+    out
 }
 
 /// Parses `YYYY-MM-DD HH:MM:SS` (UTC) or `YYYY-MM-DD` (midnight UTC).
@@ -123,6 +146,15 @@ mod tests {
             "2026-11-22 00:00:00"
         );
         assert_eq!(parse_time("22/11/2026"), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn time_format_matches_chrono(ms in -70_000_000_000_000i64..300_000_000_000_000i64) {
+            let expected = chrono::DateTime::from_timestamp_millis(ms)
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string());
+            proptest::prop_assert_eq!(Some(format_time(ms)), expected);
+        }
     }
 
     #[tokio::test]

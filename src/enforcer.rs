@@ -188,8 +188,8 @@ impl Enforcer {
     }
 
     fn on_event(&self, e: &Event) {
-        let pk = e.fields.get("ProductKey").and_then(|v| v.as_str());
-        let dk = e.fields.get("DeviceKey").and_then(|v| v.as_str());
+        let pk = e.field("ProductKey").and_then(|v| v.as_str());
+        let dk = e.field("DeviceKey").and_then(|v| v.as_str());
         match (e.kind, pk, dk) {
             (EventKind::DeviceDeleted, Some(pk), Some(dk)) => {
                 self.online.disconnect_device(

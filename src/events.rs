@@ -1,6 +1,8 @@
 //! The internal event stream. The ledger, the gate and the connection layer
 //! publish here; the admin plane relays it to `admin/v1/events/{kind}`.
 
+use std::sync::Arc;
+
 use serde::Serialize;
 use tokio::sync::broadcast;
 
@@ -70,14 +72,20 @@ impl EventKind {
 }
 
 /// One event: its kind, when, and the keys and details involved, rendered as
-/// the JSON object `{"Event": kind, "At": time, ...fields}`.
+/// the JSON object `{"Event": kind, "At": time, ...fields}` (keys in
+/// alphabetical order).
+///
+/// Events are made on every connect and disconnect, so an event is cheap to
+/// make (fields are named by `&'static str`), shared rather than copied by
+/// the bus (every receiver gets the same `Arc`), and rendered only by a
+/// receiver that sends it somewhere.
 #[derive(Debug, Clone)]
 pub struct Event {
     pub kind: EventKind,
     pub at: Millis,
-    pub fields: serde_json::Map<String, serde_json::Value>,
+    fields: Vec<(&'static str, serde_json::Value)>,
     /// Times, rendered as `YYYY-MM-DD HH:MM:SS` only when the event is.
-    pub times: Vec<(&'static str, Millis)>,
+    times: Vec<(&'static str, Millis)>,
 }
 
 impl Event {
@@ -85,18 +93,24 @@ impl Event {
         Event {
             kind,
             at,
-            fields: serde_json::Map::new(),
+            fields: Vec::with_capacity(6),
             times: Vec::new(),
         }
     }
 
-    pub fn with(mut self, key: &str, value: impl Into<serde_json::Value>) -> Self {
-        self.fields.insert(key.to_owned(), value.into());
+    /// Sets `key` (replacing an earlier value of the same key).
+    pub fn with(mut self, key: &'static str, value: impl Into<serde_json::Value>) -> Self {
+        let value = value.into();
+        match self.fields.iter_mut().find(|(k, _)| *k == key) {
+            Some(slot) => slot.1 = value,
+            None => self.fields.push((key, value)),
+        }
         self
     }
 
     /// A time field, formatted when the event is rendered.
     pub fn with_time(mut self, key: &'static str, at: Millis) -> Self {
+        self.times.retain(|(k, _)| *k != key);
         self.times.push((key, at));
         self
     }
@@ -106,17 +120,98 @@ impl Event {
             .with("DeviceKey", device_key)
     }
 
+    /// The value of the field `key`.
+    pub fn field(&self, key: &str) -> Option<&serde_json::Value> {
+        self.fields.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+
+    /// The event as a JSON value.
     pub fn to_json(&self) -> serde_json::Value {
         let mut m = serde_json::Map::new();
-        m.insert("Event".into(), self.kind.as_str().into());
-        m.insert("At".into(), format_time(self.at).into());
-        for (k, v) in &self.fields {
-            m.insert(k.clone(), v.clone());
-        }
-        for (k, t) in &self.times {
-            m.insert((*k).to_owned(), format_time(*t).into());
+        for (k, v) in self.entries() {
+            m.insert(k.to_owned(), v.into_value());
         }
         serde_json::Value::Object(m)
+    }
+
+    /// The event as JSON text: [`Self::to_json`] rendered, written
+    /// directly.
+    pub fn render(&self) -> String {
+        let mut entries = self.entries();
+        entries.sort_unstable_by_key(|(k, _)| *k);
+        let mut out = String::with_capacity(64 + 32 * entries.len());
+        out.push('{');
+        for (i, (k, v)) in entries.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            push_json_str(&mut out, k);
+            out.push(':');
+            match v {
+                Entry::Str(s) => push_json_str(&mut out, s),
+                Entry::Owned(s) => push_json_str(&mut out, s),
+                Entry::Value(serde_json::Value::String(s)) => push_json_str(&mut out, s),
+                Entry::Value(v) => out.push_str(&v.to_string()),
+            }
+        }
+        out.push('}');
+        out
+    }
+
+    /// Every key and value of the rendered object; a field named like
+    /// `Event` or `At` or a time field overrides what comes before it.
+    fn entries(&self) -> Vec<(&'static str, Entry<'_>)> {
+        fn put<'a>(entries: &mut Vec<(&'static str, Entry<'a>)>, k: &'static str, v: Entry<'a>) {
+            match entries.iter_mut().find(|e| e.0 == k) {
+                Some(slot) => slot.1 = v,
+                None => entries.push((k, v)),
+            }
+        }
+        let mut entries = Vec::with_capacity(2 + self.fields.len() + self.times.len());
+        put(&mut entries, "Event", Entry::Str(self.kind.as_str()));
+        put(&mut entries, "At", Entry::Owned(format_time(self.at)));
+        for (k, v) in &self.fields {
+            put(&mut entries, k, Entry::Value(v));
+        }
+        for (k, t) in &self.times {
+            put(&mut entries, k, Entry::Owned(format_time(*t)));
+        }
+        entries
+    }
+}
+
+/// One value of a rendered event.
+enum Entry<'a> {
+    Str(&'static str),
+    Owned(String),
+    Value(&'a serde_json::Value),
+}
+
+impl Entry<'_> {
+    fn into_value(self) -> serde_json::Value {
+        match self {
+            Entry::Str(s) => s.into(),
+            Entry::Owned(s) => s.into(),
+            Entry::Value(v) => v.clone(),
+        }
+    }
+}
+
+/// Appends `s` as a JSON string literal.
+fn push_json_str(out: &mut String, s: &str) {
+    // Keys, device keys, client ids, addresses: nothing to escape.
+    if s.bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
+    match serde_json::to_string(s) {
+        Ok(quoted) => out.push_str(&quoted),
+        // Serialising a `str` cannot fail.
+        Err(_) => out.push_str("null"),
     }
 }
 
@@ -124,7 +219,7 @@ impl Event {
 /// subscriber the event is dropped.
 #[derive(Clone, Debug)]
 pub struct EventBus {
-    tx: broadcast::Sender<Event>,
+    tx: broadcast::Sender<Arc<Event>>,
 }
 
 impl EventBus {
@@ -134,10 +229,13 @@ impl EventBus {
     }
 
     pub fn publish(&self, event: Event) {
-        let _ = self.tx.send(event);
+        // No receiver: nothing to share it with.
+        if self.tx.receiver_count() > 0 {
+            let _ = self.tx.send(Arc::new(event));
+        }
     }
 
-    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.tx.subscribe()
     }
 }
@@ -145,5 +243,51 @@ impl EventBus {
 impl Default for EventBus {
     fn default() -> Self {
         EventBus::new(65_536)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rendered_text_is_the_json_value_with_sorted_keys() {
+        let e = Event::new(EventKind::DeviceConnected, 1_764_000_000_000)
+            .device("pk\"1", "dk\n1")
+            .with("Quantity", 3)
+            .with("Ip", "127.0.0.1")
+            .with("Reason", "café \\ tab\t")
+            .with_time("ExpiresAt", 1_764_000_100_000);
+        let text = e.render();
+        let parsed: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+        assert_eq!(parsed, e.to_json());
+        assert_eq!(text, e.to_json().to_string());
+        assert_eq!(parsed["Event"], "device/connected");
+        assert_eq!(parsed["At"], "2025-11-24 16:00:00");
+        assert_eq!(parsed["ExpiresAt"], "2025-11-24 16:01:40");
+        assert_eq!(e.field("DeviceKey"), Some(&"dk\n1".into()));
+    }
+
+    #[test]
+    fn later_values_replace_earlier_ones() {
+        let e = Event::new(EventKind::DeviceRejected, 0)
+            .with("Reason", "a")
+            .with("Reason", "b")
+            .with("Event", "overridden");
+        let v = e.to_json();
+        assert_eq!(v["Reason"], "b");
+        assert_eq!(v["Event"], "overridden");
+        assert_eq!(e.render(), v.to_string());
+    }
+
+    #[tokio::test]
+    async fn every_receiver_shares_one_event() {
+        let bus = EventBus::new(16);
+        bus.publish(Event::new(EventKind::PoolLow, 0));
+        let (mut a, mut b) = (bus.subscribe(), bus.subscribe());
+        bus.publish(Event::new(EventKind::PoolLow, 1));
+        let (x, y) = (a.recv().await.expect("a"), b.recv().await.expect("b"));
+        assert!(Arc::ptr_eq(&x, &y));
+        assert_eq!(x.at, 1);
     }
 }

@@ -153,16 +153,19 @@ pub use activation_client::child::free_port;
 pub struct PerfGuard(Option<Child>);
 
 impl PerfGuard {
-    /// Records `pid` into `dir/<label's first 12 alphanumerics>.data`.
+    /// Records `pid` into `dir/<label's alphanumerics>.data`.
     pub fn start(dir: &Path, label: &str, pid: u32) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let tag: String = label
             .chars()
             .filter(|c| c.is_ascii_alphanumeric())
-            .take(12)
             .collect();
+        // `BENCH_PERF_ARGS` replaces the default ("record -F 999 -g"), e.g.
+        // "trace -s" for system call counts or "record --call-graph dwarf".
+        let args = std::env::var("BENCH_PERF_ARGS").unwrap_or_else(|_| "record -F 999 -g".into());
         let child = Command::new("perf")
-            .args(["record", "-F", "999", "-g", "-p", &pid.to_string(), "-o"])
+            .args(args.split_whitespace())
+            .args(["-p", &pid.to_string(), "-o"])
             .arg(dir.join(format!("{tag}.data")))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -27,7 +27,7 @@ pub struct CommonArgs {
     /// each reading.
     #[arg(long)]
     pub smaps: bool,
-    /// Record each phase with `perf record -g -p SERVER` into `DIR/<phase>.data`.
+    /// Record each phase with `perf record -g -p SERVER` (or `perf $BENCH_PERF_ARGS -p SERVER`) into `DIR/<phase>.data`.
     #[arg(long, value_name = "DIR")]
     pub perf: Option<PathBuf>,
 }

@@ -306,7 +306,7 @@ async fn serve_one(
 }
 
 async fn relay(
-    mut events: broadcast::Receiver<Event>,
+    mut events: broadcast::Receiver<Arc<Event>>,
     out: mpsc::Sender<Vec<Outgoing>>,
     stats: Arc<AdminStats>,
 ) {
@@ -357,7 +357,7 @@ async fn relay(
 fn event_publish(event: &Event) -> Outgoing {
     Outgoing {
         topic: format!("{EVENTS_PREFIX}{}", event.kind.as_str()),
-        payload: event.to_json().to_string().into_bytes(),
+        payload: event.render().into_bytes(),
         properties: Some(PublishProperties {
             payload_format_indicator: Some(1),
             content_type: Some("application/json".into()),

@@ -202,8 +202,10 @@ pub(crate) async fn read_some<S: AsyncRead + Unpin>(
     rbuf: &mut BytesMut,
 ) -> std::io::Result<usize> {
     std::future::poll_fn(|cx| {
-        let mut chunk = [0u8; READ_CHUNK];
-        let mut buf = ReadBuf::new(&mut chunk);
+        // Uninitialised: a poll that finds nothing to read (most of them,
+        // for an idle device) costs no zeroing of the chunk.
+        let mut chunk = [std::mem::MaybeUninit::<u8>::uninit(); READ_CHUNK];
+        let mut buf = ReadBuf::uninit(&mut chunk);
         match Pin::new(&mut *stream).poll_read(cx, &mut buf) {
             Poll::Ready(Ok(())) => {
                 rbuf.extend_from_slice(buf.filled());

@@ -40,7 +40,7 @@ pub async fn events(
         Ok::<_, Infallible>(match e {
             Ok(ev) => SseEvent::default()
                 .event(ev.kind.as_str())
-                .data(ev.to_json().to_string()),
+                .data(ev.render()),
             Err(BroadcastStreamRecvError::Lagged(n)) => {
                 SseEvent::default().event("lagged").data(n.to_string())
             }

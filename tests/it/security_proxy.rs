@@ -66,7 +66,7 @@ async fn bans_and_events_see_the_source_from_the_proxy_header() {
         );
     }
     let rejected = next_event(&mut events, EventKind::DeviceRejected).await;
-    assert_eq!(rejected.fields["Source"], "203.0.113.7");
+    assert_eq!(rejected.to_json()["Source"], "203.0.113.7");
     let (u, p) = t.creds(PK, "a", &secret);
     let good = RawConnect::new(5, "px.a", &u, &p);
     assert_eq!(
@@ -80,7 +80,7 @@ async fn bans_and_events_see_the_source_from_the_proxy_header() {
         Some(0)
     );
     let connected = next_event(&mut events, EventKind::DeviceConnected).await;
-    assert_eq!(connected.fields["Ip"], "198.51.100.9");
+    assert_eq!(connected.to_json()["Ip"], "198.51.100.9");
     // IPv6 sources too.
     let (u, p) = t.creds(PK, "b", &secret);
     let good6 = RawConnect::new(4, "px.b", &u, &p);
@@ -92,7 +92,7 @@ async fn bans_and_events_see_the_source_from_the_proxy_header() {
     let ack = read_packet(&mut s, WAIT).await.expect("CONNACK");
     assert_eq!(ack[3], 0);
     let connected = next_event(&mut events, EventKind::DeviceConnected).await;
-    assert_eq!(connected.fields["Ip"], "2001:db8::42");
+    assert_eq!(connected.to_json()["Ip"], "2001:db8::42");
 }
 
 #[tokio::test]
@@ -160,7 +160,7 @@ async fn rumqttc_behind_a_balancer_is_seen_with_its_own_address() {
         .await
         .unwrap_or_else(|code| panic!("CONNACK {code}"));
     let connected = next_event(&mut events, EventKind::DeviceConnected).await;
-    assert_eq!(connected.fields["Ip"], "192.0.2.55");
+    assert_eq!(connected.to_json()["Ip"], "192.0.2.55");
     let session = t.broker.gateway.online().get("px.r").expect("online");
     assert_eq!(
         session.peer,

@@ -119,7 +119,7 @@ impl TestBroker {
 }
 
 /// Waits for the next event of `kind` on `rx`.
-pub async fn next_event(rx: &mut broadcast::Receiver<Event>, kind: EventKind) -> Event {
+pub async fn next_event(rx: &mut broadcast::Receiver<Arc<Event>>, kind: EventKind) -> Arc<Event> {
     tokio::time::timeout(WAIT, async {
         loop {
             match rx.recv().await {

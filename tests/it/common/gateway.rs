@@ -89,7 +89,7 @@ pub const REFUSALS: [(RefusalCode, &str, u8, u8); 7] = [
 pub struct Broker {
     pub addr: SocketAddr,
     pub gateway: Gateway,
-    pub events: broadcast::Receiver<BusEvent>,
+    pub events: broadcast::Receiver<Arc<BusEvent>>,
 }
 
 pub async fn broker() -> Broker {
@@ -137,16 +137,16 @@ pub async fn broker_with(tune: impl FnOnce(&mut ListenerConfig)) -> Broker {
 }
 
 pub async fn wait_event(
-    rx: &mut broadcast::Receiver<BusEvent>,
+    rx: &mut broadcast::Receiver<Arc<BusEvent>>,
     kind: EventKind,
     dk: &str,
-) -> BusEvent {
+) -> Arc<BusEvent> {
     tokio::time::timeout(WAIT, async {
         loop {
             match rx.recv().await {
                 Ok(e)
                     if e.kind == kind
-                        && e.fields.get("DeviceKey").and_then(|v| v.as_str()) == Some(dk) =>
+                        && e.field("DeviceKey").and_then(|v| v.as_str()) == Some(dk) =>
                 {
                     return e
                 }
