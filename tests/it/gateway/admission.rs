@@ -16,14 +16,8 @@ async fn admits_v4_and_v5_and_reports_them_online() {
         .expect("v4 admitted");
     assert!(!c4.session_present);
     let e = wait_event(&mut b.events, EventKind::DeviceConnected, "a").await;
-    assert_eq!(
-        e.field("ProductKey").and_then(|v| v.as_str()),
-        Some("p")
-    );
-    assert_eq!(
-        e.field("Protocol").and_then(|v| v.as_str()),
-        Some("3.1.1")
-    );
+    assert_eq!(e.field("ProductKey").and_then(|v| v.as_str()), Some("p"));
+    assert_eq!(e.field("Protocol").and_then(|v| v.as_str()), Some("3.1.1"));
 
     let _c5 = v5::connect(v5::device(b.addr, "b"))
         .await

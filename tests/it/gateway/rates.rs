@@ -32,7 +32,9 @@ async fn connect_rate() {
     let mut reasons: HashMap<String, usize> = HashMap::new();
     while let Ok(e) = events.try_recv() {
         if e.kind == EventKind::DeviceDisconnected {
-            *reasons.entry(e.to_json()["Reason"].to_string()).or_default() += 1;
+            *reasons
+                .entry(e.to_json()["Reason"].to_string())
+                .or_default() += 1;
         }
     }
     assert!(reasons.is_empty(), "sessions ended early: {reasons:?}");
