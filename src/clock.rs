@@ -91,35 +91,31 @@ impl ManualClock {
 }
 
 /// `YYYY-MM-DD HH:MM:SS` in UTC, the format of every time in the admin API.
-///
-/// Written digit by digit (every event carries a time): chrono's `format`
-/// parses its format string on every call.
 pub fn format_time(ms: Millis) -> String {
-    use chrono::{Datelike, Timelike};
-    let Some(t) = chrono::DateTime::from_timestamp_millis(ms) else {
-        return String::from("invalid time");
-    };
-    let year = t.year();
-    if !(0..=9999).contains(&year) {
-        return t.format("%Y-%m-%d %H:%M:%S").to_string();
+    match chrono::DateTime::from_timestamp_millis(ms) {
+        Some(t) => t.format_with_items(TIME_FORMAT.iter()).to_string(),
+        None => String::from("invalid time"),
     }
-    let mut out = String::with_capacity(19);
-    let mut push = |n: u32, digits: u32, sep: Option<char>| {
-        for i in (0..digits).rev() {
-            out.push(char::from(b'0' + ((n / 10u32.pow(i)) % 10) as u8));
-        }
-        if let Some(c) = sep {
-            out.push(c);
-        }
-    };
-    push(year.unsigned_abs(), 4, Some('-'));
-    push(t.month(), 2, Some('-'));
-    push(t.day(), 2, Some(' '));
-    push(t.hour(), 2, Some(':'));
-    push(t.minute(), 2, Some(':'));
-    push(t.second(), 2, None);
-    out
 }
+
+/// `%Y-%m-%d %H:%M:%S`, parsed once here: every event carries a time, and
+/// `format` would parse its format string on every call.
+const TIME_FORMAT: &[chrono::format::Item<'static>] = {
+    use chrono::format::{Item, Numeric, Pad};
+    &[
+        Item::Numeric(Numeric::Year, Pad::Zero),
+        Item::Literal("-"),
+        Item::Numeric(Numeric::Month, Pad::Zero),
+        Item::Literal("-"),
+        Item::Numeric(Numeric::Day, Pad::Zero),
+        Item::Space(" "),
+        Item::Numeric(Numeric::Hour, Pad::Zero),
+        Item::Literal(":"),
+        Item::Numeric(Numeric::Minute, Pad::Zero),
+        Item::Literal(":"),
+        Item::Numeric(Numeric::Second, Pad::Zero),
+    ]
+};
 
 /// Parses `YYYY-MM-DD HH:MM:SS` (UTC) or `YYYY-MM-DD` (midnight UTC).
 pub fn parse_time(s: &str) -> Option<Millis> {

@@ -127,35 +127,13 @@ impl Event {
 
     /// The event as a JSON value.
     pub fn to_json(&self) -> serde_json::Value {
-        let mut m = serde_json::Map::new();
-        for (k, v) in self.entries() {
-            m.insert(k.to_owned(), v.into_value());
-        }
-        serde_json::Value::Object(m)
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
     }
 
-    /// The event as JSON text: [`Self::to_json`] rendered, written
-    /// directly.
+    /// The event as JSON text, written by serde_json straight from the
+    /// event (the same text as [`Self::to_json`] rendered).
     pub fn render(&self) -> String {
-        let mut entries = self.entries();
-        entries.sort_unstable_by_key(|(k, _)| *k);
-        let mut out = String::with_capacity(64 + 32 * entries.len());
-        out.push('{');
-        for (i, (k, v)) in entries.iter().enumerate() {
-            if i > 0 {
-                out.push(',');
-            }
-            push_json_str(&mut out, k);
-            out.push(':');
-            match v {
-                Entry::Str(s) => push_json_str(&mut out, s),
-                Entry::Owned(s) => push_json_str(&mut out, s),
-                Entry::Value(serde_json::Value::String(s)) => push_json_str(&mut out, s),
-                Entry::Value(v) => out.push_str(&v.to_string()),
-            }
-        }
-        out.push('}');
-        out
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("null"))
     }
 
     /// Every key and value of the rendered object; a field named like
@@ -180,39 +158,28 @@ impl Event {
     }
 }
 
+/// The rendered object, keys in alphabetical order (as a
+/// `serde_json::Map` orders them). Serialising strings and maps cannot fail.
+impl Serialize for Event {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut entries = self.entries();
+        entries.sort_unstable_by_key(|(k, _)| *k);
+        let mut map = serializer.serialize_map(Some(entries.len()))?;
+        for (k, v) in &entries {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
 /// One value of a rendered event.
+#[derive(Serialize)]
+#[serde(untagged)]
 enum Entry<'a> {
     Str(&'static str),
     Owned(String),
     Value(&'a serde_json::Value),
-}
-
-impl Entry<'_> {
-    fn into_value(self) -> serde_json::Value {
-        match self {
-            Entry::Str(s) => s.into(),
-            Entry::Owned(s) => s.into(),
-            Entry::Value(v) => v.clone(),
-        }
-    }
-}
-
-/// Appends `s` as a JSON string literal.
-fn push_json_str(out: &mut String, s: &str) {
-    // Keys, device keys, client ids, addresses: nothing to escape.
-    if s.bytes()
-        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-    {
-        out.push('"');
-        out.push_str(s);
-        out.push('"');
-        return;
-    }
-    match serde_json::to_string(s) {
-        Ok(quoted) => out.push_str(&quoted),
-        // Serialising a `str` cannot fail.
-        Err(_) => out.push_str("null"),
-    }
 }
 
 /// A cheap, cloneable publisher. Publishing never blocks; with no
