@@ -14,4 +14,5 @@ pub mod gateway;
 pub mod http;
 pub mod ledger;
 pub mod logging;
+pub mod sched;
 pub mod server;

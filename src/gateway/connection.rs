@@ -125,7 +125,6 @@ where
                 guard: &mut guard,
                 ctrl_rx,
                 cfg,
-                links: &ctx.links,
             };
             conn.run(&mut session, keep_alive).await
         }
@@ -399,8 +398,6 @@ struct Connection<'a, S> {
     guard: &'a mut SessionGuard,
     ctrl_rx: ControlRx,
     cfg: &'a ListenerConfig,
-    /// Bounds concurrent link creations of the listener.
-    links: &'a Semaphore,
 }
 
 /// Waits until the router link has notifications, if there is a link.
@@ -581,51 +578,20 @@ where
     }
 
     /// Opens the router link of a clean session that has none yet, carrying
-    /// what the session queued for the router (one round trip to the router
-    /// for both). Once the link's Connect is in the router's channel, what
-    /// the session answered for those packets (a SUBACK) is written out,
-    /// before the router's ConnAck is awaited. The socket is not read
-    /// meanwhile; packets keep their order.
+    /// what the session queued for the router (the router takes both
+    /// together). The link is quiet: once its Connect is in the router's
+    /// channel, what the session answered for those packets (a SUBACK) goes
+    /// out, and no ConnAck or SubAck comes back to wake this connection.
     async fn open_link(&mut self, session: &mut Session<'_>) -> Result<(), End> {
-        let Ok(permit) = self.links.acquire().await else {
-            return Err(End::ordered(
-                DisconnectReason::ServerShuttingDown,
-                String::new(),
-            ));
-        };
-        let gw = &self.guard.gw;
-        let started = gw
+        let built = self
+            .guard
+            .gw
             .link_registered(
                 &self.guard.client_id,
                 self.guard.seq,
                 &mut session.to_router,
             )
             .await;
-        let built = match started {
-            Ok(Some(pending)) => {
-                // The permit bounds links being made, not a slow client's
-                // write: it goes with the router's answer.
-                let (flushed, link) = tokio::join!(
-                    flush(self.stream, &mut session.wbuf, self.cfg.write_timeout),
-                    async move {
-                        let link = gw.established(pending).await;
-                        drop(permit);
-                        link
-                    }
-                );
-                if flushed.is_err() {
-                    // Linked or not, the guard's end unlinks it.
-                    if let Ok(link) = link {
-                        self.guard.link = Some(link);
-                        session.linked = true;
-                    }
-                    return Err(End::closed("write failed or timed out"));
-                }
-                link.map(Some)
-            }
-            Ok(None) => Ok(None),
-            Err(e) => Err(e),
-        };
         match built {
             Ok(Some(link)) => {
                 self.guard.link = Some(link);

@@ -2,7 +2,8 @@
 //! one order per client id.
 //!
 //! Both happen under the client id's stripe lock (an async mutex: link
-//! creation awaits the router's ConnAck without holding a thread), so the
+//! creation awaits room in the router's channel, and for a link made at
+//! CONNECT the router's ConnAck, without holding a thread), so the
 //! registry and the router see competing connections of one client id in
 //! the same order. A clean session is linked lazily, and only while its
 //! registration is still current. A client id whose last link was stored
@@ -18,7 +19,7 @@ use tokio::sync::MutexGuard;
 
 use super::control::ControlTx;
 use super::online::{OnlineRegistry, Reservation, SessionInfo};
-use super::router_link::{PendingRouterLink, RouterLink};
+use super::router_link::RouterLink;
 use super::{GatewayError, Identity, Shared};
 
 /// A session that must be linked to the router at registration.
@@ -109,43 +110,32 @@ impl Shared {
         Ok((seq, link))
     }
 
-    /// Starts linking the registered clean session `seq` of `client_id` to
-    /// the router with `first` (emptied: the packets it is linked for,
-    /// which the router takes with the link), unless another connection has
-    /// taken the client id over (then `None`, and `first` is dropped).
-    /// Returns once the link's Connect is in the router's channel (in order
-    /// with competing connections of the client id); [`Self::established`]
-    /// finishes it.
+    /// Links the registered clean session `seq` of `client_id` to the
+    /// router with `first` (emptied: the packets it is linked for, which
+    /// the router takes with the link), unless another connection has taken
+    /// the client id over (then `None`, and `first` is dropped). The link
+    /// is quiet (the router sends it no ConnAck, SubAck or UnsubAck: the
+    /// session answers those itself) and is returned once its Connect is in
+    /// the router's channel, in order with competing connections of the
+    /// client id; a router that refuses it drops it, which the connection
+    /// sees as the router closing the link.
     pub(crate) async fn link_registered(
         &self,
         client_id: &str,
         seq: u64,
         first: &mut Vec<Packet>,
-    ) -> Result<Option<PendingRouterLink>, GatewayError> {
+    ) -> Result<Option<RouterLink>, GatewayError> {
         let _guard = self.stripe(client_id).await;
         if !self.online.is_current(client_id, seq) {
             first.clear();
             return Ok(None);
         }
-        let pending = self.router.connect_with(client_id, true, first).await?;
+        let link = self.router.connect_quiet(client_id, first).await?;
         self.persistent.lock().remove(client_id);
         // Counted from here: the router has the link once it takes the
-        // Connect (uncounted again if it refuses it).
+        // Connect (uncounted when the connection ends, refused or not).
         self.linked.fetch_add(1, Ordering::Relaxed);
-        Ok(Some(pending))
-    }
-
-    /// Awaits the router's answer to a link started by
-    /// [`Self::link_registered`].
-    pub(crate) async fn established(
-        &self,
-        pending: PendingRouterLink,
-    ) -> Result<RouterLink, GatewayError> {
-        let link = pending.established().await;
-        if link.is_err() {
-            self.unlinked();
-        }
-        link
+        Ok(Some(link))
     }
 
     /// A session's link is closed (or dropped by the router).

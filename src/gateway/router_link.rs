@@ -1,7 +1,16 @@
 //! rumqttd's router and the links to it: every quirk of rumqttd's local
 //! links is handled here, for the gateway and the admin plane alike.
 //!
-//! - Creating a link is one Connect event and the router's ConnAck,
+//! - The router runs on its own thread in the `SCHED_BATCH` class
+//!   (`crate::sched`): waking it does not preempt the waking I/O thread.
+//! - A device's clean session is linked quietly
+//!   ([`RouterHandle::connect_quiet`], rumqttd's `connect_quiet_with`):
+//!   the link is usable once its Connect, carrying its first packets, is in
+//!   the router's channel, and the router sends it no ConnAck, SubAck or
+//!   UnsubAck (the gateway answers those itself), so linking and
+//!   subscribing never wake the connection.
+//! - Other links (stored sessions, accounts, the broker's own): creating
+//!   one is one Connect event and the router's ConnAck,
 //!   awaited without holding a thread (`LinkBuilder::build_async`, patched
 //!   into the vendored rumqttd); a router without a free slot drops the link.
 //!   A link made for its first packets carries them with its Connect
@@ -57,6 +66,8 @@ const BACKLOG_POLL: Duration = Duration::from_millis(16);
 
 type ConnectFuture = Pin<Box<dyn Future<Output = Result<PendingRouterLink, GatewayError>> + Send>>;
 type ConnectFn = dyn Fn(String, bool, Vec<Packet>) -> ConnectFuture + Send + Sync;
+type QuietFuture = Pin<Box<dyn Future<Output = Result<RouterLink, GatewayError>> + Send>>;
+type QuietFn = dyn Fn(String, Vec<Packet>) -> QuietFuture + Send + Sync;
 type BuildBlockingFn = dyn Fn(&str, bool) -> Result<RouterLink, GatewayError> + Send + Sync;
 
 /// Every link of the broker: dynamic filters (publishing to a topic nobody
@@ -76,6 +87,7 @@ macro_rules! link_builder {
 #[derive(Clone)]
 pub struct RouterHandle {
     connect: Arc<ConnectFn>,
+    connect_quiet: Arc<QuietFn>,
     build_blocking: Arc<BuildBlockingFn>,
     /// Client sessions the router has room for (its `max_connections`
     /// less [`INTERNAL_LINKS`]).
@@ -94,8 +106,19 @@ impl RouterHandle {
     /// Starts rumqttd's router on its own thread.
     pub fn spawn(router_id: usize, config: RouterConfig) -> Self {
         let sessions = config.max_connections.saturating_sub(INTERNAL_LINKS).max(1);
-        let tx = Router::new(router_id, config).spawn();
+        let tx = Router::new(router_id, config).spawn_with(crate::sched::batch_this_thread);
         let tx_blocking = tx.clone();
+        let tx_quiet = tx.clone();
+        let connect_quiet = move |client_id: String, first: Vec<Packet>| -> QuietFuture {
+            let tx = tx_quiet.clone();
+            Box::pin(async move {
+                link_builder!(&client_id, tx, true)
+                    .connect_quiet_with(first)
+                    .await
+                    .map(RouterLink::from)
+                    .map_err(router_error)
+            })
+        };
         let connect =
             move |client_id: String, clean_session: bool, first: Vec<Packet>| -> ConnectFuture {
                 let tx = tx.clone();
@@ -116,6 +139,7 @@ impl RouterHandle {
         };
         RouterHandle {
             connect: Arc::new(connect),
+            connect_quiet: Arc::new(connect_quiet),
             build_blocking: Arc::new(build_blocking),
             sessions,
         }
@@ -165,6 +189,21 @@ impl RouterHandle {
         first: &mut Vec<Packet>,
     ) -> Result<PendingRouterLink, GatewayError> {
         (self.connect)(client_id.to_owned(), clean_session, std::mem::take(first)).await
+    }
+
+    /// A clean link for `client_id` whose CONNACK, SUBACK and UNSUBACK the
+    /// gateway answers itself (rumqttd's quiet link): the router sends it no
+    /// ConnAck, SubAck or UnsubAck, so neither linking nor subscribing wakes
+    /// the connection. Returns once the link's Connect, carrying `first`
+    /// (emptied), is in the router's event channel, ordered as with
+    /// [`Self::connect_with`]. A router without a free slot drops the link:
+    /// its [`RouterLinkRx::ready`] then fails.
+    pub async fn connect_quiet(
+        &self,
+        client_id: &str,
+        first: &mut Vec<Packet>,
+    ) -> Result<RouterLink, GatewayError> {
+        (self.connect_quiet)(client_id.to_owned(), std::mem::take(first)).await
     }
 
     /// [`Self::link`] for a thread outside any runtime (blocks it).

@@ -424,9 +424,10 @@ impl<'a> Session<'a> {
         }
         // Answered here, not by the router: the connection writes this out
         // only once the SUBSCRIBE is in the router's channel, where it is
-        // ahead of every publish sent after it (`RouterHandle::connect_with`;
+        // ahead of every publish sent after it (`RouterHandle::connect_quiet`;
         // rumqttd handles a link's SUBSCRIBE even while it holds the link's
-        // publishes back). The router's own SUBACK is dropped.
+        // publishes back). A quiet link gets no SUBACK from the router;
+        // another link's is dropped.
         self.write(Packet::SubAck(
             SubAck {
                 pkid: sub.pkid,

@@ -28,7 +28,7 @@ impl ConsoleLink {
             .dynamic_filters(true)
             .build()
             .unwrap();
-        let connection_id = link_tx.connection_id;
+        let connection_id = link_tx.connection_id();
         ConsoleLink {
             config,
             router_tx,

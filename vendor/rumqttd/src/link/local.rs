@@ -5,7 +5,7 @@ use crate::protocol::{
 use crate::router::Ack;
 use crate::router::{
     iobufs::{Incoming, Outgoing},
-    Connection, Event, Notification, ShadowRequest,
+    Connection, Event, Notification, ShadowRequest, UNASSIGNED,
 };
 use crate::ConnectionId;
 use bytes::Bytes;
@@ -15,6 +15,7 @@ use parking_lot::{Mutex, RawMutex};
 
 use std::collections::VecDeque;
 use std::mem;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -147,6 +148,43 @@ impl<'a> LinkBuilder<'a> {
         Ok(pending)
     }
 
+    /// A link for a client whose server answers its CONNECT, SUBSCRIBE and
+    /// UNSUBSCRIBE itself: the router sends it no ConnAck, SubAck or
+    /// UnsubAck, so linking and subscribing never wake the link's reader
+    /// (nor keep notifications in its buffer). Returns as soon as the
+    /// link's Connect, carrying `packets`, is in the router's event channel
+    /// (ordered as with [`Self::connect_async_with`]). The link learns its
+    /// connection id from a cell the router fills when it registers the
+    /// link; events it sends before then carry the cell. A router that
+    /// refuses the link (no free slot) drops it: the link's receiver then
+    /// fails and its events are ignored. No ConnAck means no
+    /// `session_present`: meant for clean sessions.
+    pub async fn connect_quiet_with(
+        self,
+        packets: impl IntoIterator<Item = Packet>,
+    ) -> Result<(LinkTx, LinkRx), LinkError> {
+        let cell = Arc::new(AtomicUsize::new(UNASSIGNED));
+        let (mut event, pending) = self.prepare();
+        if let Event::Connect { outgoing, .. } = &mut event {
+            outgoing.quiet = Some(cell.clone());
+        }
+        pending.incoming_data_buffer.lock().extend(packets);
+        pending.router_tx.send_async((0, event)).await?;
+        let tx = LinkTx::with_id(
+            LinkId::Quiet(cell.clone()),
+            pending.router_tx.clone(),
+            pending.incoming_data_buffer,
+        );
+        let mut rx = LinkRx::new(
+            0,
+            pending.router_tx,
+            pending.link_rx,
+            pending.outgoing_data_buffer,
+        );
+        rx.id = LinkId::Quiet(cell);
+        Ok((tx, rx))
+    }
+
     /// The Connect event for the router and what is needed to finish the
     /// link once the router has answered it.
     fn prepare(self) -> (Event, PendingLink) {
@@ -233,8 +271,43 @@ impl PendingLink {
     }
 }
 
+/// A link's connection id: given by its ConnAck, or, for a quiet link
+/// ([`LinkBuilder::connect_quiet_with`]), in a cell the router fills when
+/// it registers the link.
+#[derive(Debug, Clone)]
+enum LinkId {
+    Known(ConnectionId),
+    Quiet(Arc<AtomicUsize>),
+}
+
+impl LinkId {
+    /// The id (`usize::MAX` for a quiet link the router has not
+    /// registered yet).
+    fn get(&self) -> ConnectionId {
+        match self {
+            LinkId::Known(id) => *id,
+            LinkId::Quiet(cell) => cell.load(Ordering::Relaxed),
+        }
+    }
+
+    /// `event` addressed to this link: by its id, or, while a quiet link
+    /// does not know it yet, with its cell for the router to read.
+    fn event(&self, event: Event) -> (ConnectionId, Event) {
+        match self.get() {
+            UNASSIGNED => match self {
+                LinkId::Quiet(cell) => (
+                    UNASSIGNED,
+                    Event::OfQuietLink(cell.clone(), Box::new(event)),
+                ),
+                LinkId::Known(_) => (UNASSIGNED, event),
+            },
+            id => (id, event),
+        }
+    }
+}
+
 pub struct LinkTx {
-    pub(crate) connection_id: ConnectionId,
+    id: LinkId,
     router_tx: Sender<(ConnectionId, Event)>,
     recv_buffer: Arc<Mutex<VecDeque<Packet>>>,
 }
@@ -245,11 +318,25 @@ impl LinkTx {
         router_tx: Sender<(ConnectionId, Event)>,
         recv_buffer: Arc<Mutex<VecDeque<Packet>>>,
     ) -> LinkTx {
+        LinkTx::with_id(LinkId::Known(connection_id), router_tx, recv_buffer)
+    }
+
+    fn with_id(
+        id: LinkId,
+        router_tx: Sender<(ConnectionId, Event)>,
+        recv_buffer: Arc<Mutex<VecDeque<Packet>>>,
+    ) -> LinkTx {
         LinkTx {
-            connection_id,
+            id,
             router_tx,
             recv_buffer,
         }
+    }
+
+    /// The link's connection id (`usize::MAX` for a quiet link the router
+    /// has not registered yet).
+    pub fn connection_id(&self) -> ConnectionId {
+        self.id.get()
     }
 
     pub fn buffer(&self) -> MutexGuard<RawMutex, VecDeque<Packet>> {
@@ -272,8 +359,7 @@ impl LinkTx {
             buffer.len()
         };
 
-        self.router_tx
-            .send((self.connection_id, Event::DeviceData))?;
+        self.router_tx.send(self.id.event(Event::DeviceData))?;
 
         Ok(len)
     }
@@ -288,7 +374,7 @@ impl LinkTx {
         };
 
         self.router_tx
-            .send_async((self.connection_id, Event::DeviceData))
+            .send_async(self.id.event(Event::DeviceData))
             .await?;
 
         Ok(len)
@@ -301,14 +387,13 @@ impl LinkTx {
             buffer.len()
         };
 
-        self.router_tx
-            .try_send((self.connection_id, Event::DeviceData))?;
+        self.router_tx.try_send(self.id.event(Event::DeviceData))?;
         Ok(len)
     }
 
     pub(crate) async fn notify(&mut self) -> Result<(), LinkError> {
         self.router_tx
-            .send_async((self.connection_id, Event::DeviceData))
+            .send_async(self.id.event(Event::DeviceData))
             .await?;
 
         Ok(())
@@ -413,14 +498,14 @@ impl LinkTx {
             filter: filter.into(),
         });
 
-        self.router_tx.try_send((self.connection_id, message))?;
+        self.router_tx.try_send(self.id.event(message))?;
         Ok(())
     }
 }
 
 #[derive(Debug)]
 pub struct LinkRx {
-    connection_id: ConnectionId,
+    id: LinkId,
     router_tx: Sender<(ConnectionId, Event)>,
     router_rx: Receiver<()>,
     send_buffer: Arc<Mutex<VecDeque<Notification>>>,
@@ -435,7 +520,7 @@ impl LinkRx {
         outgoing_data_buffer: Arc<Mutex<VecDeque<Notification>>>,
     ) -> LinkRx {
         LinkRx {
-            connection_id,
+            id: LinkId::Known(connection_id),
             router_tx,
             router_rx,
             send_buffer: outgoing_data_buffer,
@@ -445,8 +530,10 @@ impl LinkRx {
         }
     }
 
+    /// The link's connection id (`usize::MAX` for a quiet link the router
+    /// has not registered yet).
     pub fn id(&self) -> ConnectionId {
-        self.connection_id
+        self.id.get()
     }
 
     /// The next cached notification; the cache's storage is freed once it
@@ -520,13 +607,13 @@ impl LinkRx {
     }
 
     pub fn ready(&self) -> Result<(), LinkError> {
-        self.router_tx.send((self.connection_id, Event::Ready))?;
+        self.router_tx.send(self.id.event(Event::Ready))?;
         Ok(())
     }
 
     pub async fn wake(&self) -> Result<(), LinkError> {
         self.router_tx
-            .send_async((self.connection_id, Event::Ready))
+            .send_async(self.id.event(Event::Ready))
             .await?;
 
         Ok(())
@@ -630,7 +717,7 @@ mod test {
                 ack,
                 crate::Notification::DeviceAck(crate::router::Ack::ConnAck(..))
             ));
-            assert!(seen.insert(tx.connection_id), "ids are distinct");
+            assert!(seen.insert(tx.connection_id()), "ids are distinct");
         }
         assert_eq!(seen.len(), LINKS);
     }
@@ -808,6 +895,129 @@ mod test {
             assert_eq!(rx.cache.capacity(), 0);
             assert_eq!(rx.send_buffer.lock().capacity(), 0);
         }
+    }
+
+    // A quiet link gets no ConnAck and no SubAck: its first notification is
+    // the first message for its subscription. What it sends before it
+    // knows its id (right after the Connect) reaches the router, and it
+    // learns its id once the router registered it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_quiet_link_gets_no_acks_and_learns_its_id() {
+        let router_tx = router(4);
+        let (mut quiet_tx, mut quiet_rx) = super::LinkBuilder::new("quiet", router_tx.clone())
+            .dynamic_filters(true)
+            .connect_quiet_with([subscribe_packet(1, "q/cmd")])
+            .await
+            .expect("connect sent");
+        // Sent at once, before the router can have registered the link
+        quiet_tx
+            .send(subscribe_packet(2, "q/other"))
+            .await
+            .expect("sent");
+        let (mut tx, mut rx, _ack) = super::LinkBuilder::new("pub", router_tx)
+            .dynamic_filters(true)
+            .build_async_with([subscribe_packet(3, "q/echo")])
+            .await
+            .expect("link built");
+        // The publisher's link was built after the quiet one's Connect and
+        // SUBSCRIBEs, so the router registered the quiet link first
+        assert_ne!(quiet_tx.connection_id(), usize::MAX);
+        assert_eq!(quiet_rx.id(), quiet_tx.connection_id());
+        assert_ne!(quiet_tx.connection_id(), tx.connection_id());
+        for topic in ["q/cmd", "q/other"] {
+            tx.send(crate::protocol::Packet::Publish(
+                crate::protocol::Publish::new(topic, "x", false),
+                None,
+            ))
+            .await
+            .expect("published");
+            let n = next_notification(&mut quiet_rx).await;
+            assert!(
+                matches!(&n, crate::Notification::Forward(f) if f.publish.topic == topic),
+                "{n:?}"
+            );
+        }
+        // Its sends by id reach the router too
+        quiet_tx
+            .send(crate::protocol::Packet::Publish(
+                crate::protocol::Publish::new("q/echo", "y", false),
+                None,
+            ))
+            .await
+            .expect("published");
+        loop {
+            match next_notification(&mut rx).await {
+                crate::Notification::DeviceAck(_) => {}
+                n => {
+                    assert!(
+                        matches!(&n, crate::Notification::Forward(f) if f.publish.topic == "q/echo"),
+                        "{n:?}"
+                    );
+                    break;
+                }
+            }
+        }
+        assert!(quiet_rx.try_next().is_none(), "no ack was sent");
+    }
+
+    // `spawn_with` runs its hook on the router's thread, before the router
+    // takes events.
+    #[tokio::test(flavor = "current_thread")]
+    async fn spawn_with_runs_the_hook_on_the_router_thread() {
+        let (name_tx, name_rx) = std::sync::mpsc::channel();
+        let config = crate::RouterConfig {
+            max_connections: 4,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 1024 * 1024,
+            max_segment_count: 4,
+            ..Default::default()
+        };
+        let router_tx = crate::Router::new(7, config).spawn_with(move || {
+            let _ = name_tx.send(thread::current().name().map(str::to_owned));
+        });
+        let name = name_rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("hook ran");
+        assert_eq!(name.as_deref(), Some("router-7"));
+        let built = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            super::LinkBuilder::new("c", router_tx).build_async(),
+        )
+        .await
+        .expect("answered in time");
+        assert!(built.is_ok(), "{:?}", built.err());
+    }
+
+    // A router without room drops a quiet link: its receiver fails, and
+    // what it sends is ignored (the router keeps running).
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_quiet_link_the_router_refuses_fails_its_receiver() {
+        let router_tx = router(1);
+        let (_first_tx, _first_rx, _) = super::LinkBuilder::new("first", router_tx.clone())
+            .build_async()
+            .await
+            .expect("first link");
+        let (mut tx, mut rx) = super::LinkBuilder::new("second", router_tx.clone())
+            .connect_quiet_with([subscribe_packet(1, "a")])
+            .await
+            .expect("connect sent");
+        let waited = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            rx.wait_for_notifications(),
+        )
+        .await
+        .expect("answered in time");
+        assert!(waited.is_err());
+        assert_eq!(tx.connection_id(), usize::MAX);
+        tx.send(subscribe_packet(2, "b")).await.expect("sent");
+        // The router is still there and answers others
+        let third = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            super::LinkBuilder::new("first", router_tx).build_async(),
+        )
+        .await
+        .expect("answered in time");
+        assert!(third.is_ok(), "{:?}", third.err());
     }
 
     // A router without room drops the link: an error, not a hang.

@@ -1,6 +1,6 @@
 use std::{
     collections::{HashMap, VecDeque},
-    sync::Arc,
+    sync::{atomic::AtomicUsize, Arc},
 };
 
 use flume::{Receiver, Sender};
@@ -71,6 +71,10 @@ pub struct Outgoing {
     max_inflight: u16,
     /// Metrics of outgoing messages of this connection
     pub(crate) meter: OutgoingMeter,
+    /// A quiet link's id cell (`LinkBuilder::connect_quiet_with`): the
+    /// router fills it when it registers the link, and sends the link no
+    /// ConnAck, SubAck or UnsubAck.
+    pub(crate) quiet: Option<Arc<AtomicUsize>>,
 }
 
 impl Outgoing {
@@ -92,6 +96,7 @@ impl Outgoing {
             last_pkid: 0,
             max_inflight: MAX_INFLIGHT as u16,
             meter: Default::default(),
+            quiet: None,
         };
 
         (outgoing, rx)

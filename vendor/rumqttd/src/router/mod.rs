@@ -1,6 +1,7 @@
 use std::{
     collections::{HashMap, VecDeque},
     fmt,
+    sync::{atomic::AtomicUsize, Arc},
 };
 
 use bytes::Bytes;
@@ -72,7 +73,16 @@ pub enum Event {
     PrintStatus(Print),
     /// Publish Will message
     PublishWill((String, Option<String>)),
+    /// An event of a quiet link (`LinkBuilder::connect_quiet_with`) sent
+    /// before the link knew its connection id. The router takes a link's
+    /// events in order, so it registered the link (and filled the cell with
+    /// its id) before it gets here; a cell still unassigned is a link the
+    /// router refused.
+    OfQuietLink(Arc<AtomicUsize>, Box<Event>),
 }
+
+/// The id in a quiet link's cell until the router registers the link.
+pub(crate) const UNASSIGNED: ConnectionId = ConnectionId::MAX;
 
 /// Notification from router to connection
 #[derive(Debug, Clone)]

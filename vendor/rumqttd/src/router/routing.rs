@@ -15,6 +15,7 @@ use flume::{bounded, Receiver, RecvError, RecvTimeoutError, Sender, TryRecvError
 use slab::Slab;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::str::Utf8Error;
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::SystemTime;
 use thiserror::Error;
@@ -27,6 +28,7 @@ use super::logs::{AckLog, DataLog};
 use super::retained::RetainRefusal;
 use super::scheduler::{ScheduleReason, Scheduler};
 use super::shared_subs::SharedGroup;
+use super::UNASSIGNED;
 use super::{
     packetid, Connection, DataRequest, Event, FilterIdx, FleetMap, Meter, Notification, Print,
     RouterMeter, ShadowRequest, MAX_CHANNEL_CAPACITY, MAX_SCHEDULE_ITERATIONS,
@@ -185,11 +187,22 @@ impl Router {
     /// For that reason, all the public methods should start the router in the
     /// background
     #[tracing::instrument(skip_all)]
-    pub fn spawn(mut self) -> Sender<(ConnectionId, Event)> {
+    pub fn spawn(self) -> Sender<(ConnectionId, Event)> {
+        self.spawn_with(|| {})
+    }
+
+    /// [`Self::spawn`], running `on_start` on the router's thread before
+    /// the router starts (to set the thread's scheduling policy or CPU
+    /// affinity, say).
+    pub fn spawn_with(
+        mut self,
+        on_start: impl FnOnce() + Send + 'static,
+    ) -> Sender<(ConnectionId, Event)> {
         let router = thread::Builder::new().name(format!("router-{}", self.id));
         let link = self.link();
         router
             .spawn(move || {
+                on_start();
                 let e = self.run(0);
                 error!(reason=?e, "Router done!");
             })
@@ -298,6 +311,10 @@ impl Router {
                 #[cfg(feature = "validate-tenant-prefix")]
                 _tenant_id,
             ),
+            Event::OfQuietLink(cell, event) => match cell.load(Ordering::Relaxed) {
+                UNASSIGNED => debug!("event of a link the router refused dropped"),
+                id => self.events(id, *event),
+            },
         }
     }
 
@@ -424,7 +441,12 @@ impl Router {
         };
 
         let ackslog = self.ackslog.get_mut(connection_id).unwrap();
-        ackslog.connack(connection_id, ack, Some(properties));
+        // A quiet link learns its id from its cell, and gets no ConnAck:
+        // nothing wakes its reader
+        match &self.obufs[connection_id].quiet {
+            Some(cell) => cell.store(connection_id, Ordering::Relaxed),
+            None => ackslog.connack(connection_id, ack, Some(properties)),
+        }
 
         pending_acks.into_iter().for_each(|pkid| {
             // NOTE: will it be better if we store the whole PubRel
@@ -844,9 +866,12 @@ impl Router {
                     // let meter = &mut self.ibufs.get_mut(id).unwrap().meter;
                     // meter.total_size += len;
 
-                    let suback = SubAck { pkid, return_codes };
-                    let ackslog = self.ackslog.get_mut(id).unwrap();
-                    ackslog.suback(suback);
+                    // A quiet link's server answers SUBACK itself
+                    if self.obufs[id].quiet.is_none() {
+                        let suback = SubAck { pkid, return_codes };
+                        let ackslog = self.ackslog.get_mut(id).unwrap();
+                        ackslog.suback(suback);
+                    }
                     force_ack = true;
                 }
                 Packet::Unsubscribe(unsubscribe, _) => {
@@ -905,8 +930,10 @@ impl Router {
                                 // reasons are used in MQTTv5
                                 reasons: vec![UnsubAckReason::Success],
                             };
-                            let ackslog = self.ackslog.get_mut(id).unwrap();
-                            ackslog.unsuback(unsuback);
+                            if self.obufs[id].quiet.is_none() {
+                                let ackslog = self.ackslog.get_mut(id).unwrap();
+                                ackslog.unsuback(unsuback);
+                            }
                             self.scheduler.untrack(id, filter);
                             self.flow.reader_left();
                             if let Some(idx) = self.datalog.filter_idx(&filter_path) {
