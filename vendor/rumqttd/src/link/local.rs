@@ -100,7 +100,7 @@ impl<'a> LinkBuilder<'a> {
     }
 
     pub fn build(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
-        let (event, pending) = self.prepare();
+        let (event, pending) = self.prepare(None);
         pending.router_tx.send((0, event))?;
         pending.link_rx.recv()?;
         pending.finish()
@@ -113,7 +113,7 @@ impl<'a> LinkBuilder<'a> {
     /// once on one thread). A router that refuses the link (e.g. it is at
     /// `max_connections`) drops the link's channel: an error, not a hang.
     pub async fn build_async(self) -> Result<(LinkTx, LinkRx, Notification), LinkError> {
-        let (event, pending) = self.prepare();
+        let (event, pending) = self.prepare(None);
         pending.router_tx.send_async((0, event)).await?;
         pending.link_rx.recv_async().await?;
         pending.finish()
@@ -142,10 +142,7 @@ impl<'a> LinkBuilder<'a> {
         self,
         packets: impl IntoIterator<Item = Packet>,
     ) -> Result<PendingLink, LinkError> {
-        let (event, pending) = self.prepare();
-        pending.incoming_data_buffer.lock().extend(packets);
-        pending.router_tx.send_async((0, event)).await?;
-        Ok(pending)
+        self.connect(packets, None).await
     }
 
     /// A link for a client whose server answers its CONNECT, SUBSCRIBE and
@@ -164,30 +161,37 @@ impl<'a> LinkBuilder<'a> {
         packets: impl IntoIterator<Item = Packet>,
     ) -> Result<(LinkTx, LinkRx), LinkError> {
         let cell = Arc::new(AtomicUsize::new(UNASSIGNED));
-        let (mut event, pending) = self.prepare();
-        if let Event::Connect { outgoing, .. } = &mut event {
-            outgoing.quiet = Some(cell.clone());
-        }
-        pending.incoming_data_buffer.lock().extend(packets);
-        pending.router_tx.send_async((0, event)).await?;
+        let pending = self.connect(packets, Some(cell.clone())).await?;
         let tx = LinkTx::with_id(
             LinkId::Quiet(cell.clone()),
             pending.router_tx.clone(),
             pending.incoming_data_buffer,
         );
-        let mut rx = LinkRx::new(
-            0,
+        let rx = LinkRx::with_id(
+            LinkId::Quiet(cell),
             pending.router_tx,
             pending.link_rx,
             pending.outgoing_data_buffer,
         );
-        rx.id = LinkId::Quiet(cell);
         Ok((tx, rx))
+    }
+
+    /// Sends the link's Connect event, carrying `packets` (and `quiet`, a
+    /// quiet link's id cell), to the router.
+    async fn connect(
+        self,
+        packets: impl IntoIterator<Item = Packet>,
+        quiet: Option<Arc<AtomicUsize>>,
+    ) -> Result<PendingLink, LinkError> {
+        let (event, pending) = self.prepare(quiet);
+        pending.incoming_data_buffer.lock().extend(packets);
+        pending.router_tx.send_async((0, event)).await?;
+        Ok(pending)
     }
 
     /// The Connect event for the router and what is needed to finish the
     /// link once the router has answered it.
-    fn prepare(self) -> (Event, PendingLink) {
+    fn prepare(self, quiet: Option<Arc<AtomicUsize>>) -> (Event, PendingLink) {
         // Connect to router
         // Local connections to the router shall have access to all subscriptions
         let mut connection = Connection::new(
@@ -201,7 +205,8 @@ impl<'a> LinkBuilder<'a> {
             .last_will(self.last_will, self.last_will_properties)
             .topic_alias_max(self.topic_alias_max);
         let incoming = Incoming::new(connection.client_id.to_owned());
-        let (outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        let (mut outgoing, link_rx) = Outgoing::new(connection.client_id.to_owned());
+        outgoing.quiet = quiet;
         let outgoing_data_buffer = outgoing.buffer();
         let incoming_data_buffer = incoming.buffer();
 
@@ -293,15 +298,15 @@ impl LinkId {
     /// `event` addressed to this link: by its id, or, while a quiet link
     /// does not know it yet, with its cell for the router to read.
     fn event(&self, event: Event) -> (ConnectionId, Event) {
-        match self.get() {
-            UNASSIGNED => match self {
-                LinkId::Quiet(cell) => (
+        match self {
+            LinkId::Known(id) => (*id, event),
+            LinkId::Quiet(cell) => match cell.load(Ordering::Relaxed) {
+                UNASSIGNED => (
                     UNASSIGNED,
                     Event::OfQuietLink(cell.clone(), Box::new(event)),
                 ),
-                LinkId::Known(_) => (UNASSIGNED, event),
+                id => (id, event),
             },
-            id => (id, event),
         }
     }
 }
@@ -519,8 +524,22 @@ impl LinkRx {
         router_rx: Receiver<()>,
         outgoing_data_buffer: Arc<Mutex<VecDeque<Notification>>>,
     ) -> LinkRx {
+        LinkRx::with_id(
+            LinkId::Known(connection_id),
+            router_tx,
+            router_rx,
+            outgoing_data_buffer,
+        )
+    }
+
+    fn with_id(
+        id: LinkId,
+        router_tx: Sender<(ConnectionId, Event)>,
+        router_rx: Receiver<()>,
+        outgoing_data_buffer: Arc<Mutex<VecDeque<Notification>>>,
+    ) -> LinkRx {
         LinkRx {
-            id: LinkId::Known(connection_id),
+            id,
             router_tx,
             router_rx,
             send_buffer: outgoing_data_buffer,
