@@ -83,6 +83,8 @@ pub struct ActivationBroker {
     /// The product secret devices sign with.
     pub secret: String,
     launch: Launch,
+    /// Stopped by [`ActivationBroker::stop`], until the next restart.
+    stopped: bool,
 }
 
 /// Longest graceful stop (SIGINT) of the broker.
@@ -203,6 +205,7 @@ impl ActivationBroker {
             accounts_addr,
             secret,
             launch,
+            stopped: false,
         })
     }
 
@@ -210,11 +213,22 @@ impl ActivationBroker {
     /// new ports: a fresh process whose ledger holds what the last one
     /// committed.
     pub fn restart(&mut self) -> anyhow::Result<()> {
-        self.child.interrupt_and_wait(STOP_WITHIN)?;
+        self.stop()?;
         let (child, addr, accounts_addr) = self.launch.start()?;
         self.child = child;
         self.addr = addr;
         self.accounts_addr = accounts_addr;
+        self.stopped = false;
+        Ok(())
+    }
+
+    /// Stops the broker (SIGINT) until the next [`Self::restart`], so that
+    /// it takes no CPU while another server is measured.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        if !self.stopped {
+            self.child.interrupt_and_wait(STOP_WITHIN)?;
+            self.stopped = true;
+        }
         Ok(())
     }
 
@@ -239,7 +253,7 @@ impl ActivationBroker {
     /// Stops the broker (SIGINT), reopens its store and returns the
     /// product's consumed and available codes, once the invariants hold.
     pub fn stop_and_check(mut self) -> anyhow::Result<(u64, u64)> {
-        self.child.interrupt_and_wait(STOP_WITHIN)?;
+        self.stop()?;
         let l = open_ledger(&self.launch.data)?;
         let p = l.product(PRODUCT)?;
         l.check_invariants().map_err(anyhow::Error::msg)?;

@@ -75,6 +75,12 @@ struct Args {
     /// (default: the embedded config's).
     #[arg(long, value_name = "N")]
     router_inflight: Option<u16>,
+    /// Rounds of each compared measurement, interleaved: benchmark 1's
+    /// connect + SUBSCRIBE phases of the activation broker and Mosquitto,
+    /// benchmark 2's windows with and without the held devices. Verdicts
+    /// compare medians.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Seconds allowed for one device's CONNACK and SUBACK, and for the
     /// last PUBACKs and backend messages after a telemetry window.
     #[arg(long, default_value_t = 30)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use activation_bench::check_stop;
 use activation_bench::load::{source_ip, telemetry_topic, Load, Phase};
-use activation_bench::report::{ratio, Table};
+use activation_bench::report::{median, ratio, Table};
 use activation_bench::targets::{Account, ActivationBroker, BrokerSpec, PRODUCT};
 use activation_bench::telemetry::{self, Backend, Publisher, Settings, Telemetry};
 use anyhow::bail;
@@ -17,18 +17,37 @@ use crate::Args;
 const BACKEND: &str = "backend";
 const BACKEND_FILTER: &str = "devices/+/+/telemetry";
 
-/// One broker's telemetry measurements: with no other device, then with
-/// the idle subscribed devices held.
+/// One broker's telemetry measurements: rounds of a window with no other
+/// device, then one with the idle subscribed devices held (connected
+/// before it, released after it).
 struct TelemetryRun {
     /// Which binary: "this build" or the baseline.
     broker: String,
     backend: bool,
     publishers: Phase,
-    devices: Phase,
-    none: Telemetry,
-    with: Telemetry,
+    /// Each round's connection of the held devices (first activations,
+    /// then reconnects).
+    devices: Vec<Phase>,
+    none: Vec<Telemetry>,
+    with: Vec<Telemetry>,
     consumed: u64,
     spec: BrokerSpec,
+}
+
+impl TelemetryRun {
+    fn tag(&self) -> String {
+        if self.backend {
+            format!("{}, backend subscribed", self.broker)
+        } else {
+            format!("{}, no backend", self.broker)
+        }
+    }
+
+    /// Median msgs/s acked with the devices held over that with none.
+    fn held_over_none(&self) -> f64 {
+        let m = |ts: &[Telemetry]| median(ts.iter().map(Telemetry::rate)).unwrap_or(0.0);
+        m(&self.with) / m(&self.none).max(1e-9)
+    }
 }
 
 /// Benchmark 2 on a fresh broker, with or without the backend account
@@ -98,43 +117,66 @@ fn telemetry_run(
             stream,
         })
         .collect();
-    load.settle(pid)?;
-    let (none, publishers) = telemetry::measure(
-        load.rt,
-        &format!("{tag}, no other device"),
-        1,
-        pid,
-        publishers,
-        backend.as_ref(),
-        settings,
-    )?;
-    check_stop()?;
-    let (devices_phase, devices_held) = load.phase(
-        &format!("{tag}: idle devices, first activations + SUBSCRIBE"),
-        c,
-        pid,
-        addr,
-        broker.devices("dev-", 0..n, true)?,
-    )?;
-    load.settle(pid)?;
-    let (with, publishers) = telemetry::measure(
-        load.rt,
-        &format!("{tag}, {} idle subscribed devices held", devices_held.len()),
-        2,
-        pid,
-        publishers,
-        backend.as_ref(),
-        settings,
-    )?;
+    let (_, fds_idle) = load.settle(pid)?;
+    let (mut none, mut with, mut devices) = (Vec::new(), Vec::new(), Vec::new());
+    let mut publishers = publishers;
+    let rounds = args.rounds.max(1);
+    for round in 1..=rounds {
+        // Each window's messages carry their own run number.
+        let run = u16::try_from(2 * round).unwrap_or(u16::MAX);
+        let (m, p) = telemetry::measure(
+            load.rt,
+            &format!("{tag}, round {round}, no other device"),
+            run - 1,
+            pid,
+            publishers,
+            backend.as_ref(),
+            settings,
+        )?;
+        none.push(m);
+        check_stop()?;
+        let how = if round == 1 {
+            "first activations"
+        } else {
+            "reconnects"
+        };
+        let (phase, held) = load.phase(
+            &format!("{tag}, round {round}: idle devices, {how} + SUBSCRIBE"),
+            c,
+            pid,
+            addr,
+            broker.devices("dev-", 0..n, true)?,
+        )?;
+        load.settle(pid)?;
+        let (m, p) = telemetry::measure(
+            load.rt,
+            &format!(
+                "{tag}, round {round}, {} idle subscribed devices held",
+                held.len()
+            ),
+            run,
+            pid,
+            p,
+            backend.as_ref(),
+            settings,
+        )?;
+        publishers = p;
+        with.push(m);
+        devices.push(phase);
+        check_stop()?;
+        if round < rounds {
+            load.release(held, pid, fds_idle);
+            load.settle(pid)?;
+        }
+    }
     drop(backend);
     drop(publishers);
-    drop(devices_held);
     let (consumed, _) = broker.stop_and_check()?;
     Ok(TelemetryRun {
         broker: broker_label.to_owned(),
         backend: with_backend,
         publishers: pub_phase,
-        devices: devices_phase,
+        devices,
         none,
         with,
         consumed,
@@ -176,6 +218,7 @@ pub fn bench(args: &Args, load: &Load, bin: &Path, tmp: &Path, client: &str) -> 
         &[
             "broker",
             "backend subscribed",
+            "round",
             "held devices",
             "publishers",
             "in flight each",
@@ -189,13 +232,13 @@ pub fn bench(args: &Args, load: &Load, bin: &Path, tmp: &Path, client: &str) -> 
             "backend msgs/s",
             "backend duplicates",
             "server CPU µs/msg",
-            "vs no other device",
+            "vs no other device (this round)",
         ],
     );
     t.setting(format!("{np} publisher devices, each keeping {} QoS 1 PUBLISHes of {} bytes unacknowledged on `devices/{PRODUCT}/pub-{{i}}/telemetry` for {} s; msgs/s acked = PUBACKs received within the window / the window; latency: PUBLISH written → PUBACK read; {client}", settings.inflight, settings.payload, settings.window.as_secs()));
     t.setting(format!("backend subscribed: a backend account (`{BACKEND}`, accounts listener) subscribed to `{BACKEND_FILTER}` at QoS 1 acknowledges and counts every message by its payload's run, publisher and sequence number; after the window the bench waits for the last PUBACKs and until the backend has every message sent (or nothing arrives for {} s). Without: the same on a broker with no account and no subscriber matching the telemetry topics", settings.drain.as_secs()));
     t.setting(format!("held devices: connected (first activations, {c} in flight) and subscribed to `devices/{PRODUCT}/{{DK}}/command` with the publishers connected, then idle"));
-    t.setting("each pair of rows runs on its own freshly started broker");
+    t.setting(format!("each broker and backend setting runs on its own freshly started broker, in {} rounds: a window with no other device, then the held devices connect (first activations in round 1, reconnects after) and a window with them held; they disconnect before the next round's first window. Verdicts compare the medians of the rounds", args.rounds.max(1)));
     t.setting("backend msgs/s = messages the backend received / the time from the window's start until it had every message sent (or gave up)");
     t.setting(format!("broker: \"this build\" is {}", bin.display()));
     if let Some(b) = &args.baseline_bin {
@@ -208,77 +251,84 @@ pub fn bench(args: &Args, load: &Load, bin: &Path, tmp: &Path, client: &str) -> 
         t.setting(r.spec.describe());
     }
     for r in &runs {
-        for (m, held) in [(&r.none, 0), (&r.with, r.devices.accepted)] {
-            t.row(vec![
-                r.broker.clone(),
-                if r.backend { "yes" } else { "no" }.into(),
-                held.to_string(),
-                m.publishers.to_string(),
-                m.settings.inflight.to_string(),
-                format!("{:.2}", m.settings.window.as_secs_f64()),
-                format!("{:.0}", m.rate()),
-                format!("{:.2}", m.ms(0.5)),
-                format!("{:.2}", m.ms(0.99)),
-                m.sent.to_string(),
-                m.acked.to_string(),
-                if r.backend {
-                    m.received.to_string()
-                } else {
-                    "no backend".into()
-                },
-                if r.backend {
-                    format!(
-                        "{:.0}",
-                        m.received as f64 / m.elapsed.as_secs_f64().max(1e-9)
-                    )
-                } else {
-                    "no backend".into()
-                },
-                if r.backend {
-                    m.duplicates.to_string()
-                } else {
-                    "no backend".into()
-                },
-                format!("{:.1}", m.server_us()),
-                ratio(Some(m.rate()), Some(r.none.rate())),
-            ]);
+        let rounds = r.none.iter().zip(&r.with).zip(&r.devices);
+        for (round, ((none, with), devices)) in rounds.enumerate() {
+            for (m, held) in [(none, 0), (with, devices.accepted)] {
+                t.row(vec![
+                    r.broker.clone(),
+                    if r.backend { "yes" } else { "no" }.into(),
+                    (round + 1).to_string(),
+                    held.to_string(),
+                    m.publishers.to_string(),
+                    m.settings.inflight.to_string(),
+                    format!("{:.2}", m.settings.window.as_secs_f64()),
+                    format!("{:.0}", m.rate()),
+                    format!("{:.2}", m.ms(0.5)),
+                    format!("{:.2}", m.ms(0.99)),
+                    m.sent.to_string(),
+                    m.acked.to_string(),
+                    backend_cell(r.backend, || m.received.to_string()),
+                    backend_cell(r.backend, || {
+                        format!(
+                            "{:.0}",
+                            m.received as f64 / m.elapsed.as_secs_f64().max(1e-9)
+                        )
+                    }),
+                    backend_cell(r.backend, || m.duplicates.to_string()),
+                    format!("{:.1}", m.server_us()),
+                    ratio(Some(m.rate()), Some(none.rate())),
+                ]);
+            }
         }
     }
     let this = |backend: bool| {
         runs.iter()
             .find(|r| r.broker == "this build" && r.backend == backend)
     };
+    let med = |ts: &[Telemetry]| median(ts.iter().map(Telemetry::rate)).unwrap_or(0.0);
     if let (Some(yes), Some(no)) = (this(true), this(false)) {
-        for (m_yes, m_no) in [(&yes.none, &no.none), (&yes.with, &no.with)] {
+        for (what, m_yes, m_no) in [
+            ("no other device", &yes.none, &no.none),
+            ("the devices held", &yes.with, &no.with),
+        ] {
             t.note(format!(
-                "this build: msgs/s acked with the backend / without: {:.0} / {:.0} = {:.2} ({})",
-                m_yes.rate(),
-                m_no.rate(),
-                m_yes.rate() / m_no.rate().max(1e-9),
-                m_no.label
+                "this build, {what}: median msgs/s acked with the backend / without: {:.0} / {:.0} = {:.2}",
+                med(m_yes),
+                med(m_no),
+                med(m_yes) / med(m_no).max(1e-9),
             ));
         }
     }
     for r in &runs {
-        let x = r.with.rate() / r.none.rate().max(1e-9);
-        let tag = if r.backend {
-            format!("{}, backend subscribed", r.broker)
-        } else {
-            format!("{}, no backend", r.broker)
+        let tag = r.tag();
+        let rates = |ts: &[Telemetry]| {
+            ts.iter()
+                .map(|m| format!("{:.0}", m.rate()))
+                .collect::<Vec<_>>()
+                .join(", ")
         };
+        let x = r.held_over_none();
+        let held = r.devices.first().map_or(0, |p| p.accepted);
         t.note(format!(
-            "{tag}: with {} idle subscribed devices held / with none ≥ 0.9: {x:.2}, {}",
-            r.devices.accepted,
-            if x >= 0.9 { "met" } else { "MISSED" }
+            "{tag}: with {held} idle subscribed devices held / with none ≥ 0.9: median of {} rounds {:.0} / {:.0} = {x:.2}, {} (held: {}; none: {})",
+            r.none.len(),
+            med(&r.with),
+            med(&r.none),
+            if x >= 0.9 { "met" } else { "MISSED" },
+            rates(&r.with),
+            rates(&r.none),
         ));
-        t.note(format!(
-            "{tag}: the {} held devices connected and subscribed in {:.2} s ({:.0}/s, p99 {:.2} ms).",
-            r.devices.accepted,
-            r.devices.elapsed.as_secs_f64(),
-            r.devices.rate(),
-            r.devices.ms(0.99)
-        ));
-        for m in [&r.none, &r.with] {
+        for (round, p) in r.devices.iter().enumerate() {
+            t.note(format!(
+                "{tag}, round {}: the {} held devices connected and subscribed in {:.2} s ({:.0}/s, p99 {:.2} ms).",
+                round + 1,
+                p.accepted,
+                p.elapsed.as_secs_f64(),
+                p.rate(),
+                p.ms(0.99)
+            ));
+        }
+        for m in r.none.iter().chain(&r.with) {
             if r.backend {
                 let every = m.received == m.sent && m.duplicates == 0;
                 t.note(format!(
@@ -306,16 +356,25 @@ pub fn bench(args: &Args, load: &Load, bin: &Path, tmp: &Path, client: &str) -> 
                 ));
             }
         }
-        for p in [&r.publishers, &r.devices] {
+        for p in std::iter::once(&r.publishers).chain(&r.devices) {
             if let Some(n) = p.failure_note() {
                 t.note(n);
             }
         }
         t.note(format!(
-            "{tag}: the store reopened after the broker stopped holds {} consumed codes ({} publishers + {} devices activated).",
-            r.consumed, r.publishers.accepted, r.devices.accepted
+            "{tag}: the store reopened after the broker stopped holds {} consumed codes ({} publishers + {held} devices activated).",
+            r.consumed, r.publishers.accepted
         ));
     }
     t.print();
     Ok(())
+}
+
+/// A cell of a backend column: `no backend` in the rows without one.
+fn backend_cell(backend: bool, cell: impl FnOnce() -> String) -> String {
+    if backend {
+        cell()
+    } else {
+        "no backend".into()
+    }
 }
