@@ -77,9 +77,9 @@ struct Args {
     router_inflight: Option<u16>,
     /// Rounds of each compared measurement, interleaved: benchmark 1's
     /// connect + SUBSCRIBE phases of the activation broker and Mosquitto,
-    /// benchmark 2's windows with and without the held devices. Verdicts
-    /// compare medians.
-    #[arg(long, default_value_t = 3)]
+    /// benchmark 2's windows with and without the held devices. Each
+    /// verdict is the median of the rounds' ratios.
+    #[arg(long, default_value_t = 5)]
     rounds: usize,
     /// Seconds allowed for one device's CONNACK and SUBACK, and for the
     /// last PUBACKs and backend messages after a telemetry window.
