@@ -20,9 +20,10 @@ use crate::gate::{Gate, GateRefusal};
 use crate::gateway::{DisconnectReason, Identity, OnlineRegistry};
 use crate::ledger::{LedgerError, Removal};
 
-/// How long the enforcer lets events gather after waking for one. A
-/// deletion disconnects its devices at most this much later.
-const EVENT_LINGER: std::time::Duration = std::time::Duration::from_millis(1);
+/// How long the enforcer lets events gather after waking for one (at
+/// 10,000 connects a second, about 100 at a time). A deletion disconnects
+/// its devices at most this much later.
+const EVENT_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 
 pub struct Enforcer {
     pub gate: Arc<Gate>,
