@@ -126,7 +126,8 @@ pub fn benches(
             }
         }
     }
-    // The compared rows again, interleaved: the verdicts compare medians.
+    // The compared rows again, interleaved: each verdict is the median of
+    // the rounds' ratios.
     let mut rounds: Vec<Vec<&Phase>> = Vec::new();
     let mut again = Vec::new();
     for _ in 2..=args.rounds.max(1) {
