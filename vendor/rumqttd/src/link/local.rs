@@ -979,6 +979,62 @@ mod test {
         assert!(quiet_rx.try_next().is_none(), "no ack was sent");
     }
 
+    // A retained message published after a SUBSCRIBE, both taken by the
+    // router in one pass before it serves the new subscription, reaches the
+    // subscriber once, as a live message (retain 0): not also as a retained
+    // one read when the subscription is first served.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_retained_publish_right_after_a_subscribe_arrives_once_as_live() {
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let config = crate::RouterConfig {
+            max_connections: 4,
+            max_outgoing_packet_count: 200,
+            max_segment_size: 1024 * 1024,
+            max_segment_count: 4,
+            ..Default::default()
+        };
+        // The router waits until both links' packets are in its channel
+        let router_tx = crate::Router::new(0, config).spawn_with(move || {
+            let _ = go_rx.recv();
+        });
+        let mut subscribe = subscribe_packet(1, "r/t");
+        if let crate::protocol::Packet::Subscribe(s, _) = &mut subscribe {
+            s.filters[0].qos = crate::protocol::QoS::AtMostOnce;
+        }
+        let (_sub_tx, mut sub_rx) = super::LinkBuilder::new("sub", router_tx.clone())
+            .dynamic_filters(true)
+            .connect_quiet_with([subscribe])
+            .await
+            .expect("connect sent");
+        let (mut pub_tx, _pub_rx) = super::LinkBuilder::new("pub", router_tx)
+            .dynamic_filters(true)
+            .connect_quiet_with([crate::protocol::Packet::Publish(
+                crate::protocol::Publish::new("r/t", "x", true),
+                None,
+            )])
+            .await
+            .expect("connect sent");
+        go_tx.send(()).expect("router waiting");
+        let n = next_notification(&mut sub_rx).await;
+        assert!(
+            matches!(&n, crate::Notification::Forward(f) if f.publish.payload == "x" && !f.publish.retain),
+            "{n:?}"
+        );
+        // Whatever the router sends next comes before this marker
+        pub_tx
+            .send(crate::protocol::Packet::Publish(
+                crate::protocol::Publish::new("r/t", "marker", false),
+                None,
+            ))
+            .await
+            .expect("published");
+        let n = next_notification(&mut sub_rx).await;
+        assert!(
+            matches!(&n, crate::Notification::Forward(f) if f.publish.payload == "marker"),
+            "a second copy before the marker: {n:?}"
+        );
+    }
+
     // `spawn_with` runs its hook on the router's thread, before the router
     // takes events.
     #[tokio::test(flavor = "current_thread")]

@@ -299,11 +299,12 @@ impl DataLog {
         self.retained.remove(topic);
     }
 
-    /// Retained messages matching `filter` (expired ones are dropped), in
-    /// time proportional to what the filter matches
-    pub fn read_retained_messages(&mut self, filter: &str) -> Vec<PubWithProp> {
+    /// Retained messages matching `filter` stored up to stamp `up_to`
+    /// (expired ones are dropped), in time proportional to what the filter
+    /// matches
+    pub fn read_retained_messages(&mut self, filter: &str, up_to: u64) -> Vec<PubWithProp> {
         trace!(info = "reading retain msg", filter = &filter);
-        self.retained.matching(filter, Instant::now())
+        self.retained.matching(filter, Instant::now(), up_to)
     }
 
     pub fn retained(&self) -> &RetainedStore {

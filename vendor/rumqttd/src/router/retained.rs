@@ -30,6 +30,8 @@ pub enum RetainRefusal {
 struct Retained {
     data: PublishData,
     owner: Box<str>,
+    /// When it was stored: [`RetainedStore::stamp`] after its insert
+    stamp: u64,
 }
 
 #[derive(Default)]
@@ -148,6 +150,10 @@ pub struct RetainedStore {
     max_bytes: usize,
     /// First levels that wildcards at the root do not match.
     excluded: Vec<Box<str>>,
+    /// Inserts so far: each message's stamp, so that a subscription reads
+    /// only the messages stored before it (later ones reach it through the
+    /// filter's log).
+    stamp: u64,
 }
 
 fn levels(topic: &str) -> Vec<&str> {
@@ -166,7 +172,14 @@ impl RetainedStore {
             max_per_client,
             max_bytes,
             excluded: Vec::new(),
+            stamp: 0,
         }
+    }
+
+    /// The stamp of the last message stored: a subscription made now reads
+    /// the retained messages up to it.
+    pub fn stamp(&self) -> u64 {
+        self.stamp
     }
 
     /// This store with first levels that a filter starting with a wildcard
@@ -225,9 +238,11 @@ impl RetainedStore {
         self.bytes += data.size();
         *self.per_client.entry(owner.into()).or_default() += 1;
         self.len += 1;
+        self.stamp += 1;
         let msg = Retained {
             data,
             owner: owner.into(),
+            stamp: self.stamp,
         };
         if let Some(old) = self.root.put(&levels(topic), msg) {
             self.forget(old);
@@ -253,13 +268,14 @@ impl RetainedStore {
         }
     }
 
-    /// The retained messages matching `filter`, their message expiry
-    /// intervals lowered by the time they spent here; expired ones are
-    /// dropped.
+    /// The retained messages matching `filter` stored up to stamp
+    /// `up_to`, their message expiry intervals lowered by the time they
+    /// spent here; expired ones are dropped.
     pub fn matching(
         &mut self,
         filter: &str,
         now: Instant,
+        up_to: u64,
     ) -> Vec<(Publish, Option<PublishProperties>)> {
         let mut topics = Vec::new();
         self.root.collect(
@@ -273,6 +289,9 @@ impl RetainedStore {
             let Some(msg) = self.root.get(&levels(&topic)) else {
                 continue;
             };
+            if msg.stamp > up_to {
+                continue;
+            }
             let mut properties = msg.data.properties.clone();
             let publish = msg.data.publish.clone();
             let spent = (now - msg.data.timestamp).as_secs();
@@ -314,9 +333,40 @@ mod test {
         store
             .insert("c", Publish::new("c", "r0", true), None, "x", false)
             .unwrap();
-        assert_eq!(store.matching("+", Instant::now()).len(), 1);
-        assert_eq!(store.matching("c", Instant::now()).len(), 1);
-        assert_eq!(store.matching("#", Instant::now()).len(), 1);
+        assert_eq!(store.matching("+", Instant::now(), u64::MAX).len(), 1);
+        assert_eq!(store.matching("c", Instant::now(), u64::MAX).len(), 1);
+        assert_eq!(store.matching("#", Instant::now(), u64::MAX).len(), 1);
+    }
+
+    // A subscription reads the messages stored up to its stamp: one stored
+    // (or replaced) after it reaches it through the filter's log instead.
+    #[test]
+    fn messages_stored_after_a_stamp_are_not_read_up_to_it() {
+        let mut store = RetainedStore::new(10, 1 << 20);
+        store
+            .insert("a", Publish::new("a", "old", true), None, "x", false)
+            .unwrap();
+        let stamp = store.stamp();
+        store
+            .insert("b", Publish::new("b", "new", true), None, "x", false)
+            .unwrap();
+        let read = |store: &mut RetainedStore, up_to| -> Vec<String> {
+            let mut v: Vec<String> = store
+                .matching("#", Instant::now(), up_to)
+                .into_iter()
+                .map(|(p, _)| String::from_utf8_lossy(&p.payload).into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(read(&mut store, stamp), vec!["old"]);
+        let now = store.stamp();
+        assert_eq!(read(&mut store, now), vec!["new", "old"]);
+        // Replaced after the stamp: the new value is not read up to it
+        store
+            .insert("a", Publish::new("a", "newer", true), None, "x", false)
+            .unwrap();
+        assert!(read(&mut store, stamp).is_empty());
     }
 
     #[test]
@@ -329,7 +379,7 @@ mod test {
         }
         let topics = |f: &str, store: &mut RetainedStore| -> Vec<String> {
             let mut v: Vec<String> = store
-                .matching(f, Instant::now())
+                .matching(f, Instant::now(), u64::MAX)
                 .into_iter()
                 .map(|(p, _)| String::from_utf8_lossy(&p.topic).into_owned())
                 .collect();

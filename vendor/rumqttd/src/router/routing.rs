@@ -1218,6 +1218,7 @@ impl Router {
                 read_count: 0,
                 max_count: 100,
                 forward_retained,
+                retained_up_to: self.datalog.retained().stamp(),
                 group,
                 nolocal: filter.nolocal,
                 preserve_retain: filter.preserve_retain,
@@ -1239,11 +1240,15 @@ impl Router {
             if let Some(request) = parked {
                 self.scheduler.track(id, request);
             }
+            let stamp = self.datalog.retained().stamp();
             if let Some(request) = self.scheduler.request_mut(id, filter_path) {
                 request.qos = filter.qos as u8;
                 request.nolocal = filter.nolocal;
                 request.preserve_retain = filter.preserve_retain;
-                request.forward_retained |= forward_retained;
+                if forward_retained {
+                    request.forward_retained = true;
+                    request.retained_up_to = stamp;
+                }
             }
             self.scheduler.reschedule(id, ScheduleReason::NewFilter);
         }
@@ -1771,7 +1776,8 @@ fn forward_device_data(
         // NOTE: ideally we want to limit the number of read messages
         // and skip the messages previously read while reading next time.
         // but for now, we just try to read all messages and drop the excess ones
-        let mut retained_publishes = datalog.read_retained_messages(&request.filter);
+        let mut retained_publishes =
+            datalog.read_retained_messages(&request.filter, request.retained_up_to);
         retained_publishes.truncate(inflight_slots as usize);
 
         // Retained messages sent on a subscribe carry retain 1.
