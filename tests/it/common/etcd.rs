@@ -8,7 +8,7 @@ use std::process::{Child, Command as Process, Stdio};
 use std::time::{Duration, Instant};
 
 use activation_broker::clock::Clock;
-use activation_broker::ledger::{EtcdOptions, Ledger, LedgerOptions};
+use activation_broker::ledger::{EtcdOptions, Ledger, LedgerError, LedgerOptions};
 use activation_client::child::free_port;
 
 use super::child::{broker_bin, ChildBroker};
@@ -224,14 +224,28 @@ impl EtcdCluster {
     }
 
     /// A ledger node in this process (the operator's tool, or node "A").
+    /// Opening it is tried again for up to 60 s while etcd answers
+    /// "unavailable": after members were killed and started again, a
+    /// member that is still catching up may time a read out although the
+    /// cluster takes writes.
     pub fn ledger(&self, node: &str) -> Ledger {
-        Ledger::open_etcd(
-            self.options(node),
-            LedgerOptions::default(),
-            Clock::system(),
-            Default::default(),
-        )
-        .expect("open the ledger on etcd")
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match Ledger::open_etcd(
+                self.options(node),
+                LedgerOptions::default(),
+                Clock::system(),
+                Default::default(),
+            ) {
+                Ok(l) => return l,
+                Err(LedgerError::Unavailable(e)) if Instant::now() < deadline => {
+                    eprintln!("opening the ledger on etcd again: {e}");
+                    // A refused connection fails at once: no busy loop.
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("open the ledger on etcd: {e:?}"),
+            }
+        }
     }
 
     /// Creates product `pk` (product-secret) with `codes` codes valid
