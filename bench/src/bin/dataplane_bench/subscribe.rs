@@ -144,6 +144,11 @@ pub fn benches(
         }
     }
     let (consumed, _) = broker.stop_and_check()?;
+    if consumed != first {
+        bail!(
+            "the store has {consumed} consumed codes but {first} first activations got CONNACK 0"
+        );
+    }
     let mosquitto = mosquitto.map(|(name, _, _)| name);
     let compared =
         |p: &&Phase| p.label == SUBSCRIBE_ROW || p.label.ends_with(": connect + SUBSCRIBE");
