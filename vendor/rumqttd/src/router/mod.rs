@@ -218,11 +218,10 @@ pub struct DataRequest {
     pub read_count: usize,
     /// Maximum count of payload buffer per replica
     max_count: usize,
-    pub(crate) forward_retained: bool,
-    /// The retained messages to forward are those stored up to this stamp
+    /// Retained messages still to forward: those stored up to this stamp
     /// (when the subscription was made); later ones are in the log after
     /// `cursor`, so reading them here too would send them twice.
-    pub(crate) retained_up_to: u64,
+    pub(crate) retained_up_to: Option<u64>,
     pub(crate) group: Option<String>,
     /// MQTT 5 No Local: not the subscriber's own publishes.
     pub(crate) nolocal: bool,

@@ -1217,8 +1217,7 @@ impl Router {
                 cursor,
                 read_count: 0,
                 max_count: 100,
-                forward_retained,
-                retained_up_to: self.datalog.retained().stamp(),
+                retained_up_to: forward_retained.then(|| self.datalog.retained().stamp()),
                 group,
                 nolocal: filter.nolocal,
                 preserve_retain: filter.preserve_retain,
@@ -1246,8 +1245,7 @@ impl Router {
                 request.nolocal = filter.nolocal;
                 request.preserve_retain = filter.preserve_retain;
                 if forward_retained {
-                    request.forward_retained = true;
-                    request.retained_up_to = stamp;
+                    request.retained_up_to = Some(stamp);
                 }
             }
             self.scheduler.reschedule(id, ScheduleReason::NewFilter);
@@ -1772,12 +1770,11 @@ fn forward_device_data(
 
     let mut publishes = Vec::new();
 
-    if request.forward_retained {
+    if let Some(up_to) = request.retained_up_to {
         // NOTE: ideally we want to limit the number of read messages
         // and skip the messages previously read while reading next time.
         // but for now, we just try to read all messages and drop the excess ones
-        let mut retained_publishes =
-            datalog.read_retained_messages(&request.filter, request.retained_up_to);
+        let mut retained_publishes = datalog.read_retained_messages(&request.filter, up_to);
         retained_publishes.truncate(inflight_slots as usize);
 
         // Retained messages sent on a subscribe carry retain 1.
@@ -1788,7 +1785,7 @@ fn forward_device_data(
         inflight_slots -= publishes.len() as u64;
 
         // we only want to forward retained messages once
-        request.forward_retained = false;
+        request.retained_up_to = None;
     }
 
     let (next, publishes_from_datalog) =
