@@ -37,7 +37,7 @@ fn render(namespace: &AclTemplate, pk: &str, dk: &str) -> Result<Acl, AclError> 
 
 pub struct DeviceAuthenticator {
     gate: Arc<Gate>,
-    namespace: AclTemplate,
+    namespace: Arc<AclTemplate>,
     events: EventBus,
 }
 
@@ -47,7 +47,7 @@ impl DeviceAuthenticator {
         let events = gate.ledger().events().clone();
         DeviceAuthenticator {
             gate,
-            namespace,
+            namespace: Arc::new(namespace),
             events,
         }
     }
@@ -103,6 +103,9 @@ impl Authenticator for DeviceAuthenticator {
                 Ok(a) => Ok(a),
                 Err(refusal) => {
                     let code = refusal_code(&refusal);
+                    if !events.wants(EventKind::DeviceRejected) {
+                        return Err(Rejection::new(code, refusal.reason()));
+                    }
                     let mut ev = Event::new(EventKind::DeviceRejected, gate.ledger().clock().now())
                         .with("Reason", refusal.reason())
                         .with("ReasonCode", format!("0x{:02X}", code.v5_code()))

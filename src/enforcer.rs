@@ -4,10 +4,11 @@
 //! announces `device/expired` for every code that expires while the broker
 //! runs.
 //!
-//! It watches the ledger's current-expiry index with the injected clock, and
-//! the event stream for changes (new codes, deletions). Should it fall
-//! behind the stream (events dropped), it checks every online device
-//! against the ledger instead.
+//! It watches the ledger's current-expiry index with the injected clock,
+//! re-read when device records change (new codes: the ledger's device
+//! generation), and the event stream for deletions. Should it fall behind
+//! the stream (events dropped), it checks every online device against the
+//! ledger instead.
 
 use std::sync::Arc;
 
@@ -36,19 +37,23 @@ impl Enforcer {
     pub async fn run(self) {
         let ledger = self.gate.ledger().clone();
         let events = ledger.events().clone();
-        let mut rx = events.subscribe();
+        // Of the events only deletions matter here: connects and
+        // disconnects (most events) are not even sent to this task.
+        let mut rx = events.subscribe_to(&[EventKind::DeviceDeleted, EventKind::ProductDeleted]);
+        // New expiries (activations and renewals, here or through another
+        // node) show as a new device generation.
+        let mut changes = ledger.device_changes();
         // Deletions made through other nodes (etcd store): this node learns
         // them from its replica, not from its own events.
         let mut removals = ledger.replica_removals();
         // Expiries up to here are handled.
         let mut swept_until: Millis = self.clock.now();
         // The earliest expiry after `swept_until`, read at device generation
-        // `known` (re-read only when device records change: most events,
-        // connects and disconnects, change nothing here).
+        // `known` (re-read only when device records change).
         let mut next: Option<Millis> = None;
         let mut known: Option<u64> = None;
         loop {
-            let generation = ledger.device_generation();
+            let generation = *changes.borrow_and_update();
             if known != Some(generation) {
                 known = Some(generation);
                 // Index reads take the ledger's read lock, which waits while
@@ -66,6 +71,14 @@ impl Enforcer {
                         None => std::future::pending().await,
                     }
                 } => {}
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    // A flood of activations commits a batch every few
+                    // milliseconds: read the index once for many.
+                    tokio::time::sleep(EVENT_LINGER).await;
+                }
                 rm = removals.recv() => match rm {
                     Ok(r) => self.on_removal(&r),
                     Err(RecvError::Lagged(n)) => self.resync(n).await,

@@ -1,6 +1,7 @@
 //! The internal event stream. The ledger, the gate and the connection layer
 //! publish here; the admin plane relays it to `admin/v1/events/{kind}`.
 
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -51,6 +52,11 @@ impl EventKind {
         EventKind::CodesAssigned,
         EventKind::PoolLow,
     ];
+
+    /// This kind's place in [`EventKind::ALL`].
+    fn index(self) -> usize {
+        self as usize
+    }
 
     /// The `{kind}` segment of `admin/v1/events/{kind}`.
     pub fn as_str(self) -> &'static str {
@@ -182,28 +188,128 @@ enum Entry<'a> {
     Value(&'a serde_json::Value),
 }
 
-/// A cheap, cloneable publisher. Publishing never blocks; with no
-/// subscriber the event is dropped.
+/// A cheap, cloneable publisher. Publishing never blocks; an event nobody
+/// wants is not sent (and a caller that checks [`EventBus::wants`] first
+/// does not even make it: a connection flood makes two events per device).
+///
+/// Who wants an event of a kind: any receiver of every kind
+/// ([`EventBus::subscribe`]: the console's event stream, tests); a receiver
+/// of some kinds ([`EventBus::subscribe_to`]: the enforcer, deletions only)
+/// when the kind is among them; and MQTT subscribers of
+/// `admin/v1/events/…`, through [`EventBus::mqtt_interest`]: the gateway
+/// raises that flag at the first allowed SUBSCRIBE whose filter can match an
+/// event topic, before its SUBACK is written, and it stays raised (a stored
+/// session keeps its subscription while offline), so no event after a
+/// SUBACK is skipped.
 #[derive(Clone, Debug)]
 pub struct EventBus {
     tx: broadcast::Sender<Arc<Event>>,
+    interest: Arc<Interest>,
+}
+
+/// What the receivers of an [`EventBus`] want.
+#[derive(Debug, Default)]
+struct Interest {
+    /// Receivers of some kinds only (among the channel's receivers).
+    partial: AtomicUsize,
+    /// Per kind (index in [`EventKind::ALL`]), the receivers of some kinds that take it.
+    kinds: [AtomicUsize; EventKind::ALL.len()],
+    /// Some MQTT session has subscribed to an event topic.
+    mqtt: Arc<AtomicBool>,
 }
 
 impl EventBus {
     pub fn new(capacity: usize) -> Self {
         let (tx, _) = broadcast::channel(capacity.max(16));
-        EventBus { tx }
+        EventBus {
+            tx,
+            interest: Arc::default(),
+        }
+    }
+
+    /// Whether an event of `kind` published now would reach anyone.
+    pub fn wants(&self, kind: EventKind) -> bool {
+        let i = &self.interest;
+        // A receiver of some kinds counts itself in `partial` only once it
+        // exists and stops counting before it is gone, so this errs
+        // towards sending.
+        self.tx.receiver_count() > i.partial.load(Ordering::SeqCst)
+            || i.kinds[kind.index()].load(Ordering::SeqCst) > 0
+            || i.mqtt.load(Ordering::SeqCst)
     }
 
     pub fn publish(&self, event: Event) {
-        // No receiver: nothing to share it with.
-        if self.tx.receiver_count() > 0 {
+        if self.wants(event.kind) {
             let _ = self.tx.send(Arc::new(event));
         }
     }
 
+    /// A receiver of every event.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
         self.tx.subscribe()
+    }
+
+    /// A receiver of the events of `kinds`, and of any other event that
+    /// someone else wants when it is sent (so check the kind).
+    pub fn subscribe_to(&self, kinds: &[EventKind]) -> KindsReceiver {
+        let kinds: Vec<EventKind> = kinds.to_vec();
+        for k in &kinds {
+            self.interest.kinds[k.index()].fetch_add(1, Ordering::SeqCst);
+        }
+        let rx = self.tx.subscribe();
+        self.interest.partial.fetch_add(1, Ordering::SeqCst);
+        KindsReceiver {
+            rx: Some(rx),
+            kinds,
+            interest: self.interest.clone(),
+        }
+    }
+
+    /// The flag that MQTT subscribers of `admin/v1/events/…` exist (the
+    /// gateway raises it; see [`EventBus`]).
+    pub fn mqtt_interest(&self) -> Arc<AtomicBool> {
+        self.interest.mqtt.clone()
+    }
+
+    /// Whether MQTT subscribers of `admin/v1/events/…` exist.
+    pub fn mqtt_wanted(&self) -> bool {
+        self.interest.mqtt.load(Ordering::SeqCst)
+    }
+}
+
+/// A receiver of some kinds of events ([`EventBus::subscribe_to`]); reads
+/// like a `broadcast::Receiver`.
+#[derive(Debug)]
+pub struct KindsReceiver {
+    rx: Option<broadcast::Receiver<Arc<Event>>>,
+    kinds: Vec<EventKind>,
+    interest: Arc<Interest>,
+}
+
+impl KindsReceiver {
+    pub async fn recv(&mut self) -> Result<Arc<Event>, broadcast::error::RecvError> {
+        match self.rx.as_mut() {
+            Some(rx) => rx.recv().await,
+            None => Err(broadcast::error::RecvError::Closed),
+        }
+    }
+
+    pub fn try_recv(&mut self) -> Result<Arc<Event>, broadcast::error::TryRecvError> {
+        match self.rx.as_mut() {
+            Some(rx) => rx.try_recv(),
+            None => Err(broadcast::error::TryRecvError::Closed),
+        }
+    }
+}
+
+impl Drop for KindsReceiver {
+    fn drop(&mut self) {
+        // The reverse order of `subscribe_to`.
+        self.interest.partial.fetch_sub(1, Ordering::SeqCst);
+        drop(self.rx.take());
+        for k in &self.kinds {
+            self.interest.kinds[k.index()].fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -245,6 +351,54 @@ mod tests {
         assert_eq!(v["Reason"], "b");
         assert_eq!(v["Event"], "overridden");
         assert_eq!(e.render(), v.to_string());
+    }
+
+    #[test]
+    fn kinds_index_their_place_in_all() {
+        for (i, k) in EventKind::ALL.iter().enumerate() {
+            assert_eq!(k.index(), i, "{k:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_event_is_sent_only_when_someone_wants_its_kind() {
+        let bus = EventBus::new(16);
+        let wanted = |bus: &EventBus| -> Vec<EventKind> {
+            EventKind::ALL
+                .into_iter()
+                .filter(|k| bus.wants(*k))
+                .collect()
+        };
+        assert!(wanted(&bus).is_empty(), "no receiver");
+
+        let mut deletions =
+            bus.subscribe_to(&[EventKind::DeviceDeleted, EventKind::ProductDeleted]);
+        let mut none = bus.subscribe_to(&[]);
+        assert_eq!(
+            wanted(&bus),
+            vec![EventKind::DeviceDeleted, EventKind::ProductDeleted]
+        );
+        bus.publish(Event::new(EventKind::DeviceConnected, 1));
+        bus.publish(Event::new(EventKind::DeviceDeleted, 2));
+        assert_eq!(deletions.recv().await.expect("sent").at, 2);
+        assert_eq!(none.recv().await.expect("others get what is sent").at, 2);
+        assert!(deletions.try_recv().is_err(), "the connect was not sent");
+
+        // A receiver of every kind (the console's stream) wants everything.
+        let all = bus.subscribe();
+        assert_eq!(wanted(&bus).len(), EventKind::ALL.len());
+        drop(all);
+        assert_eq!(wanted(&bus).len(), 2);
+
+        // So does an MQTT subscriber of the event topics, for good.
+        bus.mqtt_interest().store(true, Ordering::SeqCst);
+        assert!(bus.mqtt_wanted());
+        assert_eq!(wanted(&bus).len(), EventKind::ALL.len());
+        bus.mqtt_interest().store(false, Ordering::SeqCst);
+
+        drop(deletions);
+        drop(none);
+        assert!(wanted(&bus).is_empty(), "dropped receivers want nothing");
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@ use anyhow::Context;
 
 use crate::account_auth::AccountAuthenticator;
 use crate::admin::announcer::Announcer;
-use crate::admin::service::AdminService;
+use crate::admin::service::{AdminService, EVENTS_FILTER};
 use crate::admin::{Accounts, AdminContext};
 use crate::clock::Clock;
 use crate::config::Config;
@@ -18,7 +18,7 @@ use crate::device_auth::DeviceAuthenticator;
 use crate::enforcer::Enforcer;
 use crate::events::EventBus;
 use crate::gate::Gate;
-use crate::gateway::{router_config_with, Gateway, Listener, RouterHandle};
+use crate::gateway::{router_config_with, Gateway, Listener, RouterHandle, SubscribeWatch};
 use crate::http::{HttpServer, HttpState};
 use crate::ledger::{EtcdOptions, Ledger, LedgerOptions};
 
@@ -114,6 +114,10 @@ impl Broker {
         } else {
             None
         };
+        if http_binding.is_some() {
+            // Before the listeners, which register their metrics once.
+            crate::http::metrics::install();
+        }
         let events = EventBus::new(config.events.capacity);
         let options = LedgerOptions {
             max_batch: config.ledger.max_batch,
@@ -131,8 +135,16 @@ impl Broker {
             gate.clone(),
             config.device_namespace(),
         ));
+        // Events are made only once someone may receive them: a session
+        // subscribing to the event topics raises the bus's flag before
+        // its SUBACK (devices never may; watched on every listener anyway).
+        let watch = SubscribeWatch {
+            filter: EVENTS_FILTER,
+            seen: events.mqtt_interest(),
+        };
         let mut device_listeners = Vec::new();
-        for l in config.devices.listeners("devices") {
+        for mut l in config.devices.listeners("devices") {
+            l.subscribe_watch = Some(watch.clone());
             device_listeners.push(gateway.listen(l, auth.clone()).await?);
         }
         let account_auth = Arc::new(
@@ -140,7 +152,8 @@ impl Broker {
                 .with_limits(gateway.clone(), config.account_limits.clone()),
         );
         let mut account_listeners = Vec::new();
-        for l in config.accounts_listener.listeners("accounts") {
+        for mut l in config.accounts_listener.listeners("accounts") {
+            l.subscribe_watch = Some(watch.clone());
             account_listeners.push(gateway.listen(l, account_auth.clone()).await?);
         }
         let router = gateway.router().clone();

@@ -29,7 +29,7 @@ use tokio::task::JoinHandle;
 
 use super::accounts::{response_topic, valid_account_name, Accounts};
 use super::{handle, respond, AdminContext, AdminError};
-use crate::events::Event;
+use crate::events::{Event, EventBus, KindsReceiver};
 use crate::gateway::{RouterLink, RouterLinkRx};
 
 /// Client id of the service's router link. Contains NUL, which no accepted
@@ -39,6 +39,8 @@ pub const ADMIN_CLIENT_ID: &str = "\0admin-service";
 /// What the service subscribes to.
 pub const REQUEST_FILTER: &str = "admin/v1/+/request";
 pub use activation_client::admin::EVENTS_PREFIX;
+/// The filter of every event topic (`{EVENTS_PREFIX}#`).
+pub const EVENTS_FILTER: &str = "admin/v1/events/#";
 /// Requests served at once; more wait for a slot.
 const MAX_CONCURRENT_REQUESTS: usize = 64;
 /// Batches of publishes queued for the router (a response is a batch of
@@ -107,7 +109,11 @@ impl AdminService {
         L: Into<RouterLink> + Send + 'static,
     {
         // Subscribe to the bus first: no event after `start` returns is missed.
-        let events = ctx.ledger.events().subscribe();
+        // It takes events only while some MQTT session subscribes to them
+        // (`EventBus::mqtt_interest`, raised by the gateway before that
+        // SUBACK) or someone else wants them.
+        let bus = ctx.ledger.events().clone();
+        let events = bus.subscribe_to(&[]);
         let mut link: RouterLink = tokio::task::spawn_blocking(move || link(ADMIN_CLIENT_ID))
             .await
             .context("starting the admin link")??
@@ -151,7 +157,7 @@ impl AdminService {
         });
 
         let reader = tokio::spawn(serve(ctx, accounts, rx, out_tx.clone(), stats.clone()));
-        let relay = tokio::spawn(relay(events, out_tx, stats.clone()));
+        let relay = tokio::spawn(relay(bus, events, out_tx, stats.clone()));
         Ok(AdminService {
             tasks: vec![reader, relay, publisher],
             stats,
@@ -308,7 +314,8 @@ async fn serve_one(
 }
 
 async fn relay(
-    mut events: broadcast::Receiver<Arc<Event>>,
+    bus: EventBus,
+    mut events: KindsReceiver,
     out: mpsc::Sender<Vec<Outgoing>>,
     stats: Arc<AdminStats>,
 ) {
@@ -327,6 +334,11 @@ async fn relay(
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
+        // Sent for another receiver (the console's stream) while no MQTT
+        // session subscribes to events: nobody to publish it to.
+        if !bus.mqtt_wanted() {
+            continue;
+        }
         let mut batch = vec![event_publish(&first)];
         if !full {
             tokio::time::sleep(EVENT_LINGER).await;

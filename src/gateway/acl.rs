@@ -218,6 +218,16 @@ pub fn filter_within(f: &str, a: &str) -> bool {
     fl.next().is_none()
 }
 
+/// Could one topic name match both the subscription filter `filter` (maybe
+/// `$share/{group}/…`: its inner filter) and filter `other` (both valid)?
+pub fn subscription_overlaps(filter: &str, other: &str) -> bool {
+    let inner = match shared_inner(filter) {
+        Some(Some(inner)) => inner,
+        _ => filter,
+    };
+    filters_overlap(inner, other)
+}
+
 /// Could one topic name match both filters `a` and `b` (both valid)?
 pub fn filters_overlap(a: &str, b: &str) -> bool {
     // Wildcards at the first level never match `$` or `admin` topics.
@@ -349,6 +359,29 @@ fn render_one(template: &str, vars: &[(&str, &str)]) -> Result<String, AclError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn subscriptions_overlapping_the_event_topics() {
+        let events = "admin/v1/events/#";
+        for f in [
+            "admin/v1/events/#",
+            "admin/v1/events/device/connected",
+            "admin/#",
+            "admin/+/events/+/connected",
+            "$share/g/admin/v1/events/device/+",
+        ] {
+            assert!(subscription_overlaps(f, events), "{f}");
+        }
+        for f in [
+            "#",
+            "+/v1/events/device/connected",
+            "admin/v1/ops/response",
+            "devices/p/d/#",
+            "$share/g/#",
+        ] {
+            assert!(!subscription_overlaps(f, events), "{f}");
+        }
+    }
 
     #[test]
     fn matching() {

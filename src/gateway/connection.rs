@@ -48,6 +48,33 @@ pub(crate) struct ListenerCtx {
     pub(crate) gw: Arc<Shared>,
     /// Bounds concurrent link creations (router Connect events in flight).
     pub(crate) links: Semaphore,
+    pub(crate) metrics: ListenerMetrics,
+}
+
+/// The metrics every accepted connection touches, registered once per
+/// listener (the `metrics` macros look their key up at every call). Made
+/// after the process's recorder is installed (`Broker::start`), or they
+/// record nothing.
+pub(crate) struct ListenerMetrics {
+    accepted: metrics::Counter,
+    connack_seconds: metrics::Histogram,
+    online_devices: metrics::Gauge,
+}
+
+impl ListenerMetrics {
+    pub(crate) fn new(listener: &str) -> Self {
+        let name = listener.to_owned();
+        ListenerMetrics {
+            accepted: connects_counter(listener, "accepted"),
+            connack_seconds: metrics::histogram!("activation_connack_seconds", "listener" => name),
+            online_devices: metrics::gauge!("activation_online_devices"),
+        }
+    }
+}
+
+/// `activation_connects_total` of one listener and result.
+fn connects_counter(listener: &str, result: &'static str) -> metrics::Counter {
+    metrics::counter!("activation_connects_total", "listener" => listener.to_owned(), "result" => result)
 }
 
 /// Bytes of router output gathered before they are written out.
@@ -68,7 +95,7 @@ where
     let mut rbuf = BytesMut::new();
     let admitted = match Box::pin(handshake(&mut stream, peer, &ctx, &mut rbuf)).await {
         Ok(a) => a,
-        Err(refusal) => return Box::pin(refuse(&mut stream, peer, cfg, refusal, started)).await,
+        Err(refusal) => return Box::pin(refuse(&mut stream, peer, &ctx, refusal, started)).await,
     };
     let Admitted {
         codec,
@@ -113,7 +140,7 @@ where
         &guard,
         &admission.identity,
         peer,
-        cfg,
+        &ctx,
         started,
     ))
     .await;
@@ -139,6 +166,7 @@ where
         will,
         stored,
         peer,
+        &ctx.metrics,
     ))
     .await;
 }
@@ -153,12 +181,13 @@ async fn connack<S>(
     guard: &SessionGuard,
     identity: &Identity,
     peer: SocketAddr,
-    cfg: &ListenerConfig,
+    ctx: &ListenerCtx,
     started: std::time::Instant,
 ) -> Option<u16>
 where
     S: AsyncWrite + Unpin,
 {
+    let cfg = &ctx.config;
     let version = session.codec.version();
     let client_id = &guard.client_id;
     let session_present = guard.link.as_ref().is_some_and(RouterLink::session_present);
@@ -200,7 +229,10 @@ where
     let connack_sent = flush(stream, &mut session.wbuf, cfg.write_timeout)
         .await
         .is_ok();
-    connack_metrics(cfg, "accepted", started);
+    ctx.metrics.accepted.increment(1);
+    ctx.metrics
+        .connack_seconds
+        .record(started.elapsed().as_secs_f64());
 
     tracing::debug!(%peer, %client_id, protocol = version.as_str(), session_present, "connected");
     if let Identity::Device {
@@ -209,14 +241,16 @@ where
     } = identity
     {
         let gw = &guard.gw;
-        metrics::gauge!("activation_online_devices").increment(1);
-        gw.events.publish(
-            Event::new(EventKind::DeviceConnected, gw.clock.now())
-                .device(product_key, device_key)
-                .with("ClientId", client_id.as_str())
-                .with("Protocol", version.as_str())
-                .with("Ip", peer.ip().to_string()),
-        );
+        ctx.metrics.online_devices.increment(1);
+        if gw.events.wants(EventKind::DeviceConnected) {
+            gw.events.publish(
+                Event::new(EventKind::DeviceConnected, gw.clock.now())
+                    .device(product_key, device_key)
+                    .with("ClientId", client_id.as_str())
+                    .with("Protocol", version.as_str())
+                    .with("Ip", peer.ip().to_string()),
+            );
+        }
     }
     connack_sent.then_some(keep_alive)
 }
@@ -234,6 +268,7 @@ async fn finish<S>(
     will: Option<Box<Will>>,
     stored: bool,
     peer: SocketAddr,
+    metrics: &ListenerMetrics,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -270,36 +305,29 @@ async fn finish<S>(
         device_key,
     } = identity
     {
-        metrics::gauge!("activation_online_devices").decrement(1);
-        gw.events.publish(
-            Event::new(EventKind::DeviceDisconnected, gw.clock.now())
-                .device(product_key, device_key)
-                .with("ClientId", client_id.as_str())
-                .with("Reason", end.reason.as_str()),
-        );
+        metrics.online_devices.decrement(1);
+        if gw.events.wants(EventKind::DeviceDisconnected) {
+            gw.events.publish(
+                Event::new(EventKind::DeviceDisconnected, gw.clock.now())
+                    .device(product_key, device_key)
+                    .with("ClientId", client_id.as_str())
+                    .with("Reason", end.reason.as_str()),
+            );
+        }
     }
-}
-
-/// Counts a CONNACK in `activation_connects_total` and observes the time
-/// from the accepted connection to it in `activation_connack_seconds`
-/// (the `metrics` facade: no I/O, no lock held).
-fn connack_metrics(cfg: &ListenerConfig, result: &'static str, started: std::time::Instant) {
-    metrics::counter!("activation_connects_total", "listener" => cfg.name.clone(), "result" => result)
-        .increment(1);
-    metrics::histogram!("activation_connack_seconds", "listener" => cfg.name.clone())
-        .record(started.elapsed().as_secs_f64());
 }
 
 /// Answers a refused handshake and closes the socket.
 async fn refuse<S>(
     stream: &mut S,
     peer: SocketAddr,
-    cfg: &ListenerConfig,
+    ctx: &ListenerCtx,
     refusal: Refusal,
     started: std::time::Instant,
 ) where
     S: AsyncWrite + Unpin,
 {
+    let cfg = &ctx.config;
     let mut w = BytesMut::new();
     let result = match &refusal {
         Refusal::Close(_) => None,
@@ -327,8 +355,14 @@ async fn refuse<S>(
         }
     }
     let _ = write_out(stream, &mut w, cfg.write_timeout).await;
+    // Counted in `activation_connects_total` by result (a refusal's
+    // counter is looked up here: refusals are the rare case), and timed
+    // from the accepted connection in `activation_connack_seconds`.
     if let Some(result) = result {
-        connack_metrics(cfg, result, started);
+        connects_counter(&cfg.name, result).increment(1);
+        ctx.metrics
+            .connack_seconds
+            .record(started.elapsed().as_secs_f64());
     }
     close(stream).await;
 }

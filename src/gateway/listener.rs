@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 
-use super::connection::{self, ListenerCtx};
+use super::connection::{self, ListenerCtx, ListenerMetrics};
 use super::limits::{Guarded, Pending};
 use super::proxy;
 use super::{Authenticator, GatewayError, Listener, ListenerConfig, Shared, TlsConfig};
@@ -71,6 +71,7 @@ pub(crate) async fn start(
         pending: pending.clone(),
     });
     let ctx = Arc::new(ListenerCtx {
+        metrics: ListenerMetrics::new(&config.name),
         tls: tls.is_some(),
         links: tokio::sync::Semaphore::new(config.max_concurrent_links.max(1)),
         config,

@@ -275,6 +275,28 @@ pub struct ListenerConfig {
     /// QoS 1/2 PUBLISHes an MQTT 5 client may have unacknowledged (Receive
     /// Maximum); one more ends the connection with DISCONNECT 0x93.
     pub receive_maximum: u16,
+    /// Raised at the first allowed SUBSCRIBE that could match a topic in
+    /// its filter (e.g. the event topics, so that events are made only
+    /// once someone may receive them).
+    pub subscribe_watch: Option<SubscribeWatch>,
+}
+
+/// A filter the gateway watches subscriptions for: the first allowed
+/// SUBSCRIBE whose filter could match a topic it matches raises `seen`
+/// before that SUBSCRIBE's SUBACK is written; nothing lowers it.
+#[derive(Debug, Clone)]
+pub struct SubscribeWatch {
+    pub filter: &'static str,
+    pub seen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl SubscribeWatch {
+    /// Raises the flag if `filter` (allowed, valid) could match a watched topic.
+    pub(crate) fn note(&self, filter: &str) {
+        if !self.seen.load(Ordering::Relaxed) && acl::subscription_overlaps(filter, self.filter) {
+            self.seen.store(true, Ordering::SeqCst);
+        }
+    }
 }
 
 impl ListenerConfig {
@@ -295,6 +317,7 @@ impl ListenerConfig {
             proxy_protocol: false,
             max_keep_alive_secs: 0,
             receive_maximum: 65535,
+            subscribe_watch: None,
         }
     }
 }

@@ -396,6 +396,9 @@ impl<'a> Session<'a> {
                 // nothing the ACL allows: `$` filters but `$share/` ones
                 // and subscription identifier 0 never get here).
                 SubscribeVerdict::Allowed => {
+                    if let Some(w) = &self.cfg.subscribe_watch {
+                        w.note(&f.path);
+                    }
                     let granted = match f.qos {
                         QoS::AtMostOnce => SubscribeReasonCode::QoS0,
                         QoS::AtLeastOnce => SubscribeReasonCode::QoS1,

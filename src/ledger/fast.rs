@@ -6,10 +6,10 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
+use tokio::sync::watch;
 
 use super::model::{AuthMode, Device, Product};
 use super::state::State;
@@ -35,8 +35,9 @@ type DeviceShard = HashMap<Box<str>, HashMap<Box<str>, DeviceEntry>>;
 pub struct FastView {
     products: RwLock<HashMap<Box<str>, ProductEntry>>,
     devices: Box<[RwLock<DeviceShard>]>,
-    /// Bumped after every committed batch that changed a device record.
-    generation: AtomicU64,
+    /// Bumped after every committed batch that changed a device record;
+    /// watchers wake on it ([`FastView::watch_generation`]).
+    generation: watch::Sender<u64>,
 }
 
 fn shard_of(dk: &str) -> usize {
@@ -50,7 +51,7 @@ impl FastView {
         let view = FastView {
             products: RwLock::new(HashMap::new()),
             devices: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
-            generation: AtomicU64::new(0),
+            generation: watch::Sender::new(0),
         };
         view.refresh_all(state);
         view
@@ -63,7 +64,7 @@ impl FastView {
         let fresh = FastView {
             products: RwLock::new(HashMap::new()),
             devices: (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect(),
-            generation: AtomicU64::new(0),
+            generation: watch::Sender::new(0),
         };
         for p in state.products.values() {
             fresh.put_product(p);
@@ -80,12 +81,17 @@ impl FastView {
 
     /// Marks that device records changed (after they are in the view).
     pub fn devices_changed(&self) {
-        self.generation.fetch_add(1, Ordering::Release);
+        self.generation.send_modify(|g| *g = g.wrapping_add(1));
     }
 
     /// Changes whenever device records change.
     pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Acquire)
+        *self.generation.borrow()
+    }
+
+    /// Wakes at every change of [`FastView::generation`].
+    pub fn watch_generation(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     pub fn put_product(&self, p: &Product) {

@@ -488,6 +488,11 @@ impl Ledger {
         self.inner.fast.generation()
     }
 
+    /// Wakes whenever [`Ledger::device_generation`] moves.
+    pub fn device_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.fast.watch_generation()
+    }
+
     pub fn events(&self) -> &EventBus {
         &self.inner.events
     }
