@@ -103,26 +103,35 @@ impl Authenticator for DeviceAuthenticator {
                 Ok(a) => Ok(a),
                 Err(refusal) => {
                     let code = refusal_code(&refusal);
-                    if !events.wants(EventKind::DeviceRejected) {
-                        return Err(Rejection::new(code, refusal.reason()));
+                    if events.wants(EventKind::DeviceRejected) {
+                        events.publish(rejected_event(&gate, &info, &refusal, code));
                     }
-                    let mut ev = Event::new(EventKind::DeviceRejected, gate.ledger().clock().now())
-                        .with("Reason", refusal.reason())
-                        .with("ReasonCode", format!("0x{:02X}", code.v5_code()))
-                        .with("ReturnCode", format!("0x{:02X}", code.v4_code()))
-                        .with("Source", info.peer.ip().to_string())
-                        .with("ClientId", info.client_id.as_str());
-                    if let Some(user) = info
-                        .username
-                        .as_deref()
-                        .and_then(|u| crate::credentials::parse_user_name(u).ok())
-                    {
-                        ev = ev.device(&user.product_key, &user.device_key);
-                    }
-                    events.publish(ev);
                     Err(Rejection::new(code, refusal.reason()))
                 }
             }
         })
     }
+}
+
+/// `device/rejected` for a refused CONNECT.
+fn rejected_event(
+    gate: &Gate,
+    info: &ConnectInfo,
+    refusal: &GateRefusal,
+    code: RefusalCode,
+) -> Event {
+    let mut ev = Event::new(EventKind::DeviceRejected, gate.ledger().clock().now())
+        .with("Reason", refusal.reason())
+        .with("ReasonCode", format!("0x{:02X}", code.v5_code()))
+        .with("ReturnCode", format!("0x{:02X}", code.v4_code()))
+        .with("Source", info.peer.ip().to_string())
+        .with("ClientId", info.client_id.as_str());
+    if let Some(user) = info
+        .username
+        .as_deref()
+        .and_then(|u| crate::credentials::parse_user_name(u).ok())
+    {
+        ev = ev.device(&user.product_key, &user.device_key);
+    }
+    ev
 }

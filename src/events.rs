@@ -259,7 +259,7 @@ impl EventBus {
         let rx = self.tx.subscribe();
         self.interest.partial.fetch_add(1, Ordering::SeqCst);
         KindsReceiver {
-            rx: Some(rx),
+            rx,
             kinds,
             interest: self.interest.clone(),
         }
@@ -281,32 +281,27 @@ impl EventBus {
 /// like a `broadcast::Receiver`.
 #[derive(Debug)]
 pub struct KindsReceiver {
-    rx: Option<broadcast::Receiver<Arc<Event>>>,
+    rx: broadcast::Receiver<Arc<Event>>,
     kinds: Vec<EventKind>,
     interest: Arc<Interest>,
 }
 
 impl KindsReceiver {
     pub async fn recv(&mut self) -> Result<Arc<Event>, broadcast::error::RecvError> {
-        match self.rx.as_mut() {
-            Some(rx) => rx.recv().await,
-            None => Err(broadcast::error::RecvError::Closed),
-        }
+        self.rx.recv().await
     }
 
     pub fn try_recv(&mut self) -> Result<Arc<Event>, broadcast::error::TryRecvError> {
-        match self.rx.as_mut() {
-            Some(rx) => rx.try_recv(),
-            None => Err(broadcast::error::TryRecvError::Closed),
-        }
+        self.rx.try_recv()
     }
 }
 
 impl Drop for KindsReceiver {
     fn drop(&mut self) {
-        // The reverse order of `subscribe_to`.
+        // Uncounted while its receiver still exists (dropped after this):
+        // for the others' kinds that errs towards sending; this receiver's
+        // own kinds no longer matter.
         self.interest.partial.fetch_sub(1, Ordering::SeqCst);
-        drop(self.rx.take());
         for k in &self.kinds {
             self.interest.kinds[k.index()].fetch_sub(1, Ordering::SeqCst);
         }

@@ -384,3 +384,13 @@ fn event_publish(event: &Event) -> Outgoing {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_events_filter_is_the_events_prefix_and_everything_under_it() {
+        assert_eq!(EVENTS_FILTER, format!("{EVENTS_PREFIX}#"));
+    }
+}

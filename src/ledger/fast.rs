@@ -84,12 +84,8 @@ impl FastView {
         self.generation.send_modify(|g| *g = g.wrapping_add(1));
     }
 
-    /// Changes whenever device records change.
-    pub fn generation(&self) -> u64 {
-        *self.generation.borrow()
-    }
-
-    /// Wakes at every change of [`FastView::generation`].
+    /// A number that changes whenever device records change, and wakes its
+    /// receivers when it does.
     pub fn watch_generation(&self) -> watch::Receiver<u64> {
         self.generation.subscribe()
     }

@@ -480,15 +480,10 @@ impl Ledger {
         &self.inner.clock
     }
 
-    /// A number that changes whenever device records (activations,
-    /// renewals, deletions, registrations) change, after the change is
-    /// committed and readable: watchers of the expiry index re-read it only
-    /// when this moved.
-    pub fn device_generation(&self) -> u64 {
-        self.inner.fast.generation()
-    }
-
-    /// Wakes whenever [`Ledger::device_generation`] moves.
+    /// The device generation: a number that changes whenever device records
+    /// (activations, renewals, deletions, registrations) change, after the
+    /// change is committed and readable. Watchers of the expiry index
+    /// re-read it only when this moved, and wake when it does.
     pub fn device_changes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.inner.fast.watch_generation()
     }
